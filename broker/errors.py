@@ -1,0 +1,88 @@
+"""FractalError and its subclasses: raised on purpose, carried over the wire by name, mapped to HTTP."""
+from __future__ import annotations
+
+
+class FractalError(Exception):
+    """Root of every error we raise on purpose; `http_status` is what the REST API answers with."""
+
+    http_status = 500
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__class__.__doc__ or self.__class__.__name__)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class BadInput(FractalError):
+    """The request is malformed or does not fit the model."""
+    http_status = 400
+
+
+class ProtocolError(BadInput):
+    """A frame or body that breaks MDP/0.2 or our body schema; logged and dropped by servers."""
+
+
+class ModelNotFound(FractalError):
+    """No model of that name in the pool."""
+    http_status = 404
+
+
+class PayloadTooLarge(FractalError):
+    """A body, model or image over the configured limit."""
+    http_status = 413
+
+
+class UnsupportedMediaType(FractalError):
+    """A content or image type the server does not read."""
+    http_status = 415
+
+
+class Overloaded(FractalError):
+    """The broker's queue for the service is full; retry later."""
+    http_status = 503
+    retry_after_s = 1.0
+
+
+class NoWorkerAvailable(FractalError):
+    """No live worker is registered for the service."""
+    http_status = 503
+    retry_after_s = 1.0
+
+
+class WorkerLost(FractalError):
+    """The workers handling the request died twice in a row."""
+    http_status = 503
+    retry_after_s = 1.0
+
+
+class Timeout(FractalError):
+    """The request's deadline passed before a reply came."""
+    http_status = 504
+
+
+class ConfigError(FractalError):
+    """Bad flag or env value; main() exits with it."""
+
+
+class InternalError(FractalError):
+    """An unexpected failure; the message carries a request id that also appears in the logs."""
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
+
+
+_BY_NAME = {cls.__name__: cls for cls in [FractalError, *_subclasses(FractalError)]}
+
+
+def error_from_wire(name: str, message: str) -> FractalError:
+    """Rebuild the error a peer reported; an unknown name becomes a plain FractalError."""
+    cls = _BY_NAME.get(name, FractalError)
+    return cls(message)

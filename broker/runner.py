@@ -1,0 +1,41 @@
+"""What every long-running component's main() does: flags -> settings -> logging -> signals -> run."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Callable, Protocol, Sequence
+
+from .errors import ConfigError
+from .logs import setup_logging
+from .settings import add_arguments, load
+
+
+class Runnable(Protocol):
+    def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def run_component(component: str, description: str, settings_cls: type,
+                  build: Callable[[object], Runnable], argv: Sequence[str] | None = None) -> int:
+    """Run a component until SIGINT/SIGTERM; returns the process exit code (2 for bad settings)."""
+    parser = argparse.ArgumentParser(prog=f"fractal {component}", description=description)
+    add_arguments(parser, settings_cls, component)
+    args = parser.parse_args(argv)
+    try:
+        settings = load(settings_cls, component, args)
+    except ConfigError as exc:
+        print(f"fractal {component}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(component, settings.log_level)
+    runnable = build(settings)
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger(component).info("%s received, stopping", signal.Signals(signum).name)
+        runnable.stop()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    runnable.run()
+    return 0

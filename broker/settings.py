@@ -1,0 +1,90 @@
+"""The one settings loader: CLI flag, else FRACTAL_<COMPONENT>_<FIELD>, else the dataclass default.
+
+Every component describes its settings as a frozen dataclass; flags are generated from its fields,
+so a setting exists in exactly one place and is always reachable both as a flag and as env.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any, Mapping, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_name(component: str, field: str) -> str:
+    return f"FRACTAL_{component.upper()}_{field.upper()}"
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, component: str) -> None:
+    """Add one flag per settings field; defaults stay None so env and dataclass defaults show through."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{help_text} (env {env_name(component, f.name)}, default {default!r})".strip()
+        if hints[f.name] is bool:
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def _convert(raw: Any, kind: type, name: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {kind.__name__}") from None
+    return raw
+
+
+def load(cls: type[T], component: str, flags: Mapping[str, Any] | argparse.Namespace | None = None,
+         env: Mapping[str, str] | None = None) -> T:
+    """Build `cls` from flags (None means unset), then env, then defaults; raises ConfigError."""
+    if isinstance(flags, argparse.Namespace):
+        flags = vars(flags)
+    flags = flags or {}
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        raw = flags.get(f.name)
+        source = flag_name(f.name)
+        if raw is None and env_name(component, f.name) in env:
+            raw = env[env_name(component, f.name)]
+            source = env_name(component, f.name)
+        if raw is not None:
+            values[f.name] = _convert(raw, hints[f.name], source)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's word
+    """A dataclass field with its help text, read by add_arguments."""
+    return dataclasses.field(default=default, metadata={"help": help})
