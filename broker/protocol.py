@@ -1,0 +1,227 @@
+"""MDP/0.2 frames (RFC 18, with MMI from RFC 8) and msgpack bodies: the only module that knows the wire.
+
+Frame layouts, as the RFC writes them (no empty leading frame; peers use DEALER sockets):
+
+    client -> broker  REQUEST     MDPC02, 0x01, service, body...
+    broker -> client  PARTIAL     MDPC02, 0x02, service, body...
+                      FINAL       MDPC02, 0x03, service, body...
+    worker -> broker  READY       MDPW02, 0x01, service
+                      PARTIAL     MDPW02, 0x03, client, "", body...
+                      FINAL       MDPW02, 0x04, client, "", body...
+                      HEARTBEAT   MDPW02, 0x05
+                      DISCONNECT  MDPW02, 0x06
+    broker -> worker  REQUEST     MDPW02, 0x02, client, "", body...
+                      HEARTBEAT, DISCONNECT as above
+
+The broker also speaks the dialect of `majortomo` 0.2.0 to peers that use it (MAJORTOMO below): an empty
+frame before the header on every message, client REQUEST = 0x02, and replies to clients PARTIAL = 0x03 /
+FINAL = 0x04 with no service frame. Bodies and the tensor extension type are described in
+docs/protocol.md.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import BadInput, FractalError, ProtocolError, error_from_wire
+
+CLIENT_HEADER = b"MDPC02"
+WORKER_HEADER = b"MDPW02"
+MMI_PREFIX = b"mmi."
+MMI_SERVICE = b"mmi.service"
+
+
+class MDPC:
+    """MDP/Client command codes (RFC 18)."""
+    REQUEST = b"\x01"
+    PARTIAL = b"\x02"
+    FINAL = b"\x03"
+
+
+class MDPW:
+    """MDP/Worker command codes (RFC 18)."""
+    READY = b"\x01"
+    REQUEST = b"\x02"
+    PARTIAL = b"\x03"
+    FINAL = b"\x04"
+    HEARTBEAT = b"\x05"
+    DISCONNECT = b"\x06"
+
+
+class Dialect(enum.Enum):
+    RFC = "rfc"
+    MAJORTOMO = "majortomo"
+
+
+# majortomo's client codes; its worker codes equal the RFC's.
+MAJORTOMO_CLIENT_REQUEST = b"\x02"
+MAJORTOMO_CLIENT_PARTIAL = b"\x03"
+MAJORTOMO_CLIENT_FINAL = b"\x04"
+
+# ---------------------------------------------------------------------------------------------
+# Frames
+
+
+def client_request(service: bytes, *body: bytes) -> list[bytes]:
+    return [CLIENT_HEADER, MDPC.REQUEST, service, *body]
+
+
+def client_reply(dialect: Dialect, service: bytes, body: list, final: bool = True) -> list:
+    """Frames (after the routing id) of a reply to a client, in the dialect that client spoke."""
+    if dialect is Dialect.RFC:
+        return [CLIENT_HEADER, MDPC.FINAL if final else MDPC.PARTIAL, service, *body]
+    code = MAJORTOMO_CLIENT_FINAL if final else MAJORTOMO_CLIENT_PARTIAL
+    return [b"", CLIENT_HEADER, code, *body]
+
+
+def worker_message(dialect: Dialect, command: bytes, *frames: bytes) -> list:
+    """Frames (after the routing id) of a broker -> worker or worker -> broker message."""
+    if dialect is Dialect.RFC:
+        return [WORKER_HEADER, command, *frames]
+    return [b"", WORKER_HEADER, command, *frames]
+
+
+def split_dialect(frames: list) -> tuple[Dialect, list]:
+    """Strip majortomo's leading empty frame; what remains starts with the protocol header."""
+    if frames and not frames[0]:
+        return Dialect.MAJORTOMO, frames[1:]
+    return Dialect.RFC, frames
+
+
+def parse_client_reply(frames: list) -> tuple[bytes, bytes, list]:
+    """Check an RFC reply to a client; returns (command, service, body frames)."""
+    if len(frames) < 3 or frames[0] != CLIENT_HEADER or frames[1] not in (MDPC.PARTIAL, MDPC.FINAL):
+        raise ProtocolError(f"not an MDP/0.2 client reply ({len(frames)} frames)")
+    return frames[1], frames[2], frames[3:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors: msgpack extension type TENSOR_EXT, payload = header + raw C-contiguous bytes.
+#   u8 len(dtype) | dtype as numpy's dtype.str (ASCII, e.g. "<f4") | u8 ndim | ndim x int64 LE | data
+
+TENSOR_EXT = 1
+MAX_NDIM = 32
+_KINDS = frozenset("biufU")  # bool, signed, unsigned, float, unicode; never object or void
+_DIMS = [struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1)]
+
+
+def encode_tensor(array: np.ndarray) -> msgpack.ExtType:
+    if array.dtype.kind == "O":
+        array = array.astype(str)
+    if array.dtype.kind not in _KINDS or array.ndim > MAX_NDIM:
+        raise ProtocolError(f"cannot send a tensor of dtype {array.dtype} with {array.ndim} dims")
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # NOTE: not ascontiguousarray, which turns 0-d into 1-d
+    dtype = array.dtype.str.encode()
+    header = bytes((len(dtype),)) + dtype + bytes((array.ndim,)) + _DIMS[array.ndim].pack(*array.shape)
+    return msgpack.ExtType(TENSOR_EXT, header + array.data.cast("B"))
+
+
+def decode_tensor(data: bytes) -> np.ndarray:
+    """Rebuild a tensor over `data` without copying; raises ProtocolError on any inconsistency."""
+    try:
+        dlen = data[0]
+        dtype = np.dtype(data[1:1 + dlen].decode("ascii"))
+        ndim = data[1 + dlen]
+        if dtype.kind not in _KINDS or ndim > MAX_NDIM:
+            raise ValueError(f"dtype {dtype} with {ndim} dims is not allowed")
+        offset = 2 + dlen + 8 * ndim
+        shape = _DIMS[ndim].unpack_from(data, 2 + dlen)
+        count = 1
+        for dim in shape:
+            if dim < 0:
+                raise ValueError("negative dimension")
+            count *= dim
+        if count * dtype.itemsize != len(data) - offset:
+            raise ValueError(f"{len(data) - offset} data bytes for shape {list(shape)} of {dtype}")
+        return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    except (IndexError, ValueError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"bad tensor: {exc}") from None
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return encode_tensor(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot pack {type(obj).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == TENSOR_EXT:
+        return decode_tensor(data)
+    raise ProtocolError(f"unknown msgpack extension type {code}")
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """Decode a body; any malformed input raises ProtocolError, never something else."""
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise ProtocolError(f"body is not msgpack: {exc.__class__.__name__}") from None
+
+
+def unpack_request(data: bytes) -> dict:
+    body = unpack(data)
+    if not isinstance(body, dict) or not isinstance(body.get("op"), str):
+        raise ProtocolError("request body must be a map with a string 'op'")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies (schema in docs/protocol.md)
+
+
+def request_body(rid: int, op: str, fields: dict) -> bytes:
+    return pack({"id": rid, "op": op, **fields})
+
+
+def ok_body(rid: Any, node: str, result: Any) -> bytes:
+    return pack({"id": rid, "status": 200, "node": node, "result": result})
+
+
+def error_body(rid: Any, node: str, error: FractalError) -> bytes:
+    return pack({"id": rid, "status": error.http_status, "node": node,
+                 "error": {"type": error.__class__.__name__, "message": str(error)}})
+
+
+def result_of(reply: dict) -> Any:
+    """The result of a reply body, or the error it carries raised as its FractalError class."""
+    if reply.get("status") == 200:
+        return reply.get("result")
+    error = reply.get("error") or {}
+    raise error_from_wire(str(error.get("type")), str(error.get("message", "")))
+
+
+def request_id_of(body: bytes) -> Any:
+    """Best-effort id of a request body, for error replies the broker writes itself."""
+    try:
+        decoded = msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=lambda c, d: None)
+        return decoded.get("id") if isinstance(decoded, dict) else None
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model names: plain file names ending in .onnx, the same rule wherever a name enters.
+
+MAX_NAME_CHARS = 200
+
+
+def check_model_name(name: Any) -> str:
+    if (not isinstance(name, str) or not name.endswith(".onnx") or len(name) <= len(".onnx")
+            or len(name) > MAX_NAME_CHARS or "/" in name or "\\" in name or "\x00" in name
+            or name.startswith(".") or ".." in name):
+        raise BadInput(f"invalid model name {name!r}: use a plain file name ending in .onnx "
+                           f"(no '/', no '..', not starting with '.')")
+    return name
