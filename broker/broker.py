@@ -1,0 +1,330 @@
+"""The ROUTER loop: services, least-recently-used idle workers, heartbeats, re-dispatch, expiry."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from . import protocol as p
+from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
+from .protocol import MDPC, MDPW, Dialect
+from .settings import setting
+
+log = logging.getLogger(__name__)
+
+NODE = "broker"
+MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    bind: str = setting("tcp://127.0.0.1:5555", "endpoint clients and workers connect to")
+    heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to workers")
+    heartbeat_liveness: int = setting(3, "missed heartbeats before a worker is declared dead")
+    max_queue: int = setting(1024, "queued requests per service before 'Overloaded' replies")
+    queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
+    max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
+    log_level: str = setting("INFO", "logging level")
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
+            raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
+        if self.max_queue < 0 or self.queue_timeout_s <= 0:
+            raise ValueError("max_queue must be >= 0 and queue_timeout_s > 0")
+
+
+class Request:
+    __slots__ = ("client", "dialect", "service", "body", "expires_at", "attempts")
+
+    def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, expires_at: float):
+        self.client = client
+        self.dialect = dialect
+        self.service = service
+        self.body = body
+        self.expires_at = expires_at
+        self.attempts = 0
+
+
+class Worker:
+    __slots__ = ("identity", "service", "dialect", "expires_at", "request")
+
+    def __init__(self, identity: bytes, service: "Service", dialect: Dialect, expires_at: float):
+        self.identity = identity
+        self.service = service
+        self.dialect = dialect
+        self.expires_at = expires_at
+        self.request: Request | None = None
+
+
+class Service:
+    __slots__ = ("name", "idle", "requests", "workers")
+
+    def __init__(self, name: bytes):
+        self.name = name
+        self.idle: deque[Worker] = deque()       # least recently used on the left
+        self.requests: deque[Request] = deque()
+        self.workers = 0
+
+
+class Broker:
+    """One ROUTER socket serving clients and workers; `run()` until `stop()`."""
+
+    def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None):
+        self.settings = settings
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._services: dict[bytes, Service] = {}
+        self._workers: dict[bytes, Worker] = {}
+        self._stopping = False
+        self._expiry_s = settings.heartbeat_interval_s * settings.heartbeat_liveness
+        self.stats = dict.fromkeys(("dispatched", "completed", "redispatched", "expired", "overloaded",
+                                    "dropped_frames", "worker_deaths"), 0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        sock = self._context.socket(zmq.ROUTER)
+        sock.linger = 0  # NOTE: a stopping broker must not wait on vanished peers
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.bind(self.settings.bind)
+        self._socket = sock
+        log.info("broker bound to %s", self.settings.bind)
+
+    def stop(self) -> None:
+        """Ask the loop to end; safe from a signal handler."""
+        self._stopping = True
+
+    def run(self) -> None:
+        if self._socket is None:
+            self.bind()
+        sock = self._socket
+        tick_s = min(self.settings.heartbeat_interval_s, 0.1)
+        next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
+        next_tick = time.monotonic() + tick_s
+        try:
+            while not self._stopping:
+                timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+                if sock.poll(timeout_ms):
+                    self._drain(sock)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick_s
+                    self._purge_workers(now)
+                    self._expire_requests(now)
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.settings.heartbeat_interval_s
+                    self._send_heartbeats()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        for worker in list(self._workers.values()):
+            self._send_worker(worker, MDPW.DISCONNECT)
+        self._socket.close(linger=0)
+        self._socket = None
+        log.info("broker stopped")
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        recv = sock.recv_multipart
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames)
+            except ProtocolError as exc:
+                self.stats["dropped_frames"] += 1
+                log.warning("dropped message from %s: %s", frames[0].hex() if frames else "?", exc)
+            except Exception:
+                self.stats["dropped_frames"] += 1
+                log.exception("dropped message from %s after an unexpected error",
+                              frames[0].hex() if frames else "?")
+
+    def _handle(self, frames: list) -> None:
+        if len(frames) < 3:
+            raise ProtocolError(f"{len(frames)} frames is too short for MDP")
+        sender = frames[0]
+        dialect, msg = p.split_dialect(frames[1:])
+        if len(msg) < 2:
+            raise ProtocolError("no header and command")
+        header = msg[0]
+        if header == p.CLIENT_HEADER:
+            self._client_message(sender, dialect, msg)
+        elif header == p.WORKER_HEADER:
+            self._worker_message(sender, dialect, msg[1], msg[2:])
+        else:
+            raise ProtocolError(f"unknown header {header[:16]!r}")
+
+    def _client_message(self, client: bytes, dialect: Dialect, msg: list) -> None:
+        expected = MDPC.REQUEST if dialect is Dialect.RFC else p.MAJORTOMO_CLIENT_REQUEST
+        if msg[1] != expected or len(msg) < 3:
+            raise ProtocolError(f"client command {msg[1][:4]!r} is not REQUEST with a service")
+        service_name, body = msg[2], msg[3:]
+        if service_name.startswith(p.MMI_PREFIX):
+            self._mmi(client, dialect, service_name, body)
+            return
+        request = Request(client, dialect, service_name, body,
+                          time.monotonic() + self.settings.queue_timeout_s)
+        service = self._services.get(service_name)
+        if service is None or service.workers == 0:
+            self._reply_error(request, NoWorkerAvailable(
+                f"no worker is registered for service {service_name.decode(errors='replace')!r}"))
+        elif service.idle:
+            self._dispatch(service.idle.popleft(), request)
+        elif len(service.requests) >= self.settings.max_queue:
+            self.stats["overloaded"] += 1
+            self._reply_error(request, Overloaded(
+                f"{len(service.requests)} requests already queued for this service; retry later"))
+        else:
+            service.requests.append(request)
+
+    def _mmi(self, client: bytes, dialect: Dialect, service_name: bytes, body: list) -> None:
+        if service_name == p.MMI_SERVICE:
+            wanted = self._services.get(body[0] if body else b"")
+            code = b"200" if wanted is not None and wanted.workers > 0 else b"404"
+        else:
+            code = b"501"
+        self._send_client(client, dialect, service_name, [code])
+
+    def _worker_message(self, identity: bytes, dialect: Dialect, command: bytes, rest: list) -> None:
+        worker = self._workers.get(identity)
+        if command == MDPW.READY:
+            if worker is not None or len(rest) != 1 or not rest[0]:
+                # RFC 18: a READY out of sequence is answered with DISCONNECT.
+                self._disconnect(identity, dialect, worker, "READY out of sequence or without service")
+                return
+            self._register(identity, dialect, rest[0])
+            return
+        if worker is None:
+            # An unknown worker (the broker restarted, or we declared it dead): make it reconnect.
+            self._socket.send_multipart([identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
+            if command not in (MDPW.HEARTBEAT, MDPW.DISCONNECT, MDPW.FINAL, MDPW.PARTIAL):
+                raise ProtocolError(f"unknown worker command {command[:4]!r}")
+            return
+        worker.expires_at = time.monotonic() + self._expiry_s
+        if command == MDPW.FINAL or command == MDPW.PARTIAL:
+            self._worker_reply(worker, command == MDPW.FINAL, rest)
+        elif command == MDPW.HEARTBEAT:
+            pass
+        elif command == MDPW.DISCONNECT:
+            log.info("worker %s sent DISCONNECT", identity.hex())
+            self._remove_worker(worker, redispatch=True)
+        else:
+            self._disconnect(identity, dialect, worker, f"unknown worker command {command[:4]!r}")
+
+    def _worker_reply(self, worker: Worker, final: bool, rest: list) -> None:
+        request = worker.request
+        if len(rest) < 2 or rest[1] != b"" or request is None or rest[0] != request.client:
+            self._disconnect(worker.identity, worker.dialect, worker,
+                             "reply without a matching request in flight")
+            return
+        self._send_client(request.client, request.dialect, request.service, rest[2:], final)
+        if final:
+            self.stats["completed"] += 1
+            worker.request = None
+            self._worker_idle(worker)
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _register(self, identity: bytes, dialect: Dialect, service_name: bytes) -> None:
+        service = self._services.get(service_name)
+        if service is None:
+            service = self._services[service_name] = Service(service_name)
+        worker = Worker(identity, service, dialect, time.monotonic() + self._expiry_s)
+        self._workers[identity] = worker
+        service.workers += 1
+        log.info("worker %s READY for %s (%s dialect, %d workers)", identity.hex(),
+                 service_name.decode(errors="replace"), dialect.value, service.workers)
+        self._worker_idle(worker)
+
+    def _worker_idle(self, worker: Worker) -> None:
+        service = worker.service
+        if service.requests:
+            self._dispatch(worker, service.requests.popleft())
+        else:
+            service.idle.append(worker)
+
+    def _dispatch(self, worker: Worker, request: Request) -> None:
+        request.attempts += 1
+        worker.request = request
+        self.stats["dispatched"] += 1
+        self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
+
+    def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
+        log.warning("disconnecting worker %s: %s", identity.hex(), why)
+        self.stats["dropped_frames"] += 1
+        self._socket.send_multipart([identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
+        if worker is not None:
+            self._remove_worker(worker, redispatch=True)
+
+    def _remove_worker(self, worker: Worker, redispatch: bool) -> None:
+        del self._workers[worker.identity]
+        service = worker.service
+        service.workers -= 1
+        try:
+            service.idle.remove(worker)
+        except ValueError:
+            pass
+        request, worker.request = worker.request, None
+        if request is not None and redispatch:
+            self._redispatch(request)
+        if service.workers == 0:
+            while service.requests:
+                self._reply_error(service.requests.popleft(), NoWorkerAvailable(
+                    "the last worker for this service went away"))
+
+    def _redispatch(self, request: Request) -> None:
+        service = self._services[request.service]
+        if request.attempts >= 2:
+            self._reply_error(request, WorkerLost(
+                "two workers died while handling this request; it was not retried again"))
+            return
+        self.stats["redispatched"] += 1
+        log.warning("re-dispatching a request of client %s after its worker died", request.client.hex())
+        if service.idle:
+            self._dispatch(service.idle.popleft(), request)
+        else:
+            service.requests.appendleft(request)
+
+    def _purge_workers(self, now: float) -> None:
+        dead = [w for w in self._workers.values() if w.expires_at < now]
+        for worker in dead:
+            self.stats["worker_deaths"] += 1
+            log.warning("worker %s missed %d heartbeats: declared dead", worker.identity.hex(),
+                        self.settings.heartbeat_liveness)
+            self._remove_worker(worker, redispatch=True)
+
+    def _send_heartbeats(self) -> None:
+        for worker in self._workers.values():
+            self._send_worker(worker, MDPW.HEARTBEAT)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _expire_requests(self, now: float) -> None:
+        for service in self._services.values():
+            queue = service.requests
+            while queue and queue[0].expires_at < now:
+                self.stats["expired"] += 1
+                self._reply_error(queue.popleft(), Timeout(
+                    f"no worker became free within {self.settings.queue_timeout_s:g} s"))
+
+    def _reply_error(self, request: Request, error: FractalError) -> None:
+        body = p.error_body(p.request_id_of(request.body[0]) if request.body else None, NODE, error)
+        self._send_client(request.client, request.dialect, request.service, [body])
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _send_client(self, client: bytes, dialect: Dialect, service: bytes, body: list,
+                     final: bool = True) -> None:
+        # NOTE: ROUTER drops messages to vanished peers instead of blocking (ROUTER_MANDATORY off).
+        self._socket.send_multipart([client, *p.client_reply(dialect, service, body, final)])
+
+    def _send_worker(self, worker: Worker, command: bytes, *frames: bytes) -> None:
+        self._socket.send_multipart([worker.identity, *p.worker_message(worker.dialect, command, *frames)])
