@@ -1,0 +1,96 @@
+"""Turn a predict request's inputs into ONNX Runtime feeds, run the session, collect outputs.
+
+Inputs are named ({input name: array}), positional ([one array per input]), or for a one-input model a
+bare array; nested lists inside become arrays. Each is
+converted to the model's dtype when the kinds agree (numbers to numbers, text to text), and an input
+one dimension short of the model's rank is taken as a single row (the seed's {"values": [2, 5, 1, 4]}).
+Anything else is a BadInput whose message names what the model expects.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from broker.errors import BadInput
+
+from .sessions import LoadedModel, TensorSpec
+
+_NUMERIC = frozenset("biuf")
+
+
+def _shape_text(spec: TensorSpec) -> str:
+    dims = ", ".join("N" if d is None else str(d) for d in spec.shape)
+    return f"[{dims}] ({spec.dtype.name if spec.dtype is not None else spec.type})"
+
+
+def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
+    if spec.dtype is None:
+        raise BadInput(f"input {spec.name!r} is of type {spec.type}, which cannot be sent")
+    try:
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except ValueError as exc:
+        raise BadInput(f"input {spec.name!r} is not a rectangular array: {exc}") from None
+    if array.dtype != spec.dtype:
+        want_text, have_text = spec.dtype.kind == "U", array.dtype.kind in "US"
+        if array.dtype.kind == "O" or (want_text != have_text) or (
+                not want_text and array.dtype.kind not in _NUMERIC):
+            raise BadInput(f"input {spec.name!r} expects {spec.dtype.name} values, got {array.dtype}")
+        array = array.astype(spec.dtype)
+    if len(spec.shape) and array.ndim == len(spec.shape) - 1:
+        array = array[np.newaxis]
+    if array.ndim != len(spec.shape) or any(
+            want is not None and want != have for want, have in zip(spec.shape, array.shape)):
+        raise BadInput(f"input {spec.name!r} expects shape {_shape_text(spec)}, "
+                       f"got {list(array.shape)}")
+    return array
+
+
+def feeds_for(model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
+    specs = model.inputs
+    if isinstance(inputs, dict):
+        unknown = sorted(set(inputs) - {s.name for s in specs})
+        if unknown:
+            raise BadInput(f"unknown input {unknown[0]!r}; {model.name} takes "
+                           f"{', '.join(s.name for s in specs)}")
+        missing = [s.name for s in specs if s.name not in inputs]
+        if missing:
+            raise BadInput(f"missing input {missing[0]!r} of shape "
+                           f"{_shape_text(next(s for s in specs if s.name == missing[0]))}")
+        return {s.name: _as_array(inputs[s.name], s) for s in specs}
+    if isinstance(inputs, np.ndarray) and len(specs) == 1:
+        return {specs[0].name: _as_array(inputs, specs[0])}
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) != len(specs):
+            raise BadInput(f"{model.name} takes {len(specs)} inputs "
+                           f"({', '.join(s.name for s in specs)}); name them in a map")
+        return {s.name: _as_array(v, s) for s, v in zip(specs, inputs)}
+    raise BadInput("'inputs' must be a map of input name to array, a list with one array per input, "
+                   "or (for a one-input model) an array")
+
+
+def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, Any]:
+    """Run the model; returns {output name: value} in the model's output order (or `wanted`'s)."""
+    feeds = feeds_for(model, inputs)
+    names = model.output_names if wanted is None else list(wanted)
+    unknown = [n for n in names if n not in model.output_names]
+    if unknown or not names:
+        raise BadInput(f"unknown output {unknown[0] if unknown else '(none asked)'!r}; {model.name} "
+                       f"has {', '.join(model.output_names)}")
+    try:
+        values = model.session.run(names, feeds)
+    except Exception as exc:  # ORT reports bad values (e.g. wrong dims inside the graph) this way
+        raise BadInput(f"{model.name} rejected the input: {str(exc).strip().splitlines()[-1][:300]}") \
+            from None
+    return {name: _plain(value) for name, value in zip(names, values)}
+
+
+def _plain(value: Any) -> Any:
+    """Non-tensor outputs (sequences of maps from ZipMap) become plain lists and dicts."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,75 @@
+"""The operations a modelhost answers (docs/protocol.md), each a function of the pool and the body."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from broker.errors import BadInput
+from broker.protocol import check_model_name
+
+from . import inference
+from .pool import ModelPool
+
+
+def _model(body: dict) -> str:
+    return check_model_name(body.get("model"))
+
+
+def _text(body: dict, field: str) -> str:
+    value = body.get(field)
+    if not isinstance(value, str):
+        raise BadInput(f"'{field}' must be a string")
+    return value
+
+
+def predict(pool: ModelPool, body: dict, node: str) -> dict:
+    wanted = body.get("outputs")
+    if wanted is not None and not (isinstance(wanted, list) and all(isinstance(w, str) for w in wanted)):
+        raise BadInput("'outputs' must be a list of output names")
+    if "inputs" not in body:
+        raise BadInput("'inputs' is missing")
+    return {"outputs": inference.run(pool.load(_model(body)), body["inputs"], wanted)}
+
+
+def models(pool: ModelPool, body: dict, node: str) -> dict:
+    return {"models": pool.names()}
+
+
+def information(pool: ModelPool, body: dict, node: str) -> dict:
+    return {"models": [{"description": pool.description(n), "model": n} for n in pool.names()]}
+
+
+def info(pool: ModelPool, body: dict, node: str) -> dict:
+    return pool.info(_model(body))
+
+
+def describe(pool: ModelPool, body: dict, node: str) -> dict:
+    name, text = _model(body), _text(body, "description")
+    pool.describe(name, text)
+    return {"model": name, "description": text}
+
+
+def upload(pool: ModelPool, body: dict, node: str) -> dict:
+    name, data = _model(body), body.get("data")
+    if not isinstance(data, (bytes, bytearray)):
+        raise BadInput("'data' must be the model file's bytes")
+    description = body.get("description")
+    if description is not None and not isinstance(description, str):
+        raise BadInput("'description' must be a string")
+    pool.upload(name, bytes(data), description)
+    return pool.info(name)
+
+
+def delete(pool: ModelPool, body: dict, node: str) -> dict:
+    name = _model(body)
+    pool.delete(name)
+    return {"model": name}
+
+
+def echo(pool: ModelPool, body: dict, node: str) -> dict:
+    return {"data": body.get("data"), "node": node}
+
+
+OPS: dict[str, Callable[[ModelPool, dict, str], Any]] = {
+    "predict": predict, "models": models, "information": information, "info": info,
+    "describe": describe, "upload": upload, "delete": delete, "echo": echo,
+}

@@ -1,0 +1,165 @@
+"""The shared model pool directory: list, read, and atomic writes of models and their descriptions.
+
+Several workers, possibly on other hosts, share one directory. Writers never expose a partial file:
+they write a hidden temp file, validate it, fsync and rename. Every read checks the file's identity
+(inode, size, mtime), so a worker never serves a model that was replaced or deleted before the call
+that changed it returned. Mutations take an flock so concurrent describe/upload/delete calls from any
+worker serialize on the same directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+from broker.errors import ModelNotFound, PayloadTooLarge
+from broker.protocol import check_model_name
+
+from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
+
+log = logging.getLogger(__name__)
+
+SIDECAR = ".json"      # iris.onnx -> iris.onnx.json, holding {"description": ...}
+LOCK_FILE = ".fractal.lock"
+
+
+class ModelPool:
+    def __init__(self, directory: str | os.PathLike, factory: SessionFactory, cache: SessionCache,
+                 max_model_bytes: int):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._factory = factory
+        self._cache = cache
+        self.max_model_bytes = max_model_bytes
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.directory)
+                      if e.name.endswith(".onnx") and not e.name.startswith(".") and e.is_file())
+
+    def load(self, name: str) -> LoadedModel:
+        """The current session for `name`, (re)loading when the file changed; raises ModelNotFound."""
+        path = self._path(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._cache.drop(name)
+            raise ModelNotFound(f"model {name} not found") from None
+        cached = self._cache.get(name, file_key(st))
+        if cached is not None:
+            return cached
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())  # NOTE: key and bytes come from the same open file
+                data = f.read()
+        except FileNotFoundError:
+            raise ModelNotFound(f"model {name} not found") from None
+        model = self._factory.build(name, data, st)
+        self._cache.put(model)
+        return model
+
+    def description(self, name: str) -> str:
+        try:
+            with open(self._path(name + SIDECAR), encoding="utf-8") as f:
+                return str(json.load(f).get("description", ""))
+        except FileNotFoundError:
+            return ""
+        except (ValueError, AttributeError, OSError) as exc:
+            log.warning("unreadable description for %s: %s", name, exc)
+            return ""
+
+    def info(self, name: str) -> dict:
+        model = self.load(name)
+        return {
+            "model": name,
+            "description": self.description(name),
+            "inputs": [i.describe() for i in model.inputs],
+            "outputs": [o.describe() for o in model.outputs],
+            "size_bytes": model.size_bytes,
+            "last_modified": dt.datetime.fromtimestamp(model.mtime, dt.timezone.utc)
+                               .isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+
+    def resident(self) -> list[str]:
+        return self._cache.names()
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def describe(self, name: str, description: str) -> None:
+        with self._locked():
+            if not self._path(name).is_file():
+                raise ModelNotFound(f"model {name} not found")
+            self._write_sidecar(name, description)
+
+    def upload(self, name: str, data: bytes, description: str | None = None) -> None:
+        """Validate `data` in ONNX Runtime, then make it `name` atomically (replacing any old one)."""
+        check_model_name(name)
+        if len(data) > self.max_model_bytes:
+            raise PayloadTooLarge(f"model is {len(data)} bytes; the limit is {self.max_model_bytes}")
+        tmp = self._write_temp(name, data)
+        try:
+            model = self._factory.build(name, data, os.stat(tmp))  # raises BadInput: pool unchanged
+            with self._locked():
+                os.replace(tmp, self._path(name))
+                if description is not None:
+                    self._write_sidecar(name, description)
+                self._sync_dir()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._cache.put(model)  # same inode as the renamed file: the first predict needs no reload
+        log.info("stored model %s (%d bytes)", name, len(data))
+
+    def delete(self, name: str) -> None:
+        with self._locked():
+            try:
+                os.unlink(self._path(name))
+            except FileNotFoundError:
+                raise ModelNotFound(f"model {name} not found") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(name + SIDECAR))
+            self._sync_dir()
+        self._cache.drop(name)
+        log.info("deleted model %s", name)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        check_model_name(name if not name.endswith(SIDECAR) else name[: -len(SIDECAR)])
+        return self.directory / name
+
+    def _write_temp(self, name: str, data: bytes) -> Path:
+        tmp = self.directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def _write_sidecar(self, name: str, description: str) -> None:
+        payload = json.dumps({"description": description}, ensure_ascii=False).encode("utf-8")
+        tmp = self._write_temp(name + SIDECAR, payload)
+        os.replace(tmp, self._path(name + SIDECAR))
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.directory / LOCK_FILE, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,119 @@
+"""ONNX Runtime sessions, loaded once and cached (LRU) under a key that changes whenever the file does."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from broker.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime's type strings -> numpy dtypes (what callers' arrays are converted to).
+ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16), "tensor(bool)": np.dtype(np.bool_),
+    "tensor(int8)": np.dtype(np.int8), "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32), "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8), "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32), "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(string)": np.dtype(np.str_),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    type: str                  # ONNX Runtime's, e.g. "tensor(float)"
+    dtype: np.dtype | None     # None for non-tensor (sequence, map) values
+    shape: tuple               # ints for fixed dims, None for dynamic ones
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype.name if self.dtype is not None else self.type,
+                "shape": list(self.shape)}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    key: tuple                 # (device, inode, size, mtime_ns) of the file the session was built from
+    session: ort.InferenceSession
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    size_bytes: int
+    mtime: float
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+
+def file_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _specs(args: list) -> list[TensorSpec]:
+    return [TensorSpec(a.name, a.type, ORT_DTYPES.get(a.type),
+                       tuple(d if isinstance(d, int) and d >= 0 else None for d in (a.shape or ())))
+            for a in args]
+
+
+class SessionFactory:
+    """Builds sessions with the worker's options (threads, optimisation), created once."""
+
+    def __init__(self, intra_op_threads: int):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # ONNX Runtime's own warnings would flood worker logs
+        self.options = options
+
+    def build(self, name: str, data: bytes, st: os.stat_result) -> LoadedModel:
+        """Load a model from its bytes; raises BadInput when ONNX Runtime cannot load it."""
+        started = time.perf_counter()
+        try:
+            session = ort.InferenceSession(data, self.options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
+            raise BadInput(f"{name} is not a model ONNX Runtime can load: {_first_line(exc)}") from None
+        log.info("loaded %s (%d bytes) in %.1f ms", name, st.st_size, (time.perf_counter() - started) * 1e3)
+        return LoadedModel(name, file_key(st), session, _specs(session.get_inputs()),
+                           _specs(session.get_outputs()), st.st_size, st.st_mtime)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else exc.__class__.__name__
+
+
+class SessionCache:
+    """LRU of LoadedModel by name; an entry is only valid while its file key still matches."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def get(self, name: str, key: tuple) -> LoadedModel | None:
+        entry = self._entries.get(name)
+        if entry is None or entry.key != key:
+            return None
+        self._entries.move_to_end(name)
+        return entry
+
+    def put(self, model: LoadedModel) -> None:
+        self._entries[model.name] = model
+        self._entries.move_to_end(model.name)
+        while len(self._entries) > self.capacity:
+            evicted, _ = self._entries.popitem(last=False)
+            log.info("evicted %s from the session cache", evicted)
+
+    def drop(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
