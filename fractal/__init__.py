@@ -1,0 +1,3 @@
+"""The `fractal` command: runs each component, or all of them on one machine with `fractal serve`."""
+
+__all__: list[str] = []

@@ -1,0 +1,127 @@
+"""The `fractal` console script: serve | broker | worker | frontend | predict | models."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from broker.settings import add_arguments, load
+
+USAGE = """fractal COMMAND [--help]
+
+commands:
+  serve      broker + workers + REST frontend on this machine, bundled models (start here)
+  broker     the MDP/0.2 broker
+  worker     one modelhost worker
+  frontend   the REST frontend under gunicorn (extra arguments go to gunicorn)
+  predict    MODEL VALUES...: one prediction through the broker
+  models     list the models in the pool
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handler = COMMANDS.get(command)
+    if handler is None:
+        print(f"fractal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return handler(rest)
+
+
+def _serve(argv: list[str]) -> int:
+    from broker.errors import ConfigError
+    from broker.logs import setup_logging
+
+    from .serve import ServeSettings, serve
+    parser = argparse.ArgumentParser(prog="fractal serve", description=(
+        "Run broker, modelhost workers and the REST frontend on this machine."))
+    add_arguments(parser, ServeSettings, "serve")
+    try:
+        settings = load(ServeSettings, "serve", parser.parse_args(argv))
+    except ConfigError as exc:
+        print(f"fractal serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("serve", settings.log_level)
+    return serve(settings)
+
+
+def _broker(argv: list[str]) -> int:
+    from broker.__main__ import main as broker_main
+    return broker_main(argv)
+
+
+def _worker(argv: list[str]) -> int:
+    from worker.__main__ import main as worker_main
+    return worker_main(argv)
+
+
+def _frontend(argv: list[str]) -> int:
+    """exec gunicorn on the app factory; FRACTAL_FRONTEND_* configures the app itself."""
+    if argv and argv[0] in ("-h", "--help"):
+        from frontend.settings import FrontendSettings
+        parser = argparse.ArgumentParser(prog="fractal frontend", description=(
+            "Run the REST frontend under gunicorn. Arguments go to gunicorn (default: --bind "
+            "127.0.0.1:8002 --worker-class gthread --workers 2 --threads 4); the app reads its own "
+            "settings from the environment:"))
+        add_arguments(parser, FrontendSettings, "frontend")
+        parser.print_help()
+        return 0
+    from .gunicorn_args import APP, gunicorn_argv
+    args = [sys.executable, "-m", "gunicorn", APP, *argv] if argv else gunicorn_argv("127.0.0.1:8002", 2, 4)
+    os.execv(sys.executable, args)
+    return 1  # not reached
+
+
+def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--broker", default=os.environ.get("FRACTAL_CLIENT_BROKER", "tcp://127.0.0.1:5555"),
+                        help="broker endpoint (env FRACTAL_CLIENT_BROKER)")
+    parser.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call")
+    return parser
+
+
+def _predict(argv: list[str]) -> int:
+    import numpy as np
+
+    from broker.client import Client
+    from broker.errors import FractalError
+    parser = _client_parser("fractal predict", "One prediction on one row of numbers, printed as JSON.")
+    parser.add_argument("model", help="model name, e.g. iris.onnx")
+    parser.add_argument("values", nargs="+", type=float, help="the row, e.g. 2 5 1 4")
+    args = parser.parse_args(argv)
+    try:
+        with Client(args.broker, timeout_s=args.timeout_s) as client:
+            outputs = client.predict(args.model, [np.array(args.values)])
+    except FractalError as exc:
+        print(f"fractal predict: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v.tolist() if hasattr(v, "tolist") else v for k, v in outputs.items()}))
+    return 0
+
+
+def _models(argv: list[str]) -> int:
+    from broker.client import Client
+    from broker.errors import FractalError
+    args = _client_parser("fractal models", "List the models in the pool with their descriptions.") \
+        .parse_args(argv)
+    try:
+        with Client(args.broker, timeout_s=args.timeout_s) as client:
+            for entry in client.information():
+                print(f"{entry['model']}\t{entry['description']}")
+    except FractalError as exc:
+        print(f"fractal models: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"serve": _serve, "broker": _broker, "worker": _worker, "frontend": _frontend,
+            "predict": _predict, "models": _models}
+
+if __name__ == "__main__":
+    sys.exit(main())

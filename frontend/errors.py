@@ -1,0 +1,54 @@
+"""The one place errors become HTTP: always the seed's {"http_status": {code, name, description}}."""
+from __future__ import annotations
+
+import http
+import json
+import logging
+import uuid
+
+import falcon
+
+from broker.errors import FractalError
+
+log = logging.getLogger(__name__)
+
+
+def status_body(code: int, description: str, **extra: object) -> bytes:
+    """The seed's response shape; `extra` fields follow http_status (e.g. model_list, values)."""
+    body = {"http_status": {"code": code, "description": description, "name": http.HTTPStatus(code).phrase}}
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+def _write(resp: falcon.Response, code: int, description: str) -> None:
+    resp.status = code
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = status_body(code, description)
+
+
+def _fractal_error(req: falcon.Request, resp: falcon.Response, ex: FractalError, params: dict) -> None:
+    _write(resp, ex.http_status, str(ex))
+    if ex.retry_after_s is not None:
+        resp.set_header("Retry-After", str(max(1, round(ex.retry_after_s))))
+
+
+def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:
+    description = ex.description or ex.title or http.HTTPStatus(ex.status_code).phrase
+    if ex.status_code == 404 and not ex.description:
+        description = f"no route {req.method} {req.path}; see GET /help"
+    _write(resp, ex.status_code, description)
+    for name, value in (ex.headers or {}).items():
+        resp.set_header(name, value)
+
+
+def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+    request_id = getattr(req.context, "request_id", None) or uuid.uuid4().hex
+    log.exception("request %s: %s %s failed unexpectedly", request_id, req.method, req.path)
+    _write(resp, 500, f"internal error; request id {request_id}")
+
+
+def install(app: falcon.App) -> None:
+    # NOTE: Falcon picks the most specific registered class, so the order here does not matter.
+    app.add_error_handler(Exception, _unexpected)
+    app.add_error_handler(falcon.HTTPError, _http_error)
+    app.add_error_handler(FractalError, _fractal_error)

@@ -1,0 +1,19 @@
+"""The frontend's settings, read in each gunicorn process by the shared loader (FRACTAL_FRONTEND_*)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.settings import setting
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    broker: str = setting("tcp://127.0.0.1:5555", "broker endpoint the frontend's client connects to")
+    service: str = setting("modelhost", "MDP service the models are served under")
+    timeout_s: float = setting(30.0, "deadline of one request through the broker (504 past it)")
+    max_body_bytes: int = setting(64 << 20, "largest request body accepted (413 past it)")
+    log_level: str = setting("INFO", "logging level")
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.max_body_bytes <= 0:
+            raise ValueError("timeout_s and max_body_bytes must be > 0")
