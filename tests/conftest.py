@@ -1,0 +1,121 @@
+"""Process fixtures: real brokers, workers and servers on free local ports, cleaned up after each test."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from broker.client import Client
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "worker" / "models"
+# Fast heartbeats so failure detection takes well under a second in tests.
+HEARTBEAT = ["--heartbeat-interval-s", "0.2", "--heartbeat-liveness", "3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class Processes:
+    """Starts components as subprocesses with logs in tmp_path; stops every one of them at teardown."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp_path,
+                                env=dict(os.environ, **(env or {})), start_new_session=True)
+        log.close()
+        proc.log_path = log.name
+        self.procs.append(proc)
+        return proc
+
+    def broker(self, url: str, *flags: str) -> subprocess.Popen:
+        return self.start("broker", [sys.executable, "-m", "broker", "--bind", url, *HEARTBEAT, *flags])
+
+    def worker(self, url: str, model_dir: Path, *flags: str) -> subprocess.Popen:
+        return self.start("worker", [sys.executable, "-m", "worker", "--connect", url,
+                                     "--model-dir", str(model_dir), *HEARTBEAT, *flags])
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    p = Processes(tmp_path)
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "models"
+    target.mkdir()
+    for item in BUNDLED.iterdir():
+        if item.name.endswith((".onnx", ".onnx.json")):
+            shutil.copyfile(item, target / item.name)
+    return target
+
+
+@pytest.fixture
+def broker_url(procs: Processes) -> str:
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url)
+    return url
+
+
+def nodes_answering(client: Client, count: int) -> set[str]:
+    replies = client.call_many([("echo", {"data": i}) for i in range(count)], timeout_s=5,
+                               return_exceptions=True)
+    return {r["node"] for r in replies if isinstance(r, dict)}
+
+
+def wait_workers(url: str, n: int, timeout_s: float = 20) -> None:
+    """Until n distinct workers answer echoes (the broker's LRU spreads sequential calls)."""
+    with Client(url, timeout_s=5) as client:
+        wait_for(lambda: len(nodes_answering(client, 2 * n)) >= n, timeout_s, f"{n} workers to register")
+
+
+@pytest.fixture
+def cluster(procs: Processes, broker_url: str, model_dir: Path) -> dict:
+    """A broker and two workers over a copy of the bundled models."""
+    workers = [procs.worker(broker_url, model_dir) for _ in range(2)]
+    wait_workers(broker_url, 2)
+    return {"url": broker_url, "workers": workers, "model_dir": model_dir}
+
+
+@pytest.fixture
+def client(cluster: dict) -> Iterator[Client]:
+    with Client(cluster["url"], timeout_s=10) as c:
+        yield c

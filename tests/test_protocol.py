@@ -1,0 +1,94 @@
+"""The wire: tensor round trips for every dtype ONNX Runtime takes, and refusal of malformed bodies."""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from broker import protocol as p
+from broker.errors import BadInput, ModelNotFound, ProtocolError
+
+ORT_INPUT_DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                    "float16", "float32", "float64"]
+
+
+@pytest.mark.parametrize("dtype", ORT_INPUT_DTYPES)
+def test_tensor_round_trip_keeps_dtype_shape_and_values(dtype):
+    array = (np.arange(24) % 7).astype(dtype).reshape(2, 3, 4)
+    back = p.unpack(p.pack({"t": array}))["t"]
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+
+
+def test_string_tensors_round_trip_from_unicode_and_object_arrays():
+    for array in (np.array(["ab", "ünï"]), np.array(["ab", "ünï"], dtype=object)):
+        back = p.unpack(p.pack(array))
+        assert back.tolist() == ["ab", "ünï"]
+
+
+@pytest.mark.parametrize("array", [np.array(2.5), np.zeros((0, 4), np.float32),
+                                   np.arange(12, dtype=np.int32).reshape(3, 4).T])
+def test_scalars_empty_and_non_contiguous_tensors(array):
+    back = p.unpack(p.pack(array))
+    assert back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+
+
+def test_decoded_tensor_shares_the_received_buffer():
+    payload = p.pack(np.arange(1000, dtype=np.float64))
+    back = p.unpack(payload)
+    assert not back.flags.owndata  # a view over the ext bytes, not a copy
+
+
+def _ext(payload: bytes) -> bytes:
+    return msgpack.packb(msgpack.ExtType(p.TENSOR_EXT, payload))
+
+
+@pytest.mark.parametrize("payload", [
+    b"",                                                   # nothing
+    b"\x03<f4\x01" + (4).to_bytes(8, "little") + b"\0" * 15,  # one byte short
+    b"\x03|O8\x01" + (1).to_bytes(8, "little") + b"\0" * 8,   # object dtype: refused
+    b"\x03<f4\x01" + (-1).to_bytes(8, "little", signed=True),  # negative dimension
+    b"\x03zz9\x00",                                        # not a dtype
+    b"\x03<f4\xff",                                        # absurd rank
+])
+def test_malformed_tensors_raise_protocol_error(payload):
+    with pytest.raises(ProtocolError):
+        p.unpack(_ext(payload))
+
+
+@pytest.mark.parametrize("data", [b"\xc1", b"\x92\x01", msgpack.packb(msgpack.ExtType(9, b"x"))])
+def test_garbage_bodies_raise_protocol_error(data):
+    with pytest.raises(ProtocolError):
+        p.unpack(data)
+
+
+def test_request_body_needs_an_op():
+    with pytest.raises(ProtocolError):
+        p.unpack_request(p.pack({"id": 1}))
+    assert p.unpack_request(p.request_body(7, "models", {}))["op"] == "models"
+
+
+def test_error_replies_rebuild_the_same_error_class():
+    reply = p.unpack(p.error_body(3, "node-1", ModelNotFound("model x.onnx not found")))
+    assert reply["status"] == 404 and reply["node"] == "node-1"
+    with pytest.raises(ModelNotFound, match="x.onnx"):
+        p.result_of(reply)
+
+
+@pytest.mark.parametrize("name", ["iris.onnx", "my-model_v2.onnx", "a.b.onnx"])
+def test_plain_onnx_file_names_are_accepted(name):
+    assert p.check_model_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["../iris.onnx", "a/b.onnx", "iris", ".onnx", ".hidden.onnx",
+                                  "x..onnx", "a\\b.onnx", "n\x00.onnx", 5, None, "x" * 300 + ".onnx"])
+def test_other_model_names_are_bad_input(name):
+    with pytest.raises(BadInput):
+        p.check_model_name(name)
+
+
+def test_majortomo_dialect_frames():
+    assert p.split_dialect([b"", b"MDPC02", b"\x02"]) == (p.Dialect.MAJORTOMO, [b"MDPC02", b"\x02"])
+    assert p.client_reply(p.Dialect.MAJORTOMO, b"svc", [b"x"]) == [b"", b"MDPC02", b"\x04", b"x"]
+    assert p.client_reply(p.Dialect.RFC, b"svc", [b"x"], final=False) == [b"MDPC02", b"\x02", b"svc", b"x"]

@@ -1,0 +1,88 @@
+"""`fractal serve` as a user runs it: the seed's curl commands, then Ctrl-C with nothing left behind."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import free_port, wait_for
+
+WELCOME = {"http_status": {
+    "code": 200, "name": "OK",
+    "description": "Greetings from Fractal - ML Server - Inferrer, the Machine Learning model server. "
+                   "For more information, visit /help"}}
+
+
+def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture
+def served(tmp_path):
+    http_port, broker_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fractal.cli", "serve", "--http-port", str(http_port),
+                             "--broker-port", str(broker_port), "--model-dir", str(tmp_path / "pool")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "ready:" in line or proc.poll() is not None:
+            break
+    assert "ready:" in lines[-1], "".join(lines)
+    yield proc, f"http://127.0.0.1:{http_port}", tmp_path / "pool"
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_seed_welcome_and_prediction_then_clean_ctrl_c(served):
+    proc, base, pool = served
+    assert sorted(p.name for p in pool.glob("*.onnx")) == ["diabetes.onnx", "digits.onnx", "iris.onnx"]
+    assert http("GET", base + "/") == (200, WELCOME)
+    status, body = http("GET", base + "/api/v1/models/iris.onnx/prediction", b'{"values":[2, 5, 1, 4]}')
+    assert (status, body) == (200, {"http_status": {"code": 200, "description": "Prediction successful",
+                                                    "name": "OK"}, "values": [1]})
+    status, body = http("POST", base + "/api/v1/models/iris.onnx/prediction",
+                        b'{"values": [[2, 5, 1, 4], [5.1, 3.5, 1.4, 0.2]]}')
+    assert (status, body["values"]) == (200, [1, 0])
+    ours = descendants(proc.pid)
+    assert len(ours) >= 6  # broker, two workers, gunicorn master and its two workers
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 0
+    assert [pid for pid in ours if Path(f"/proc/{pid}").exists()] == [], "processes left behind"
+    wait_for(lambda: http_refused(base), 5, "the HTTP port to close")
+
+
+def descendants(root: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        kids = [pid for pid, ppid in parents.items() if ppid == parent]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def http_refused(base: str) -> bool:
+    try:
+        urllib.request.urlopen(base + "/", timeout=1)
+    except urllib.error.URLError as err:
+        return isinstance(err.reason, ConnectionRefusedError)
+    return False
