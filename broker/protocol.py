@@ -118,7 +118,7 @@ def encode_tensor(array: np.ndarray) -> msgpack.ExtType:
         array = array.copy(order="C")  # NOTE: not ascontiguousarray, which turns 0-d into 1-d
     dtype = array.dtype.str.encode()
     header = bytes((len(dtype),)) + dtype + bytes((array.ndim,)) + _DIMS[array.ndim].pack(*array.shape)
-    return msgpack.ExtType(TENSOR_EXT, header + array.data.cast("B"))
+    return msgpack.ExtType(TENSOR_EXT, header + array.reshape(-1).view(np.uint8).data)
 
 
 def decode_tensor(data: bytes) -> np.ndarray:
