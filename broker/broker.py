@@ -12,6 +12,7 @@ from . import protocol as p
 from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
 from .settings import setting
+from .sockets import send_frames, wait
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Broker:
         try:
             while not self._stopping:
                 timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-                if sock.poll(timeout_ms):
+                if wait(sock, timeout_ms):
                     self._drain(sock)
                 now = time.monotonic()
                 if now >= next_tick:
@@ -204,7 +205,7 @@ class Broker:
             return
         if worker is None:
             # An unknown worker (the broker restarted, or we declared it dead): make it reconnect.
-            self._socket.send_multipart([identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
+            send_frames(self._socket, [identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
             if command not in (MDPW.HEARTBEAT, MDPW.DISCONNECT, MDPW.FINAL, MDPW.PARTIAL):
                 raise ProtocolError(f"unknown worker command {command[:4]!r}")
             return
@@ -260,7 +261,7 @@ class Broker:
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
         log.warning("disconnecting worker %s: %s", identity.hex(), why)
         self.stats["dropped_frames"] += 1
-        self._socket.send_multipart([identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
+        send_frames(self._socket, [identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
         if worker is not None:
             self._remove_worker(worker, redispatch=True)
 
@@ -324,7 +325,7 @@ class Broker:
     def _send_client(self, client: bytes, dialect: Dialect, service: bytes, body: list,
                      final: bool = True) -> None:
         # NOTE: ROUTER drops messages to vanished peers instead of blocking (ROUTER_MANDATORY off).
-        self._socket.send_multipart([client, *p.client_reply(dialect, service, body, final)])
+        send_frames(self._socket, [client, *p.client_reply(dialect, service, body, final)])
 
     def _send_worker(self, worker: Worker, command: bytes, *frames: bytes) -> None:
-        self._socket.send_multipart([worker.identity, *p.worker_message(worker.dialect, command, *frames)])
+        send_frames(self._socket, [worker.identity, *p.worker_message(worker.dialect, command, *frames)])

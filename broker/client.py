@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from . import protocol as p
 from .errors import FractalError, NoWorkerAvailable, ProtocolError, Timeout
+from .sockets import NOBLOCK, POLLOUT, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
 CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the broker to come up
@@ -175,7 +176,7 @@ class Client(_Operations):
     def _receive(self, sock: zmq.Socket, pending: dict, deadline: float) -> tuple[int, Any]:
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not sock.poll(remaining_ms):
+            if remaining_ms <= 0 or not wait(sock, remaining_ms):
                 raise Timeout(f"no reply from the broker at {self.endpoint} in time "
                               f"({len(pending)} requests outstanding)")
             frames = sock.recv_multipart()
@@ -200,7 +201,7 @@ class Client(_Operations):
         except NoWorkerAvailable:
             return False
         while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
-            if not sock.poll(remaining_ms):
+            if not wait(sock, remaining_ms):
                 break
             frames = sock.recv_multipart()
             if len(frames) == 4 and frames[2] == p.MMI_SERVICE:
@@ -219,14 +220,14 @@ def _connect(sock: zmq.Socket, endpoint: str) -> zmq.Socket:
 
 def _send(sock: zmq.Socket, frames: list, deadline: float, endpoint: str) -> None:
     try:
-        sock.send_multipart(frames, zmq.NOBLOCK)
+        send_frames(sock, frames, NOBLOCK)
         return
     except zmq.Again:
         pass
     wait_ms = int(min(CONNECT_WAIT_S, deadline - time.monotonic()) * 1000)
-    if wait_ms > 0 and sock.poll(wait_ms, zmq.POLLOUT):
+    if wait_ms > 0 and wait(sock, wait_ms, POLLOUT):
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(sock, frames, NOBLOCK)
             return
         except zmq.Again:
             pass

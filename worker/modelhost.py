@@ -21,6 +21,7 @@ from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.protocol import MDPW
 from broker.settings import setting
+from broker.sockets import send_frames, wait
 
 from .ops import OPS
 from .pool import ModelPool
@@ -85,7 +86,7 @@ class ModelHost:
         try:
             while not self._stopping.is_set():
                 wait_s = min(self._last_sent + self._interval_s, self._broker_expires) - time.monotonic()
-                if self._socket.poll(max(0, min(int(wait_s * 1000), 100))):
+                if wait(self._socket, max(0, min(int(wait_s * 1000), 100))):
                     self._receive()
                 now = time.monotonic()
                 if now >= self._last_sent + self._interval_s:
@@ -120,7 +121,7 @@ class ModelHost:
         self._connect()
 
     def _send(self, command: bytes, *frames: bytes) -> None:
-        self._socket.send_multipart([p.WORKER_HEADER, command, *frames])
+        send_frames(self._socket, [p.WORKER_HEADER, command, *frames])
         self._last_sent = time.monotonic()
 
     def _beat_while_busy(self) -> None:
