@@ -28,6 +28,8 @@ class BrokerSettings:
     max_queue: int = setting(1024, "queued requests per service before 'Overloaded' replies")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
+    majortomo_busy_timeout_s: float = setting(
+        900.0, "how long a majortomo-dialect worker may compute silently (it sends no heartbeats while busy)")
     log_level: str = setting("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -123,6 +125,9 @@ class Broker:
             self._close()
 
     def _close(self) -> None:
+        for service in self._services.values():
+            while service.requests:
+                self._reply_error(service.requests.popleft(), NoWorkerAvailable("the broker is stopping"))
         for worker in list(self._workers.values()):
             self._send_worker(worker, MDPW.DISCONNECT)
         self._socket.close(linger=0)
@@ -174,7 +179,9 @@ class Broker:
         request = Request(client, dialect, service_name, body,
                           time.monotonic() + self.settings.queue_timeout_s)
         service = self._services.get(service_name)
-        if service is None or service.workers == 0:
+        if not body:
+            self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"))
+        elif service is None or service.workers == 0:
             self._reply_error(request, NoWorkerAvailable(
                 f"no worker is registered for service {service_name.decode(errors='replace')!r}"))
         elif service.idle:
@@ -256,6 +263,8 @@ class Broker:
         request.attempts += 1
         worker.request = request
         self.stats["dispatched"] += 1
+        if worker.dialect is Dialect.MAJORTOMO:
+            worker.expires_at = time.monotonic() + self.settings.majortomo_busy_timeout_s
         self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
 
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:

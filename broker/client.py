@@ -185,7 +185,7 @@ class Client(_Operations):
                 reply = p.unpack(body[0]) if body else None
             except ProtocolError:
                 continue  # not ours (e.g. a late MMI answer); nothing to match it to
-            if isinstance(reply, dict) and reply.get("id") in pending:
+            if isinstance(reply, dict) and type(reply.get("id")) is int and reply["id"] in pending:
                 try:
                     return reply["id"], p.result_of(reply)
                 except FractalError as exc:
@@ -311,7 +311,8 @@ class AsyncClient(_Operations):
                 reply = p.unpack(body[0]) if body else None
             except ProtocolError:
                 continue
-            future = self._pending.get(reply.get("id")) if isinstance(reply, dict) else None
+            rid = reply.get("id") if isinstance(reply, dict) else None
+            future = self._pending.get(rid) if type(rid) is int else None
             if future is None or future.done():
                 continue
             try:

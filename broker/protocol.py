@@ -139,7 +139,7 @@ def decode_tensor(data: bytes) -> np.ndarray:
         if count * dtype.itemsize != len(data) - offset:
             raise ValueError(f"{len(data) - offset} data bytes for shape {list(shape)} of {dtype}")
         return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    except (IndexError, ValueError, TypeError, struct.error, UnicodeDecodeError) as exc:
+    except (IndexError, ValueError, TypeError, OverflowError, struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad tensor: {exc}") from None
 
 
@@ -199,7 +199,9 @@ def result_of(reply: dict) -> Any:
     """The result of a reply body, or the error it carries raised as its FractalError class."""
     if reply.get("status") == 200:
         return reply.get("result")
-    error = reply.get("error") or {}
+    error = reply.get("error")
+    if not isinstance(error, dict):
+        raise ProtocolError(f"reply with status {reply.get('status')!r} carries no error description")
     raise error_from_wire(str(error.get("type")), str(error.get("message", "")))
 
 

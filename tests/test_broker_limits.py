@@ -84,3 +84,20 @@ def test_garbage_frames_leave_broker_and_workers_serving(cluster):
     with Client(cluster["url"], timeout_s=5) as client:
         assert client.predict("iris.onnx", {"float_input": [[2, 5, 1, 4]]})["label"].tolist() == [1]
         assert len({client.echo(i)["node"] for i in range(4)}) == 2
+
+
+def test_a_request_without_body_gets_an_error_and_wedges_no_worker(cluster):
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(cluster["url"])
+        for _ in range(4):  # more than there are workers
+            sock.send_multipart([b"MDPC02", b"\x01", b"modelhost"])
+            assert sock.poll(3000), "no reply to a body-less REQUEST"
+            reply = __import__("broker.protocol", fromlist=["unpack"]).unpack(sock.recv_multipart()[3])
+            assert reply["error"]["type"] == "ProtocolError"
+    finally:
+        ctx.destroy(linger=0)
+    with Client(cluster["url"], timeout_s=5) as client:
+        assert len({client.echo(i)["node"] for i in range(4)}) == 2

@@ -75,3 +75,11 @@ def test_workers_reregister_after_a_broker_restart(procs, cluster):
         wait_workers(url, 2)
         assert client.predict("iris.onnx", {"float_input": [[2, 5, 1, 4]]})["label"].tolist() == [1]
     assert all(w.poll() is None for w in cluster["workers"])  # the same worker processes
+
+
+def test_requests_longer_than_the_liveness_window_keep_workers_registered(client, cluster):
+    client.upload("slow.onnx", slow_model())
+    for _ in range(2):  # each takes ~1.2 s, twice the 0.6 s liveness window of these tests
+        assert client.predict("slow.onnx", {"x": slow_input()})["y"].shape == (1000, 1000)
+    nodes = [client.echo(i)["node"] for i in range(4)]  # no WorkerLost, no stale identity
+    assert len(set(nodes)) == 2

@@ -77,9 +77,13 @@ def test_unknown_worker_and_duplicate_ready_get_disconnect(ctx, broker_url):
 def test_worker_disconnect_unregisters_it(ctx, broker_url):
     worker, client = dealer(ctx, broker_url), dealer(ctx, broker_url)
     worker.send_multipart([b"MDPW02", b"\x01", SERVICE])
-    client.send_multipart([b"MDPC02", b"\x01", b"mmi.service", SERVICE])
-    assert client.recv_multipart() == [b"MDPC02", b"\x03", b"mmi.service", b"200"]
+    wait_registered(client, SERVICE)  # MMI answers 200 once the READY arrived
     worker.send_multipart([b"MDPW02", b"\x06"])
+
+    def unregistered() -> bool:  # DISCONNECT and our next request travel on different connections
+        client.send_multipart([b"MDPC02", b"\x01", b"mmi.service", SERVICE])
+        return client.recv_multipart()[3] == b"404"
+    wait_for(unregistered, 5, "the broker to drop the worker")
     client.send_multipart([b"MDPC02", b"\x01", SERVICE, p.request_body(1, "echo", {})])
     command, service, body = p.parse_client_reply(client.recv_multipart())
     assert (command, service) == (b"\x03", SERVICE)
@@ -120,3 +124,33 @@ def test_a_worker_written_from_the_rfc_alone_serves_our_client(ctx, broker_url):
                                p.ok_body(body["id"], "raw-worker", {"data": body["data"], "node": "raw"})])
         thread.join(5)
     assert result == {"data": "hi", "node": "raw"}
+
+
+def test_a_malformed_reply_fails_one_async_call_not_the_client(ctx, broker_url):
+    import asyncio
+
+    from broker.client import AsyncClient
+    from broker.errors import FractalError
+    worker = dealer(ctx, broker_url)
+    worker.send_multipart([b"MDPW02", b"\x01", b"modelhost"])
+
+    def answer(body_for) -> None:
+        request = recv_skipping_heartbeats(worker)
+        body = p.unpack(request[4])
+        worker.send_multipart([b"MDPW02", b"\x04", request[2], b"", body_for(body)])
+
+    async def scenario():
+        async with AsyncClient(broker_url, timeout_s=5) as aclient:
+            first = asyncio.ensure_future(aclient.echo("one"))
+            await asyncio.get_running_loop().run_in_executor(
+                None, answer, lambda b: p.pack({"id": b["id"], "status": 500, "error": "boom"}))
+            with pytest.raises(FractalError):
+                await first
+            second = asyncio.ensure_future(aclient.echo("two"))
+            await asyncio.get_running_loop().run_in_executor(
+                None, answer, lambda b: p.ok_body(b["id"], "raw", {"data": b["data"], "node": "raw"}))
+            return await second
+
+    with Client(broker_url, timeout_s=5) as client:
+        wait_for(client.service_ready, 5, "the worker's READY")
+    assert asyncio.run(scenario()) == {"data": "two", "node": "raw"}

@@ -68,6 +68,7 @@ class ModelHost:
         self._interval_s = settings.heartbeat_interval_s
         self._silence_s = settings.heartbeat_interval_s * settings.heartbeat_liveness
         self._stopping = threading.Event()
+        self._beater_done = threading.Event()  # NOTE: not _stopping: a request finishing after SIGTERM
         self._lock = threading.Lock()
         self._busy = False
         self._last_sent = 0.0
@@ -91,13 +92,14 @@ class ModelHost:
                 now = time.monotonic()
                 if now >= self._last_sent + self._interval_s:
                     self._send(MDPW.HEARTBEAT)
-                if now >= self._broker_expires:
+                if now >= self._broker_expires and not wait(self._socket, 0):
                     log.warning("broker silent for %.1f s: reconnecting", self._silence_s)
                     self._reconnect()
         finally:
+            self._beater_done.set()
             if self._socket is not None:
                 self._send(MDPW.DISCONNECT)
-                self._socket.close(linger=0)
+                self._socket.close(linger=200)  # NOTE: long enough for DISCONNECT to leave
                 self._socket = None
             log.info("worker %s stopped", self.node)
 
@@ -125,7 +127,7 @@ class ModelHost:
         self._last_sent = time.monotonic()
 
     def _beat_while_busy(self) -> None:
-        while not self._stopping.wait(self._interval_s / 2):
+        while not self._beater_done.wait(self._interval_s / 2):
             with self._lock:
                 if self._busy and time.monotonic() - self._last_sent >= self._interval_s:
                     self._send(MDPW.HEARTBEAT)
@@ -141,11 +143,16 @@ class ModelHost:
             return
         command = frames[1]
         if command == MDPW.REQUEST:
-            if len(frames) < 5 or frames[3] != b"":
-                log.warning("dropped a REQUEST without client envelope and body")
+            if len(frames) < 3:
+                log.warning("dropped a REQUEST without a client address")
                 return
-            reply = self._run_request(frames[4])
+            if len(frames) < 5 or frames[3] != b"":
+                reply = p.error_body(None, self.node, ProtocolError("REQUEST without envelope and body"))
+            else:
+                reply = self._run_request(frames[4])
             self._send(MDPW.FINAL, frames[2], b"", reply)
+            # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
+            self._broker_expires = time.monotonic() + self._silence_s
         elif command == MDPW.DISCONNECT:
             log.info("broker sent DISCONNECT: reconnecting")
             self._reconnect()
