@@ -2,10 +2,11 @@
 from .broker import Broker, BrokerSettings
 from .client import AsyncClient, Client
 from .errors import (BadInput, ConfigError, FractalError, InternalError, ModelNotFound, NoWorkerAvailable,
-                     Overloaded, PayloadTooLarge, ProtocolError, Timeout, UnsupportedMediaType, WorkerLost)
+                     Overloaded, PayloadTooLarge, ProtocolError, RetryLater, Timeout, UnsupportedMediaType,
+                     WorkerLost)
 
 __all__ = [
     "AsyncClient", "BadInput", "Broker", "BrokerSettings", "Client", "ConfigError", "FractalError",
-    "InternalError", "ModelNotFound", "NoWorkerAvailable", "Overloaded", "PayloadTooLarge",
+    "InternalError", "ModelNotFound", "NoWorkerAvailable", "Overloaded", "PayloadTooLarge", "RetryLater",
     "ProtocolError", "Timeout", "UnsupportedMediaType", "WorkerLost",
 ]

@@ -40,22 +40,22 @@ class UnsupportedMediaType(FractalError):
     http_status = 415
 
 
-class Overloaded(FractalError):
+class RetryLater(FractalError):
+    """The service cannot take the request now; the same request may succeed in a moment."""
+    http_status = 503
+    retry_after_s = 1.0
+
+
+class Overloaded(RetryLater):
     """The broker's queue for the service is full; retry later."""
-    http_status = 503
-    retry_after_s = 1.0
 
 
-class NoWorkerAvailable(FractalError):
+class NoWorkerAvailable(RetryLater):
     """No live worker is registered for the service."""
-    http_status = 503
-    retry_after_s = 1.0
 
 
-class WorkerLost(FractalError):
+class WorkerLost(RetryLater):
     """The workers handling the request died twice in a row."""
-    http_status = 503
-    retry_after_s = 1.0
 
 
 class Timeout(FractalError):

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 
 import pytest
 import zmq
 
 from broker.client import AsyncClient, Client
+from broker.protocol import unpack
 from broker.errors import NoWorkerAvailable, Overloaded, Timeout
 
 from .conftest import free_port, wait_workers
@@ -68,36 +70,32 @@ GARBAGE = [
 ]
 
 
-def test_garbage_frames_leave_broker_and_workers_serving(cluster):
+@pytest.fixture
+def raw_socket(cluster):
+    """A bare DEALER on the cluster's broker, for frames our client would never send."""
     ctx = zmq.Context()
-    try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(cluster["url"])
-        rng = __import__("random").Random(7)
-        for frames in GARBAGE:
-            sock.send_multipart(frames)
-        for _ in range(300):
-            sock.send_multipart([os.urandom(rng.randint(0, 40)) for _ in range(rng.randint(1, 6))])
-    finally:
-        ctx.destroy(linger=0)
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(cluster["url"])
+    yield sock
+    ctx.destroy(linger=0)
+
+
+def test_garbage_frames_leave_broker_and_workers_serving(cluster, raw_socket):
+    rng = random.Random(7)
+    for frames in GARBAGE:
+        raw_socket.send_multipart(frames)
+    for _ in range(300):
+        raw_socket.send_multipart([os.urandom(rng.randint(0, 40)) for _ in range(rng.randint(1, 6))])
     with Client(cluster["url"], timeout_s=5) as client:
         assert client.predict("iris.onnx", {"float_input": [[2, 5, 1, 4]]})["label"].tolist() == [1]
         assert len({client.echo(i)["node"] for i in range(4)}) == 2
 
 
-def test_a_request_without_body_gets_an_error_and_wedges_no_worker(cluster):
-    ctx = zmq.Context()
-    try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(cluster["url"])
-        for _ in range(4):  # more than there are workers
-            sock.send_multipart([b"MDPC02", b"\x01", b"modelhost"])
-            assert sock.poll(3000), "no reply to a body-less REQUEST"
-            reply = __import__("broker.protocol", fromlist=["unpack"]).unpack(sock.recv_multipart()[3])
-            assert reply["error"]["type"] == "ProtocolError"
-    finally:
-        ctx.destroy(linger=0)
+def test_a_request_without_body_gets_an_error_and_wedges_no_worker(cluster, raw_socket):
+    for _ in range(4):  # more than there are workers
+        raw_socket.send_multipart([b"MDPC02", b"\x01", b"modelhost"])
+        assert raw_socket.poll(3000), "no reply to a body-less REQUEST"
+        assert unpack(raw_socket.recv_multipart()[3])["error"]["type"] == "ProtocolError"
     with Client(cluster["url"], timeout_s=5) as client:
         assert len({client.echo(i)["node"] for i in range(4)}) == 2
