@@ -3,6 +3,7 @@
     python -m bench.peers rep URL
     python -m bench.peers majortomo-broker URL
     python -m bench.peers majortomo-worker URL MODEL_PATH
+    python -m bench.peers minimal-broker URL
 """
 from __future__ import annotations
 
@@ -26,6 +27,32 @@ def majortomo_broker(url: str) -> None:
     broker.run()
 
 
+def minimal_broker(url: str) -> None:
+    """The floor: a hand-written LRU broker in the majortomo dialect, nothing but forwarding.
+
+    No heartbeats, no queue bound, no expiry, no validation: what any MDP broker must at least do.
+    """
+    from collections import deque
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(url)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    idle: deque = deque()
+    waiting: deque = deque()
+    while True:
+        frames = sock.recv_multipart()
+        sender, header, command = frames[0], frames[2], frames[3]
+        if header == b"MDPC02":
+            waiting.append((sender, frames[5:]))
+        elif command == b"\x04":  # FINAL: client, "", body
+            sock.send_multipart([frames[4], b"", b"MDPC02", b"\x04", *frames[6:]])
+            idle.append(sender)
+        elif command == b"\x01":  # READY
+            idle.append(sender)
+        while idle and waiting:
+            client, body = waiting.popleft()
+            sock.send_multipart([idle.popleft(), b"", b"MDPW02", b"\x02", client, b"", *body])
+
+
 def majortomo_worker(url: str, model_path: str) -> None:
     """majortomo's own Worker doing our worker's work: msgpack predict bodies on one ORT session."""
     import onnxruntime as ort
@@ -46,4 +73,5 @@ def majortomo_worker(url: str, model_path: str) -> None:
 
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    {"rep": rep, "majortomo-broker": majortomo_broker, "majortomo-worker": majortomo_worker}[role](*args)
+    {"rep": rep, "majortomo-broker": majortomo_broker, "majortomo-worker": majortomo_worker,
+     "minimal-broker": minimal_broker}[role](*args)

@@ -4,7 +4,8 @@
 
 Rows: bare InferenceSession.run; a bare ZeroMQ REQ/REP hop; our client -> broker -> worker round trip
 (sync p50/p99) and throughput with 64 requests in flight, with 1 and 2 workers; and one raw client and
-majortomo's own worker against majortomo's broker and against ours (the brokers swapped, all else equal).
+majortomo's own worker against majortomo's broker, against ours, and against a minimal hand-written
+broker (the floor: forwarding only), the brokers swapped and all else equal.
 Everything runs on 127.0.0.1 and stops by itself.
 """
 from __future__ import annotations
@@ -210,6 +211,7 @@ def main() -> None:
         mt_mt = majortomo_dialect(["-m", "bench.peers", "majortomo-broker", "URL"], sync_n, flight_n, procs)
         mt_ours = majortomo_dialect(["-m", "broker", "--bind", "URL", "--log-level", "WARNING"],
                                     sync_n, flight_n, procs)
+        mt_floor = majortomo_dialect(["-m", "bench.peers", "minimal-broker", "URL"], sync_n, flight_n, procs)
     finally:
         procs.stop()
     print(f"\nFRACTAL pipeline benchmark, iris one row, {os.cpu_count()} cores, {IN_FLIGHT} in flight\n")
@@ -223,9 +225,13 @@ def main() -> None:
           f"{mt_mt['p99_us']:8.1f} {mt_mt['rps_1w']:9.0f}")
     print(f"{'majortomo dialect via our broker, 1 worker':58} {mt_ours['p50_us']:8.1f} "
           f"{mt_ours['p99_us']:8.1f} {mt_ours['rps_1w']:9.0f}")
+    print(f"{'majortomo dialect via a minimal hand-written broker (floor)':58} {mt_floor['p50_us']:8.1f} "
+          f"{mt_floor['p99_us']:8.1f} {mt_floor['rps_1w']:9.0f}")
     print("\nratios (targets: throughput >= 1.6x, p50 <= 0.6x majortomo's broker, same client and worker)")
     print(f"  our broker / majortomo broker, throughput: {mt_ours['rps_1w'] / mt_mt['rps_1w']:.2f}x")
     print(f"  our broker / majortomo broker, p50:        {mt_ours['p50_us'] / mt_mt['p50_us']:.2f}x")
+    print(f"  our broker / minimal broker floor, throughput: {mt_ours['rps_1w'] / mt_floor['rps_1w']:.2f}x "
+          f"(majortomo's: {mt_mt['rps_1w'] / mt_floor['rps_1w']:.2f}x)")
     print(f"  our full pipeline / majortomo's (p50):     {our['p50_us'] / mt_mt['p50_us']:.2f}x")
     print(f"  our full pipeline / majortomo's (req/s):   {our['rps_1w'] / mt_mt['rps_1w']:.2f}x")
 
