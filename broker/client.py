@@ -54,6 +54,15 @@ class _Operations:
             fields["outputs"] = list(outputs)
         return self._do("predict", _traced(fields, request_id), _outputs, timeout_s)
 
+    def predict_image(self, model: str, image: bytes, outputs: Sequence[str] | None = None, *,
+                      timeout_s: float | None = None, request_id: str | None = None):
+        """Run a one-input image model on an encoded image (JPEG, PNG, ...); the worker decodes it,
+        matches the model's channels, layout and size and scales pixels to [0, 1]."""
+        fields: dict[str, Any] = {"model": model, "image": image}
+        if outputs is not None:
+            fields["outputs"] = list(outputs)
+        return self._do("predict_image", _traced(fields, request_id), _outputs, timeout_s)
+
     def models(self, *, timeout_s: float | None = None, request_id: str | None = None):
         """Names of the models in the pool, sorted."""
         return self._do("models", _traced({}, request_id), _model_list, timeout_s)

@@ -72,9 +72,8 @@ def _frontend(argv: list[str]) -> int:
         add_arguments(parser, FrontendSettings, "frontend")
         parser.print_help()
         return 0
-    from .gunicorn_args import APP, gunicorn_argv
-    args = [sys.executable, "-m", "gunicorn", APP, *argv] if argv else gunicorn_argv("127.0.0.1:8002", 2, 4)
-    os.execv(sys.executable, args)
+    from .gunicorn_args import DEFAULTS, gunicorn_base
+    os.execv(sys.executable, [*gunicorn_base(), *(argv or DEFAULTS)])
     return 1  # not reached
 
 

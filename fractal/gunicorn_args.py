@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 APP = "frontend.app:create_app()"
+DEFAULTS = ["--bind", "127.0.0.1:8002", "--worker-class", "gthread", "--workers", "2", "--threads", "4"]
 
 
 def _control_socket_flags() -> list[str]:
@@ -16,7 +17,13 @@ def _control_socket_flags() -> list[str]:
     return ["--no-control-socket"]
 
 
-def gunicorn_argv(bind: str, workers: int, threads: int, log_level: str = "info") -> list[str]:
-    return [sys.executable, "-m", "gunicorn", APP, "--bind", bind, "--workers", str(workers),
-            "--worker-class", "gthread", "--threads", str(threads), "--log-level", log_level.lower(),
-            "--graceful-timeout", "5", *_control_socket_flags()]
+def gunicorn_base() -> list[str]:
+    """gunicorn on the app factory with our config file; append gunicorn flags."""
+    return [sys.executable, "-m", "gunicorn", APP, "--config", "python:frontend.gunicorn_conf",
+            *_control_socket_flags()]
+
+
+def gunicorn_argv(bind: str, workers: int, threads: int, log_level: str = "info",
+                  worker_class: str = "gthread") -> list[str]:
+    return [*gunicorn_base(), "--bind", bind, "--workers", str(workers), "--worker-class", worker_class,
+            "--threads", str(threads), "--log-level", log_level.lower(), "--graceful-timeout", "5"]

@@ -33,6 +33,7 @@ class ServeSettings:
     threads: int = setting(0, "ONNX Runtime threads per worker; 0 = cores / workers")
     http_workers: int = setting(2, "gunicorn worker processes")
     http_threads: int = setting(4, "threads per gunicorn worker (gthread)")
+    http_worker_class: str = setting("gthread", "gunicorn worker class (gthread, sync, ...)")
     ready_timeout_s: float = setting(60.0, "how long to wait for every part to come up")
     log_level: str = setting("INFO", "logging level of every part")
 
@@ -68,7 +69,7 @@ def _children(s: ServeSettings) -> list[Child]:
     frontend_env = dict(env, **{env_name("frontend", "broker"): connect_url,
                                 env_name("frontend", "log_level"): s.log_level})
     children.append(Child("frontend", gunicorn_argv(f"{s.http_host}:{s.http_port}", s.http_workers,
-                                                   s.http_threads, s.log_level), frontend_env))
+                                                   s.http_threads, s.log_level, s.http_worker_class), frontend_env))
     return children
 
 

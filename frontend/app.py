@@ -4,14 +4,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from importlib import metadata
 
 import falcon
 
 from broker.client import Client
 from broker.settings import load
 
-from . import errors
-from .resources import Prediction, Welcome
+from . import api, errors
+from .errors import status_body
+from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
+                        welcome_body)
 from .settings import FrontendSettings
 
 log = logging.getLogger("frontend.access")
@@ -21,23 +24,41 @@ class RequestLog:
     """X-Request-ID in (or made) and out, and one log line per request."""
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.request_id = req.get_header("X-Request-ID") or uuid.uuid4().hex
+        req.context.request_id = (req.get_header("X-Request-ID") or uuid.uuid4().hex)[:128]
         req.context.started = time.perf_counter()
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          req_succeeded: bool) -> None:
-        resp.set_header("X-Request-ID", req.context.request_id)
-        log.info("%s %s %s %.2fms %s", req.method, req.path, resp.status[:3] if isinstance(resp.status, str)
-                 else resp.status, (time.perf_counter() - req.context.started) * 1e3, req.context.request_id)
+        request_id = getattr(req.context, "request_id", "-")
+        resp.set_header("X-Request-ID", request_id)
+        started = getattr(req.context, "started", time.perf_counter())
+        log.info("%s %s %s %.2fms %s", req.method, req.path, str(resp.status)[:3],
+                 (time.perf_counter() - started) * 1e3, request_id)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fractal-ml-server")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def create_app(settings: FrontendSettings | None = None) -> falcon.App:
-    """Build the app; the broker client is made here, i.e. after gunicorn forked this process."""
+    """Build the app from api.ENDPOINTS; the broker client is made here, after gunicorn forked."""
     settings = settings or load(FrontendSettings, "frontend")
     client = Client(settings.broker, settings.service, settings.timeout_s)
+    shared = (client, settings.max_body_bytes)
+    resources = {
+        "welcome": Static(welcome_body()),
+        "help": Static(status_body(200, "OK", endpoints=api.help_entries())),
+        "openapi": Static(json_bytes(api.openapi(_version()))),
+        "sendtomodelhost": SendToModelhost(*shared), "models": Models(*shared),
+        "information": Information(*shared), "model": Model(*shared), "prediction": Prediction(*shared),
+    }
     app = falcon.App(middleware=[RequestLog()])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
-    app.add_route("/", Welcome())
-    app.add_route("/api/v1/models/{name}/prediction", Prediction(client, settings.max_body_bytes))
+    for path in dict.fromkeys(e.path for e in api.ENDPOINTS):
+        resource = resources[next(e.resource for e in api.ENDPOINTS if e.path == path)]
+        app.add_route(path, resource)
     return app

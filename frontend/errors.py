@@ -13,8 +13,11 @@ from broker.errors import FractalError
 log = logging.getLogger(__name__)
 
 
-def status_body(code: int, description: str, **extra: object) -> bytes:
-    """The seed's response shape; `extra` fields follow http_status (e.g. model_list, values)."""
+def status_body(code: int, description: str, /, **extra: object) -> bytes:
+    """The seed's response shape; `extra` fields follow http_status (e.g. model_list, values).
+
+    Positional-only, so a result with its own "description" (a model's) cannot replace the status's.
+    """
     body = {"http_status": {"code": code, "description": description, "name": http.HTTPStatus(code).phrase}}
     body.update(extra)
     return json.dumps(body).encode()
@@ -36,6 +39,9 @@ def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError
     description = ex.description or ex.title or http.HTTPStatus(ex.status_code).phrase
     if ex.status_code == 404 and not ex.description:
         description = f"no route {req.method} {req.path}; see GET /help"
+    elif ex.status_code == 405:
+        allowed = (ex.headers or {}).get("Allow", "")
+        description = f"{req.method} is not allowed on {req.path}; use {allowed}"
     _write(resp, ex.status_code, description)
     for name, value in (ex.headers or {}).items():
         resp.set_header(name, value)

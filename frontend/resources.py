@@ -1,4 +1,4 @@
-"""Falcon resources of the seed's REST API; each turns HTTP into one call of the direct client."""
+"""Falcon resources of the seed's REST API; each turns HTTP into calls of the direct client."""
 from __future__ import annotations
 
 import json
@@ -8,58 +8,165 @@ import falcon
 import numpy as np
 
 from broker.client import Client
-from broker.errors import BadInput, PayloadTooLarge
+from broker.errors import BadInput, UnsupportedMediaType
 from broker.protocol import check_model_name
 
+from . import bodies
 from .errors import status_body
 
 WELCOME = ("Greetings from Fractal - ML Server - Inferrer, the Machine Learning model server. "
            "For more information, visit /help")
+PREDICT_EXAMPLE = '{"values": [2, 5, 1, 4]}'
 
 
-def _json_body(req: falcon.Request, max_body_bytes: int) -> Any:
-    length = req.content_length or 0
-    if length > max_body_bytes:
-        raise PayloadTooLarge(f"body is {length} bytes; the limit is {max_body_bytes}")
-    raw = req.bounded_stream.read(max_body_bytes + 1)
-    if len(raw) > max_body_bytes:
-        raise PayloadTooLarge(f"body is over the limit of {max_body_bytes} bytes")
-    if not raw:
-        raise BadInput('empty body; send JSON such as {"values": [2, 5, 1, 4]}')
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise BadInput(f"body is not valid JSON: {exc}") from None
-
-
-def _ok(resp: falcon.Response, description: str = "OK", **extra: Any) -> None:
+def ok(resp: falcon.Response, description: str = "OK", /, **extra: Any) -> None:
     resp.content_type = falcon.MEDIA_JSON
     resp.data = status_body(200, description, **extra)
 
 
-class Welcome:
+def jsonable(value: Any) -> Any:
+    """Arrays become nested lists; maps from ZipMap-style outputs get string keys."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return value
+
+
+class Static:
+    """A response built once at start-up: welcome, help, the OpenAPI document."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        _ok(resp, WELCOME)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._data
 
 
-class Prediction:
-    """GET or POST /api/v1/models/{name}/prediction with {"values": row or rows}."""
-
+class Resource:
     def __init__(self, client: Client, max_body_bytes: int):
-        self._client = client
-        self._max_body_bytes = max_body_bytes
+        self.client = client
+        self.max_body_bytes = max_body_bytes
+
+
+class SendToModelhost(Resource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = bodies.json_body(req, self.max_body_bytes, '{"data": ["ONE", "TWO"]}')
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise BadInput('send {"data": [...]}: a list whose elements go to the modelhosts')
+        replies = self.client.call_many(
+            [("echo", {"data": item, "request_id": req.context.request_id}) for item in body["data"]])
+        ok(resp, "Sent to modelhost", data=[{"data": r["data"], "node": r["node"]} for r in replies])
+
+
+class Models(Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ok(resp, model_list=self.client.models(request_id=req.context.request_id))
+
+
+class Information(Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ok(resp, model_list=self.client.information(request_id=req.context.request_id))
+
+
+class Model(Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        ok(resp, **self.client.model_info(check_model_name(name), request_id=req.context.request_id))
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        check_model_name(name)
+        body = bodies.json_body(req, self.max_body_bytes, '{"model_description": "..."}')
+        if not isinstance(body, dict) or not isinstance(body.get("model_description"), str):
+            raise BadInput('send {"model_description": "..."} with a string description')
+        result = self.client.describe(name, body["model_description"], request_id=req.context.request_id)
+        ok(resp, "Model description updated", **result)
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        check_model_name(name)
+        kind = bodies.media_type(req)
+        if kind == "multipart/form-data":
+            data = bodies.form_file(req, "path", self.max_body_bytes)
+        elif kind in ("application/octet-stream", ""):
+            data = bodies.raw(req, self.max_body_bytes)
+        else:
+            raise UnsupportedMediaType(f"upload the model as multipart field 'path' (-F \"path=@model.onnx\")"
+                                       f" or an application/octet-stream body, not {kind}")
+        if not data:
+            raise BadInput("the uploaded model is empty")
+        info = self.client.upload(name, data, request_id=req.context.request_id)
+        ok(resp, "Model uploaded", **info)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        check_model_name(name)
+        ok(resp, "Model deleted", **self.client.delete(name, request_id=req.context.request_id))
+
+
+class Prediction(Resource):
+    """GET or POST /api/v1/models/{name}/prediction: JSON rows, named inputs, or an image."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         check_model_name(name)
-        body = _json_body(req, self._max_body_bytes)
-        if not isinstance(body, dict) or "values" not in body:
-            raise BadInput('send {"values": [...]}: one row, or a list of rows')
-        try:
-            values = np.asarray(body["values"])
-        except ValueError:
-            raise BadInput("'values' must be a rectangular list of numbers") from None
-        outputs = self._client.predict(name, [values], request_id=req.context.request_id)
-        first = next(iter(outputs.values()))
-        _ok(resp, "Prediction successful", values=first.tolist() if hasattr(first, "tolist") else first)
+        kind = bodies.media_type(req)
+        if kind == "multipart/form-data":
+            self._image(req, resp, name, bodies.form_file(req, "file", self.max_body_bytes))
+        elif kind.startswith("image/"):
+            self._image(req, resp, name, bodies.raw(req, self.max_body_bytes))
+        else:
+            self._json(req, resp, name, bodies.json_body(req, self.max_body_bytes, PREDICT_EXAMPLE))
 
     on_post = on_get
+
+    def _json(self, req: falcon.Request, resp: falcon.Response, name: str, body: Any) -> None:
+        if not isinstance(body, dict) or ("values" in body) == ("inputs" in body):
+            raise BadInput(f'send {PREDICT_EXAMPLE} (one row, or a list of rows), or {{"inputs": '
+                           f'{{"name": [...], ...}}}} for a model with named inputs')
+        if "values" in body:
+            inputs: Any = [_array(body["values"], "values")]
+        elif isinstance(body["inputs"], dict):
+            inputs = {str(k): _array(v, f"inputs.{k}") for k, v in body["inputs"].items()}
+        else:
+            raise BadInput('"inputs" must map input names to arrays')
+        wanted = _wanted_outputs(body.get("outputs"))
+        outputs = self.client.predict(name, inputs, wanted, request_id=req.context.request_id)
+        self._answer(resp, outputs, by_name="outputs" in body, first=next(iter(outputs.values())))
+
+    def _image(self, req: falcon.Request, resp: falcon.Response, name: str, image: bytes) -> None:
+        if not image:
+            raise BadInput("the image is empty")
+        outputs = self.client.predict_image(name, image, request_id=req.context.request_id)
+        floats = [v for v in outputs.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+        self._answer(resp, outputs, by_name=False, first=floats[0] if floats else next(iter(outputs.values())))
+
+    @staticmethod
+    def _answer(resp: falcon.Response, outputs: dict, by_name: bool, first: Any) -> None:
+        extra = {"outputs": {k: jsonable(v) for k, v in outputs.items()}} if by_name else {}
+        ok(resp, "Prediction successful", values=jsonable(first), **extra)
+
+
+def _array(value: Any, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise BadInput(f"'{where}' must be a rectangular list of numbers") from None
+    if array.dtype.kind not in "biufU":
+        raise BadInput(f"'{where}' must be a rectangular list of numbers or strings")
+    return array
+
+
+def _wanted_outputs(outputs: Any) -> list[str] | None:
+    if outputs is None or outputs == "all":
+        return None
+    if isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs):
+        return outputs
+    raise BadInput('"outputs" must be "all" or a list of output names')
+
+
+def welcome_body() -> bytes:
+    return status_body(200, WELCOME)
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value).encode()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -119,3 +120,51 @@ def cluster(procs: Processes, broker_url: str, model_dir: Path) -> dict:
 def client(cluster: dict) -> Iterator[Client]:
     with Client(cluster["url"], timeout_s=10) as c:
         yield c
+
+
+class Served:
+    """`fractal serve` on free ports, logging to a file (a pipe nobody drains would block it)."""
+
+    def __init__(self, workdir: Path, env: dict | None = None, *flags: str):
+        self.http_port, self.broker_port = free_port(), free_port()
+        self.pool = workdir / "pool"
+        self.log_path = workdir / "serve.log"
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        self.broker_url = f"tcp://127.0.0.1:{self.broker_port}"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fractal", "serve", "--http-port", str(self.http_port),
+                 "--broker-port", str(self.broker_port), "--model-dir", str(self.pool), *flags],
+                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+        wait_for(lambda: "ready:" in self.log() or self.proc.poll() is not None, 60, "fractal serve")
+        assert self.proc.poll() is None, self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def start_frontend(procs: Processes, broker_url: str, **env: str) -> str:
+    """gunicorn running the frontend alone, pointed at `broker_url`; returns its base URL."""
+    port = free_port()
+    procs.start("frontend", [sys.executable, "-m", "fractal", "frontend", "--bind", f"127.0.0.1:{port}",
+                             "--workers", "1", "--worker-class", "gthread", "--threads", "4"],
+                env={"FRACTAL_FRONTEND_BROKER": broker_url, **env})
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/", timeout=1):
+                return True
+        except OSError:
+            return False
+    wait_for(up, 30, "gunicorn")
+    return base

@@ -46,3 +46,16 @@ def slow_input() -> np.ndarray:
     """An input for slow_model() that takes over a second with one thread on this machine kind."""
     n = 1000
     return (np.random.default_rng(0).random((n, n), dtype=np.float32) / n).astype(np.float32)
+
+
+def slow_scalar_model(n: int = 1000, matmuls: int = 50) -> bytes:
+    """Like slow_model, from a [1, 1] input expanded to [n, n]: slow to run, tiny to send as JSON."""
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["e"])]
+    last = "e"
+    for i in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [last, "e"], [f"m{i}"]))
+        last = f"m{i}"
+    nodes.append(helper.make_node("ReduceSum", [last], ["y"], keepdims=0))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                  [numpy_helper.from_array(np.array([n, n], np.int64), "shape")])

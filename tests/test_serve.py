@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, wait_for
+from .conftest import Served, wait_for
 
 WELCOME = {"http_status": {
     "code": 200, "name": "OK",
@@ -29,19 +27,10 @@ def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
 
 @pytest.fixture
 def served(tmp_path):
-    http_port, broker_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fractal.cli", "serve", "--http-port", str(http_port),
-                             "--broker-port", str(broker_port), "--model-dir", str(tmp_path / "pool")],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "ready:" in line or proc.poll() is not None:
-            break
-    assert "ready:" in lines[-1], "".join(lines)
-    yield proc, f"http://127.0.0.1:{http_port}", tmp_path / "pool"
-    if proc.poll() is None:
-        proc.kill()
+    server = Served(tmp_path)
+    yield server.proc, server.base, server.pool
+    if server.proc.poll() is None:
+        server.proc.kill()
 
 
 def test_seed_welcome_and_prediction_then_clean_ctrl_c(served):

@@ -41,6 +41,8 @@ class WorkerSettings:
     heartbeat_liveness: int = setting(3, "missed broker heartbeats before reconnecting")
     reconnect_max_s: float = setting(5.0, "longest back-off between reconnect attempts")
     max_model_bytes: int = setting(512 << 20, "largest model file accepted for upload")
+    max_image_pixels: int = setting(25_000_000, "largest image (width x height) decoded for prediction")
+    log_requests: bool = setting(True, "one INFO line per request with its request id and time")
     log_level: str = setting("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -61,10 +63,12 @@ class ModelHost:
         self.settings = settings
         self.node = make_node_id()
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads),
-                              SessionCache(settings.cache_size), settings.max_model_bytes)
+                              SessionCache(settings.cache_size), settings.max_model_bytes,
+                              settings.max_image_pixels)
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._service = settings.service.encode()
+        self._log_requests = settings.log_requests
         self._interval_s = settings.heartbeat_interval_s
         self._silence_s = settings.heartbeat_interval_s * settings.heartbeat_liveness
         self._stopping = threading.Event()
@@ -153,7 +157,7 @@ class ModelHost:
             self._send(MDPW.FINAL, frames[2], b"", reply)
             # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
             self._broker_expires = time.monotonic() + self._silence_s
-        elif command == MDPW.DISCONNECT:
+        elif command == MDPW.DISCONNECT and not self._stopping.is_set():
             log.info("broker sent DISCONNECT: reconnecting")
             self._reconnect()
         elif command != MDPW.HEARTBEAT:
@@ -177,8 +181,12 @@ class ModelHost:
             op = OPS.get(op_name)
             if op is None:
                 raise BadInput(f"unknown op {op_name!r}; known: {', '.join(sorted(OPS))}")
-            log.debug("request %s: %s %s", trace, op_name, request.get("model", ""))
-            return p.ok_body(rid, self.node, op(self.pool, request, self.node))
+            started = time.perf_counter()
+            reply = p.ok_body(rid, self.node, op(self.pool, request, self.node))
+            if self._log_requests:
+                log.info("request %s: %s %s ok in %.2f ms", trace, op_name, request.get("model", ""),
+                         (time.perf_counter() - started) * 1e3)
+            return reply
         except ProtocolError as exc:
             log.warning("request %s: bad body: %s", trace, exc)
             return p.error_body(rid, self.node, exc)

@@ -6,7 +6,7 @@ from typing import Any, Callable
 from broker.errors import BadInput
 from broker.protocol import check_model_name
 
-from . import inference
+from . import images, inference
 from .pool import ModelPool
 
 
@@ -28,6 +28,20 @@ def predict(pool: ModelPool, body: dict, node: str) -> dict:
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
     return {"outputs": inference.run(pool.load(_model(body)), body["inputs"], wanted)}
+
+
+def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
+    image = body.get("image")
+    if not isinstance(image, (bytes, bytearray)):
+        raise BadInput("'image' must be the image file's bytes")
+    name = _model(body)
+    model = pool.load(name)
+    if len(model.inputs) != 1:
+        raise BadInput(f"{name} takes {len(model.inputs)} inputs; an image fills a model with one")
+    options = pool.sidecar(name).get("image") or {}
+    tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
+                              options if isinstance(options, dict) else {})
+    return {"outputs": inference.run(model, {model.inputs[0].name: tensor}, body.get("outputs"))}
 
 
 def models(pool: ModelPool, body: dict, node: str) -> dict:
@@ -70,6 +84,6 @@ def echo(pool: ModelPool, body: dict, node: str) -> dict:
 
 
 OPS: dict[str, Callable[[ModelPool, dict, str], Any]] = {
-    "predict": predict, "models": models, "information": information, "info": info,
+    "predict": predict, "predict_image": predict_image, "models": models, "information": information, "info": info,
     "describe": describe, "upload": upload, "delete": delete, "echo": echo,
 }

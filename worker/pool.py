@@ -31,12 +31,13 @@ LOCK_FILE = ".fractal.lock"
 
 class ModelPool:
     def __init__(self, directory: str | os.PathLike, factory: SessionFactory, cache: SessionCache,
-                 max_model_bytes: int):
+                 max_model_bytes: int, max_image_pixels: int = 25_000_000):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._factory = factory
         self._cache = cache
         self.max_model_bytes = max_model_bytes
+        self.max_image_pixels = max_image_pixels
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -65,15 +66,20 @@ class ModelPool:
         self._cache.put(model)
         return model
 
-    def description(self, name: str) -> str:
+    def sidecar(self, name: str) -> dict:
+        """The model's sidecar JSON ({"description", "image": {"mean", "std"}}), {} when absent."""
         try:
             with open(self._path(name + SIDECAR), encoding="utf-8") as f:
-                return str(json.load(f).get("description", ""))
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
         except FileNotFoundError:
-            return ""
-        except (ValueError, AttributeError, OSError) as exc:
-            log.warning("unreadable description for %s: %s", name, exc)
-            return ""
+            return {}
+        except (ValueError, OSError) as exc:
+            log.warning("unreadable sidecar for %s: %s", name, exc)
+            return {}
+
+    def description(self, name: str) -> str:
+        return str(self.sidecar(name).get("description", ""))
 
     def info(self, name: str) -> dict:
         model = self.load(name)
@@ -144,7 +150,8 @@ class ModelPool:
         return tmp
 
     def _write_sidecar(self, name: str, description: str) -> None:
-        payload = json.dumps({"description": description}, ensure_ascii=False).encode("utf-8")
+        payload = json.dumps({**self.sidecar(name), "description": description},
+                             ensure_ascii=False).encode("utf-8")
         tmp = self._write_temp(name + SIDECAR, payload)
         os.replace(tmp, self._path(name + SIDECAR))
 

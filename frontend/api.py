@@ -1,0 +1,140 @@
+"""The REST API in one table: routing, GET /help and GET /openapi.json are all built from it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BASE = "http://localhost:8002"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    resource: str          # key of the resource object in app.py
+    summary: str
+    curl: str
+    body: str = "none"     # none | json | multipart+raw | json+multipart
+    body_schema: dict = field(default_factory=dict)
+    result: dict = field(default_factory=dict)   # fields beside http_status in a 200 response
+
+
+_STATUS = {"type": "object", "properties": {
+    "code": {"type": "integer"}, "name": {"type": "string"}, "description": {"type": "string"}}}
+_NAMES = {"type": "array", "items": {"type": "string"}}
+_INFO = {"model": {"type": "string"}, "description": {"type": "string"},
+         "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}},
+         "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}},
+         "size_bytes": {"type": "integer"}, "last_modified": {"type": "string", "format": "date-time"}}
+_PREDICT_BODY = {"type": "object", "properties": {
+    "values": {"description": "one row, or a list of rows, for the model's (first) input"},
+    "inputs": {"type": "object", "description": "input name -> nested list, for multi-input models"},
+    "outputs": {"description": "list of output names, or \"all\": answer every output by name"}}}
+
+ENDPOINTS = [
+    Endpoint("GET", "/", "welcome", "Welcome message.", f"curl {BASE}/"),
+    Endpoint("GET", "/help", "help", "Every endpoint with an example.", f"curl {BASE}/help",
+             result={"endpoints": {"type": "array", "items": {"type": "object"}}}),
+    Endpoint("GET", "/openapi.json", "openapi", "This API as an OpenAPI 3 document.",
+             f"curl {BASE}/openapi.json"),
+    Endpoint("POST", "/api/test/sendtomodelhost", "sendtomodelhost",
+             "Send each element of data to a modelhost through the broker; shows which node answered.",
+             f"curl -X POST -H \"Content-Type: application/json\" --data '{{\"data\": [\"ONE\", \"TWO\"]}}' "
+             f"{BASE}/api/test/sendtomodelhost", body="json",
+             body_schema={"type": "object", "required": ["data"], "properties": {"data": {"type": "array"}}},
+             result={"data": {"type": "array", "items": {"type": "object", "properties": {
+                 "data": {}, "node": {"type": "string"}}}}}),
+    Endpoint("GET", "/api/v1/models", "models", "Names of the models in the pool, sorted.",
+             f"curl -X GET {BASE}/api/v1/models", result={"model_list": _NAMES}),
+    Endpoint("GET", "/api/v1/models/information", "information", "Every model with its description.",
+             f"curl -X GET {BASE}/api/v1/models/information",
+             result={"model_list": {"type": "array", "items": {"type": "object", "properties": {
+                 "description": {"type": "string"}, "model": {"type": "string"}}}}}),
+    Endpoint("GET", "/api/v1/models/{name}", "model",
+             "A model's description, inputs and outputs (name, dtype, shape), size and last change.",
+             f"curl -X GET {BASE}/api/v1/models/iris.onnx", result=_INFO),
+    Endpoint("POST", "/api/v1/models/{name}", "model", "Set a model's description.",
+             f"curl -X POST -H \"Content-Type: application/json\" --data "
+             f"'{{\"model_description\": \"Iris species from 4 measurements.\"}}' {BASE}/api/v1/models/iris.onnx",
+             body="json", body_schema={"type": "object", "required": ["model_description"],
+                                       "properties": {"model_description": {"type": "string"}}},
+             result={"model": {"type": "string"}, "description": {"type": "string"}}),
+    Endpoint("PUT", "/api/v1/models/{name}", "model",
+             "Upload or atomically replace a model (multipart field 'path', or a raw "
+             "application/octet-stream body); it is validated in ONNX Runtime first.",
+             f"curl -X PUT -F \"path=@/path/to/model.onnx\" {BASE}/api/v1/models/my_model.onnx",
+             body="multipart+raw", result=_INFO),
+    Endpoint("DELETE", "/api/v1/models/{name}", "model", "Delete a model and its description.",
+             f"curl -X DELETE {BASE}/api/v1/models/my_model.onnx", result={"model": {"type": "string"}}),
+    Endpoint("GET", "/api/v1/models/{name}/prediction", "prediction",
+             "Predict from JSON {\"values\": row or rows} (values = the first output per row), named "
+             "\"inputs\" and \"outputs\" (answers \"outputs\" by name), or an image in multipart field "
+             "'file' (values = the output probabilities). POST works the same.",
+             f"curl -X GET -H \"Content-Type: application/json\" --data '{{\"values\":[2, 5, 1, 4]}}' "
+             f"{BASE}/api/v1/models/iris.onnx/prediction", body="json+multipart", body_schema=_PREDICT_BODY,
+             result={"values": {"type": "array"}, "outputs": {"type": "object"}}),
+    Endpoint("POST", "/api/v1/models/{name}/prediction", "prediction", "Same as GET.",
+             f"curl -X POST -F \"file=@digits_sample.png\" {BASE}/api/v1/models/digits.onnx/prediction",
+             body="json+multipart", body_schema=_PREDICT_BODY,
+             result={"values": {"type": "array"}, "outputs": {"type": "object"}}),
+]
+
+
+def help_entries() -> list[dict]:
+    return [{"method": e.method, "path": e.path, "description": e.summary, "example": e.curl}
+            for e in ENDPOINTS]
+
+
+def _request_body(e: Endpoint) -> dict | None:
+    content = {}
+    if "json" in e.body:
+        content["application/json"] = {"schema": e.body_schema or {"type": "object"}}
+    if "multipart" in e.body:
+        part = "file" if e.resource == "prediction" else "path"
+        content["multipart/form-data"] = {"schema": {"type": "object", "properties": {
+            part: {"type": "string", "format": "binary"}}}}
+    if "raw" in e.body:
+        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"required": True, "content": content} if content else None
+
+
+def _responses(e: Endpoint) -> dict:
+    ok = {"type": "object", "properties": {"http_status": {"$ref": "#/components/schemas/HttpStatus"},
+                                           **e.result}}
+    error = {"description": "error", "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/Error"}}}}
+    codes = {"400": "bad input", "404": "unknown model or route", "405": "method not allowed"}
+    if e.path.startswith("/api/"):
+        codes.update({"413": "body, model or image too large", "415": "unsupported content or image type",
+                      "503": "overloaded or no live worker (see Retry-After)", "504": "deadline passed",
+                      "500": "unexpected failure (with a request id)"})
+    responses = {"200": {"description": "OK", "content": {"application/json": {"schema": ok}}}}
+    responses.update({code: {**error, "description": text} for code, text in codes.items()})
+    return responses
+
+
+def openapi(version: str) -> dict:
+    paths: dict = {}
+    for e in ENDPOINTS:
+        operation = {"summary": e.summary, "operationId": f"{e.method.lower()}_{e.resource}",
+                     "responses": _responses(e)}
+        if "{name}" in e.path:
+            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {
+                "type": "string", "pattern": r"^[^/\\.][^/\\]*\.onnx$"}, "description": "model file name"}]
+        body = _request_body(e)
+        if body:
+            operation["requestBody"] = body
+        paths.setdefault(e.path, {})[e.method.lower()] = operation
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "FRACTAL ML Server", "version": version,
+                 "description": "ONNX models over REST; every error is {\"http_status\": {code, name, "
+                                "description}}."},
+        "paths": paths,
+        "components": {"schemas": {
+            "HttpStatus": _STATUS,
+            "Error": {"type": "object", "properties": {"http_status": {"$ref": "#/components/schemas/HttpStatus"}}},
+            "Tensor": {"type": "object", "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
+                                                        "shape": {"type": "array", "items": {"type": "integer",
+                                                                                             "nullable": True}}}},
+        }},
+    }

@@ -1,0 +1,86 @@
+"""Images to model inputs: decode with Pillow, match the model's channels, layout and size, scale.
+
+The model's first input says what it wants: rank 4 is [N, C, H, W] when dim 1 is a channel count
+(1, 3 or 4) and [N, H, W, C] when the last dim is, rank 3 the same without N, rank 2 is [H, W] gray.
+Pixels become float32 in [0, 1], then (x - mean) / std when the model's sidecar JSON sets
+{"image": {"mean": [...], "std": [...]}}. Dynamic H or W keep the image's own size.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from broker.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+
+from .sessions import TensorSpec
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _layout(spec: TensorSpec) -> tuple[str, int | None, int | None, int]:
+    """(layout, H, W, channels) for an image input; raises BadInput for inputs that are no image."""
+    shape = spec.shape
+    channel_dims = (1, 3, 4)
+    if len(shape) == 4:
+        if shape[1] in channel_dims:
+            return "NCHW", shape[2], shape[3], shape[1]
+        if shape[3] in channel_dims or shape[3] is None:
+            return "NHWC", shape[1], shape[2], shape[3] or 3
+        if shape[1] is None:
+            return "NCHW", shape[2], shape[3], 3
+    if len(shape) == 3:
+        if shape[0] in channel_dims:
+            return "CHW", shape[1], shape[2], shape[0]
+        if shape[2] in channel_dims:
+            return "HWC", shape[0], shape[1], shape[2]
+    if len(shape) == 2:
+        return "HW", shape[0], shape[1], 1
+    raise BadInput(f"input {spec.name!r} of shape {list(shape)} does not take an image")
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Open and fully decode an image, refusing bombs before their pixels are allocated."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > max_pixels:
+                raise PayloadTooLarge(f"image is {image.width}x{image.height} pixels; "
+                                      f"the limit is {max_pixels} pixels")
+            image.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise UnsupportedMediaType("not an image format the server reads (JPEG, PNG, BMP, GIF, "
+                                       "TIFF, WebP, ...)") from None
+        raise PayloadTooLarge(f"image over the pixel limit of {max_pixels}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadInput(f"the image could not be decoded: {exc}") from None
+    return image
+
+
+def to_tensor(image: Image.Image, spec: TensorSpec, options: dict) -> np.ndarray:
+    layout, height, width, channels = _layout(spec)
+    if channels not in _MODES:
+        raise BadInput(f"input {spec.name!r} wants {channels} channels; images have 1, 3 or 4")
+    image = image.convert(_MODES[channels])
+    size = (width or image.width, height or image.height)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, np.newaxis]
+    if "mean" in options or "std" in options:
+        mean = np.asarray(options.get("mean", 0.0), np.float32)
+        std = np.asarray(options.get("std", 1.0), np.float32)
+        pixels = (pixels - mean) / std
+    if layout in ("NCHW", "CHW"):
+        pixels = pixels.transpose(2, 0, 1)
+    elif layout == "HW":
+        pixels = pixels[:, :, 0]
+    if layout.startswith("N"):
+        pixels = pixels[np.newaxis]
+    dtype = spec.dtype if spec.dtype is not None and spec.dtype.kind == "f" else np.dtype(np.float32)
+    return np.ascontiguousarray(pixels, dtype=dtype)
