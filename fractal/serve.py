@@ -32,7 +32,7 @@ class ServeSettings:
     model_dir: str = setting("./models", "model pool; created with the bundled models if missing")
     threads: int = setting(0, "ONNX Runtime threads per worker; 0 = cores / workers")
     http_workers: int = setting(2, "gunicorn worker processes")
-    http_threads: int = setting(4, "threads per gunicorn worker (gthread)")
+    http_threads: int = setting(8, "threads per gunicorn worker (gthread); they mostly wait on the broker")
     http_worker_class: str = setting("gthread", "gunicorn worker class (gthread, sync, ...)")
     ready_timeout_s: float = setting(60.0, "how long to wait for every part to come up")
     log_level: str = setting("INFO", "logging level of every part")

@@ -157,9 +157,10 @@ class ModelHost:
             self._send(MDPW.FINAL, frames[2], b"", reply)
             # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
             self._broker_expires = time.monotonic() + self._silence_s
-        elif command == MDPW.DISCONNECT and not self._stopping.is_set():
-            log.info("broker sent DISCONNECT: reconnecting")
-            self._reconnect()
+        elif command == MDPW.DISCONNECT:
+            if not self._stopping.is_set():  # a stopping worker has no reason to come back
+                log.info("broker sent DISCONNECT: reconnecting")
+                self._reconnect()
         elif command != MDPW.HEARTBEAT:
             log.warning("dropped unknown command %r from broker", command[:4])
 

@@ -1,0 +1,131 @@
+"""REST throughput and latency with wrk: fractal serve beside the in-process floor, one run.
+
+    python bench/rest.py [--duration-s 10] [--connections 1,16,64]
+
+Drives POST /api/v1/models/iris.onnx/prediction with {"values": [2, 5, 1, 4]} (needs wrk: apt-get
+install wrk). The floor is Falcon + gunicorn gthread (2 x 4) calling ONNX Runtime in-process; ours is
+fractal serve with its defaults (2 modelhost workers, gunicorn gthread 2 x 8, INFO logs: one line per
+request in the frontend and one in the worker). Everything on
+127.0.0.1; each cell stops after --duration-s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PATH = "/api/v1/models/iris.onnx/prediction"
+BODY = '{"values": [2, 5, 1, 4]}'
+LUA = f"""wrk.method = "POST"
+wrk.body = '{BODY}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+MLSERVER_P99_MS = {16: 24.1, 64: 82.1}  # ../shared/peers.md, MLServer 1.7.1 default configuration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, data=BODY.encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def wrk(url: str, connections: int, duration_s: int, script: Path) -> dict:
+    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{duration_s}s",
+                          "--latency", "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "errors": int(errors.group(1)) if errors else 0}
+
+
+def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def measure(name: str, argv: list[str], port: int, conns: list[int], duration_s: int, script: Path,
+            env: dict | None = None) -> dict:
+    proc = start(argv, env)
+    try:
+        url = f"http://127.0.0.1:{port}{PATH}"
+        wait_http(url)
+        wrk(url, 16, 2, script)  # warm-up: sessions loaded, connections made
+        return {c: wrk(url, c, duration_s, script) for c in conns}
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=int, default=10)
+    parser.add_argument("--connections", default="1,16,64")
+    parser.add_argument("--log-level", default="INFO", help="of fractal serve (INFO: a line per request)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    conns = [int(c) for c in args.connections.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="fractal-http-bench-"))
+    script = work / "post.lua"
+    script.write_text(LUA)
+    floor_port, our_port = free_port(), free_port()
+    floor = measure("floor", [sys.executable, "-m", "gunicorn", "bench.floor_app:create_app()", "--bind",
+                              f"127.0.0.1:{floor_port}", "--workers", "2", "--worker-class", "gthread",
+                              "--threads", "4", "--log-level", "warning"], floor_port, conns, args.duration_s,
+                    script)
+    ours = measure("ours", [sys.executable, "-m", "fractal", "serve", "--http-port", str(our_port),
+                            "--broker-port", str(free_port()), "--model-dir", str(work / "models"),
+                            "--log-level", args.log_level], our_port, conns, args.duration_s, script)
+    print(f"\nREST benchmark: POST {PATH} {BODY}, wrk {args.duration_s} s per cell, {os.cpu_count()} cores\n")
+    print(f"{'server':44} " + " ".join(f"{f'{c} conn':>26}" for c in conns))
+    print(f"{'':44} " + " ".join(f"{'req/s · p50 ms · p99 ms':>26}" for _ in conns))
+    for label, table in (("floor: Falcon + gunicorn, ORT in-process", floor), ("FRACTAL (fractal serve)", ours)):
+        cells = [f"{t['rps']:>9,.0f} · {t['p50']:5.2f} · {t['p99']:6.2f}" for t in (table[c] for c in conns)]
+        print(f"{label:44} " + " ".join(f"{c:>26}" for c in cells))
+    print("\nratios (target: >= 40 % of the floor's req/s at 16 and 64 connections, p99 below MLServer's)")
+    for c in conns:
+        line = f"  {c:>3} conn: {ours[c]['rps'] / floor[c]['rps']:6.1%} of the floor"
+        if c in MLSERVER_P99_MS:
+            line += f", p99 {ours[c]['p99']:.2f} ms vs MLServer {MLSERVER_P99_MS[c]} ms"
+        errors = ours[c]["errors"] + floor[c]["errors"]
+        print(line + (f", {errors} non-2xx!" if errors else ""))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
