@@ -59,3 +59,10 @@ def slow_scalar_model(n: int = 1000, matmuls: int = 50) -> bytes:
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
                   [numpy_helper.from_array(np.array([n, n], np.int64), "shape")])
+
+
+def identity_model(shape: list) -> bytes:
+    """y = x for a float input of `shape`: shows exactly what preprocessing fed the model."""
+    return _model([helper.make_node("Identity", ["x"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])

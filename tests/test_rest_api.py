@@ -311,3 +311,24 @@ def test_past_the_deadline_is_504(procs, cluster):
 
 def test_pool_path_is_where_the_models_are(server):
     assert Path(server.pool).is_dir() and "iris.onnx" in pool_files(server)
+
+
+@pytest.mark.parametrize("shape, layout", [([1, 4, 4, 3], "NHWC"), ([1, 3, 4, 4], "NCHW"),
+                                           (["N", 1, 4, 4], "gray")])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_images_follow_the_models_layout_channels_and_size(server, shape, layout, fmt):
+    from .onnx_models import identity_model
+    name = f"identity-{layout}.onnx"
+    assert call(server, "PUT", f"/api/v1/models/{name}", identity_model(shape), "application/octet-stream")[0] == 200
+    rgb = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(encoded, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    status, body, _ = call(server, "POST", f"/api/v1/models/{name}/prediction", encoded.getvalue(),
+                           f"image/{fmt.lower()}")
+    assert status == 200
+    decoded = Image.open(io.BytesIO(encoded.getvalue()))
+    mode = "L" if layout == "gray" else "RGB"
+    pixels = np.asarray(decoded.convert(mode).resize((4, 4), Image.Resampling.BILINEAR), np.float32) / 255
+    expected = pixels[None, None] if layout == "gray" else (
+        pixels[None] if layout == "NHWC" else pixels.transpose(2, 0, 1)[None])
+    np.testing.assert_allclose(body["values"], expected, atol=1e-6)

@@ -1,7 +1,8 @@
 """Images to model inputs: decode with Pillow, match the model's channels, layout and size, scale.
 
 The model's first input says what it wants: rank 4 is [N, C, H, W] when dim 1 is a channel count
-(1, 3 or 4) and [N, H, W, C] when the last dim is, rank 3 the same without N, rank 2 is [H, W] gray.
+and [N, H, W, C] when the last dim is (1 and 3 are read before 4), rank 3 the same without N, rank 2
+is [H, W] gray.
 Pixels become float32 in [0, 1], then (x - mean) / std when the model's sidecar JSON sets
 {"image": {"mean": [...], "std": [...]}}. Dynamic H or W keep the image's own size.
 """
@@ -21,21 +22,29 @@ _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def _layout(spec: TensorSpec) -> tuple[str, int | None, int | None, int]:
-    """(layout, H, W, channels) for an image input; raises BadInput for inputs that are no image."""
+    """(layout, H, W, channels) for an image input; raises BadInput for inputs that are no image.
+
+    Gray or RGB channel counts (1, 3) win over 4 on either side: [1, 4, 4, 3] is a 4x4 RGB image.
+    """
     shape = spec.shape
-    channel_dims = (1, 3, 4)
     if len(shape) == 4:
-        if shape[1] in channel_dims:
-            return "NCHW", shape[2], shape[3], shape[1]
-        if shape[3] in channel_dims or shape[3] is None:
-            return "NHWC", shape[1], shape[2], shape[3] or 3
-        if shape[1] is None:
-            return "NCHW", shape[2], shape[3], 3
+        n, a, b, c = shape
+        if a in (1, 3):
+            return "NCHW", b, c, a
+        if c in (1, 3, 4):
+            return "NHWC", a, b, c
+        if a == 4 or a is None:
+            return "NCHW", b, c, a or 3
+        if c is None:
+            return "NHWC", a, b, 3
     if len(shape) == 3:
-        if shape[0] in channel_dims:
-            return "CHW", shape[1], shape[2], shape[0]
-        if shape[2] in channel_dims:
-            return "HWC", shape[0], shape[1], shape[2]
+        a, b, c = shape
+        if a in (1, 3):
+            return "CHW", b, c, a
+        if c in (1, 3, 4):
+            return "HWC", a, b, c
+        if a == 4:
+            return "CHW", b, c, a
     if len(shape) == 2:
         return "HW", shape[0], shape[1], 1
     raise BadInput(f"input {spec.name!r} of shape {list(shape)} does not take an image")
