@@ -93,6 +93,18 @@ class _Operations:
         """Remove a model and its description from the pool."""
         return self._do("delete", _traced({"model": model}, request_id), None, timeout_s)
 
+    def load(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
+        """Serve a model again after unload, and warm it on the worker that answers."""
+        return self._do("load", _traced({"model": model}, request_id), None, timeout_s)
+
+    def unload(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
+        """Stop serving a model (its file stays); workers drop its session within a heartbeat."""
+        return self._do("unload", _traced({"model": model}, request_id), None, timeout_s)
+
+    def repository(self, *, timeout_s: float | None = None, request_id: str | None = None):
+        """[{"name", "version", "state": READY | UNAVAILABLE, "reason"}] for every model."""
+        return self._do("repository", _traced({}, request_id), _model_list, timeout_s)
+
     def echo(self, data: Any, *, timeout_s: float | None = None, request_id: str | None = None):
         """Send `data` to a worker and back; returns {"data", "node"}: which worker answered."""
         return self._do("echo", _traced({"data": data}, request_id), None, timeout_s)

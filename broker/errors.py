@@ -30,6 +30,10 @@ class ModelNotFound(FractalError):
     http_status = 404
 
 
+class ModelUnloaded(ModelNotFound):
+    """The model is in the pool but was unloaded; load it again to serve it."""
+
+
 class PayloadTooLarge(FractalError):
     """A body, model or image over the configured limit."""
     http_status = 413

@@ -16,6 +16,7 @@ class Endpoint:
     body: str = "none"     # none | json | multipart+raw | json+multipart
     body_schema: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)   # fields beside http_status in a 200 response
+    protocol: str = "seed"  # seed: {"http_status": ...} bodies; v2: Open Inference Protocol bodies
 
 
 _STATUS = {"type": "object", "properties": {
@@ -79,6 +80,54 @@ ENDPOINTS = [
 ]
 
 
+_V2_INFER_BODY = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"}, "parameters": {"type": "object"},
+    "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"],
+                                          "properties": {"name": {"type": "string"},
+                                                         "shape": {"type": "array", "items": {"type": "integer"}},
+                                                         "datatype": {"type": "string"}, "data": {},
+                                                         "parameters": {"type": "object"}}}},
+    "outputs": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "parameters": {"type": "object"}}}}}}
+_V2_INFER_CURL = (f"curl -X POST -H \"Content-Type: application/json\" --data '{{\"inputs\": [{{\"name\": "
+                  f"\"float_input\", \"shape\": [1, 4], \"datatype\": \"FP32\", \"data\": [2, 5, 1, 4]}}]}}' "
+                  f"{BASE}/v2/models/iris.onnx/infer")
+
+ENDPOINTS += [
+    Endpoint("GET", "/v2/health/live", "v2_live", "Open Inference Protocol: the server is alive.",
+             f"curl {BASE}/v2/health/live", protocol="v2"),
+    Endpoint("GET", "/v2/health/ready", "v2_ready",
+             "Open Inference Protocol: ready when at least one live worker is registered with the broker.",
+             f"curl {BASE}/v2/health/ready", protocol="v2"),
+    Endpoint("GET", "/v2", "v2_server", "Open Inference Protocol: server name, version and extensions.",
+             f"curl {BASE}/v2", protocol="v2"),
+    Endpoint("GET", "/v2/models/{name}", "v2_model", "Open Inference Protocol: model metadata.",
+             f"curl {BASE}/v2/models/iris.onnx", protocol="v2"),
+    Endpoint("GET", "/v2/models/{name}/versions/{version}", "v2_model", "Model metadata (version '1').",
+             f"curl {BASE}/v2/models/iris.onnx/versions/1", protocol="v2"),
+    Endpoint("GET", "/v2/models/{name}/ready", "v2_model_ready", "Open Inference Protocol: model readiness.",
+             f"curl {BASE}/v2/models/iris.onnx/ready", protocol="v2"),
+    Endpoint("GET", "/v2/models/{name}/versions/{version}/ready", "v2_model_ready",
+             "Model readiness (version '1').", f"curl {BASE}/v2/models/iris.onnx/versions/1/ready",
+             protocol="v2"),
+    Endpoint("POST", "/v2/models/{name}/infer", "v2_infer",
+             "Open Inference Protocol inference: JSON tensors, or the binary tensor data extension "
+             "(Inference-Header-Content-Length) in both directions.", _V2_INFER_CURL, body="json+binary",
+             body_schema=_V2_INFER_BODY, protocol="v2"),
+    Endpoint("POST", "/v2/models/{name}/versions/{version}/infer", "v2_infer", "Inference (version '1').",
+             _V2_INFER_CURL.replace("/infer", "/versions/1/infer"), body="json+binary",
+             body_schema=_V2_INFER_BODY, protocol="v2"),
+    Endpoint("POST", "/v2/repository/index", "v2_index", "Model repository: every model and its state.",
+             f"curl -X POST {BASE}/v2/repository/index", protocol="v2"),
+    Endpoint("POST", "/v2/repository/models/{name}/load", "v2_load",
+             "Model repository: serve a model again and warm it.",
+             f"curl -X POST {BASE}/v2/repository/models/iris.onnx/load", protocol="v2"),
+    Endpoint("POST", "/v2/repository/models/{name}/unload", "v2_unload",
+             "Model repository: stop serving a model; workers drop its session.",
+             f"curl -X POST {BASE}/v2/repository/models/iris.onnx/unload", protocol="v2"),
+]
+
+
 def help_entries() -> list[dict]:
     return [{"method": e.method, "path": e.path, "description": e.summary, "example": e.curl}
             for e in ENDPOINTS]
@@ -92,12 +141,18 @@ def _request_body(e: Endpoint) -> dict | None:
         part = "file" if e.resource == "prediction" else "path"
         content["multipart/form-data"] = {"schema": {"type": "object", "properties": {
             part: {"type": "string", "format": "binary"}}}}
-    if "raw" in e.body:
+    if "raw" in e.body or "binary" in e.body:
         content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
     return {"required": True, "content": content} if content else None
 
 
 def _responses(e: Endpoint) -> dict:
+    if e.protocol == "v2":
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}}
+        return {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                **{code: {**error, "description": text} for code, text in (
+                    ("400", "bad request"), ("404", "unknown model"), ("503", "no live worker"),
+                    ("504", "deadline passed"))}}
     ok = {"type": "object", "properties": {"http_status": {"$ref": "#/components/schemas/HttpStatus"},
                                            **e.result}}
     error = {"description": "error", "content": {"application/json": {"schema": {
@@ -120,6 +175,9 @@ def openapi(version: str) -> dict:
         if "{name}" in e.path:
             operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {
                 "type": "string", "pattern": r"^[^/\\.][^/\\]*\.onnx$"}, "description": "model file name"}]
+        if "{version}" in e.path:
+            operation["parameters"].append({"name": "version", "in": "path", "required": True,
+                                            "schema": {"type": "string", "enum": ["1"]}})
         body = _request_body(e)
         if body:
             operation["requestBody"] = body
@@ -133,6 +191,7 @@ def openapi(version: str) -> dict:
         "components": {"schemas": {
             "HttpStatus": _STATUS,
             "Error": {"type": "object", "properties": {"http_status": {"$ref": "#/components/schemas/HttpStatus"}}},
+            "V2Error": {"type": "object", "properties": {"error": {"type": "string"}}},
             "Tensor": {"type": "object", "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
                                                         "shape": {"type": "array", "items": {"type": "integer",
                                                                                              "nullable": True}}}},

@@ -16,6 +16,8 @@ from .errors import status_body
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
                         welcome_body)
 from .settings import FrontendSettings
+from .v2 import (Infer, ModelMetadata, ModelReady, RepositoryIndex, RepositoryLoad, RepositoryUnload,
+                 ServerLive, ServerMetadata, ServerReady)
 
 log = logging.getLogger("frontend.access")
 
@@ -54,6 +56,10 @@ def create_app(settings: FrontendSettings | None = None) -> falcon.App:
         "openapi": Static(json_bytes(api.openapi(_version()))),
         "sendtomodelhost": SendToModelhost(*shared), "models": Models(*shared),
         "information": Information(*shared), "model": Model(*shared), "prediction": Prediction(*shared),
+        "v2_live": ServerLive(*shared), "v2_ready": ServerReady(*shared),
+        "v2_server": ServerMetadata(*shared, _version()), "v2_model": ModelMetadata(*shared),
+        "v2_model_ready": ModelReady(*shared), "v2_infer": Infer(*shared), "v2_index": RepositoryIndex(*shared),
+        "v2_load": RepositoryLoad(*shared), "v2_unload": RepositoryUnload(*shared),
     }
     app = falcon.App(middleware=[RequestLog()])
     app.req_options.strip_url_path_trailing_slash = True

@@ -23,14 +23,18 @@ def status_body(code: int, description: str, /, **extra: object) -> bytes:
     return json.dumps(body).encode()
 
 
-def _write(resp: falcon.Response, code: int, description: str) -> None:
+def _write(req: falcon.Request, resp: falcon.Response, code: int, description: str) -> None:
+    """The seed's shape, or under /v2 the Open Inference Protocol's {"error": "..."}."""
     resp.status = code
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = status_body(code, description)
+    if req.path == "/v2" or req.path.startswith("/v2/"):
+        resp.data = json.dumps({"error": description}).encode()
+    else:
+        resp.data = status_body(code, description)
 
 
 def _fractal_error(req: falcon.Request, resp: falcon.Response, ex: FractalError, params: dict) -> None:
-    _write(resp, ex.http_status, str(ex))
+    _write(req, resp, ex.http_status, str(ex))
     if ex.retry_after_s is not None:
         resp.set_header("Retry-After", str(max(1, round(ex.retry_after_s))))
 
@@ -42,7 +46,7 @@ def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError
     elif ex.status_code == 405:
         allowed = (ex.headers or {}).get("Allow", "")
         description = f"{req.method} is not allowed on {req.path}; use {allowed}"
-    _write(resp, ex.status_code, description)
+    _write(req, resp, ex.status_code, description)
     for name, value in (ex.headers or {}).items():
         resp.set_header(name, value)
 
@@ -50,7 +54,7 @@ def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError
 def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
     request_id = getattr(req.context, "request_id", None) or uuid.uuid4().hex
     log.exception("request %s: %s %s failed unexpectedly", request_id, req.method, req.path)
-    _write(resp, 500, f"internal error; request id {request_id}")
+    _write(req, resp, 500, f"internal error; request id {request_id}")
 
 
 def install(app: falcon.App) -> None:

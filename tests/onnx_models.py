@@ -66,3 +66,10 @@ def identity_model(shape: list) -> bytes:
     return _model([helper.make_node("Identity", ["x"], ["y"])],
                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+
+
+def string_identity_model() -> bytes:
+    """y = x for a string tensor: BYTES in and out."""
+    return _model([helper.make_node("Identity", ["x"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.STRING, [None])],
+                  [helper.make_tensor_value_info("y", TensorProto.STRING, [None])])

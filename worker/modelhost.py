@@ -88,6 +88,7 @@ class ModelHost:
         beater = threading.Thread(target=self._beat_while_busy, name="busy-heartbeat", daemon=True)
         beater.start()
         self._connect()
+        next_evict = time.monotonic() + self._interval_s
         try:
             while not self._stopping.is_set():
                 wait_s = min(self._last_sent + self._interval_s, self._broker_expires) - time.monotonic()
@@ -96,6 +97,9 @@ class ModelHost:
                 now = time.monotonic()
                 if now >= self._last_sent + self._interval_s:
                     self._send(MDPW.HEARTBEAT)
+                if now >= next_evict:  # its own timer: a busy worker sends FINALs, not heartbeats
+                    next_evict = now + self._interval_s
+                    self.pool.evict_unloaded()
                 if now >= self._broker_expires and not wait(self._socket, 0):
                     log.warning("broker silent for %.1f s: reconnecting", self._silence_s)
                     self._reconnect()

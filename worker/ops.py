@@ -79,6 +79,22 @@ def delete(pool: ModelPool, body: dict, node: str) -> dict:
     return {"model": name}
 
 
+def load(pool: ModelPool, body: dict, node: str) -> dict:
+    name = _model(body)
+    pool.load_model(name)
+    return {"model": name, "state": "READY"}
+
+
+def unload(pool: ModelPool, body: dict, node: str) -> dict:
+    name = _model(body)
+    pool.unload(name)
+    return {"model": name, "state": "UNAVAILABLE"}
+
+
+def repository(pool: ModelPool, body: dict, node: str) -> dict:
+    return {"models": pool.states()}
+
+
 def echo(pool: ModelPool, body: dict, node: str) -> dict:
     return {"data": body.get("data"), "node": node}
 
@@ -86,4 +102,5 @@ def echo(pool: ModelPool, body: dict, node: str) -> dict:
 OPS: dict[str, Callable[[ModelPool, dict, str], Any]] = {
     "predict": predict, "predict_image": predict_image, "models": models, "information": information, "info": info,
     "describe": describe, "upload": upload, "delete": delete, "echo": echo,
+    "load": load, "unload": unload, "repository": repository,
 }

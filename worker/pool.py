@@ -18,7 +18,7 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-from broker.errors import ModelNotFound, PayloadTooLarge
+from broker.errors import ModelNotFound, ModelUnloaded, PayloadTooLarge
 from broker.protocol import check_model_name
 
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SIDECAR = ".json"      # iris.onnx -> iris.onnx.json, holding {"description": ...}
 LOCK_FILE = ".fractal.lock"
+UNLOADED_DIR = ".unloaded"  # an empty file per unloaded model: every worker sees it with one stat
 
 
 class ModelPool:
@@ -53,6 +54,9 @@ class ModelPool:
         except FileNotFoundError:
             self._cache.drop(name)
             raise ModelNotFound(f"model {name} not found") from None
+        if os.path.exists(self._marker(name)):
+            self._drop_unloaded(name)
+            raise ModelUnloaded(f"model {name} is unloaded; load it (POST /v2/repository/models/{name}/load)")
         cached = self._cache.get(name, file_key(st))
         if cached is not None:
             return cached
@@ -96,6 +100,22 @@ class ModelPool:
     def resident(self) -> list[str]:
         return self._cache.names()
 
+    def states(self) -> list[dict]:
+        """The repository index: every model with READY or UNAVAILABLE (unloaded)."""
+        return [{"name": n, "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
+                if os.path.exists(self._marker(n)) else {"name": n, "version": "1", "state": "READY", "reason": ""}
+                for n in self.names()]
+
+    def evict_unloaded(self) -> None:
+        """Drop sessions of models another worker unloaded (called on the worker's heartbeat tick)."""
+        for name in self._cache.names():
+            if os.path.exists(self._marker(name)):
+                self._drop_unloaded(name)
+
+    def _drop_unloaded(self, name: str) -> None:
+        if self._cache.drop(name):
+            log.info("dropped unloaded model %s from the session cache", name)
+
     # -- writes --------------------------------------------------------------------------------
 
     def describe(self, name: str, description: str) -> None:
@@ -114,6 +134,8 @@ class ModelPool:
             model = self._factory.build(name, data, os.stat(tmp))  # raises BadInput: pool unchanged
             with self._locked():
                 os.replace(tmp, self._path(name))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._marker(name))  # a new upload is served
                 if description is not None:
                     self._write_sidecar(name, description)
                 self._sync_dir()
@@ -123,14 +145,33 @@ class ModelPool:
         self._cache.put(model)  # same inode as the renamed file: the first predict needs no reload
         log.info("stored model %s (%d bytes)", name, len(data))
 
+    def unload(self, name: str) -> None:
+        """Stop serving `name` on every worker (the file stays); this worker drops its session now."""
+        with self._locked():
+            if not self._path(name).is_file():
+                raise ModelNotFound(f"model {name} not found")
+            marker = self._marker(name)
+            marker.parent.mkdir(exist_ok=True)
+            marker.touch()
+        log.info("unloaded model %s", name)
+        self._drop_unloaded(name)
+
+    def load_model(self, name: str) -> LoadedModel:
+        """Serve `name` again and warm its session on this worker."""
+        with self._locked():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._marker(name))
+        return self.load(name)
+
     def delete(self, name: str) -> None:
         with self._locked():
             try:
                 os.unlink(self._path(name))
             except FileNotFoundError:
                 raise ModelNotFound(f"model {name} not found") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(name + SIDECAR))
+            for path in (self._path(name + SIDECAR), self._marker(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             self._sync_dir()
         self._cache.drop(name)
         log.info("deleted model %s", name)
@@ -140,6 +181,9 @@ class ModelPool:
     def _path(self, name: str) -> Path:
         check_model_name(name if not name.endswith(SIDECAR) else name[: -len(SIDECAR)])
         return self.directory / name
+
+    def _marker(self, name: str) -> Path:
+        return self.directory / UNLOADED_DIR / name
 
     def _write_temp(self, name: str, data: bytes) -> Path:
         tmp = self.directory / f".{name}.{secrets.token_hex(6)}.tmp"

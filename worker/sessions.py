@@ -112,8 +112,9 @@ class SessionCache:
             evicted, _ = self._entries.popitem(last=False)
             log.info("evicted %s from the session cache", evicted)
 
-    def drop(self, name: str) -> None:
-        self._entries.pop(name, None)
+    def drop(self, name: str) -> bool:
+        """Forget `name`; True when it was resident."""
+        return self._entries.pop(name, None) is not None
 
     def names(self) -> list[str]:
         return list(self._entries)

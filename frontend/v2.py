@@ -1,0 +1,111 @@
+"""Open Inference Protocol (KServe v2) REST resources, on the same client and workers as the seed API.
+
+Model names are the pool's file names; a bare name ("iris") also finds "iris.onnx". Each model has
+one version, "1".
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+
+from broker.client import Client
+from broker.errors import ModelNotFound, NoWorkerAvailable
+from broker.protocol import check_model_name
+
+from . import bodies
+from .v2_tensors import HEADER_LENGTH, datatype_of, decode_request, encode_response
+
+SERVER_NAME = "fractal-ml-server"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+def model_name(name: str, version: str | None = None) -> str:
+    if version not in (None, "", "1"):
+        raise ModelNotFound(f"model {name} has no version {version!r}; its only version is '1'")
+    return check_model_name(name if name.endswith(".onnx") else name + ".onnx")
+
+
+def _json(resp: falcon.Response, value: Any) -> None:
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = json.dumps(value).encode()
+
+
+def _tensor_meta(spec: dict) -> dict:
+    return {"name": spec["name"], "datatype": datatype_of(spec["dtype"]),
+            "shape": [-1 if d is None else d for d in spec["shape"]]}
+
+
+class V2Resource:
+    def __init__(self, client: Client, max_body_bytes: int, version: str = ""):
+        self.client = client
+        self.max_body_bytes = max_body_bytes
+        self.version = version
+
+
+class ServerLive(V2Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _json(resp, {"live": True})
+
+
+class ServerReady(V2Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self.client.service_ready(timeout_s=2.0):
+            raise NoWorkerAvailable("no live worker is registered with the broker")
+        _json(resp, {"ready": True})
+
+
+class ServerMetadata(V2Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _json(resp, {"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
+
+
+class ModelMetadata(V2Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        info = self.client.model_info(model_name(name, version), request_id=req.context.request_id)
+        _json(resp, {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                     "inputs": [_tensor_meta(i) for i in info["inputs"]],
+                     "outputs": [_tensor_meta(o) for o in info["outputs"]]})
+
+
+class ModelReady(V2Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        self.client.model_info(model_name(name, version), request_id=req.context.request_id)
+        _json(resp, {"name": name, "ready": True})
+
+
+class Infer(V2Resource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        model = model_name(name, version)
+        header = req.get_header(HEADER_LENGTH)
+        try:
+            header_length = int(header) if header is not None else None
+        except ValueError:
+            header_length = -1  # decode_request rejects it with the protocol's message
+        request = decode_request(bodies.raw(req, self.max_body_bytes), header_length)
+        outputs = self.client.predict(model, request.inputs, request.outputs, request_id=req.context.request_id)
+        body, json_length = encode_response(name, request, outputs)
+        resp.data = body
+        if json_length is None:
+            resp.content_type = falcon.MEDIA_JSON
+        else:
+            resp.content_type = "application/octet-stream"
+            resp.set_header(HEADER_LENGTH, str(json_length))
+
+
+class RepositoryIndex(V2Resource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _json(resp, self.client.repository(request_id=req.context.request_id))
+
+
+class RepositoryLoad(V2Resource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        self.client.load(model_name(name), request_id=req.context.request_id)
+        _json(resp, {})
+
+
+class RepositoryUnload(V2Resource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        self.client.unload(model_name(name), request_id=req.context.request_id)
+        _json(resp, {})
