@@ -1,6 +1,10 @@
 """REST throughput and latency with wrk: fractal serve beside the in-process floor, one run.
 
-    python bench/rest.py [--duration-s 10] [--connections 1,16,64]
+    python bench/rest.py [--duration-s 10] [--connections 1,16,64] [--log-level INFO]
+
+Part 2 compares the seed's JSON path with the Open Inference Protocol's binary tensor path (v2) on
+iris and on a 1x3x224x224 FP32 image (a global-average-pool model, so transport dominates), at 16
+connections.
 
 Drives POST /api/v1/models/iris.onnx/prediction with {"values": [2, 5, 1, 4]} (needs wrk: apt-get
 install wrk). The floor is Falcon + gunicorn gthread (2 x 4) calling ONNX Runtime in-process; ours is
@@ -30,6 +34,62 @@ LUA = f"""wrk.method = "POST"
 wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 """
+TRANSPORT_CONNECTIONS = 16
+
+
+def lua_for(body_path: Path, content_type: str, header_length: int | None = None) -> str:
+    """A wrk script that POSTs the bytes of body_path (binary-safe) with the given headers."""
+    extra = f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n' if header_length else ""
+    return (f'wrk.method = "POST"\nlocal f = io.open("{body_path}", "rb")\nwrk.body = f:read("*all")\n'
+            f'f:close()\nwrk.headers["Content-Type"] = "{content_type}"\n{extra}')
+
+
+def pool_model() -> bytes:
+    """[N, 3, 224, 224] -> GlobalAveragePool -> [N, 3]: almost no compute, a 602 kB input."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["mean"])], "pool",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, 224, 224])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def transport_cases(work: Path) -> list[tuple[str, str, Path]]:
+    """(label, path, wrk script) for the seed JSON and v2 binary paths on iris and a 224x224 image."""
+    import json
+
+    import numpy as np
+    image = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    cases = []
+
+    def add(label: str, path: str, body: bytes, content_type: str, header_length: int | None = None) -> None:
+        body_path = work / f"body-{len(cases)}.bin"
+        body_path.write_bytes(body)
+        script = work / f"case-{len(cases)}.lua"
+        script.write_text(lua_for(body_path, content_type, header_length))
+        cases.append((label, path, script))
+
+    def v2_binary(name: str, array) -> tuple[bytes, int]:
+        head = json.dumps({"inputs": [{"name": name, "shape": list(array.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": array.nbytes}}],
+                           "outputs": [{"name": "label" if name == "float_input" else "mean",
+                                        "parameters": {"binary_data": True}}]}).encode()
+        return head + array.tobytes(), len(head)
+
+    iris = np.array([[2, 5, 1, 4]], np.float32)
+    add("iris, seed JSON", PATH, BODY.encode(), "application/json")
+    add("iris, v2 binary", "/v2/models/iris.onnx/infer", *_swap(v2_binary("float_input", iris)))
+    add("1x3x224x224, seed JSON", "/api/v1/models/pool224.onnx/prediction",
+        json.dumps({"values": image.tolist()}).encode(), "application/json")
+    add("1x3x224x224, v2 binary", "/v2/models/pool224.onnx/infer", *_swap(v2_binary("image", image)))
+    return cases
+
+
+def _swap(pair: tuple[bytes, int]) -> tuple[bytes, str, int]:
+    return pair[0], "application/octet-stream", pair[1]
 MLSERVER_P99_MS = {16: 24.1, 64: 82.1}  # ../shared/peers.md, MLServer 1.7.1 default configuration
 
 
@@ -40,6 +100,7 @@ def free_port() -> int:
 
 
 def wait_http(url: str, timeout_s: float = 60) -> None:
+    """Until a POST of the iris body to url answers 200."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -79,14 +140,21 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def measure(name: str, argv: list[str], port: int, conns: list[int], duration_s: int, script: Path,
-            env: dict | None = None) -> dict:
-    proc = start(argv, env)
+def measure(argv: list[str], port: int, conns: list[int], duration_s: int, script: Path,
+            cases: list[tuple[str, str, Path]] = ()) -> tuple[dict, dict]:
+    """wrk at each connection count on the iris prediction, then each transport case at 16."""
+    proc = start(argv)
     try:
         url = f"http://127.0.0.1:{port}{PATH}"
         wait_http(url)
         wrk(url, 16, 2, script)  # warm-up: sessions loaded, connections made
-        return {c: wrk(url, c, duration_s, script) for c in conns}
+        table = {c: wrk(url, c, duration_s, script) for c in conns}
+        transport = {}
+        for label, path, case_script in cases:
+            wrk(f"http://127.0.0.1:{port}{path}", TRANSPORT_CONNECTIONS, 1, case_script)
+            transport[label] = wrk(f"http://127.0.0.1:{port}{path}", TRANSPORT_CONNECTIONS, duration_s,
+                                   case_script)
+        return table, transport
     finally:
         stop(proc)
 
@@ -104,13 +172,19 @@ def main() -> None:
     script = work / "post.lua"
     script.write_text(LUA)
     floor_port, our_port = free_port(), free_port()
-    floor = measure("floor", [sys.executable, "-m", "gunicorn", "bench.floor_app:create_app()", "--bind",
+    models = work / "models"
+    models.mkdir()
+    for item in (REPO / "worker" / "models").iterdir():
+        if item.name.endswith((".onnx", ".onnx.json")):
+            shutil.copyfile(item, models / item.name)
+    (models / "pool224.onnx").write_bytes(pool_model())
+    cases = transport_cases(work)
+    floor, _ = measure([sys.executable, "-m", "gunicorn", "bench.floor_app:create_app()", "--bind",
                               f"127.0.0.1:{floor_port}", "--workers", "2", "--worker-class", "gthread",
-                              "--threads", "4", "--log-level", "warning"], floor_port, conns, args.duration_s,
-                    script)
-    ours = measure("ours", [sys.executable, "-m", "fractal", "serve", "--http-port", str(our_port),
-                            "--broker-port", str(free_port()), "--model-dir", str(work / "models"),
-                            "--log-level", args.log_level], our_port, conns, args.duration_s, script)
+                              "--threads", "4", "--log-level", "warning"], floor_port, conns, args.duration_s, script)
+    ours, transport = measure([sys.executable, "-m", "fractal", "serve", "--http-port", str(our_port),
+                               "--broker-port", str(free_port()), "--model-dir", str(models),
+                               "--log-level", args.log_level], our_port, conns, args.duration_s, script, cases)
     print(f"\nREST benchmark: POST {PATH} {BODY}, wrk {args.duration_s} s per cell, {os.cpu_count()} cores\n")
     print(f"{'server':44} " + " ".join(f"{f'{c} conn':>26}" for c in conns))
     print(f"{'':44} " + " ".join(f"{'req/s · p50 ms · p99 ms':>26}" for _ in conns))
@@ -124,6 +198,14 @@ def main() -> None:
             line += f", p99 {ours[c]['p99']:.2f} ms vs MLServer {MLSERVER_P99_MS[c]} ms"
         errors = ours[c]["errors"] + floor[c]["errors"]
         print(line + (f", {errors} non-2xx!" if errors else ""))
+    print(f"\nseed JSON vs Open Inference Protocol binary, {TRANSPORT_CONNECTIONS} connections "
+          f"(req/s · p50 ms · p99 ms)")
+    for label, t in transport.items():
+        print(f"  {label:28} {t['rps']:>9,.0f} · {t['p50']:6.2f} · {t['p99']:7.2f}"
+              + (f"  {t['errors']} non-2xx!" if t["errors"] else ""))
+    for subject in ("iris", "1x3x224x224"):
+        ratio = transport[f"{subject}, v2 binary"]["rps"] / transport[f"{subject}, seed JSON"]["rps"]
+        print(f"  {subject}: v2 binary / seed JSON throughput = {ratio:.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ prefix per element.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +28,11 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 def datatype_of(dtype: np.dtype | str) -> str:
     """v2 datatype name of a numpy dtype (or of the worker's dtype name, e.g. 'float32', 'str')."""
+    known = _BY_KIND.get(dtype) if isinstance(dtype, np.dtype) else None
+    if known is not None:
+        return known
     dtype = np.dtype(dtype) if dtype != "str" else np.dtype(np.str_)
-    if dtype.kind in "US" or dtype.kind == "O":
+    if dtype.kind in "USO":
         return "BYTES"
     return _BY_KIND.get(dtype, dtype.name.upper())
 
@@ -70,7 +74,7 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarra
         raise BadInput("each input needs a 'name', 'shape', 'datatype' and 'data'")
     name, datatype = tensor["name"], tensor.get("datatype")
     shape = _shape(tensor, name)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if datatype != "BYTES" and datatype not in DATATYPES:
         raise BadInput(f"input {name!r}: unknown datatype {datatype!r}; use one of "
                        f"{', '.join([*DATATYPES, 'BYTES'])}")
@@ -144,7 +148,7 @@ def encode_response(model: str, request: InferRequest, outputs: dict[str, Any]) 
     """The response body and, when any output is binary, the JSON header's length."""
     entries, chunks = [], []
     for name, value in outputs.items():
-        array = np.asarray(value)
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
         entry = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
         if request.binary.get(name, request.binary_default):
             data = _bytes_elements(array) if entry["datatype"] == "BYTES" else np.ascontiguousarray(array).tobytes()

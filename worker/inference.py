@@ -49,7 +49,9 @@ def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
 def feeds_for(model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
     specs = model.inputs
     if isinstance(inputs, dict):
-        unknown = sorted(set(inputs) - {s.name for s in specs})
+        if len(inputs) == len(specs) and model.input_names.issuperset(inputs):  # the usual case, quickly
+            return {s.name: _as_array(inputs[s.name], s) for s in specs}
+        unknown = sorted(set(inputs) - model.input_names)
         if unknown:
             raise BadInput(f"unknown input {unknown[0]!r}; {model.name} takes "
                            f"{', '.join(s.name for s in specs)}")
@@ -73,7 +75,7 @@ def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, 
     """Run the model; returns {output name: value} in the model's output order (or `wanted`'s)."""
     feeds = feeds_for(model, inputs)
     names = model.output_names if wanted is None else list(wanted)
-    unknown = [n for n in names if n not in model.output_names]
+    unknown = [n for n in names if n not in model.output_names] if wanted is not None else []
     if unknown or not names:
         raise BadInput(f"unknown output {unknown[0] if unknown else '(none asked)'!r}; {model.name} "
                        f"has {', '.join(model.output_names)}")

@@ -5,7 +5,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -47,10 +47,12 @@ class LoadedModel:
     outputs: list[TensorSpec]
     size_bytes: int
     mtime: float
+    output_names: list[str] = field(init=False)
+    input_names: frozenset[str] = field(init=False)
 
-    @property
-    def output_names(self) -> list[str]:
-        return [o.name for o in self.outputs]
+    def __post_init__(self) -> None:
+        self.output_names = [o.name for o in self.outputs]
+        self.input_names = frozenset(i.name for i in self.inputs)
 
 
 def file_key(st: os.stat_result) -> tuple:
