@@ -7,12 +7,16 @@ from collections import deque
 from dataclasses import dataclass
 
 import zmq
+from prometheus_client import CollectorRegistry
+
+from metrics import BrokerMetrics, new_registry, serve_metrics
 
 from . import protocol as p
 from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
 from .settings import setting
 from .sockets import send_frames, wait
+from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +34,34 @@ class BrokerSettings:
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(
         900.0, "how long a majortomo-dialect worker may compute silently (it sends no heartbeats while busy)")
+    status_interval_s: float = setting(5.0, "how often idle workers are asked for their status")
+    metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
+    metrics_port: int = setting(9150, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
-        if self.max_queue < 0 or self.queue_timeout_s <= 0:
-            raise ValueError("max_queue must be >= 0 and queue_timeout_s > 0")
+        if self.max_queue < 0 or self.queue_timeout_s <= 0 or self.status_interval_s <= 0:
+            raise ValueError("max_queue must be >= 0; queue_timeout_s and status_interval_s > 0")
 
 
 class Request:
-    __slots__ = ("client", "dialect", "service", "body", "expires_at", "attempts")
+    __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts")
 
-    def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, expires_at: float):
+    def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, received_at: float,
+                 expires_at: float):
         self.client = client
         self.dialect = dialect
         self.service = service
         self.body = body
+        self.received_at = received_at
         self.expires_at = expires_at
         self.attempts = 0
 
 
 class Worker:
-    __slots__ = ("identity", "service", "dialect", "expires_at", "request")
+    __slots__ = ("identity", "service", "dialect", "expires_at", "request", "served")
 
     def __init__(self, identity: bytes, service: "Service", dialect: Dialect, expires_at: float):
         self.identity = identity
@@ -60,22 +69,31 @@ class Worker:
         self.dialect = dialect
         self.expires_at = expires_at
         self.request: Request | None = None
+        self.served = 0
 
 
 class Service:
-    __slots__ = ("name", "idle", "requests", "workers")
+    """A service's workers and queue, with its metric children bound once."""
+    __slots__ = ("name", "idle", "requests", "workers", "m_dispatched", "m_completed", "m_duration",
+                 "m_queue_wait")
 
-    def __init__(self, name: bytes):
+    def __init__(self, name: bytes, metrics: BrokerMetrics):
         self.name = name
         self.idle: deque[Worker] = deque()       # least recently used on the left
         self.requests: deque[Request] = deque()
         self.workers = 0
+        label = name.decode(errors="replace")
+        self.m_dispatched = metrics.dispatched.labels(label)
+        self.m_completed = metrics.completed.labels(label)
+        self.m_duration = metrics.duration.labels(label)
+        self.m_queue_wait = metrics.queue_wait.labels(label)
 
 
 class Broker:
     """One ROUTER socket serving clients and workers; `run()` until `stop()`."""
 
-    def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None):
+    def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None,
+                 registry: CollectorRegistry | None = None):
         self.settings = settings
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -83,8 +101,9 @@ class Broker:
         self._workers: dict[bytes, Worker] = {}
         self._stopping = False
         self._expiry_s = settings.heartbeat_interval_s * settings.heartbeat_liveness
-        self.stats = dict.fromkeys(("dispatched", "completed", "redispatched", "expired", "overloaded",
-                                    "dropped_frames", "worker_deaths"), 0)
+        self.registry = registry if registry is not None else new_registry("fractal_broker")
+        self.metrics = BrokerMetrics(self.registry, enabled=settings.metrics_port != 0)
+        self._board = StatusBoard(settings.status_interval_s)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -104,20 +123,22 @@ class Broker:
     def run(self) -> None:
         if self._socket is None:
             self.bind()
+        serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "broker")
         sock = self._socket
         tick_s = min(self.settings.heartbeat_interval_s, 0.1)
         next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
         next_tick = time.monotonic() + tick_s
         try:
             while not self._stopping:
-                timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-                if wait(sock, timeout_ms):
+                if wait(sock, max(0, int((next_tick - time.monotonic()) * 1000))):
                     self._drain(sock)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick_s
                     self._purge_workers(now)
                     self._expire_requests(now)
+                    self._poll_status(now)
+                    self._update_gauges()
                 if now >= next_heartbeat:
                     next_heartbeat = now + self.settings.heartbeat_interval_s
                     self._send_heartbeats()
@@ -127,7 +148,8 @@ class Broker:
     def _close(self) -> None:
         for service in self._services.values():
             while service.requests:
-                self._reply_error(service.requests.popleft(), NoWorkerAvailable("the broker is stopping"))
+                self._reply_error(service.requests.popleft(), NoWorkerAvailable("the broker is stopping"),
+                                  "stopping")
         for worker in list(self._workers.values()):
             self._send_worker(worker, MDPW.DISCONNECT)
         self._socket.close(linger=0)
@@ -146,10 +168,10 @@ class Broker:
             try:
                 self._handle(frames)
             except ProtocolError as exc:
-                self.stats["dropped_frames"] += 1
+                self.metrics.dropped.inc()
                 log.warning("dropped message from %s: %s", frames[0].hex() if frames else "?", exc)
             except Exception:
-                self.stats["dropped_frames"] += 1
+                self.metrics.dropped.inc()
                 log.exception("dropped message from %s after an unexpected error",
                               frames[0].hex() if frames else "?")
 
@@ -176,30 +198,33 @@ class Broker:
         if service_name.startswith(p.MMI_PREFIX):
             self._mmi(client, dialect, service_name, body)
             return
-        request = Request(client, dialect, service_name, body,
-                          time.monotonic() + self.settings.queue_timeout_s)
+        now = time.monotonic()
+        request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s)
         service = self._services.get(service_name)
         if not body:
-            self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"))
+            self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"),
+                              "bad_request")
         elif service is None or service.workers == 0:
             self._reply_error(request, NoWorkerAvailable(
-                f"no worker is registered for service {service_name.decode(errors='replace')!r}"))
+                f"no worker is registered for service {service_name.decode(errors='replace')!r}"), "no_worker")
         elif service.idle:
             self._dispatch(service.idle.popleft(), request)
         elif len(service.requests) >= self.settings.max_queue:
-            self.stats["overloaded"] += 1
             self._reply_error(request, Overloaded(
-                f"{len(service.requests)} requests already queued for this service; retry later"))
+                f"{len(service.requests)} requests already queued for this service; retry later"), "overloaded")
         else:
             service.requests.append(request)
 
     def _mmi(self, client: bytes, dialect: Dialect, service_name: bytes, body: list) -> None:
         if service_name == p.MMI_SERVICE:
             wanted = self._services.get(body[0] if body else b"")
-            code = b"200" if wanted is not None and wanted.workers > 0 else b"404"
+            reply = b"200" if wanted is not None and wanted.workers > 0 else b"404"
+        elif service_name == p.MMI_WORKERS:
+            reply = p.pack(self._board.report(list(self._workers.values()), self._services,
+                                              time.monotonic(), self._expiry_s))
         else:
-            code = b"501"
-        self._send_client(client, dialect, service_name, [code])
+            reply = b"501"
+        self._send_client(client, dialect, service_name, [reply])
 
     def _worker_message(self, identity: bytes, dialect: Dialect, command: bytes, rest: list) -> None:
         worker = self._workers.get(identity)
@@ -233,9 +258,18 @@ class Broker:
             self._disconnect(worker.identity, worker.dialect, worker,
                              "reply without a matching request in flight")
             return
+        if request.client == STATUS_CLIENT:
+            if final:
+                self._board.answered(worker.identity, rest[2:], time.monotonic())
+                worker.request = None
+                self._worker_idle(worker)
+            return
         self._send_client(request.client, request.dialect, request.service, rest[2:], final)
         if final:
-            self.stats["completed"] += 1
+            service = worker.service
+            service.m_completed.inc()
+            service.m_duration.observe(time.monotonic() - request.received_at)
+            worker.served += 1
             worker.request = None
             self._worker_idle(worker)
 
@@ -244,10 +278,11 @@ class Broker:
     def _register(self, identity: bytes, dialect: Dialect, service_name: bytes) -> None:
         service = self._services.get(service_name)
         if service is None:
-            service = self._services[service_name] = Service(service_name)
+            service = self._services[service_name] = Service(service_name, self.metrics)
         worker = Worker(identity, service, dialect, time.monotonic() + self._expiry_s)
         self._workers[identity] = worker
         service.workers += 1
+        self._board.asked(identity, time.monotonic())  # first status poll one interval from now
         log.info("worker %s READY for %s (%s dialect, %d workers)", identity.hex(),
                  service_name.decode(errors="replace"), dialect.value, service.workers)
         self._worker_idle(worker)
@@ -262,20 +297,24 @@ class Broker:
     def _dispatch(self, worker: Worker, request: Request) -> None:
         request.attempts += 1
         worker.request = request
-        self.stats["dispatched"] += 1
+        service = worker.service
+        service.m_dispatched.inc()
+        if request.attempts == 1:
+            service.m_queue_wait.observe(time.monotonic() - request.received_at)
         if worker.dialect is Dialect.MAJORTOMO:
             worker.expires_at = time.monotonic() + self.settings.majortomo_busy_timeout_s
         self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
 
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
         log.warning("disconnecting worker %s: %s", identity.hex(), why)
-        self.stats["dropped_frames"] += 1
+        self.metrics.dropped.inc()
         send_frames(self._socket, [identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
         if worker is not None:
             self._remove_worker(worker, redispatch=True)
 
     def _remove_worker(self, worker: Worker, redispatch: bool) -> None:
         del self._workers[worker.identity]
+        self._board.forget(worker.identity)
         service = worker.service
         service.workers -= 1
         try:
@@ -283,20 +322,20 @@ class Broker:
         except ValueError:
             pass
         request, worker.request = worker.request, None
-        if request is not None and redispatch:
+        if request is not None and redispatch and request.client != STATUS_CLIENT:
             self._redispatch(request)
         if service.workers == 0:
             while service.requests:
                 self._reply_error(service.requests.popleft(), NoWorkerAvailable(
-                    "the last worker for this service went away"))
+                    "the last worker for this service went away"), "no_worker")
 
     def _redispatch(self, request: Request) -> None:
         service = self._services[request.service]
         if request.attempts >= 2:
             self._reply_error(request, WorkerLost(
-                "two workers died while handling this request; it was not retried again"))
+                "two workers died while handling this request; it was not retried again"), "worker_lost")
             return
-        self.stats["redispatched"] += 1
+        self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc()
         log.warning("re-dispatching a request of client %s after its worker died", request.client.hex())
         if service.idle:
             self._dispatch(service.idle.popleft(), request)
@@ -306,7 +345,7 @@ class Broker:
     def _purge_workers(self, now: float) -> None:
         dead = [w for w in self._workers.values() if w.expires_at < now]
         for worker in dead:
-            self.stats["worker_deaths"] += 1
+            self.metrics.worker_deaths.inc()
             log.warning("worker %s missed %d heartbeats: declared dead", worker.identity.hex(),
                         self.settings.heartbeat_liveness)
             self._remove_worker(worker, redispatch=True)
@@ -315,17 +354,40 @@ class Broker:
         for worker in self._workers.values():
             self._send_worker(worker, MDPW.HEARTBEAT)
 
+    def _poll_status(self, now: float) -> None:
+        """Ask idle RFC workers whose status is stale what they hold (see broker/status.py)."""
+        for service in self._services.values():
+            if service.requests:
+                continue  # real work first
+            for worker in list(service.idle):
+                if worker.dialect is Dialect.RFC and self._board.due(worker.identity, now):
+                    service.idle.remove(worker)
+                    self._board.asked(worker.identity, now)
+                    worker.request = Request(STATUS_CLIENT, Dialect.RFC, service.name, [STATUS_BODY], now,
+                                             float("inf"))
+                    self._send_worker(worker, MDPW.REQUEST, STATUS_CLIENT, b"", STATUS_BODY)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        for service in self._services.values():
+            label = service.name.decode(errors="replace")
+            m.workers.labels(label).set(service.workers)
+            m.idle_workers.labels(label).set(len(service.idle))
+            m.queue_depth.labels(label).set(len(service.requests))
+
     # -- requests --------------------------------------------------------------------------------
 
     def _expire_requests(self, now: float) -> None:
         for service in self._services.values():
             queue = service.requests
             while queue and queue[0].expires_at < now:
-                self.stats["expired"] += 1
+                self.metrics.expired.labels(service.name.decode(errors="replace")).inc()
                 self._reply_error(queue.popleft(), Timeout(
-                    f"no worker became free within {self.settings.queue_timeout_s:g} s"))
+                    f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
-    def _reply_error(self, request: Request, error: FractalError) -> None:
+    def _reply_error(self, request: Request, error: FractalError, reason: str | None) -> None:
+        if reason is not None:
+            self.metrics.rejected.labels(request.service.decode(errors="replace"), reason).inc()
         body = p.error_body(p.request_id_of(request.body[0]) if request.body else None, NODE, error)
         self._send_client(request.client, request.dialect, request.service, [body])
 

@@ -214,20 +214,28 @@ class Client(_Operations):
 
     def service_ready(self, service: str | None = None, timeout_s: float = 2.0) -> bool:
         """MMI (RFC 8): does the broker have at least one worker for the service?"""
+        return self._mmi(p.MMI_SERVICE, service.encode() if service else self.service, timeout_s) == b"200"
+
+    def broker_status(self, timeout_s: float = 2.0) -> dict | None:
+        """The broker's view (our `mmi.workers` extension): services, and each worker's node, state,
+        heartbeat age, requests served and models resident; None when the broker does not answer."""
+        reply = self._mmi(p.MMI_WORKERS, b"", timeout_s)
+        return p.unpack(reply) if reply else None
+
+    def _mmi(self, service: bytes, body: bytes, timeout_s: float) -> bytes | None:
         sock = self._socket()
         deadline = time.monotonic() + timeout_s
-        wanted = service.encode() if service else self.service
         try:
-            _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, p.MMI_SERVICE, wanted], deadline, self.endpoint)
+            _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body], deadline, self.endpoint)
         except NoWorkerAvailable:
-            return False
+            return None
         while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
             if not wait(sock, remaining_ms):
                 break
             frames = sock.recv_multipart()
-            if len(frames) == 4 and frames[2] == p.MMI_SERVICE:
-                return frames[3] == b"200"
-        return False
+            if len(frames) == 4 and frames[2] == service:
+                return frames[3]
+        return None
 
 
 def _connect(sock: zmq.Socket, endpoint: str) -> zmq.Socket:

@@ -33,6 +33,7 @@ CLIENT_HEADER = b"MDPC02"
 WORKER_HEADER = b"MDPW02"
 MMI_PREFIX = b"mmi."
 MMI_SERVICE = b"mmi.service"
+MMI_WORKERS = b"mmi.workers"  # our extension in RFC 8's namespace: msgpack status of broker and workers
 
 
 class MDPC:

@@ -34,6 +34,7 @@ class ServeSettings:
     http_workers: int = setting(2, "gunicorn worker processes")
     http_threads: int = setting(8, "threads per gunicorn worker (gthread); they mostly wait on the broker")
     http_worker_class: str = setting("gthread", "gunicorn worker class (gthread, sync, ...)")
+    metrics_port: int = setting(9150, "broker /metrics port; workers take the next ones; 0: no metrics at all")
     ready_timeout_s: float = setting(60.0, "how long to wait for every part to come up")
     log_level: str = setting("INFO", "logging level of every part")
 
@@ -61,13 +62,16 @@ def _children(s: ServeSettings) -> list[Child]:
     threads = s.threads or max(1, (os.cpu_count() or 1) // s.workers)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     common = ["--log-level", s.log_level]
-    children = [Child("broker", [sys.executable, "-m", "broker", "--bind", broker_url, *common], env)]
+    children = [Child("broker", [sys.executable, "-m", "broker", "--bind", broker_url, *common,
+                                 "--metrics-port", str(s.metrics_port)], env)]
     for i in range(s.workers):
         children.append(Child(f"worker-{i + 1}", [
             sys.executable, "-m", "worker", "--connect", connect_url, "--model-dir", s.model_dir,
-            "--threads", str(threads), *common], env, restart=True))
+            "--threads", str(threads), "--metrics-port", str(s.metrics_port and s.metrics_port + 1 + i),
+            *common], env, restart=True))
     frontend_env = dict(env, **{env_name("frontend", "broker"): connect_url,
-                                env_name("frontend", "log_level"): s.log_level})
+                                env_name("frontend", "log_level"): s.log_level,
+                                env_name("frontend", "metrics"): "true" if s.metrics_port else "false"})
     children.append(Child("frontend", gunicorn_argv(f"{s.http_host}:{s.http_port}", s.http_workers,
                                                    s.http_threads, s.log_level, s.http_worker_class), frontend_env))
     return children
@@ -85,6 +89,14 @@ def _wait_ready(s: ServeSettings, supervisor: Supervisor, stopping: threading.Ev
                 return True
             stopping.wait(0.1)
     return False
+
+
+def _metrics_line(s: ServeSettings) -> str:
+    line = f"metrics: frontend http://{s.http_host}:{s.http_port}/metrics"
+    if s.metrics_port:
+        workers = ", ".join(f"http://127.0.0.1:{s.metrics_port + 1 + i}/metrics" for i in range(s.workers))
+        line += f", broker http://127.0.0.1:{s.metrics_port}/metrics, workers {workers}"
+    return line + f"; status http://{s.http_host}:{s.http_port}/status"
 
 
 def _http_ok(url: str) -> bool:
@@ -113,7 +125,7 @@ def serve(s: ServeSettings) -> int:
             return code
         print(f"FRACTAL ML Server ready: http://{s.http_host}:{s.http_port}/  "
               f"(broker tcp://{s.broker_host}:{s.broker_port}, {s.workers} workers, models in "
-              f"{Path(s.model_dir).resolve()}). Ctrl-C stops it.", flush=True)
+              f"{Path(s.model_dir).resolve()}). Ctrl-C stops it.\n{_metrics_line(s)}", flush=True)
         while not stopping.wait(0.5):
             dead = supervisor.check()
             if dead is not None:

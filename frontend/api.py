@@ -16,7 +16,7 @@ class Endpoint:
     body: str = "none"     # none | json | multipart+raw | json+multipart
     body_schema: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)   # fields beside http_status in a 200 response
-    protocol: str = "seed"  # seed: {"http_status": ...} bodies; v2: Open Inference Protocol bodies
+    protocol: str = "seed"  # seed: {"http_status": ...} bodies; v2: Open Inference Protocol; text: other
 
 
 _STATUS = {"type": "object", "properties": {
@@ -128,6 +128,18 @@ ENDPOINTS += [
 ]
 
 
+ENDPOINTS += [
+    Endpoint("GET", "/metrics", "metrics", "Prometheus metrics of the frontend (all gunicorn workers).",
+             f"curl {BASE}/metrics", protocol="text"),
+    Endpoint("GET", "/api/v1/status", "status",
+             "The broker and each worker: node id, state, last heartbeat, requests served, models resident.",
+             f"curl {BASE}/api/v1/status",
+             result={"broker": {"type": "object"}, "workers": {"type": "array", "items": {"type": "object"}}}),
+    Endpoint("GET", "/status", "status_page", "The same as a page that refreshes itself.",
+             f"curl {BASE}/status", protocol="text"),
+]
+
+
 def help_entries() -> list[dict]:
     return [{"method": e.method, "path": e.path, "description": e.summary, "example": e.curl}
             for e in ENDPOINTS]
@@ -147,6 +159,9 @@ def _request_body(e: Endpoint) -> dict | None:
 
 
 def _responses(e: Endpoint) -> dict:
+    if e.protocol == "text":
+        return {"200": {"description": "OK", "content": {"text/plain" if e.resource == "metrics" else "text/html":
+                                                          {"schema": {"type": "string"}}}}}
     if e.protocol == "v2":
         error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}}
         return {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},

@@ -7,12 +7,15 @@ import uuid
 from importlib import metadata
 
 import falcon
+from prometheus_client import CollectorRegistry
 
 from broker.client import Client
 from broker.settings import load
+from metrics import FrontendMetrics, multiprocess
 
 from . import api, errors
 from .errors import status_body
+from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
                         welcome_body)
 from .settings import FrontendSettings
@@ -45,9 +48,14 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: FrontendSettings | None = None) -> falcon.App:
-    """Build the app from api.ENDPOINTS; the broker client is made here, after gunicorn forked."""
+def create_app(settings: FrontendSettings | None = None, registry: CollectorRegistry | None = None) -> falcon.App:
+    """Build the app from api.ENDPOINTS; the broker client is made here, after gunicorn forked.
+
+    Metrics go to `registry`, or under gunicorn to prometheus-client's multiprocess files.
+    """
     settings = settings or load(FrontendSettings, "frontend")
+    if registry is None and not multiprocess():
+        registry = CollectorRegistry()
     client = Client(settings.broker, settings.service, settings.timeout_s)
     shared = (client, settings.max_body_bytes)
     resources = {
@@ -60,8 +68,12 @@ def create_app(settings: FrontendSettings | None = None) -> falcon.App:
         "v2_server": ServerMetadata(*shared, _version()), "v2_model": ModelMetadata(*shared),
         "v2_model_ready": ModelReady(*shared), "v2_infer": Infer(*shared), "v2_index": RepositoryIndex(*shared),
         "v2_load": RepositoryLoad(*shared), "v2_unload": RepositoryUnload(*shared),
+        "metrics": Metrics(registry), "status": StatusJson(client), "status_page": StatusPage(client),
     }
-    app = falcon.App(middleware=[RequestLog()])
+    middleware = [RequestLog()]
+    if settings.metrics:
+        middleware.append(MetricsMiddleware(FrontendMetrics(registry)))
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     for path in dict.fromkeys(e.path for e in api.ENDPOINTS):

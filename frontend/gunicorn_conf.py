@@ -1,12 +1,41 @@
-"""gunicorn configuration for the frontend (`-c python:frontend.gunicorn_conf`): logging per worker."""
+"""gunicorn configuration for the frontend (`--config python:frontend.gunicorn_conf`).
+
+Logging per worker process, and prometheus-client's multiprocess mode: every gunicorn worker writes
+its metrics to files in one directory, which is emptied when the master starts (no counts from an
+earlier run) and from which a dead worker's live gauges are removed when it exits.
+"""
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 from broker.logs import setup_logging
 from broker.settings import load
 
 from frontend.settings import FrontendSettings
 
+_settings = load(FrontendSettings, "frontend")
+_created = not _settings.metrics_dir
+_metrics_dir = _settings.metrics_dir or tempfile.mkdtemp(prefix="fractal-frontend-metrics-")
+os.makedirs(_metrics_dir, exist_ok=True)
+for _name in os.listdir(_metrics_dir):
+    if _name.endswith(".db"):
+        os.unlink(os.path.join(_metrics_dir, _name))
+# NOTE: prometheus-client reads this when first imported, which happens in the workers, after fork.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
 
 def post_fork(server: object, worker: object) -> None:
     # NOTE: gunicorn configures only its own loggers; the app's request lines need a root handler.
-    setup_logging("frontend", load(FrontendSettings, "frontend").log_level)
+    setup_logging("frontend", _settings.log_level)
+
+
+def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: object) -> None:
+    if _created:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -12,6 +12,9 @@ class FrontendSettings:
     service: str = setting("modelhost", "MDP service the models are served under")
     timeout_s: float = setting(30.0, "deadline of one request through the broker (504 past it)")
     max_body_bytes: int = setting(64 << 20, "largest request body accepted (413 past it)")
+    metrics: bool = setting(True, "count requests for /metrics (false: no metrics, for comparison)")
+    metrics_dir: str = setting("", "prometheus multiprocess directory for gunicorn's workers; empty: a "
+                                   "temporary one, removed on exit")
     log_level: str = setting("INFO", "logging level")
 
     def __post_init__(self) -> None:

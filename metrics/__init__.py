@@ -1,3 +1,6 @@
-"""Prometheus metric definitions and exporters for every component (issue 6 fills this in)."""
+"""Prometheus metrics of every component: the definitions in one place, and the exporter."""
+from .definitions import LATENCY_BUCKETS, BrokerMetrics, FrontendMetrics, WorkerMetrics
+from .exporter import exposition, multiprocess, new_registry, serve_metrics
 
-__all__: list[str] = []
+__all__ = ["LATENCY_BUCKETS", "BrokerMetrics", "FrontendMetrics", "WorkerMetrics", "exposition",
+           "multiprocess", "new_registry", "serve_metrics"]

@@ -20,12 +20,33 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "worker" / "models"
 # Fast heartbeats so failure detection takes well under a second in tests.
 HEARTBEAT = ["--heartbeat-interval-s", "0.2", "--heartbeat-liveness", "3"]
+# No metrics ports (tests that want /metrics pass free ones); status polls only where a test waits for them.
+QUIET_BROKER = ["--metrics-port", "0", "--status-interval-s", "3600"]
+QUIET_WORKER = ["--metrics-port", "0"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (fractal serve gives workers base + 1, + 2, ...)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count < 65536 and all(_port_free(base + i) for i in range(1, count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
@@ -54,11 +75,12 @@ class Processes:
         return proc
 
     def broker(self, url: str, *flags: str) -> subprocess.Popen:
-        return self.start("broker", [sys.executable, "-m", "broker", "--bind", url, *HEARTBEAT, *flags])
+        return self.start("broker", [sys.executable, "-m", "broker", "--bind", url, *HEARTBEAT, *QUIET_BROKER,
+                                     *flags])
 
     def worker(self, url: str, model_dir: Path, *flags: str) -> subprocess.Popen:
         return self.start("worker", [sys.executable, "-m", "worker", "--connect", url,
-                                     "--model-dir", str(model_dir), *HEARTBEAT, *flags])
+                                     "--model-dir", str(model_dir), *HEARTBEAT, *QUIET_WORKER, *flags])
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -134,7 +156,8 @@ class Served:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fractal", "serve", "--http-port", str(self.http_port),
-                 "--broker-port", str(self.broker_port), "--model-dir", str(self.pool), *flags],
+                 "--broker-port", str(self.broker_port), "--model-dir", str(self.pool),
+                 "--metrics-port", "0", *flags],  # NOTE: a later --metrics-port in flags wins
                 cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
         wait_for(lambda: "ready:" in self.log() or self.proc.poll() is not None, 60, "fractal serve")
         assert self.proc.poll() is None, self.log()

@@ -8,6 +8,7 @@ Anything else is a BadInput whose message names what the model expects.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -79,11 +80,14 @@ def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, 
     if unknown or not names:
         raise BadInput(f"unknown output {unknown[0] if unknown else '(none asked)'!r}; {model.name} "
                        f"has {', '.join(model.output_names)}")
+    started = time.perf_counter()
     try:
         values = model.session.run(names, feeds)
     except Exception as exc:  # ORT reports bad values (e.g. wrong dims inside the graph) this way
         raise BadInput(f"{model.name} rejected the input: {str(exc).strip().splitlines()[-1][:300]}") \
             from None
+    if model.timer is not None:
+        model.timer.observe(time.perf_counter() - started)
     return {name: _plain(value) for name, value in zip(names, values)}
 
 

@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 
 import zmq
+from prometheus_client import CollectorRegistry
+
+from metrics import WorkerMetrics, new_registry, serve_metrics
 
 from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
@@ -23,7 +26,7 @@ from broker.protocol import MDPW
 from broker.settings import setting
 from broker.sockets import send_frames, wait
 
-from .ops import OPS
+from .ops import OPS, rss_bytes
 from .pool import ModelPool
 from .sessions import SessionCache, SessionFactory
 
@@ -43,6 +46,8 @@ class WorkerSettings:
     max_model_bytes: int = setting(512 << 20, "largest model file accepted for upload")
     max_image_pixels: int = setting(25_000_000, "largest image (width x height) decoded for prediction")
     log_requests: bool = setting(True, "one INFO line per request with its request id and time")
+    metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
+    metrics_port: int = setting(9151, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -59,11 +64,14 @@ def make_node_id() -> str:
 class ModelHost:
     """Serve model operations for one service until `stop()`."""
 
-    def __init__(self, settings: WorkerSettings, context: zmq.Context | None = None):
+    def __init__(self, settings: WorkerSettings, context: zmq.Context | None = None,
+                 registry: CollectorRegistry | None = None):
         self.settings = settings
         self.node = make_node_id()
-        self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads),
-                              SessionCache(settings.cache_size), settings.max_model_bytes,
+        self.registry = registry if registry is not None else new_registry("fractal_worker")
+        self.metrics = WorkerMetrics(self.registry, self.node, enabled=settings.metrics_port != 0)
+        self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics),
+                              SessionCache(settings.cache_size, self.metrics), settings.max_model_bytes,
                               settings.max_image_pixels)
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -85,6 +93,7 @@ class ModelHost:
 
     def run(self) -> None:
         log.info("worker %s serving %s from %s", self.node, self.settings.service, self.pool.directory)
+        serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "worker")
         beater = threading.Thread(target=self._beat_while_busy, name="busy-heartbeat", daemon=True)
         beater.start()
         self._connect()
@@ -100,6 +109,7 @@ class ModelHost:
                 if now >= next_evict:  # its own timer: a busy worker sends FINALs, not heartbeats
                     next_evict = now + self._interval_s
                     self.pool.evict_unloaded()
+                    self.metrics.memory_rss.set(rss_bytes())
                 if now >= self._broker_expires and not wait(self._socket, 0):
                     log.warning("broker silent for %.1f s: reconnecting", self._silence_s)
                     self._reconnect()
@@ -180,15 +190,17 @@ class ModelHost:
     def execute(self, data: bytes) -> bytes:
         """Answer one request body with a reply body; never raises."""
         rid = trace = op_name = None
+        started = time.perf_counter()
+        outcome = "error"
         try:
             request = p.unpack_request(data)
             rid, trace, op_name = request.get("id"), request.get("request_id"), request["op"]
             op = OPS.get(op_name)
             if op is None:
                 raise BadInput(f"unknown op {op_name!r}; known: {', '.join(sorted(OPS))}")
-            started = time.perf_counter()
             reply = p.ok_body(rid, self.node, op(self.pool, request, self.node))
-            if self._log_requests:
+            outcome = "ok"
+            if self._log_requests and op_name != "status":  # the broker asks for status every few s
                 log.info("request %s: %s %s ok in %.2f ms", trace, op_name, request.get("model", ""),
                          (time.perf_counter() - started) * 1e3)
             return reply
@@ -202,3 +214,6 @@ class ModelHost:
             log.exception("request %s: %s failed unexpectedly", trace, op_name)
             return p.error_body(rid, self.node, InternalError(
                 f"unexpected failure on {self.node} (request id {trace})"))
+        finally:
+            self.metrics.request_done(op_name if op_name in OPS else "unknown", outcome,
+                                      time.perf_counter() - started)

@@ -1,6 +1,7 @@
 """The operations a modelhost answers (docs/protocol.md), each a function of the pool and the body."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from broker.errors import BadInput
@@ -95,6 +96,20 @@ def repository(pool: ModelPool, body: dict, node: str) -> dict:
     return {"models": pool.states()}
 
 
+def status(pool: ModelPool, body: dict, node: str) -> dict:
+    return {"node": node, "pid": os.getpid(), "models_resident": pool.resident(),
+            "memory_rss_bytes": rss_bytes()}
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def echo(pool: ModelPool, body: dict, node: str) -> dict:
     return {"data": body.get("data"), "node": node}
 
@@ -102,5 +117,5 @@ def echo(pool: ModelPool, body: dict, node: str) -> dict:
 OPS: dict[str, Callable[[ModelPool, dict, str], Any]] = {
     "predict": predict, "predict_image": predict_image, "models": models, "information": information, "info": info,
     "describe": describe, "upload": upload, "delete": delete, "echo": echo,
-    "load": load, "unload": unload, "repository": repository,
+    "load": load, "unload": unload, "repository": repository, "status": status,
 }

@@ -6,6 +6,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -47,6 +48,7 @@ class LoadedModel:
     outputs: list[TensorSpec]
     size_bytes: int
     mtime: float
+    timer: Any = None          # histogram child observing InferenceSession.run, set by the pool
     output_names: list[str] = field(init=False)
     input_names: frozenset[str] = field(init=False)
 
@@ -68,7 +70,8 @@ def _specs(args: list) -> list[TensorSpec]:
 class SessionFactory:
     """Builds sessions with the worker's options (threads, optimisation), created once."""
 
-    def __init__(self, intra_op_threads: int):
+    def __init__(self, intra_op_threads: int, metrics: Any = None):
+        self._metrics = metrics  # metrics.WorkerMetrics, or None
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
@@ -83,7 +86,11 @@ class SessionFactory:
             session = ort.InferenceSession(data, self.options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
             raise BadInput(f"{name} is not a model ONNX Runtime can load: {_first_line(exc)}") from None
-        log.info("loaded %s (%d bytes) in %.1f ms", name, st.st_size, (time.perf_counter() - started) * 1e3)
+        elapsed = time.perf_counter() - started
+        log.info("loaded %s (%d bytes) in %.1f ms", name, st.st_size, elapsed * 1e3)
+        if self._metrics:
+            self._metrics.model_loads.inc()
+            self._metrics.model_load_seconds.observe(elapsed)
         return LoadedModel(name, file_key(st), session, _specs(session.get_inputs()),
                            _specs(session.get_outputs()), st.st_size, st.st_mtime)
 
@@ -96,27 +103,43 @@ def _first_line(exc: Exception) -> str:
 class SessionCache:
     """LRU of LoadedModel by name; an entry is only valid while its file key still matches."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, metrics: Any = None):
         self.capacity = capacity
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._metrics = metrics  # metrics.WorkerMetrics, or None
 
     def get(self, name: str, key: tuple) -> LoadedModel | None:
         entry = self._entries.get(name)
         if entry is None or entry.key != key:
+            if self._metrics:
+                self._metrics.cache_misses.inc()
             return None
         self._entries.move_to_end(name)
+        if self._metrics:
+            self._metrics.cache_hits.inc()
         return entry
 
     def put(self, model: LoadedModel) -> None:
+        if self._metrics:
+            model.timer = self._metrics.inference_seconds.labels(self._metrics.node, model.name)
         self._entries[model.name] = model
         self._entries.move_to_end(model.name)
         while len(self._entries) > self.capacity:
             evicted, _ = self._entries.popitem(last=False)
             log.info("evicted %s from the session cache", evicted)
+            if self._metrics:
+                self._metrics.cache_evictions.inc()
+        self._resident_changed()
 
     def drop(self, name: str) -> bool:
         """Forget `name`; True when it was resident."""
-        return self._entries.pop(name, None) is not None
+        dropped = self._entries.pop(name, None) is not None
+        self._resident_changed()
+        return dropped
+
+    def _resident_changed(self) -> None:
+        if self._metrics:
+            self._metrics.models_resident.set(len(self._entries))
 
     def names(self) -> list[str]:
         return list(self._entries)

@@ -1,0 +1,66 @@
+"""What the broker knows about each worker, for `mmi.workers` (the status page's source).
+
+MDP gives the broker no way to ask a worker about itself, so the broker sends an ordinary REQUEST
+{"op": "status"} to an idle worker every `status_interval_s`, from a client address no ZeroMQ peer
+has; the worker's FINAL updates the board instead of going to a client. Workers see plain MDP.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+
+# NOTE: libzmq's generated routing ids are 5 bytes starting with 0; this one cannot be a peer's.
+STATUS_CLIENT = b"\x00fractal-broker-status"
+STATUS_BODY = p.request_body(0, "status", {})
+
+
+class StatusBoard:
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.started = time.time()
+        self._status: dict[bytes, tuple[float, dict]] = {}   # identity -> (when, worker's status)
+
+    def due(self, identity: bytes, now: float) -> bool:
+        entry = self._status.get(identity)
+        return entry is None or now - entry[0] >= self.interval_s
+
+    def asked(self, identity: bytes, now: float) -> None:
+        """Remember the time of asking, so a worker that never answers is not asked every tick."""
+        entry = self._status.get(identity)
+        self._status[identity] = (now, entry[1] if entry else {})
+
+    def answered(self, identity: bytes, body: list, now: float) -> None:
+        try:
+            reply = p.unpack(body[0]) if body else {}
+            status = p.result_of(reply) if isinstance(reply, dict) else None
+        except Exception as exc:  # a worker that does not know the op (another implementation)
+            log.debug("worker %s gave no status: %s", identity.hex(), exc)
+            status = None
+        self._status[identity] = (now, status if isinstance(status, dict) else {})
+
+    def forget(self, identity: bytes) -> None:
+        self._status.pop(identity, None)
+
+    def report(self, workers: list, services: dict, now: float, expiry_s: float) -> dict[str, Any]:
+        rows = []
+        for w in workers:
+            when, status = self._status.get(w.identity, (None, {}))
+            rows.append({
+                "identity": w.identity.hex(), "service": w.service.name.decode(errors="replace"),
+                "node": status.get("node"), "state": "busy" if w.request is not None else "idle",
+                "dialect": w.dialect.value,
+                "heartbeat_age_s": round(max(0.0, now - (w.expires_at - expiry_s)), 3),
+                "requests_served": w.served, "models_resident": status.get("models_resident"),
+                "memory_rss_bytes": status.get("memory_rss_bytes"),
+                "status_age_s": None if when is None else round(now - when, 3),
+            })
+        return {"broker": {"up": True, "uptime_s": round(time.time() - self.started, 3),
+                           "services": {s.name.decode(errors="replace"): {
+                               "workers": s.workers, "idle": len(s.idle), "queued": len(s.requests)}
+                               for s in services.values()}},
+                "workers": rows}
