@@ -1,6 +1,7 @@
 """REST throughput and latency with wrk: fractal serve beside the in-process floor, one run.
 
     python bench/rest.py [--duration-s 10] [--connections 1,16,64] [--log-level INFO]
+    python bench/rest.py --metrics-overhead    # fractal serve with metrics on vs off (no-op metrics)
 
 Part 2 compares the seed's JSON path with the Open Inference Protocol's binary tensor path (v2) on
 iris and on a 1x3x224x224 FP32 image (a global-average-pool model, so transport dominates), at 16
@@ -140,15 +141,40 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by `root` and all its descendants (Linux /proc)."""
+    parents, cpu = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, frontier = 0.0, [root]
+    while frontier:
+        pid = frontier.pop()
+        total += cpu.get(pid, 0.0)
+        frontier.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
 def measure(argv: list[str], port: int, conns: list[int], duration_s: int, script: Path,
             cases: list[tuple[str, str, Path]] = ()) -> tuple[dict, dict]:
-    """wrk at each connection count on the iris prediction, then each transport case at 16."""
+    """wrk at each connection count on the iris prediction, then each transport case at 16.
+
+    Each cell also records the server's CPU microseconds per request (its whole process tree).
+    """
     proc = start(argv)
     try:
         url = f"http://127.0.0.1:{port}{PATH}"
         wait_http(url)
         wrk(url, 16, 2, script)  # warm-up: sessions loaded, connections made
-        table = {c: wrk(url, c, duration_s, script) for c in conns}
+        table = {}
+        for c in conns:
+            cpu_before = tree_cpu_s(proc.pid)
+            table[c] = wrk(url, c, duration_s, script)
+            table[c]["cpu_us"] = (tree_cpu_s(proc.pid) - cpu_before) / (table[c]["rps"] * duration_s) * 1e6
         transport = {}
         for label, path, case_script in cases:
             wrk(f"http://127.0.0.1:{port}{path}", TRANSPORT_CONNECTIONS, 1, case_script)
@@ -159,11 +185,41 @@ def measure(argv: list[str], port: int, conns: list[int], duration_s: int, scrip
         stop(proc)
 
 
+def metrics_overhead(args: argparse.Namespace, conns: list[int], models: Path, script: Path) -> None:
+    """Throughput with metrics on and off, alternating (on, off, on, off) to average out drift."""
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for label in ("on", "off", "on", "off"):
+        port = free_port()
+        metrics_port = "9150" if label == "on" else "0"
+        table, _ = measure([sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
+                            str(free_port()), "--model-dir", str(models), "--log-level", args.log_level,
+                            "--metrics-port", metrics_port], port, conns, args.duration_s, script)
+        runs[label].append(table)
+    print(f"\nMetrics overhead: fractal serve, wrk {args.duration_s} s per cell, two runs each (req/s)\n")
+    for c in conns:
+        on = [r[c]["rps"] for r in runs["on"]]
+        off = [r[c]["rps"] for r in runs["off"]]
+        cpu_on = sum(r[c]["cpu_us"] for r in runs["on"]) / 2
+        cpu_off = sum(r[c]["cpu_us"] for r in runs["off"]) / 2
+        print(f"  {c:>3} conn: req/s on {' / '.join(f'{v:,.0f}' for v in on)}, off "
+              f"{' / '.join(f'{v:,.0f}' for v in off)} -> {1 - sum(on) / sum(off):+.1%} of throughput; "
+              f"server CPU {cpu_on:,.0f} vs {cpu_off:,.0f} us/request -> {cpu_on / cpu_off - 1:+.1%}")
+    cost = subprocess.run([sys.executable, str(REPO / "bench" / "metrics_cost.py")], capture_output=True,
+                          text=True, check=True).stdout
+    total = float(re.search(r"total\s+([\d.]+) us", cost).group(1))
+    cpu_off = sum(r[c]["cpu_us"] for r in runs["off"] for c in conns) / (2 * len(conns))
+    print(f"\nMetric calls per request, timed alone (bench/metrics_cost.py):\n{cost}"
+          f"  = {total / cpu_off:.1%} of the server's {cpu_off:,.0f} us CPU per request with metrics off "
+          f"(target: <= 5 % of REST throughput)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration-s", type=int, default=10)
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--log-level", default="INFO", help="of fractal serve (INFO: a line per request)")
+    parser.add_argument("--metrics-overhead", action="store_true",
+                        help="only compare fractal serve with metrics on and off, alternating twice")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -178,6 +234,9 @@ def main() -> None:
         if item.name.endswith((".onnx", ".onnx.json")):
             shutil.copyfile(item, models / item.name)
     (models / "pool224.onnx").write_bytes(pool_model())
+    if args.metrics_overhead:
+        metrics_overhead(args, conns, models, script)
+        return
     cases = transport_cases(work)
     floor, _ = measure([sys.executable, "-m", "gunicorn", "bench.floor_app:create_app()", "--bind",
                               f"127.0.0.1:{floor_port}", "--workers", "2", "--worker-class", "gthread",

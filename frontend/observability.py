@@ -18,6 +18,7 @@ class MetricsMiddleware:
 
     def __init__(self, metrics: FrontendMetrics):
         self.m = metrics
+        self._bound: dict[tuple, tuple] = {}  # (route, method, status) -> label children, made once
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.metrics_started = time.perf_counter()
@@ -29,9 +30,12 @@ class MetricsMiddleware:
         if started is None:
             return
         self.m.in_flight.dec()
-        route = req.uri_template or "unmatched"
-        self.m.requests.labels(route, req.method, str(resp.status)[:3]).inc()
-        self.m.duration.labels(route, req.method).observe(time.perf_counter() - started)
+        key = (req.uri_template or "unmatched", req.method, str(resp.status)[:3])
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = (self.m.requests.labels(*key), self.m.duration.labels(*key[:2]))
+        bound[0].inc()
+        bound[1].observe(time.perf_counter() - started)
 
 
 class Metrics:

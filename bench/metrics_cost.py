@@ -1,0 +1,85 @@
+"""CPU cost of the metric calls one REST prediction makes, tier by tier, with the real metric classes.
+
+    python bench/metrics_cost.py
+
+A/B throughput runs on a shared 2-core VM swing +-15 % between identical runs, more than the effect
+measured; this times exactly what metrics add per request (the frontend in prometheus-client's
+multiprocess mode, as under gunicorn) so it can be set against the server's CPU per request.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fractal-metrics-cost-")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from metrics import BrokerMetrics, FrontendMetrics, WorkerMetrics  # noqa: E402
+
+N = 50_000
+
+
+def per_call_us(fn) -> float:
+    for _ in range(1000):
+        fn()
+    started = time.perf_counter()
+    for _ in range(N):
+        fn()
+    return (time.perf_counter() - started) / N * 1e6
+
+
+def frontend() -> float:
+    m = FrontendMetrics(None)  # multiprocess files, as under gunicorn
+    requests = m.requests.labels("/api/v1/models/{name}/prediction", "POST", "200")
+    duration = m.duration.labels("/api/v1/models/{name}/prediction", "POST")
+
+    def one() -> None:
+        started = time.perf_counter()
+        m.in_flight.inc()
+        m.in_flight.dec()
+        requests.inc()
+        duration.observe(time.perf_counter() - started)
+    return per_call_us(one)
+
+
+def broker() -> float:
+    m = BrokerMetrics(CollectorRegistry())
+    dispatched, completed = m.dispatched.labels("modelhost"), m.completed.labels("modelhost")
+    duration, queue_wait = m.duration.labels("modelhost"), m.queue_wait.labels("modelhost")
+
+    def one() -> None:
+        received = time.monotonic()
+        dispatched.inc()
+        queue_wait.observe(time.monotonic() - received)
+        completed.inc()
+        duration.observe(time.monotonic() - received)
+    return per_call_us(one)
+
+
+def worker() -> float:
+    m = WorkerMetrics(CollectorRegistry(), "node-1")
+    inference = m.inference_seconds.labels("node-1", "iris.onnx")
+
+    def one() -> None:
+        started = time.perf_counter()
+        m.cache_hits.inc()
+        inference.observe(time.perf_counter() - started)
+        m.request_done("predict", "ok", time.perf_counter() - started)
+    return per_call_us(one)
+
+
+def main() -> dict[str, float]:
+    costs = {"frontend": frontend(), "broker": broker(), "worker": worker()}
+    for tier, us in costs.items():
+        print(f"  {tier:9} {us:5.1f} us of metric calls per request")
+    print(f"  {'total':9} {sum(costs.values()):5.1f} us")
+    return costs
+
+
+if __name__ == "__main__":
+    main()
