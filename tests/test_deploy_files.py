@@ -1,0 +1,123 @@
+"""The image, compose and Swarm files: valid for the docker-compose client, and in step with the code
+(every FRACTAL_* variable is a real setting with a readable value, ports and volumes line up)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from broker.broker import BrokerSettings
+from broker.settings import env_name, load
+from fractal.serve import ServeSettings
+from frontend.settings import FrontendSettings
+from worker.modelhost import WorkerSettings
+
+from .conftest import BUNDLED, REPO
+
+COMPONENTS = {"broker": BrokerSettings, "worker": WorkerSettings, "frontend": FrontendSettings,
+              "serve": ServeSettings}
+COMPOSE, STACK = REPO / "docker-compose.yml", REPO / "deploy" / "stack.yml"
+
+
+@pytest.fixture(scope="session")
+def docker_compose() -> str:
+    """The docker-compose client from Debian's packages, installed when absent (root only)."""
+    if shutil.which("docker-compose") is None:
+        if os.geteuid() != 0:
+            pytest.fail("docker-compose missing; install Debian's 'docker-compose' package (needs root)")
+        for argv in (["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"]):
+            subprocess.run(argv, check=True, capture_output=True, timeout=600,
+                           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return shutil.which("docker-compose")
+
+
+def services(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())["services"]
+
+
+@pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
+def test_the_docker_compose_client_accepts_the_file(docker_compose, path):
+    result = subprocess.run([docker_compose, "-f", str(path), "config", "--quiet"], capture_output=True,
+                            cwd=path.parent, env=dict(os.environ, FRACTAL_IMAGE="fractal-ml-server:test"))
+    assert result.returncode == 0, result.stderr.decode()
+
+
+@pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
+def test_every_fractal_variable_is_a_setting_with_a_valid_value(path):
+    known = {env_name(c, f.name): c for c, cls in COMPONENTS.items() for f in dataclasses.fields(cls)}
+    seen = 0
+    for name, service in services(path).items():
+        env = {k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("FRACTAL_")}
+        unknown = sorted(set(env) - set(known))
+        assert unknown == [], f"{path.name}/{name}: {unknown} are read by no component"
+        for component in {known[k] for k in env}:
+            load(COMPONENTS[component], component, env=env)  # raises ConfigError on a bad value
+        seen += len(env)
+    assert seen >= 8
+
+
+@pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
+def test_services_ports_and_the_shared_pool_line_up(path):
+    s = services(path)
+    assert set(s) == {"frontend", "broker", "worker", "prometheus"}
+    assert "8002:8002" in s["frontend"]["ports"] and "9091:9090" in s["prometheus"]["ports"]
+    bind_port = s["broker"]["environment"]["FRACTAL_BROKER_BIND"].rsplit(":", 1)[1]
+    assert s["worker"]["environment"]["FRACTAL_WORKER_CONNECT"] == f"tcp://broker:{bind_port}"
+    assert s["frontend"]["environment"]["FRACTAL_FRONTEND_BROKER"] == f"tcp://broker:{bind_port}"
+    pool = s["worker"]["environment"]["FRACTAL_WORKER_MODEL_DIR"]
+    assert any(v.split(":")[1] == pool for v in s["worker"]["volumes"])
+    assert s["worker"]["deploy"]["replicas"] == 2
+    assert "--bind" in s["frontend"]["command"] and "0.0.0.0:8002" in s["frontend"]["command"]
+
+
+def test_compose_starts_in_order_with_healthchecks():
+    s = services(COMPOSE)
+    for name in ("broker", "worker", "frontend"):
+        assert s[name]["healthcheck"]["test"][0] == "CMD"
+    assert s["worker"]["depends_on"]["broker"]["condition"] == "service_healthy"
+    assert s["frontend"]["depends_on"]["broker"]["condition"] == "service_healthy"
+
+
+def test_prometheus_scrapes_the_ports_the_services_export():
+    s = services(COMPOSE)
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["fractal-frontend"]["static_configs"][0]["targets"] == ["frontend:8002"]
+    assert jobs["fractal-broker"]["static_configs"][0]["targets"] == [
+        f"broker:{s['broker']['environment']['FRACTAL_BROKER_METRICS_PORT']}"]
+    assert jobs["fractal-worker"]["dns_sd_configs"][0]["port"] == int(
+        s["worker"]["environment"]["FRACTAL_WORKER_METRICS_PORT"])
+
+
+def test_dockerfile_is_one_slim_non_root_image_for_every_role():
+    text = (REPO / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    for package in ("broker", "worker", "frontend", "metrics", "fractal"):
+        assert f"COPY {package} {package}" in text
+    assert 'ENTRYPOINT ["fractal-entrypoint"]' in text
+
+
+def test_entrypoint_seeds_an_empty_pool_then_runs_the_role(tmp_path):
+    pool = tmp_path / "models"
+    pool.mkdir()
+    env = dict(os.environ, FRACTAL_WORKER_MODEL_DIR=str(pool),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["sh", str(REPO / "deploy" / "entrypoint.sh"), "worker", "--help"], env=env,
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0 and b"fractal worker" in result.stdout
+    assert sorted(p.name for p in pool.glob("*.onnx")) == sorted(p.name for p in BUNDLED.glob("*.onnx"))
+    (pool / "mine.onnx").write_bytes(b"x")
+    (pool / "iris.onnx").unlink()
+    subprocess.run(["sh", str(REPO / "deploy" / "entrypoint.sh"), "worker", "--help"], env=env,
+                   capture_output=True, timeout=60, check=True)
+    assert not (pool / "iris.onnx").exists()  # an existing pool is never touched
