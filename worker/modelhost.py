@@ -24,7 +24,7 @@ from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.protocol import MDPW
 from broker.settings import setting
-from broker.sockets import send_frames, wait
+from broker.sockets import NOBLOCK, send_frames, wait
 
 from .ops import OPS, rss_bytes
 from .pool import ModelPool
@@ -133,7 +133,14 @@ class ModelHost:
         log.info("worker %s connected to %s", self.node, self.settings.connect)
 
     def _reconnect(self) -> None:
-        self._socket.close(linger=0)
+        # NOTE: a READY queued on this socket may still reach the broker if the link comes back just
+        # now; a DISCONNECT behind it makes the broker forget that identity at once instead of
+        # dispatching to it until it misses its heartbeats.
+        try:
+            send_frames(self._socket, [p.WORKER_HEADER, MDPW.DISCONNECT], NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._socket.close(linger=int(self._interval_s * 1000))
         self._socket = None
         if self._backoff_s:
             self._stopping.wait(self._backoff_s)

@@ -1,0 +1,318 @@
+"""Multi-host lab: Linux network namespaces as hosts on a private bridge, the real processes over TCP.
+
+    sudo python deploy/lab/lab.py scenario   # cut a worker host's link under load, restore it, add a host
+    sudo python deploy/lab/lab.py bench      # throughput with 1, 2 and 3 worker hosts, CPU-pinned
+
+Hosts (namespaces "frlab-<name>") sit on 10.77.0.0/24 behind a bridge that lives in a namespace of its
+own ("frlab-net"), so the machine's own network is never touched. The lab tears everything down on
+exit, on failure and on Ctrl-C; `python deploy/lab/lab.py clean` removes leftovers of a killed run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PREFIX = "frlab"
+NET = f"{PREFIX}-net"
+SUBNET = "10.77.0"
+ADDRESSES = {"broker": 1, "front": 2, "w1": 11, "w2": 12, "w3": 13}
+HEARTBEAT_S, LIVENESS = 0.5, 3
+BROKER_URL = f"tcp://{SUBNET}.1:5555"
+FRONT_URL = f"http://{SUBNET}.2:8002"
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+def namespaces() -> list[str]:
+    out = sh("ip", "netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX + "-")]
+
+
+def clean() -> None:
+    """Kill every process in the lab's namespaces, then delete them (the bridge and links go too)."""
+    for ns in namespaces():
+        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for ns in namespaces():
+        sh("ip", "netns", "delete", ns, check=False)
+
+
+class Lab:
+    """The namespaces, links and processes of one lab run; a context manager that always cleans up."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.model_dir = workdir / "models"
+
+    def __enter__(self) -> "Lab":
+        clean()
+        sh("ip", "netns", "add", NET)
+        sh("ip", "-n", NET, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", NET, "link", "set", "br0", "up")
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        for item in (REPO / "worker" / "models").iterdir():
+            if item.name.endswith((".onnx", ".onnx.json")):
+                shutil.copyfile(item, self.model_dir / item.name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        clean()
+
+    def add_host(self, name: str) -> str:
+        ns, address = f"{PREFIX}-{name}", f"{SUBNET}.{ADDRESSES[name]}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", f"{name}-br", "netns", NET, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "-n", NET, "link", "set", f"{name}-br", "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        return address
+
+    def cut(self, name: str) -> None:
+        sh("ip", "-n", NET, "link", "set", f"{name}-br", "down")
+
+    def restore(self, name: str) -> None:
+        sh("ip", "-n", NET, "link", "set", f"{name}-br", "up")
+
+    def run(self, host: str, name: str, argv: list[str], cpu: int | None = None,
+            env: dict | None = None) -> subprocess.Popen:
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        log = open(self.workdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-{host}", *pin, *argv], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def exec_in(self, host: str, argv: list[str], timeout_s: float = 30) -> str:
+        return subprocess.run(["ip", "netns", "exec", f"{PREFIX}-{host}", *argv], capture_output=True,
+                              text=True, timeout=timeout_s, cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+
+    # -- the parts ----------------------------------------------------------------------------------
+
+    def start_broker(self) -> None:
+        self.add_host("broker")
+        self.run("broker", "broker", [sys.executable, "-m", "broker", "--bind", f"tcp://{SUBNET}.1:5555",
+                                      "--heartbeat-interval-s", str(HEARTBEAT_S), "--heartbeat-liveness",
+                                      str(LIVENESS), "--status-interval-s", "0.5", "--metrics-port", "0"])
+
+    def start_worker(self, host: str, cpu: int | None = None) -> None:
+        if f"{PREFIX}-{host}" not in namespaces():
+            self.add_host(host)
+        self.run(host, f"worker-{host}", [
+            sys.executable, "-m", "worker", "--connect", BROKER_URL, "--model-dir", str(self.model_dir),
+            "--heartbeat-interval-s", str(HEARTBEAT_S), "--heartbeat-liveness", str(LIVENESS),
+            "--reconnect-max-s", "1", "--metrics-port", "0", "--no-log-requests"], cpu=cpu)
+
+    def start_frontend(self) -> None:
+        self.add_host("front")
+        self.run("front", "frontend", [sys.executable, "-m", "fractal", "frontend", "--bind", f"{SUBNET}.2:8002",
+                                       "--workers", "1", "--worker-class", "gthread", "--threads", "8"],
+                 env={"FRACTAL_FRONTEND_BROKER": BROKER_URL, "FRACTAL_FRONTEND_LOG_LEVEL": "WARNING",
+                      "FRACTAL_FRONTEND_TIMEOUT_S": "10"})
+
+    def status(self) -> dict:
+        out = self.exec_in("front", ["curl", "-s", "--max-time", "3", f"{FRONT_URL}/api/v1/status"], timeout_s=5)
+        try:
+            return json.loads(out)
+        except ValueError:
+            return {"broker": {"up": False}, "workers": []}
+
+    def served_by_host(self) -> dict[str, int]:
+        """requests_served per worker host. `ip netns exec` and taskset exec in place, so the pid in a
+        worker's node id (host-pid-suffix) is the pid of the process the lab started."""
+        hosts = {proc.pid: name.removeprefix("worker-") for name, proc in self.procs.items()
+                 if name.startswith("worker-")}
+        served: dict[str, int] = {}
+        for w in self.status().get("workers", []):
+            host = hosts.get(int(w["node"].rsplit("-", 2)[1])) if w.get("node") else None
+            if host:
+                served[host] = served.get(host, 0) + w["requests_served"]
+        return served
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if predicate():
+            return time.monotonic()
+        time.sleep(interval_s)
+    raise RuntimeError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def live_workers(lab: Lab) -> int:
+    return lab.status().get("broker", {}).get("services", {}).get("modelhost", {}).get("workers", 0)
+
+
+def identities(lab: Lab) -> dict[str, int]:
+    """Broker-side worker identity -> requests served (a re-registered worker gets a new identity)."""
+    return {w["identity"]: w["requests_served"] for w in lab.status().get("workers", [])}
+
+
+def new_worker_takes_load(lab: Lab, before: set[str], timeout_s: float, what: str) -> tuple[float, float]:
+    """Times (registered, first request served) of worker identities not in `before`."""
+    def fresh() -> dict[str, int]:
+        return {i: served for i, served in identities(lab).items() if i not in before}
+    t_registered = wait_until(lambda: bool(fresh()), timeout_s, f"{what} to register", interval_s=0.02)
+    t_first = wait_until(lambda: any(v > 0 for v in fresh().values()), timeout_s, f"{what} to take requests",
+                         interval_s=0.02)
+    return t_registered, t_first
+
+
+def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
+    """Steady load; cut w1's link, restore it, add w3; returns the timings and the failures."""
+    with Lab(workdir) as lab:
+        lab.start_broker()
+        lab.start_worker("w1")
+        lab.start_worker("w2")
+        lab.start_frontend()
+        wait_until(lambda: live_workers(lab) == 2, 30, "two workers")
+        out = workdir / "load.jsonl"
+        load = lab.run("front", "load", [sys.executable, str(REPO / "deploy" / "lab" / "load.py"),
+                                         f"{FRONT_URL}/api/v1/models/iris.onnx/prediction", "--rate", str(rate),
+                                         "--duration-s", str(duration_s), "--out", str(out)])
+        t0 = time.monotonic()
+        time.sleep(4)
+        lab.cut("w1")
+        t_cut = time.monotonic()
+        t_dead = wait_until(lambda: live_workers(lab) == 1, 10, "the broker to declare w1 dead", 0.02)
+        time.sleep(3)
+        before = set(identities(lab))
+        lab.restore("w1")
+        t_restore = time.monotonic()
+        t_back, t_w1_load = new_worker_takes_load(lab, before, 15, "w1 after the link came back")
+        time.sleep(2)
+        before = set(identities(lab))
+        lab.start_worker("w3")
+        t_w3_reg, t_w3_load = new_worker_takes_load(lab, before, 20, "a third worker host")
+        load.wait(timeout=duration_s + 30)
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    failures = [r for r in rows if r["status"] != 200]
+    return {
+        "requests": len(rows), "failures": len(failures), "failed": failures[:10],
+        "liveness_window_s": HEARTBEAT_S * LIVENESS,
+        "cut_to_declared_dead_s": round(t_dead - t_cut, 3),
+        "restore_to_reregistered_s": round(t_back - t_restore, 3),
+        "reregistered_to_first_request_s": round(t_w1_load - t_back, 3),
+        "third_host_registered_to_first_request_s": round(t_w3_load - t_w3_reg, 3),
+        "heartbeat_s": HEARTBEAT_S, "cut_at_s": round(t_cut - t0, 2),
+    }
+
+
+THROUGHPUT = """
+import asyncio, json, sys, time
+import numpy as np
+from broker.client import AsyncClient
+url, seconds = sys.argv[1], float(sys.argv[2])
+x = np.random.default_rng(0).random((64, 256), dtype=np.float32)
+async def main():
+    async with AsyncClient(url, timeout_s=60) as c:
+        for _ in range(20):
+            await c.predict("compute.onnx", {"x": x})
+        done, deadline = 0, time.monotonic() + seconds
+        async def loop():
+            nonlocal done
+            while time.monotonic() < deadline:
+                await c.predict("compute.onnx", {"x": x})
+                done += 1
+        started = time.monotonic()
+        await asyncio.gather(*(loop() for _ in range(64)))
+        print(json.dumps({"rps": done / (time.monotonic() - started)}))
+asyncio.run(main())
+"""
+
+
+def compute_model(layers: int = 16, width: int = 256) -> bytes:
+    """A compute-bound MLP: [N, 256] through 16 MatMul+Relu layers (about 4 ms for 64 rows, 1 thread)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    nodes, inits, last = [], [], "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((rng.random((width, width), dtype=np.float32) - 0.5) / 8, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [last, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        last = f"r{i}"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(nodes, "compute", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def bench(workdir: Path, seconds: float = 10) -> dict[int, float]:
+    """Direct-client throughput (64 in flight) on a compute-bound model with 1, 2 and 3 worker hosts.
+
+    Each worker host is pinned to one core (w1: 1, w2: 0, w3: 1): on a 2-core machine the third host
+    shares a core, which is what the figure shows.
+    """
+    results = {}
+    for hosts, cpus in ((1, [1]), (2, [1, 0]), (3, [1, 0, 1])):
+        with Lab(workdir / f"hosts-{hosts}") as lab:
+            (lab.model_dir / "compute.onnx").write_bytes(compute_model())
+            lab.start_broker()
+            for i, cpu in enumerate(cpus):
+                lab.start_worker(f"w{i + 1}", cpu=cpu)
+            lab.add_host("front")  # the client's host: the direct client runs there, no frontend
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                out = lab.exec_in("front", [sys.executable, "-c", "import sys; from broker.client import Client; "
+                                            f"c = Client('{BROKER_URL}', timeout_s=2); "
+                                            f"print(len({{c.echo(i)['node'] for i in range({2 * hosts})}}))"])
+                if out.strip() == str(hosts):
+                    break
+                time.sleep(0.3)
+            out = lab.exec_in("front", [sys.executable, "-c", THROUGHPUT, BROKER_URL, str(seconds)],
+                              timeout_s=seconds + 60)
+            results[hosts] = json.loads(out.strip().splitlines()[-1])["rps"]
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["scenario", "bench", "clean"])
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("the lab creates network namespaces: run it as root", file=sys.stderr)
+        return 2
+    if args.command == "clean":
+        clean()
+        return 0
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fractal-lab-"))
+    if args.command == "scenario":
+        print(json.dumps(scenario(workdir), indent=2))
+    else:
+        results = bench(workdir)
+        for hosts, rps in results.items():
+            print(f"{hosts} worker host(s): {rps:8.1f} req/s  ({rps / results[1]:.2f}x one host)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

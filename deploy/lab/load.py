@@ -1,0 +1,66 @@
+"""Steady HTTP load for the lab, run inside a host namespace: bounded in rate, count and time.
+
+    python deploy/lab/load.py URL --rate 50 --duration-s 20 --out results.jsonl
+
+Each line of the output is one request: {"t": seconds since start, "status": code or 0, "ms": latency}.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+
+BODY = b'{"values": [2, 5, 1, 4]}'
+
+
+def run(url: str, rate: float, duration_s: float, threads: int, out_path: str) -> None:
+    parsed = urllib.parse.urlsplit(url)
+    started = time.monotonic()
+    lock, results = threading.Lock(), []
+
+    def client(offset: float) -> None:
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+        interval = threads / rate
+        n = 0
+        while True:
+            due = started + offset + n * interval
+            if due - started > duration_s:
+                break
+            time.sleep(max(0.0, due - time.monotonic()))
+            t0 = time.monotonic()
+            try:
+                conn.request("POST", parsed.path, BODY, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+            except OSError:
+                status = 0
+                conn.close()
+                conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+            with lock:
+                results.append({"t": round(t0 - started, 4), "status": status,
+                                "ms": round((time.monotonic() - t0) * 1e3, 2)})
+            n += 1
+
+    workers = [threading.Thread(target=client, args=(i / rate,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    with open(out_path, "w") as f:
+        for row in sorted(results, key=lambda r: r["t"]):
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    run(args.url, args.rate, args.duration_s, args.threads, args.out)
