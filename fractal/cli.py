@@ -18,6 +18,7 @@ commands:
   frontend   the REST frontend under gunicorn (extra arguments go to gunicorn)
   predict    MODEL VALUES...: one prediction through the broker
   models     list the models in the pool
+  health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers
 """
 
 
@@ -119,8 +120,13 @@ def _models(argv: list[str]) -> int:
     return 0
 
 
+def _health(argv: list[str]) -> int:
+    from .health import main as health_main
+    return health_main(argv)
+
+
 COMMANDS = {"serve": _serve, "broker": _broker, "worker": _worker, "frontend": _frontend,
-            "predict": _predict, "models": _models}
+            "predict": _predict, "models": _models, "health": _health}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -121,3 +121,30 @@ def test_entrypoint_seeds_an_empty_pool_then_runs_the_role(tmp_path):
     subprocess.run(["sh", str(REPO / "deploy" / "entrypoint.sh"), "worker", "--help"], env=env,
                    capture_output=True, timeout=60, check=True)
     assert not (pool / "iris.onnx").exists()  # an existing pool is never touched
+
+
+def test_fractal_health_checks_each_role_as_a_client_would(procs, model_dir):
+    from .conftest import free_port, start_frontend, wait_workers
+    url, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
+
+    def health(*args: str, env: dict | None = None) -> int:
+        return subprocess.run([sys.executable, "-m", "fractal", "health", *args], capture_output=True,
+                              env=dict(os.environ, **(env or {})), timeout=30).returncode
+
+    broker_env = {"FRACTAL_BROKER_BIND": url}
+    assert health("broker", env=broker_env) == 1  # nothing there yet
+    procs.broker(url)
+    assert health("broker", env=broker_env) == 0
+    procs.worker(url, model_dir, "--metrics-port", str(metrics_port))
+    wait_workers(url, 1)
+    assert health("worker", env={"FRACTAL_WORKER_METRICS_PORT": str(metrics_port)}) == 0
+    assert health("worker", env={"FRACTAL_WORKER_METRICS_PORT": str(free_port())}) == 1
+    base = start_frontend(procs, url)
+    assert health("frontend", base.rsplit(":", 1)[1]) == 0
+    assert health("frontend", str(free_port())) == 1
+
+
+def test_the_image_and_compose_use_fractal_health():
+    assert 'CMD ["fractal", "health"]' in (REPO / "deploy" / "Dockerfile").read_text()
+    for name in ("broker", "worker", "frontend"):
+        assert services(COMPOSE)[name]["healthcheck"]["test"][:4] == ["CMD", "fractal", "health", name]
