@@ -72,14 +72,24 @@ def feeds_for(model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
                    "or (for a one-input model) an array")
 
 
-def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, Any]:
-    """Run the model; returns {output name: value} in the model's output order (or `wanted`'s)."""
-    feeds = feeds_for(model, inputs)
+def check_outputs(model: LoadedModel, wanted: list[str] | None) -> list[str]:
+    """The output names to compute; raises BadInput for names the model does not have."""
     names = model.output_names if wanted is None else list(wanted)
     unknown = [n for n in names if n not in model.output_names] if wanted is not None else []
     if unknown or not names:
         raise BadInput(f"unknown output {unknown[0] if unknown else '(none asked)'!r}; {model.name} "
                        f"has {', '.join(model.output_names)}")
+    return names
+
+
+def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, Any]:
+    """Run the model; returns {output name: value} in the model's output order (or `wanted`'s)."""
+    return run_feeds(model, feeds_for(model, inputs), wanted)
+
+
+def run_feeds(model: LoadedModel, feeds: dict[str, np.ndarray], wanted: list[str] | None) -> dict[str, Any]:
+    """Run already-checked feeds (see feeds_for)."""
+    names = check_outputs(model, wanted)
     started = time.perf_counter()
     try:
         values = model.session.run(names, feeds)

@@ -1,9 +1,13 @@
-"""The modelhost: an MDP/0.2 worker (DEALER) that answers model operations from the shared pool.
+"""The modelhost: MDP/0.2 worker connections (DEALER) answering model operations from the shared pool.
 
-Requests run inline on the socket's thread: no hand-off on the hot path. While one runs, a small
-thread sends the HEARTBEATs the broker needs to keep believing in us; the socket passes between the
-two threads under a lock (a full memory barrier, as ZeroMQ requires to move a socket between threads),
-and only while the main thread is busy computing and not touching it.
+Requests run inline on the thread that owns the sockets: no hand-off on the hot path. While one
+runs, a small thread sends the HEARTBEATs the broker needs to keep believing in us; sockets pass
+between the two threads under a lock (a full memory barrier, as ZeroMQ requires to move a socket
+between threads), and only while the main thread is busy computing and not touching them.
+
+With `connections` > 1 the process is that many workers to the broker, so it may hold several
+requests at once; with batching on, the predicts among them for one model run as one batch
+(worker/batching.py, docs/batching.md).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import zmq
+from zmq.backend import zmq_poll
 from prometheus_client import CollectorRegistry
 
 from metrics import WorkerMetrics, new_registry, serve_metrics
@@ -24,8 +29,11 @@ from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.protocol import MDPW
 from broker.settings import setting
-from broker.sockets import NOBLOCK, send_frames, wait
+from broker.protocol import check_model_name
+from broker.sockets import POLLIN, wait
 
+from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
+from .connection import Connection
 from .ops import OPS, rss_bytes
 from .pool import ModelPool
 from .sessions import SessionCache, SessionFactory
@@ -46,6 +54,11 @@ class WorkerSettings:
     max_model_bytes: int = setting(512 << 20, "largest model file accepted for upload")
     max_image_pixels: int = setting(25_000_000, "largest image (width x height) decoded for prediction")
     log_requests: bool = setting(True, "one INFO line per request with its request id and time")
+    connections: int = setting(1, "MDP connections to the broker: requests this process may hold at "
+                                  "once; more than 1 lets it batch them")
+    batch_max_size: int = setting(0, "dynamic batching: most rows per InferenceSession.run; 0 = off")
+    batch_max_delay_us: int = setting(500, "dynamic batching: longest wait for a fuller batch")
+    batch_preferred_sizes: str = setting("", "dynamic batching: row counts to run at once, e.g. '8,16'")
     metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
     metrics_port: int = setting(9151, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
@@ -53,8 +66,10 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
-        if self.cache_size < 1 or self.threads < 1:
-            raise ValueError("cache_size and threads must be >= 1")
+        if self.cache_size < 1 or self.threads < 1 or self.connections < 1:
+            raise ValueError("cache_size, threads and connections must be >= 1")
+        if self.batch_max_size < 0 or self.batch_max_delay_us < 0:
+            raise ValueError("batch_max_size and batch_max_delay_us must be >= 0")
 
 
 def make_node_id() -> str:
@@ -73,96 +88,75 @@ class ModelHost:
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics),
                               SessionCache(settings.cache_size, self.metrics), settings.max_model_bytes,
                               settings.max_image_pixels)
+        self.policy = BatchPolicy(settings.batch_max_size, settings.batch_max_delay_us,
+                                  tuple(int(x) for x in settings.batch_preferred_sizes.split(",") if x.strip()))
         self._context = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
-        self._service = settings.service.encode()
-        self._log_requests = settings.log_requests
-        self._interval_s = settings.heartbeat_interval_s
-        self._silence_s = settings.heartbeat_interval_s * settings.heartbeat_liveness
         self._stopping = threading.Event()
         self._beater_done = threading.Event()  # NOTE: not _stopping: a request finishing after SIGTERM
         self._lock = threading.Lock()
         self._busy = False
-        self._last_sent = 0.0
-        self._broker_expires = 0.0
-        self._backoff_s = 0.0
+        self._log_requests = settings.log_requests
+        self._connections = [
+            Connection(self._context, settings.connect, settings.service.encode(), settings.heartbeat_interval_s,
+                       settings.heartbeat_interval_s * settings.heartbeat_liveness, settings.reconnect_max_s,
+                       self._stopping, i) for i in range(settings.connections)]
+        self._queues: dict[str, Queue] = {}
+        self._outbox: list[tuple[Connection, bytes, bytes]] = []  # FINALs computed while busy
 
     def stop(self) -> None:
         """Ask the loop to end after the current request; safe from a signal handler."""
         self._stopping.set()
 
     def run(self) -> None:
-        log.info("worker %s serving %s from %s", self.node, self.settings.service, self.pool.directory)
+        log.info("worker %s serving %s from %s with %d connection(s), batching %s", self.node,
+                 self.settings.service, self.pool.directory, len(self._connections),
+                 f"up to {self.policy.max_batch_size} rows" if self.policy.enabled else "off")
         serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "worker")
         beater = threading.Thread(target=self._beat_while_busy, name="busy-heartbeat", daemon=True)
         beater.start()
-        self._connect()
-        next_evict = time.monotonic() + self._interval_s
+        for conn in self._connections:
+            conn.connect()
+        next_evict = time.monotonic() + self.settings.heartbeat_interval_s
         try:
             while not self._stopping.is_set():
-                wait_s = min(self._last_sent + self._interval_s, self._broker_expires) - time.monotonic()
-                if wait(self._socket, max(0, min(int(wait_s * 1000), 100))):
-                    self._receive()
+                self._poll_once()
+                self._run_due_batches()
                 now = time.monotonic()
-                if now >= self._last_sent + self._interval_s:
-                    self._send(MDPW.HEARTBEAT)
+                for conn in self._connections:
+                    if now >= conn.last_sent + conn.interval_s:
+                        conn.send(MDPW.HEARTBEAT)
+                    if now >= conn.broker_expires and not wait(conn.socket, 0) and not conn.held:
+                        log.warning("broker silent: reconnecting connection %d", conn.index)
+                        conn.reconnect()
                 if now >= next_evict:  # its own timer: a busy worker sends FINALs, not heartbeats
-                    next_evict = now + self._interval_s
+                    next_evict = now + self.settings.heartbeat_interval_s
                     self.pool.evict_unloaded()
                     self.metrics.memory_rss.set(rss_bytes())
-                if now >= self._broker_expires and not wait(self._socket, 0):
-                    log.warning("broker silent for %.1f s: reconnecting", self._silence_s)
-                    self._reconnect()
         finally:
             self._beater_done.set()
-            if self._socket is not None:
-                self._send(MDPW.DISCONNECT)
-                self._socket.close(linger=200)  # NOTE: long enough for DISCONNECT to leave
-                self._socket = None
+            for conn in self._connections:
+                conn.close()
             log.info("worker %s stopped", self.node)
 
-    # -- connection ----------------------------------------------------------------------------
+    # -- receiving -----------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        sock = self._context.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(self.settings.connect)
-        self._socket = sock
-        self._send(MDPW.READY, self._service)
-        self._broker_expires = time.monotonic() + self._silence_s
-        log.info("worker %s connected to %s", self.node, self.settings.connect)
+    def _poll_once(self) -> None:
+        deadline = min(min(c.next_due() for c in self._connections),
+                       min((q.deadline() for q in self._queues.values()), default=float("inf")))
+        timeout_ms = max(0, min(int((deadline - time.monotonic()) * 1000), 100))
+        ready = zmq_poll([(c.socket, POLLIN) for c in self._connections], timeout_ms)
+        by_socket = {c.socket: c for c in self._connections}
+        for sock, _ in ready:
+            conn = by_socket[sock]
+            while conn.socket is sock:  # drain: every request waiting now can join the same batch
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(conn, frames)
 
-    def _reconnect(self) -> None:
-        # NOTE: a READY queued on this socket may still reach the broker if the link comes back just
-        # now; a DISCONNECT behind it makes the broker forget that identity at once instead of
-        # dispatching to it until it misses its heartbeats.
-        try:
-            send_frames(self._socket, [p.WORKER_HEADER, MDPW.DISCONNECT], NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self._socket.close(linger=int(self._interval_s * 1000))
-        self._socket = None
-        if self._backoff_s:
-            self._stopping.wait(self._backoff_s)
-        self._backoff_s = min(max(self._backoff_s * 2, 0.1), self.settings.reconnect_max_s)
-        self._connect()
-
-    def _send(self, command: bytes, *frames: bytes) -> None:
-        send_frames(self._socket, [p.WORKER_HEADER, command, *frames])
-        self._last_sent = time.monotonic()
-
-    def _beat_while_busy(self) -> None:
-        while not self._beater_done.wait(self._interval_s / 2):
-            with self._lock:
-                if self._busy and time.monotonic() - self._last_sent >= self._interval_s:
-                    self._send(MDPW.HEARTBEAT)
-
-    # -- messages ------------------------------------------------------------------------------
-
-    def _receive(self) -> None:
-        frames = self._socket.recv_multipart()
-        self._broker_expires = time.monotonic() + self._silence_s
-        self._backoff_s = 0.0
+    def _handle(self, conn: Connection, frames: list) -> None:
+        conn.heard()
         if len(frames) < 2 or frames[0] != p.WORKER_HEADER:
             log.warning("dropped a message that is not MDP/0.2 worker traffic (%d frames)", len(frames))
             return
@@ -171,28 +165,102 @@ class ModelHost:
             if len(frames) < 3:
                 log.warning("dropped a REQUEST without a client address")
                 return
+            conn.held += 1
             if len(frames) < 5 or frames[3] != b"":
-                reply = p.error_body(None, self.node, ProtocolError("REQUEST without envelope and body"))
-            else:
-                reply = self._run_request(frames[4])
-            self._send(MDPW.FINAL, frames[2], b"", reply)
-            # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
-            self._broker_expires = time.monotonic() + self._silence_s
+                self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
+                    "REQUEST without envelope and body")))
+            elif not (self.policy.enabled and self._queued(conn, frames[2], frames[4])):
+                self._final(conn, frames[2], self._run_busy(self.execute, frames[4]))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
-                log.info("broker sent DISCONNECT: reconnecting")
-                self._reconnect()
+                log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
+                conn.reconnect()
         elif command != MDPW.HEARTBEAT:
             log.warning("dropped unknown command %r from broker", command[:4])
 
-    def _run_request(self, data: bytes) -> bytes:
+    def _queued(self, conn: Connection, client: bytes, data: bytes) -> bool:
+        """Queue a predict for a batchable model (True), or leave the request to execute() (False)."""
+        try:
+            request = p.unpack_request(data)
+            if request.get("op") != "predict":
+                return False
+            model = self.pool.load(check_model_name(request.get("model")))
+        except FractalError:
+            return False  # execute() answers with the same error
+        policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
+        if not policy.enabled or not batchable(model):
+            return False
+        reply = self._replier(conn, client, request, model.name)
+        try:
+            pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
+        except FractalError as exc:
+            reply(exc)
+            self._flush()
+            return True
+        queue = self._queues.get(model.name)
+        if queue is None or queue.policy != policy:
+            queue = self._queues[model.name] = Queue(policy)
+        queue.items.append(pending)
+        return True
+
+    def _replier(self, conn: Connection, client: bytes, request: dict, model: str):
+        """The callback that answers one batched request (queued in the outbox, sent after the run)."""
+        rid, trace, arrived = request.get("id"), request.get("request_id"), time.perf_counter()
+
+        def reply(outcome: dict | FractalError) -> None:
+            ok = not isinstance(outcome, FractalError)
+            body = p.ok_body(rid, self.node, outcome) if ok else p.error_body(rid, self.node, outcome)
+            self._outbox.append((conn, client, body))
+            self.metrics.request_done("predict", "ok" if ok else "error", time.perf_counter() - arrived)
+            if not ok:
+                log.info("request %s: predict failed: %s: %s", trace, outcome.__class__.__name__, outcome)
+            elif self._log_requests:
+                log.info("request %s: predict %s ok (batched) in %.2f ms", trace, model,
+                         (time.perf_counter() - arrived) * 1e3)
+        return reply
+
+    def _run_due_batches(self) -> None:
+        now = time.monotonic()
+        # NOTE: when every connection holds a request, nothing more can arrive: waiting is pointless.
+        full = all(c.held for c in self._connections)
+        for name in list(self._queues):
+            queue = self._queues[name]
+            while queue.items and (full or queue.due(now)):
+                self._run_busy(run_batch, queue.take())
+                self._flush()
+            if not queue.items:
+                del self._queues[name]
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _run_busy(self, fn, arg):
         with self._lock:
             self._busy = True
         try:
-            return self.execute(data)
+            return fn(arg)
         finally:
             with self._lock:
                 self._busy = False
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for conn, client, body in outbox:
+            self._final(conn, client, body)
+
+    def _final(self, conn: Connection, client: bytes, body: bytes) -> None:
+        conn.send(MDPW.FINAL, client, b"", body)
+        conn.held = max(0, conn.held - 1)
+        # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
+        conn.heard()
+
+    def _beat_while_busy(self) -> None:
+        while not self._beater_done.wait(self.settings.heartbeat_interval_s / 2):
+            with self._lock:
+                if self._busy:
+                    now = time.monotonic()
+                    for conn in self._connections:
+                        if conn.socket is not None and now - conn.last_sent >= conn.interval_s:
+                            conn.send(MDPW.HEARTBEAT)
 
     def execute(self, data: bytes) -> bytes:
         """Answer one request body with a reply body; never raises."""

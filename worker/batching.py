@@ -1,0 +1,136 @@
+"""Dynamic batching: predict requests for the same model whose inputs have a dynamic first dimension
+are concatenated, run in one InferenceSession.run, and the outputs split back by rows.
+
+Each request is checked on its own first (names, dtypes, shapes), so a bad one fails alone; if the
+batched run itself fails, its requests run one by one, so only the guilty one sees the error.
+Knobs, per model in its sidecar JSON ({"dynamic_batching": {...}} or false) over the worker's
+defaults, are Triton's: max_batch_size (rows), max_queue_delay_us, preferred_batch_sizes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from broker.errors import BadInput, FractalError
+
+from . import inference
+from .sessions import LoadedModel
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 0           # rows; 0 or 1 turns batching off
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+    def override(self, options: Any) -> "BatchPolicy":
+        """This policy with a model's sidecar options applied (False: off for that model)."""
+        if options is False:
+            return BatchPolicy(0)
+        if not isinstance(options, dict):
+            return self
+        sizes = options.get("preferred_batch_sizes", self.preferred_batch_sizes)
+        return BatchPolicy(int(options.get("max_batch_size", self.max_batch_size)),
+                           int(options.get("max_queue_delay_us", self.max_queue_delay_us)),
+                           tuple(int(s) for s in sizes))
+
+
+def batchable(model: LoadedModel) -> bool:
+    """Every input and output has a dynamic first dimension (the batch axis)."""
+    return all(spec.shape and spec.shape[0] is None and spec.dtype is not None
+               for spec in (*model.inputs, *model.outputs))
+
+
+@dataclass
+class Pending:
+    """One predict request waiting to join a batch."""
+    model: LoadedModel
+    feeds: dict[str, np.ndarray]
+    wanted: list[str] | None
+    rows: int
+    arrived: float
+    reply: Callable[[dict | FractalError], None]   # sends this request's answer
+
+
+@dataclass
+class Queue:
+    """Requests for one model waiting to be batched."""
+    policy: BatchPolicy
+    items: list[Pending] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.items)
+
+    def due(self, now: float) -> bool:
+        if not self.items:
+            return False
+        rows = self.rows
+        return (rows >= self.policy.max_batch_size or rows in self.policy.preferred_batch_sizes
+                or now - self.items[0].arrived >= self.policy.max_queue_delay_us / 1e6)
+
+    def deadline(self) -> float:
+        return self.items[0].arrived + self.policy.max_queue_delay_us / 1e6 if self.items else float("inf")
+
+    def take(self) -> list[Pending]:
+        """As many requests as fit max_batch_size rows (at least one), oldest first."""
+        batch, rows = [], 0
+        while self.items and (not batch or rows + self.items[0].rows <= self.policy.max_batch_size):
+            item = self.items.pop(0)
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+
+def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, now: float) -> Pending:
+    """Check one request against the model; raises BadInput for this request alone."""
+    feeds = inference.feeds_for(model, inputs)
+    rows = {a.shape[0] for a in feeds.values()}
+    if len(rows) != 1:
+        raise BadInput(f"inputs of {model.name} disagree on the number of rows: {sorted(rows)}")
+    inference.check_outputs(model, wanted)
+    return Pending(model, feeds, wanted, rows.pop(), now, reply)
+
+
+def run_batch(batch: list[Pending]) -> None:
+    """Run the requests as one batch and answer each; on failure fall back to one by one."""
+    model = batch[0].model
+    if len(batch) == 1:
+        _run_alone(batch[0])
+        return
+    names = model.output_names
+    feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
+    started = time.perf_counter()
+    try:
+        values = model.session.run(names, feeds)
+    except Exception:
+        for pending in batch:
+            _run_alone(pending)
+        return
+    if model.timer is not None:
+        model.timer.observe(time.perf_counter() - started)
+    total = sum(p.rows for p in batch)
+    if any(not isinstance(v, np.ndarray) or v.ndim == 0 or v.shape[0] != total for v in values):
+        for pending in batch:  # an output that is not per row: the model is not batchable after all
+            _run_alone(pending)
+        return
+    offset = 0
+    for pending in batch:
+        end = offset + pending.rows
+        outputs = {n: v[offset:end] for n, v in zip(names, values)}
+        pending.reply({"outputs": outputs if pending.wanted is None else {n: outputs[n] for n in pending.wanted}})
+        offset = end
+
+
+def _run_alone(pending: Pending) -> None:
+    try:
+        pending.reply({"outputs": inference.run_feeds(pending.model, pending.feeds, pending.wanted)})
+    except FractalError as exc:
+        pending.reply(exc)

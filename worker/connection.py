@@ -1,0 +1,78 @@
+"""One MDP/0.2 worker connection to the broker: its DEALER socket, READY, heartbeat timers, reconnect.
+
+A worker process holds one or more of these; each is a worker to the broker, so with N connections
+the broker's LRU may hand the process up to N requests at once (which is what lets it batch).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from broker import protocol as p
+from broker.protocol import MDPW
+from broker.sockets import NOBLOCK, send_frames
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    def __init__(self, context: zmq.Context, endpoint: str, service: bytes, interval_s: float,
+                 silence_s: float, reconnect_max_s: float, stopping: threading.Event, index: int):
+        self._context = context
+        self._endpoint = endpoint
+        self._service = service
+        self.interval_s = interval_s
+        self._silence_s = silence_s
+        self._reconnect_max_s = reconnect_max_s
+        self._stopping = stopping
+        self.index = index
+        self.socket: zmq.Socket | None = None
+        self.last_sent = 0.0
+        self.broker_expires = 0.0
+        self.backoff_s = 0.0
+        self.held = 0  # requests received and not yet answered
+
+    def connect(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self._endpoint)
+        self.socket = sock
+        self.held = 0
+        self.send(MDPW.READY, self._service)
+        self.broker_expires = time.monotonic() + self._silence_s
+        log.info("connection %d to %s sent READY", self.index, self._endpoint)
+
+    def reconnect(self) -> None:
+        # NOTE: a READY queued on this socket may still reach the broker if the link comes back just
+        # now; a DISCONNECT behind it makes the broker forget that identity at once instead of
+        # dispatching to it until it misses its heartbeats.
+        try:
+            send_frames(self.socket, [p.WORKER_HEADER, MDPW.DISCONNECT], NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.socket.close(linger=int(self.interval_s * 1000))
+        self.socket = None
+        if self.backoff_s:
+            self._stopping.wait(self.backoff_s)
+        self.backoff_s = min(max(self.backoff_s * 2, 0.1), self._reconnect_max_s)
+        self.connect()
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.send(MDPW.DISCONNECT)
+            self.socket.close(linger=200)  # NOTE: long enough for DISCONNECT to leave
+            self.socket = None
+
+    def send(self, command: bytes, *frames: bytes) -> None:
+        send_frames(self.socket, [p.WORKER_HEADER, command, *frames])
+        self.last_sent = time.monotonic()
+
+    def heard(self) -> None:
+        self.broker_expires = time.monotonic() + self._silence_s
+        self.backoff_s = 0.0
+
+    def next_due(self) -> float:
+        return min(self.last_sent + self.interval_s, self.broker_expires)
