@@ -1,0 +1,90 @@
+"""Dynamic batching in the worker: concurrent requests with different row counts get exactly their
+own rows back, a bad request fails alone, and batching really happens (fewer runs than requests)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from broker.client import AsyncClient, Client
+from broker.errors import BadInput
+
+from .conftest import BUNDLED, free_port, wait_workers
+from .onnx_models import identity_model, two_input_model
+
+IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
+BATCHING = ["--connections", "16", "--batch-max-size", "64", "--batch-max-delay-us", "3000"]
+
+
+@pytest.fixture
+def batching_worker(procs, broker_url, model_dir):
+    port = free_port()
+    procs.worker(broker_url, model_dir, *BATCHING, "--metrics-port", str(port))
+    wait_workers(broker_url, 1)
+    return broker_url, f"http://127.0.0.1:{port}/metrics"
+
+
+def runs_and_requests(metrics_url: str, model: str) -> tuple[float, float]:
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    runs = sum(float(v) for v in re.findall(
+        rf'^fractal_worker_inference_seconds_count{{model="{re.escape(model)}",[^}}]*}} (\S+)$', text, re.M))
+    requests = sum(float(v) for v in re.findall(
+        r'^fractal_worker_requests_total{node="[^"]*",op="predict",outcome="[a-z]+"} (\S+)$', text, re.M))
+    return runs, requests
+
+
+async def _gather(url: str, calls: list) -> list:
+    async with AsyncClient(url, timeout_s=30) as client:
+        return await asyncio.gather(*(client.predict(*call) for call in calls), return_exceptions=True)
+
+
+def test_concurrent_requests_get_exactly_their_own_rows(batching_worker):
+    url, metrics = batching_worker
+    rng = np.random.default_rng(11)
+    batches = [rng.uniform(0, 8, (int(n), 4)).astype(np.float32) for n in rng.integers(1, 8, 120)]
+    results = asyncio.run(_gather(url, [("iris.onnx", {"float_input": rows}) for rows in batches]))
+    for rows, outputs in zip(batches, results):
+        label, proba = IRIS.run(None, {"float_input": rows})
+        np.testing.assert_array_equal(outputs["label"], label)
+        np.testing.assert_allclose(outputs["probabilities"], proba)
+    runs, requests = runs_and_requests(metrics, "iris.onnx")
+    assert requests >= 120 and runs < requests / 2  # batched for real
+
+
+def test_a_bad_request_in_a_batch_fails_alone(batching_worker):
+    url, _ = batching_worker
+    with Client(url) as client:
+        client.upload("pair.onnx", two_input_model())
+    good = [("pair.onnx", {"a": np.full((2, 2), i, np.float32), "b": np.ones((2, 2), np.float32)})
+            for i in range(20)]
+    bad = [("pair.onnx", {"a": np.ones((2, 2), np.float32), "b": np.ones((3, 2), np.float32)}),  # rows disagree
+           ("pair.onnx", {"a": np.ones((2, 3), np.float32), "b": np.ones((2, 3), np.float32)}),  # wrong width
+           ("pair.onnx", {"a": np.ones((1, 2), np.float32)})]                                    # missing input
+    calls = good[:10] + bad + good[10:]
+    results = asyncio.run(_gather(url, calls))
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(errors) == 3 and all(isinstance(e, BadInput) for e in errors)
+    answers = [r for r in results if not isinstance(r, Exception)]
+    for (_, inputs), outputs in zip(good, answers):
+        np.testing.assert_array_equal(outputs["sum"], inputs["a"] + inputs["b"])
+
+
+def test_models_with_a_fixed_first_dimension_or_batching_off_run_alone(batching_worker, model_dir):
+    url, metrics = batching_worker
+    with Client(url) as client:
+        client.upload("fixed.onnx", identity_model([1, 4]))
+        client.upload("solo.onnx", (BUNDLED / "iris.onnx").read_bytes())
+    (model_dir / "solo.onnx.json").write_text(json.dumps({"dynamic_batching": False}))
+    fixed = [("fixed.onnx", {"x": np.full((1, 4), i, np.float32)}) for i in range(30)]
+    solo = [("solo.onnx", {"float_input": np.full((1, 4), i % 7, np.float32)}) for i in range(30)]
+    results = asyncio.run(_gather(url, fixed + solo))
+    for (_, inputs), outputs in zip(fixed, results[:30]):
+        np.testing.assert_array_equal(outputs["y"], inputs["x"])
+    assert runs_and_requests(metrics, "fixed.onnx")[0] == 30
+    assert runs_and_requests(metrics, "solo.onnx")[0] == 30
