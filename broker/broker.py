@@ -387,7 +387,10 @@ class Broker:
 
     def _reply_error(self, request: Request, error: FractalError, reason: str | None) -> None:
         if reason is not None:
-            self.metrics.rejected.labels(request.service.decode(errors="replace"), reason).inc()
+            # NOTE: clients may name any service; only registered ones become label values.
+            known = request.service in self._services
+            label = request.service.decode(errors="replace") if known else "unknown"
+            self.metrics.rejected.labels(label, reason).inc()
         body = p.error_body(p.request_id_of(request.body[0]) if request.body else None, NODE, error)
         self._send_client(request.client, request.dialect, request.service, [body])
 

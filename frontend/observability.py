@@ -13,6 +13,9 @@ from metrics import FrontendMetrics, exposition
 from .errors import status_body
 
 
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+
+
 class MetricsMiddleware:
     """Requests by route template, method and status; latency; requests in flight."""
 
@@ -30,7 +33,8 @@ class MetricsMiddleware:
         if started is None:
             return
         self.m.in_flight.dec()
-        key = (req.uri_template or "unmatched", req.method, str(resp.status)[:3])
+        method = req.method if req.method in METHODS else "OTHER"  # clients choose methods: bound them
+        key = (req.uri_template or "unmatched", method, str(resp.status)[:3])
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bound[key] = (self.m.requests.labels(*key), self.m.duration.labels(*key[:2]))

@@ -193,3 +193,29 @@ def test_metrics_names_are_documented_in_the_readme():
     source = Path(definitions.__file__).read_text()
     for name in set(re.findall(r'"(fractal_[a-z_]+)"', source)):
         assert name in readme, f"{name} is not in the README"
+
+
+def test_clients_cannot_invent_label_values(server):
+    import zmq
+    from broker import protocol as p
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(server.broker_url)
+        for i in range(20):  # requests to services nobody serves
+            sock.send_multipart([b"MDPC02", b"\x01", f"made-up-{i}".encode(), p.request_body(i, "echo", {})])
+            assert sock.poll(3000)
+            sock.recv_multipart()
+    finally:
+        ctx.destroy(linger=0)
+    for method in ("FOO", "BAR"):
+        req = urllib.request.Request(f"{server.base}/", method=method)
+        try:
+            urllib.request.urlopen(req, timeout=5)
+        except urllib.error.HTTPError:
+            pass
+    broker_text, frontend_text = get(server.metrics_urls["broker"]), get(server.metrics_urls["frontend"])
+    assert "made-up" not in broker_text
+    assert sample_sum(broker_text, "fractal_broker_requests_rejected_total", service="unknown") >= 20
+    assert 'method="FOO"' not in frontend_text and 'method="OTHER"' in frontend_text
