@@ -328,6 +328,9 @@ class Broker:
             while service.requests:
                 self._reply_error(service.requests.popleft(), NoWorkerAvailable(
                     "the last worker for this service went away"), "no_worker")
+            # NOTE: any peer may register any service name; an empty service leaves no state behind.
+            del self._services[service.name]
+            self.metrics.forget_service(service.name.decode(errors="replace"))
 
     def _redispatch(self, request: Request) -> None:
         service = self._services[request.service]

@@ -24,7 +24,7 @@ class _Null:
     def inc(self, *args: object) -> None:
         pass
 
-    dec = set = observe = inc
+    dec = set = observe = remove = inc
 
 
 _NULL = _Null()
@@ -62,6 +62,20 @@ class BrokerMetrics:
                                   "FINAL reply.", s, buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = histogram("fractal_broker_queue_wait_seconds", "From a client's REQUEST to its "
                                     "first dispatch to a worker.", s, buckets=LATENCY_BUCKETS, registry=r)
+
+    def forget_service(self, service: str) -> None:
+        """Drop a service's series when it has no workers left (peers choose service names)."""
+        for metric in (self.workers, self.idle_workers, self.queue_depth, self.dispatched, self.completed,
+                       self.redispatched, self.expired, self.duration, self.queue_wait):
+            try:
+                metric.remove(service)
+            except KeyError:
+                pass
+        for reason in ("overloaded", "no_worker", "worker_lost", "bad_request", "stopping"):
+            try:
+                self.rejected.remove(service, reason)
+            except KeyError:
+                pass
 
 
 class WorkerMetrics:

@@ -88,3 +88,26 @@ def test_models_with_a_fixed_first_dimension_or_batching_off_run_alone(batching_
         np.testing.assert_array_equal(outputs["y"], inputs["x"])
     assert runs_and_requests(metrics, "fixed.onnx")[0] == 30
     assert runs_and_requests(metrics, "solo.onnx")[0] == 30
+
+
+def test_rows_of_different_widths_never_share_a_run(batching_worker):
+    url, _ = batching_worker
+    with Client(url) as client:
+        client.upload("any.onnx", identity_model([None, None]))
+    calls = [("any.onnx", {"x": np.full((1, width), width, np.float32)}) for width in (3, 5, 3, 7, 5) * 6]
+    results = asyncio.run(_gather(url, calls))
+    for (_, inputs), outputs in zip(calls, results):
+        np.testing.assert_array_equal(outputs["y"], inputs["x"])
+
+
+def test_malformed_requests_and_sidecars_do_not_stop_a_batching_worker(batching_worker, model_dir):
+    url, _ = batching_worker
+    with Client(url) as client:
+        with pytest.raises(BadInput, match="list of output names"):
+            client.call("predict", {"model": "iris.onnx", "inputs": {"float_input": [[1, 2, 3, 4]]}, "outputs": 5})
+        (model_dir / "iris.onnx.json").write_text(json.dumps(
+            {"description": "x", "dynamic_batching": {"preferred_batch_sizes": 8, "max_batch_size": "many"}}))
+        rows = np.array([[2, 5, 1, 4]], np.float32)
+        assert client.predict("iris.onnx", {"float_input": rows})["label"].tolist() == [1]
+    results = asyncio.run(_gather(url, [("iris.onnx", {"float_input": rows})] * 20))
+    assert all(r["label"].tolist() == [1] for r in results)

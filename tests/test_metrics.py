@@ -219,3 +219,18 @@ def test_clients_cannot_invent_label_values(server):
     assert "made-up" not in broker_text
     assert sample_sum(broker_text, "fractal_broker_requests_rejected_total", service="unknown") >= 20
     assert 'method="FOO"' not in frontend_text and 'method="OTHER"' in frontend_text
+
+
+def test_services_invented_by_peers_leave_no_series(server):
+    import zmq
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(server.broker_url)
+        sock.send_multipart([b"MDPW02", b"\x01", b"ghost-service"])  # READY
+        wait_for(lambda: "ghost-service" in get(server.metrics_urls["broker"]), 5, "the ghost service's series")
+        sock.send_multipart([b"MDPW02", b"\x06"])  # DISCONNECT
+        wait_for(lambda: "ghost-service" not in get(server.metrics_urls["broker"]), 5, "its series to go")
+    finally:
+        ctx.destroy(linger=0)

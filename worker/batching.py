@@ -8,16 +8,19 @@ defaults, are Triton's: max_batch_size (rows), max_queue_delay_us, preferred_bat
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from broker.errors import BadInput, FractalError
+from broker.errors import BadInput, FractalError, InternalError
 
 from . import inference
 from .sessions import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,15 +34,22 @@ class BatchPolicy:
         return self.max_batch_size > 1
 
     def override(self, options: Any) -> "BatchPolicy":
-        """This policy with a model's sidecar options applied (False: off for that model)."""
+        """This policy with a model's sidecar options applied (False: off for that model).
+
+        Options that do not parse are ignored (logged): a typo in a sidecar must not stop serving.
+        """
         if options is False:
             return BatchPolicy(0)
         if not isinstance(options, dict):
             return self
-        sizes = options.get("preferred_batch_sizes", self.preferred_batch_sizes)
-        return BatchPolicy(int(options.get("max_batch_size", self.max_batch_size)),
-                           int(options.get("max_queue_delay_us", self.max_queue_delay_us)),
-                           tuple(int(s) for s in sizes))
+        try:
+            sizes = options.get("preferred_batch_sizes", self.preferred_batch_sizes)
+            return BatchPolicy(int(options.get("max_batch_size", self.max_batch_size)),
+                               int(options.get("max_queue_delay_us", self.max_queue_delay_us)),
+                               tuple(int(s) for s in sizes))
+        except (TypeError, ValueError) as exc:
+            log.warning("ignoring dynamic_batching options %r: %s", options, exc)
+            return self
 
 
 def batchable(model: LoadedModel) -> bool:
@@ -57,6 +67,7 @@ class Pending:
     rows: int
     arrived: float
     reply: Callable[[dict | FractalError], None]   # sends this request's answer
+    signature: tuple = ()                          # only requests with equal signatures share a run
 
 
 @dataclass
@@ -80,23 +91,32 @@ class Queue:
         return self.items[0].arrived + self.policy.max_queue_delay_us / 1e6 if self.items else float("inf")
 
     def take(self) -> list[Pending]:
-        """As many requests as fit max_batch_size rows (at least one), oldest first."""
-        batch, rows = [], 0
-        while self.items and (not batch or rows + self.items[0].rows <= self.policy.max_batch_size):
-            item = self.items.pop(0)
-            batch.append(item)
-            rows += item.rows
+        """The oldest request and those after it that can share its run (same model object, same
+        trailing shapes and dtypes), up to max_batch_size rows."""
+        first = self.items.pop(0)
+        batch, rows, rest = [first], first.rows, []
+        for item in self.items:
+            if (item.signature == first.signature and item.model is first.model
+                    and rows + item.rows <= self.policy.max_batch_size):
+                batch.append(item)
+                rows += item.rows
+            else:
+                rest.append(item)
+        self.items = rest
         return batch
 
 
 def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, now: float) -> Pending:
     """Check one request against the model; raises BadInput for this request alone."""
+    if wanted is not None and not (isinstance(wanted, list) and all(isinstance(w, str) for w in wanted)):
+        raise BadInput("'outputs' must be a list of output names")
     feeds = inference.feeds_for(model, inputs)
     rows = {a.shape[0] for a in feeds.values()}
     if len(rows) != 1:
         raise BadInput(f"inputs of {model.name} disagree on the number of rows: {sorted(rows)}")
     inference.check_outputs(model, wanted)
-    return Pending(model, feeds, wanted, rows.pop(), now, reply)
+    signature = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(feeds.items()))
+    return Pending(model, feeds, wanted, rows.pop(), now, reply, signature)
 
 
 def run_batch(batch: list[Pending]) -> None:
@@ -106,9 +126,9 @@ def run_batch(batch: list[Pending]) -> None:
         _run_alone(batch[0])
         return
     names = model.output_names
-    feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
     started = time.perf_counter()
     try:
+        feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
         values = model.session.run(names, feeds)
     except Exception:
         for pending in batch:
@@ -131,6 +151,10 @@ def run_batch(batch: list[Pending]) -> None:
 
 def _run_alone(pending: Pending) -> None:
     try:
-        pending.reply({"outputs": inference.run_feeds(pending.model, pending.feeds, pending.wanted)})
+        outcome: dict | FractalError = {"outputs": inference.run_feeds(pending.model, pending.feeds, pending.wanted)}
     except FractalError as exc:
-        pending.reply(exc)
+        outcome = exc
+    except Exception:
+        log.exception("a batched request failed unexpectedly")
+        outcome = InternalError("unexpected failure while running the model")
+    pending.reply(outcome)

@@ -33,7 +33,8 @@ class Connection:
         self.last_sent = 0.0
         self.broker_expires = 0.0
         self.backoff_s = 0.0
-        self.held = 0  # requests received and not yet answered
+        self.held = 0        # requests received and not yet answered
+        self.generation = 0  # bumped per socket: a reply for an older one is stale (the broker re-sent it)
 
     def connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
@@ -41,6 +42,7 @@ class Connection:
         sock.connect(self._endpoint)
         self.socket = sock
         self.held = 0
+        self.generation += 1
         self.send(MDPW.READY, self._service)
         self.broker_expires = time.monotonic() + self._silence_s
         log.info("connection %d to %s sent READY", self.index, self._endpoint)

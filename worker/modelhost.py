@@ -101,7 +101,7 @@ class ModelHost:
                        settings.heartbeat_interval_s * settings.heartbeat_liveness, settings.reconnect_max_s,
                        self._stopping, i) for i in range(settings.connections)]
         self._queues: dict[str, Queue] = {}
-        self._outbox: list[tuple[Connection, bytes, bytes]] = []  # FINALs computed while busy
+        self._outbox: list[tuple[Connection, int, bytes, bytes]] = []  # FINALs computed while busy
 
     def stop(self) -> None:
         """Ask the loop to end after the current request; safe from a signal handler."""
@@ -184,33 +184,41 @@ class ModelHost:
             request = p.unpack_request(data)
             if request.get("op") != "predict":
                 return False
-            model = self.pool.load(check_model_name(request.get("model")))
-        except FractalError:
-            return False  # execute() answers with the same error
-        policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
+            # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
+            model = self._run_busy(self.pool.load, check_model_name(request.get("model")))
+            policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
+        except Exception:
+            return False  # execute() answers it, with the same error
         if not policy.enabled or not batchable(model):
             return False
         reply = self._replier(conn, client, request, model.name)
         try:
             pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
-        except FractalError as exc:
-            reply(exc)
+        except Exception as exc:
+            reply(exc if isinstance(exc, FractalError) else BadInput(f"cannot use this request: {exc}"))
             self._flush()
             return True
         queue = self._queues.get(model.name)
-        if queue is None or queue.policy != policy:
+        if queue is None:
             queue = self._queues[model.name] = Queue(policy)
+        queue.policy = policy  # NOTE: a changed sidecar applies from now on; queued requests stay
         queue.items.append(pending)
         return True
 
     def _replier(self, conn: Connection, client: bytes, request: dict, model: str):
         """The callback that answers one batched request (queued in the outbox, sent after the run)."""
         rid, trace, arrived = request.get("id"), request.get("request_id"), time.perf_counter()
+        generation = conn.generation
 
         def reply(outcome: dict | FractalError) -> None:
             ok = not isinstance(outcome, FractalError)
-            body = p.ok_body(rid, self.node, outcome) if ok else p.error_body(rid, self.node, outcome)
-            self._outbox.append((conn, client, body))
+            try:
+                body = p.ok_body(rid, self.node, outcome) if ok else p.error_body(rid, self.node, outcome)
+            except Exception:
+                log.exception("request %s: the reply could not be encoded", trace)
+                ok, outcome = False, InternalError(f"unexpected failure on {self.node} (request id {trace})")
+                body = p.error_body(rid, self.node, outcome)
+            self._outbox.append((conn, generation, client, body))
             self.metrics.request_done("predict", "ok" if ok else "error", time.perf_counter() - arrived)
             if not ok:
                 log.info("request %s: predict failed: %s: %s", trace, outcome.__class__.__name__, outcome)
@@ -244,8 +252,11 @@ class ModelHost:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        for conn, client, body in outbox:
-            self._final(conn, client, body)
+        for conn, generation, client, body in outbox:
+            if generation == conn.generation:
+                self._final(conn, client, body)
+            else:  # the socket it came on is gone, and the broker has sent the request elsewhere
+                log.info("dropped a reply for a connection that has since reconnected")
 
     def _final(self, conn: Connection, client: bytes, body: bytes) -> None:
         conn.send(MDPW.FINAL, client, b"", body)

@@ -127,6 +127,7 @@ class SessionCache:
         while len(self._entries) > self.capacity:
             evicted, _ = self._entries.popitem(last=False)
             log.info("evicted %s from the session cache", evicted)
+            self._forget_series(evicted)
             if self._metrics:
                 self._metrics.cache_evictions.inc()
         self._resident_changed()
@@ -134,8 +135,18 @@ class SessionCache:
     def drop(self, name: str) -> bool:
         """Forget `name`; True when it was resident."""
         dropped = self._entries.pop(name, None) is not None
+        if dropped:
+            self._forget_series(name)
         self._resident_changed()
         return dropped
+
+    def _forget_series(self, name: str) -> None:
+        # NOTE: users name models; a model's series leave with its session, so names cannot pile up.
+        if self._metrics:
+            try:
+                self._metrics.inference_seconds.remove(self._metrics.node, name)
+            except KeyError:
+                pass
 
     def _resident_changed(self) -> None:
         if self._metrics:
