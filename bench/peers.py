@@ -66,9 +66,9 @@ def majortomo_worker(url: str, model_path: str) -> None:
     names = [o.name for o in session.get_outputs()]
     requests = WorkerRequestsIterator(Worker(url, b"modelhost"))
     for frames in requests:
-        body = p.unpack(frames[0])
+        body = p.unpack_body(frames)
         values = session.run(names, body["inputs"])
-        requests.send_reply_final([p.ok_body(body["id"], "majortomo", {"outputs": dict(zip(names, values))})])
+        requests.send_reply_final(p.ok_body(body["id"], "majortomo", {"outputs": dict(zip(names, values))}))
 
 
 if __name__ == "__main__":

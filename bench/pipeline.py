@@ -84,7 +84,7 @@ def bare_zmq(n: int, procs: Procs) -> dict:
     procs.start("-m", "bench.peers", "rep", url.replace("127.0.0.1", "*"))
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.connect(url)
-    payload = p.request_body(1, "predict", {"model": "iris.onnx", "inputs": {"float_input": ROW}})
+    payload, = p.request_body(1, "predict", {"model": "iris.onnx", "inputs": {"float_input": ROW}})
     samples = []
     for i in range(n + 200):
         t = time.perf_counter()
@@ -149,7 +149,7 @@ def majortomo_dialect(broker_argv: list[str], sync_n: int, flight_n: int, procs:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(url)
-    body = p.request_body(1, "predict", {"model": "iris.onnx", "inputs": {"float_input": ROW}})
+    body, = p.request_body(1, "predict", {"model": "iris.onnx", "inputs": {"float_input": ROW}})
     request = [b"", p.CLIENT_HEADER, p.MAJORTOMO_CLIENT_REQUEST, b"modelhost", body]
 
     def roundtrip() -> None:

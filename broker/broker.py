@@ -366,9 +366,9 @@ class Broker:
                 if worker.dialect is Dialect.RFC and self._board.due(worker.identity, now):
                     service.idle.remove(worker)
                     self._board.asked(worker.identity, now)
-                    worker.request = Request(STATUS_CLIENT, Dialect.RFC, service.name, [STATUS_BODY], now,
+                    worker.request = Request(STATUS_CLIENT, Dialect.RFC, service.name, STATUS_BODY, now,
                                              float("inf"))
-                    self._send_worker(worker, MDPW.REQUEST, STATUS_CLIENT, b"", STATUS_BODY)
+                    self._send_worker(worker, MDPW.REQUEST, STATUS_CLIENT, b"", *STATUS_BODY)
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -395,7 +395,7 @@ class Broker:
             label = request.service.decode(errors="replace") if known else "unknown"
             self.metrics.rejected.labels(label, reason).inc()
         body = p.error_body(p.request_id_of(request.body[0]) if request.body else None, NODE, error)
-        self._send_client(request.client, request.dialect, request.service, [body])
+        self._send_client(request.client, request.dialect, request.service, body)
 
     # -- sending -------------------------------------------------------------------------------
 

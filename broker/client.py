@@ -185,7 +185,7 @@ class Client(_Operations):
                 pending[rid] = len(results)
                 results.append(None)
                 _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                             p.request_body(rid, call[0], call[1])], deadline, self.endpoint)
+                             *p.request_body(rid, call[0], call[1])], deadline, self.endpoint)
             if not pending:
                 return results
             rid, outcome = self._receive(sock, pending, deadline)
@@ -203,7 +203,7 @@ class Client(_Operations):
             frames = sock.recv_multipart()
             try:
                 _command, _service, body = p.parse_client_reply(frames)
-                reply = p.unpack(body[0]) if body else None
+                reply = p.unpack_body(body)
             except ProtocolError:
                 continue  # not ours (e.g. a late MMI answer); nothing to match it to
             if isinstance(reply, dict) and type(reply.get("id")) is int and reply["id"] in pending:
@@ -312,7 +312,7 @@ class AsyncClient(_Operations):
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, p.request_body(rid, op, fields or {})]
+            frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *p.request_body(rid, op, fields or {})]
             await self._send(frames, time.monotonic() + timeout_s)
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
@@ -337,7 +337,7 @@ class AsyncClient(_Operations):
             frames = await self._socket.recv_multipart()
             try:
                 _command, _service, body = p.parse_client_reply(frames)
-                reply = p.unpack(body[0]) if body else None
+                reply = p.unpack_body(body)
             except ProtocolError:
                 continue
             rid = reply.get("id") if isinstance(reply, dict) else None

@@ -103,8 +103,13 @@ def parse_client_reply(frames: list) -> tuple[bytes, bytes, list]:
 # ---------------------------------------------------------------------------------------------
 # Tensors: msgpack extension type TENSOR_EXT, payload = header + raw C-contiguous bytes.
 #   u8 len(dtype) | dtype as numpy's dtype.str (ASCII, e.g. "<f4") | u8 ndim | ndim x int64 LE | data
+# Large tensors travel out of band: TENSOR_FRAME_EXT, payload = header + u32 LE index of the MDP
+# body frame that holds the raw bytes. They are sent without copying (copy=False) and read with
+# np.frombuffer over the received frame, so tensor bytes are never re-encoded on the way.
 
 TENSOR_EXT = 1
+TENSOR_FRAME_EXT = 2
+OUT_OF_BAND_MIN_BYTES = 64 * 1024
 MAX_NDIM = 32
 _KINDS = frozenset("biufU")  # bool, signed, unsigned, float, unicode; never object or void
 _DIMS = [struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1)]
@@ -117,13 +122,19 @@ def encode_tensor(array: np.ndarray) -> msgpack.ExtType:
         raise ProtocolError(f"cannot send a tensor of dtype {array.dtype} with {array.ndim} dims")
     if not array.flags.c_contiguous:
         array = array.copy(order="C")  # NOTE: not ascontiguousarray, which turns 0-d into 1-d
+    return msgpack.ExtType(TENSOR_EXT, _header(array) + array.reshape(-1).view(np.uint8).data)
+
+
+def _header(array: np.ndarray) -> bytes:
     dtype = array.dtype.str.encode()
-    header = bytes((len(dtype),)) + dtype + bytes((array.ndim,)) + _DIMS[array.ndim].pack(*array.shape)
-    return msgpack.ExtType(TENSOR_EXT, header + array.reshape(-1).view(np.uint8).data)
+    return bytes((len(dtype),)) + dtype + bytes((array.ndim,)) + _DIMS[array.ndim].pack(*array.shape)
 
 
-def decode_tensor(data: bytes) -> np.ndarray:
-    """Rebuild a tensor over `data` without copying; raises ProtocolError on any inconsistency."""
+def decode_tensor(data: bytes, frames: list | None = None) -> np.ndarray:
+    """Rebuild a tensor over `data` (or, out of band, over one of `frames`) without copying.
+
+    Raises ProtocolError on any inconsistency.
+    """
     try:
         dlen = data[0]
         dtype = np.dtype(data[1:1 + dlen].decode("ascii"))
@@ -137,6 +148,11 @@ def decode_tensor(data: bytes) -> np.ndarray:
             if dim < 0:
                 raise ValueError("negative dimension")
             count *= dim
+        if frames is not None:  # out of band: the rest of the payload is the frame's index
+            (index,) = struct.unpack_from("<I", data, offset)
+            if len(data) != offset + 4 or not 1 <= index < len(frames):
+                raise ValueError(f"no body frame {index} for an out-of-band tensor")
+            data, offset = frames[index], 0
         if count * dtype.itemsize != len(data) - offset:
             raise ValueError(f"{len(data) - offset} data bytes for shape {list(shape)} of {dtype}")
         return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
@@ -159,21 +175,51 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def pack(obj: Any) -> bytes:
+    """One msgpack frame, every tensor inline (small control bodies, MMI answers)."""
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
+def pack_body(obj: Any) -> list:
+    """Body frames: msgpack first, then the raw bytes of each tensor of OUT_OF_BAND_MIN_BYTES or more."""
+    frames: list = [b""]
+
+    def default(value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.nbytes >= OUT_OF_BAND_MIN_BYTES and value.dtype.kind in _KINDS:
+            if not value.flags.c_contiguous:
+                value = value.copy(order="C")
+            frames.append(value.reshape(-1).view(np.uint8).data)
+            return msgpack.ExtType(TENSOR_FRAME_EXT, _header(value) + struct.pack("<I", len(frames) - 1))
+        return _default(value)
+
+    frames[0] = msgpack.packb(obj, default=default, use_bin_type=True)
+    return frames
+
+
 def unpack(data: bytes) -> Any:
-    """Decode a body; any malformed input raises ProtocolError, never something else."""
+    """Decode a one-frame body; any malformed input raises ProtocolError, never something else."""
+    return unpack_body([data])
+
+
+def unpack_body(frames: list) -> Any:
+    """Decode body frames (see pack_body); any malformed input raises ProtocolError."""
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == TENSOR_EXT:
+            return decode_tensor(data)
+        if code == TENSOR_FRAME_EXT:
+            return decode_tensor(data, frames)
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+    if not frames:
+        raise ProtocolError("no body frame")
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        return msgpack.unpackb(frames[0], ext_hook=ext_hook, raw=False, strict_map_key=False)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises a zoo of types on garbage
         raise ProtocolError(f"body is not msgpack: {exc.__class__.__name__}") from None
 
 
-def unpack_request(data: bytes) -> dict:
-    body = unpack(data)
+def unpack_request(frames: list) -> dict:
+    body = unpack_body(frames)
     if not isinstance(body, dict) or not isinstance(body.get("op"), str):
         raise ProtocolError("request body must be a map with a string 'op'")
     return body
@@ -183,17 +229,18 @@ def unpack_request(data: bytes) -> dict:
 # Bodies (schema in docs/protocol.md)
 
 
-def request_body(rid: int, op: str, fields: dict) -> bytes:
-    return pack({"id": rid, "op": op, **fields})
+def request_body(rid: int, op: str, fields: dict) -> list:
+    """Body frames of a request (one frame unless it carries large tensors)."""
+    return pack_body({"id": rid, "op": op, **fields})
 
 
-def ok_body(rid: Any, node: str, result: Any) -> bytes:
-    return pack({"id": rid, "status": 200, "node": node, "result": result})
+def ok_body(rid: Any, node: str, result: Any) -> list:
+    return pack_body({"id": rid, "status": 200, "node": node, "result": result})
 
 
-def error_body(rid: Any, node: str, error: FractalError) -> bytes:
-    return pack({"id": rid, "status": error.http_status, "node": node,
-                 "error": {"type": error.__class__.__name__, "message": str(error)}})
+def error_body(rid: Any, node: str, error: FractalError) -> list:
+    return [pack({"id": rid, "status": error.http_status, "node": node,
+                  "error": {"type": error.__class__.__name__, "message": str(error)}})]
 
 
 def result_of(reply: dict) -> Any:

@@ -17,13 +17,19 @@ POLLIN = int(zmq.POLLIN)
 POLLOUT = int(zmq.POLLOUT)
 
 
+ZERO_COPY_MIN_BYTES = 64 * 1024  # below this a copy is cheaper than handing libzmq our buffer
+
+
 def send_frames(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
-    """Send `frames` as one multipart message; raises zmq.Again under NOBLOCK like send_multipart."""
+    """Send `frames` as one multipart message; raises zmq.Again under NOBLOCK like send_multipart.
+
+    Frames of ZERO_COPY_MIN_BYTES or more (tensor bytes) are handed to libzmq without a copy.
+    """
     last = len(frames) - 1
     more = SNDMORE | flags
-    for i in range(last):
-        _SEND(sock, frames[i], more)
-    _SEND(sock, frames[last], flags)
+    for i in range(last + 1):
+        frame = frames[i]
+        _SEND(sock, frame, more if i < last else flags, len(frame) < ZERO_COPY_MIN_BYTES)
 
 
 def wait(sock: zmq.Socket, timeout_ms: int, events: int = POLLIN) -> bool:

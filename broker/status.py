@@ -36,7 +36,7 @@ class StatusBoard:
 
     def answered(self, identity: bytes, body: list, now: float) -> None:
         try:
-            reply = p.unpack(body[0]) if body else {}
+            reply = p.unpack_body(body)
             status = p.result_of(reply) if isinstance(reply, dict) else None
         except Exception as exc:  # a worker that does not know the op (another implementation)
             log.debug("worker %s gave no status: %s", identity.hex(), exc)

@@ -24,8 +24,8 @@ def majortomo_worker(broker_url):
     def serve():
         for frames in requests:
             body = p.unpack(frames[0])
-            requests.send_reply_final([p.ok_body(body["id"], "majortomo", {"data": body.get("data"),
-                                                                             "node": "majortomo"})])
+            requests.send_reply_final(p.ok_body(body["id"], "majortomo", {"data": body.get("data"),
+                                                                           "node": "majortomo"}))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -57,5 +57,5 @@ def test_majortomo_and_our_workers_share_one_service(cluster, majortomo_worker):
     assert "majortomo" in nodes and len(nodes) == 3  # two of ours, one of theirs
     with MajortomoClient(cluster["url"]) as theirs:
         for i in range(6):
-            theirs.send(b"modelhost", p.request_body(i, "echo", {"data": i}))
+            theirs.send(b"modelhost", *p.request_body(i, "echo", {"data": i}))
             assert p.unpack(theirs.recv_all_as_list(timeout=5)[0])["result"]["data"] == i

@@ -204,7 +204,7 @@ def test_clients_cannot_invent_label_values(server):
         sock.linger = 0
         sock.connect(server.broker_url)
         for i in range(20):  # requests to services nobody serves
-            sock.send_multipart([b"MDPC02", b"\x01", f"made-up-{i}".encode(), p.request_body(i, "echo", {})])
+            sock.send_multipart([b"MDPC02", b"\x01", f"made-up-{i}".encode(), *p.request_body(i, "echo", {})])
             assert sock.poll(3000)
             sock.recv_multipart()
     finally:

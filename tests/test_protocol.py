@@ -70,7 +70,7 @@ def test_request_body_needs_an_op():
 
 
 def test_error_replies_rebuild_the_same_error_class():
-    reply = p.unpack(p.error_body(3, "node-1", ModelNotFound("model x.onnx not found")))
+    reply = p.unpack_body(p.error_body(3, "node-1", ModelNotFound("model x.onnx not found")))
     assert reply["status"] == 404 and reply["node"] == "node-1"
     with pytest.raises(ModelNotFound, match="x.onnx"):
         p.result_of(reply)
@@ -92,3 +92,24 @@ def test_majortomo_dialect_frames():
     assert p.split_dialect([b"", b"MDPC02", b"\x02"]) == (p.Dialect.MAJORTOMO, [b"MDPC02", b"\x02"])
     assert p.client_reply(p.Dialect.MAJORTOMO, b"svc", [b"x"]) == [b"", b"MDPC02", b"\x04", b"x"]
     assert p.client_reply(p.Dialect.RFC, b"svc", [b"x"], final=False) == [b"MDPC02", b"\x02", b"svc", b"x"]
+
+
+def test_large_tensors_travel_out_of_band_and_come_back_as_views():
+    big = np.arange(50_000, dtype=np.float32).reshape(500, 100)  # 200 kB: over the out-of-band minimum
+    small = np.arange(4, dtype=np.int64)
+    frames = p.request_body(1, "predict", {"inputs": {"big": big, "small": small, "t": big.T}})
+    assert len(frames) == 3 and len(frames[0]) < 400  # msgpack header, then two raw tensor frames
+    received = [bytes(f) for f in frames]  # what a socket hands the receiver
+    body = p.unpack_request(received)
+    np.testing.assert_array_equal(body["inputs"]["big"], big)
+    np.testing.assert_array_equal(body["inputs"]["t"], big.T)
+    np.testing.assert_array_equal(body["inputs"]["small"], small)
+    assert not body["inputs"]["big"].flags.owndata  # a view over the received frame
+
+
+@pytest.mark.parametrize("index", [0, 3, 2**31])
+def test_out_of_band_references_to_missing_frames_are_refused(index):
+    header = b"\x03<f4\x01" + (4).to_bytes(8, "little") + index.to_bytes(4, "little")
+    frames = [msgpack.packb(msgpack.ExtType(p.TENSOR_FRAME_EXT, header)), b"\0" * 16]
+    with pytest.raises(ProtocolError):
+        p.unpack_body(frames)

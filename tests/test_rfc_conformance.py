@@ -84,7 +84,7 @@ def test_worker_disconnect_unregisters_it(ctx, broker_url):
         client.send_multipart([b"MDPC02", b"\x01", b"mmi.service", SERVICE])
         return client.recv_multipart()[3] == b"404"
     wait_for(unregistered, 5, "the broker to drop the worker")
-    client.send_multipart([b"MDPC02", b"\x01", SERVICE, p.request_body(1, "echo", {})])
+    client.send_multipart([b"MDPC02", b"\x01", SERVICE, *p.request_body(1, "echo", {})])
     command, service, body = p.parse_client_reply(client.recv_multipart())
     assert (command, service) == (b"\x03", SERVICE)
     assert p.unpack(body[0])["error"]["type"] == "NoWorkerAvailable"
@@ -121,7 +121,7 @@ def test_a_worker_written_from_the_rfc_alone_serves_our_client(ctx, broker_url):
         request = recv_skipping_heartbeats(worker)
         body = p.unpack(request[4])
         worker.send_multipart([b"MDPW02", b"\x04", request[2], b"",
-                               p.ok_body(body["id"], "raw-worker", {"data": body["data"], "node": "raw"})])
+                               *p.ok_body(body["id"], "raw-worker", {"data": body["data"], "node": "raw"})])
         thread.join(5)
     assert result == {"data": "hi", "node": "raw"}
 
@@ -137,13 +137,13 @@ def test_a_malformed_reply_fails_one_async_call_not_the_client(ctx, broker_url):
     def answer(body_for) -> None:
         request = recv_skipping_heartbeats(worker)
         body = p.unpack(request[4])
-        worker.send_multipart([b"MDPW02", b"\x04", request[2], b"", body_for(body)])
+        worker.send_multipart([b"MDPW02", b"\x04", request[2], b"", *body_for(body)])
 
     async def scenario():
         async with AsyncClient(broker_url, timeout_s=5) as aclient:
             first = asyncio.ensure_future(aclient.echo("one"))
             await asyncio.get_running_loop().run_in_executor(
-                None, answer, lambda b: p.pack({"id": b["id"], "status": 500, "error": "boom"}))
+                None, answer, lambda b: [p.pack({"id": b["id"], "status": 500, "error": "boom"})])
             with pytest.raises(FractalError):
                 await first
             second = asyncio.ensure_future(aclient.echo("two"))

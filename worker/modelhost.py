@@ -101,7 +101,7 @@ class ModelHost:
                        settings.heartbeat_interval_s * settings.heartbeat_liveness, settings.reconnect_max_s,
                        self._stopping, i) for i in range(settings.connections)]
         self._queues: dict[str, Queue] = {}
-        self._outbox: list[tuple[Connection, int, bytes, bytes]] = []  # FINALs computed while busy
+        self._outbox: list[tuple[Connection, int, bytes, list]] = []  # FINALs computed while busy
 
     def stop(self) -> None:
         """Ask the loop to end after the current request; safe from a signal handler."""
@@ -169,8 +169,8 @@ class ModelHost:
             if len(frames) < 5 or frames[3] != b"":
                 self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
                     "REQUEST without envelope and body")))
-            elif not (self.policy.enabled and self._queued(conn, frames[2], frames[4])):
-                self._final(conn, frames[2], self._run_busy(self.execute, frames[4]))
+            elif not (self.policy.enabled and self._queued(conn, frames[2], frames[4:])):
+                self._final(conn, frames[2], self._run_busy(self.execute, frames[4:]))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
                 log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
@@ -178,7 +178,7 @@ class ModelHost:
         elif command != MDPW.HEARTBEAT:
             log.warning("dropped unknown command %r from broker", command[:4])
 
-    def _queued(self, conn: Connection, client: bytes, data: bytes) -> bool:
+    def _queued(self, conn: Connection, client: bytes, data: list) -> bool:
         """Queue a predict for a batchable model (True), or leave the request to execute() (False)."""
         try:
             request = p.unpack_request(data)
@@ -258,8 +258,8 @@ class ModelHost:
             else:  # the socket it came on is gone, and the broker has sent the request elsewhere
                 log.info("dropped a reply for a connection that has since reconnected")
 
-    def _final(self, conn: Connection, client: bytes, body: bytes) -> None:
-        conn.send(MDPW.FINAL, client, b"", body)
+    def _final(self, conn: Connection, client: bytes, body: list) -> None:
+        conn.send(MDPW.FINAL, client, b"", *body)
         conn.held = max(0, conn.held - 1)
         # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
         conn.heard()
@@ -273,8 +273,8 @@ class ModelHost:
                         if conn.socket is not None and now - conn.last_sent >= conn.interval_s:
                             conn.send(MDPW.HEARTBEAT)
 
-    def execute(self, data: bytes) -> bytes:
-        """Answer one request body with a reply body; never raises."""
+    def execute(self, data: list) -> list:
+        """Answer one request's body frames with reply body frames; never raises."""
         rid = trace = op_name = None
         started = time.perf_counter()
         outcome = "error"
