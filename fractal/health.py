@@ -5,7 +5,6 @@ settings (flags' env variables and defaults), so it probes the port the componen
 """
 from __future__ import annotations
 
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +18,8 @@ def _local(endpoint: str) -> str:
     return endpoint.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1")
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """True when GET url answers 200 within 3 s."""
     try:
         with urllib.request.urlopen(url, timeout=3) as resp:
             return resp.status == 200
@@ -38,12 +38,12 @@ def check(role: str, http_port: int = 8002) -> bool:
         settings = load(WorkerSettings, "worker")
         if settings.metrics_port == 0:
             return True  # nothing to ask; the container runtime already knows the process is alive
-        return _http_ok(f"http://127.0.0.1:{settings.metrics_port}/metrics")
+        return http_ok(f"http://127.0.0.1:{settings.metrics_port}/metrics")
     if role == "frontend":
-        return _http_ok(f"http://127.0.0.1:{http_port}/v2/health/live")
+        return http_ok(f"http://127.0.0.1:{http_port}/v2/health/live")
     if role == "serve":
         from .serve import ServeSettings
-        return _http_ok(f"http://127.0.0.1:{load(ServeSettings, 'serve').http_port}/v2/health/ready")
+        return http_ok(f"http://127.0.0.1:{load(ServeSettings, 'serve').http_port}/v2/health/ready")
     raise SystemExit(f"fractal health: unknown role {role!r} (broker, worker, frontend, serve)")
 
 

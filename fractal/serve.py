@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,6 +16,7 @@ from broker.client import Client
 from broker.settings import env_name, setting
 
 from .gunicorn_args import gunicorn_argv
+from .health import http_ok
 from .supervisor import Child, Supervisor
 
 log = logging.getLogger("fractal.serve")
@@ -85,7 +85,7 @@ def _wait_ready(s: ServeSettings, supervisor: Supervisor, stopping: threading.Ev
         while time.monotonic() < deadline and not stopping.is_set():
             if supervisor.check() is not None:
                 return False
-            if client.service_ready(timeout_s=0.5) and _http_ok(f"http://{host}:{s.http_port}/"):
+            if client.service_ready(timeout_s=0.5) and http_ok(f"http://{host}:{s.http_port}/"):
                 return True
             stopping.wait(0.1)
     return False
@@ -97,14 +97,6 @@ def _metrics_line(s: ServeSettings) -> str:
         workers = ", ".join(f"http://127.0.0.1:{s.metrics_port + 1 + i}/metrics" for i in range(s.workers))
         line += f", broker http://127.0.0.1:{s.metrics_port}/metrics, workers {workers}"
     return line + f"; status http://{s.http_host}:{s.http_port}/status"
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def serve(s: ServeSettings) -> int:

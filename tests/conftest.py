@@ -1,6 +1,7 @@
 """Process fixtures: real brokers, workers and servers on free local ports, cleaned up after each test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,6 +30,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def debian_tool(command: str, package: str) -> str:
+    """Path of `command`, installing Debian's `package` when it is missing (root only).
+
+    The tests that need it fail, not skip, when it cannot be had: the checks are the point.
+    """
+    if shutil.which(command) is None:
+        if os.geteuid() != 0:
+            pytest.fail(f"{command} missing; install Debian's '{package}' package (needs root)")
+        for argv in (["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]):
+            subprocess.run(argv, check=True, capture_output=True, timeout=600,
+                           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return shutil.which(command)
+
+
+@contextlib.contextmanager
+def dealer(url: str) -> Iterator:
+    """A bare DEALER socket on `url`, for frames our client would never send."""
+    import zmq
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(url)
+        yield sock
+    finally:
+        ctx.destroy(linger=0)
 
 
 def free_ports(count: int) -> int:

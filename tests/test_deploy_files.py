@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from fractal.serve import ServeSettings
 from frontend.settings import FrontendSettings
 from worker.modelhost import WorkerSettings
 
-from .conftest import BUNDLED, REPO
+from .conftest import BUNDLED, REPO, debian_tool
 
 COMPONENTS = {"broker": BrokerSettings, "worker": WorkerSettings, "frontend": FrontendSettings,
               "serve": ServeSettings}
@@ -28,15 +27,7 @@ COMPOSE, STACK = REPO / "docker-compose.yml", REPO / "deploy" / "stack.yml"
 
 @pytest.fixture(scope="session")
 def docker_compose() -> str:
-    """The docker-compose client from Debian's packages, installed when absent (root only)."""
-    if shutil.which("docker-compose") is None:
-        if os.geteuid() != 0:
-            pytest.fail("docker-compose missing; install Debian's 'docker-compose' package (needs root)")
-        for argv in (["apt-get", "update", "-qq"],
-                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"]):
-            subprocess.run(argv, check=True, capture_output=True, timeout=600,
-                           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-    return shutil.which("docker-compose")
+    return debian_tool("docker-compose", "docker-compose")
 
 
 def services(path: Path) -> dict:

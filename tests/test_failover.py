@@ -13,7 +13,7 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import NoWorkerAvailable, WorkerLost
 
-from .conftest import wait_for, wait_workers
+from .conftest import wait_workers
 from .onnx_models import slow_input, slow_model
 
 

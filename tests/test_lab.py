@@ -16,10 +16,10 @@ sys.path.insert(0, str(REPO / "deploy" / "lab"))
 def _namespaces_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "the lab creates network namespaces, which needs root"
-    probe = subprocess.run(["ip", "netns", "add", "frlab-probe"], capture_output=True, text=True)
+    probe = subprocess.run(["ip", "netns", "add", f"frlab{os.getpid()}-probe"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"cannot create a network namespace here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "delete", "frlab-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "delete", f"frlab{os.getpid()}-probe"], capture_output=True)
     return None
 
 

@@ -3,8 +3,8 @@
     sudo python deploy/lab/lab.py scenario   # cut a worker host's link under load, restore it, add a host
     sudo python deploy/lab/lab.py bench      # throughput with 1, 2 and 3 worker hosts, CPU-pinned
 
-Hosts (namespaces "frlab-<name>") sit on 10.77.0.0/24 behind a bridge that lives in a namespace of its
-own ("frlab-net"), so the machine's own network is never touched. The lab tears everything down on
+Hosts (namespaces "frlab<pid>-<name>") sit on 10.77.0.0/24 behind a bridge that lives in a namespace of its
+own ("frlab<pid>-net"), so the machine's own network is never touched. The lab tears everything down on
 exit, on failure and on Ctrl-C; `python deploy/lab/lab.py clean` removes leftovers of a killed run.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PREFIX = "frlab"
+FAMILY = "frlab"                      # every lab namespace starts with it (`clean` removes them all)
+PREFIX = f"{FAMILY}{os.getpid()}"     # this run's own, so two runs on one machine never collide
 NET = f"{PREFIX}-net"
 SUBNET = "10.77.0"
 ADDRESSES = {"broker": 1, "front": 2, "w1": 11, "w2": 12, "w3": 13}
@@ -34,20 +35,20 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=check, capture_output=True, text=True)
 
 
-def namespaces() -> list[str]:
+def namespaces(prefix: str = PREFIX) -> list[str]:
     out = sh("ip", "netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX + "-")]
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
-def clean() -> None:
+def clean(prefix: str = PREFIX) -> None:
     """Kill every process in the lab's namespaces, then delete them (the bridge and links go too)."""
-    for ns in namespaces():
+    for ns in namespaces(prefix):
         for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for ns in namespaces():
+    for ns in namespaces(prefix):
         sh("ip", "netns", "delete", ns, check=False)
 
 
@@ -302,7 +303,7 @@ def main() -> int:
         print("the lab creates network namespaces: run it as root", file=sys.stderr)
         return 2
     if args.command == "clean":
-        clean()
+        clean(FAMILY)  # every lab's leftovers, not only this process's
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fractal-lab-"))
     if args.command == "scenario":
