@@ -7,6 +7,7 @@ class FractalError(Exception):
 
     http_status = 500
     retry_after_s: float | None = None
+    headers: dict[str, str] = {}  # extra HTTP headers the frontend sends with this error
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.__class__.__doc__ or self.__class__.__name__)
@@ -23,6 +24,17 @@ class BadInput(FractalError):
 
 class ProtocolError(BadInput):
     """A frame or body that breaks MDP/0.2 or our body schema; logged and dropped by servers."""
+
+
+class Unauthorized(FractalError):
+    """No credentials: send Authorization: Bearer <token>."""
+    http_status = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="fractal"'}
+
+
+class Forbidden(FractalError):
+    """The credentials do not allow this."""
+    http_status = 403
 
 
 class ModelNotFound(FractalError):

@@ -23,6 +23,11 @@ def env_name(component: str, field: str) -> str:
     return f"FRACTAL_{component.upper()}_{field.upper()}"
 
 
+def field_env(component: str, f: dataclasses.Field) -> str:
+    """A field's variable: FRACTAL_<COMPONENT>_<FIELD>, or the one its metadata names."""
+    return f.metadata.get("env") or env_name(component, f.name)
+
+
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -33,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, component: str) ->
     for f in dataclasses.fields(cls):
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{help_text} (env {env_name(component, f.name)}, default {default!r})".strip()
+        shown = "" if f.metadata.get("secret") else f", default {default!r}"
+        help_text = f"{help_text} (env {field_env(component, f)}{shown})".strip()
         if hints[f.name] is bool:
             parser.add_argument(flag_name(f.name), dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
@@ -74,9 +80,9 @@ def load(cls: type[T], component: str, flags: Mapping[str, Any] | argparse.Names
     for f in dataclasses.fields(cls):
         raw = flags.get(f.name)
         source = flag_name(f.name)
-        if raw is None and env_name(component, f.name) in env:
-            raw = env[env_name(component, f.name)]
-            source = env_name(component, f.name)
+        if raw is None and field_env(component, f) in env:
+            source = field_env(component, f)
+            raw = env[source]
         if raw is not None:
             values[f.name] = _convert(raw, hints[f.name], source)
     try:
@@ -85,6 +91,7 @@ def load(cls: type[T], component: str, flags: Mapping[str, Any] | argparse.Names
         raise ConfigError(str(exc)) from exc
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's word
-    """A dataclass field with its help text, read by add_arguments."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:  # noqa: A002
+    """A dataclass field with its help text; `env` names its variable when the default name will not
+    do, `secret` keeps its value out of --help."""
+    return dataclasses.field(default=default, metadata={"help": help, "env": env, "secret": secret})

@@ -17,6 +17,7 @@ class Endpoint:
     body_schema: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)   # fields beside http_status in a 200 response
     protocol: str = "seed"  # seed: {"http_status": ...} bodies; v2: Open Inference Protocol; text: other
+    admin: bool = False     # changes models: needs the admin token when one is set
 
 
 _STATUS = {"type": "object", "properties": {
@@ -58,14 +59,15 @@ ENDPOINTS = [
              f"'{{\"model_description\": \"Iris species from 4 measurements.\"}}' {BASE}/api/v1/models/iris.onnx",
              body="json", body_schema={"type": "object", "required": ["model_description"],
                                        "properties": {"model_description": {"type": "string"}}},
-             result={"model": {"type": "string"}, "description": {"type": "string"}}),
+             result={"model": {"type": "string"}, "description": {"type": "string"}}, admin=True),
     Endpoint("PUT", "/api/v1/models/{name}", "model",
              "Upload or atomically replace a model (multipart field 'path', or a raw "
              "application/octet-stream body); it is validated in ONNX Runtime first.",
              f"curl -X PUT -F \"path=@/path/to/model.onnx\" {BASE}/api/v1/models/my_model.onnx",
-             body="multipart+raw", result=_INFO),
+             body="multipart+raw", result=_INFO, admin=True),
     Endpoint("DELETE", "/api/v1/models/{name}", "model", "Delete a model and its description.",
-             f"curl -X DELETE {BASE}/api/v1/models/my_model.onnx", result={"model": {"type": "string"}}),
+             f"curl -X DELETE {BASE}/api/v1/models/my_model.onnx", result={"model": {"type": "string"}},
+             admin=True),
     Endpoint("GET", "/api/v1/models/{name}/prediction", "prediction",
              "Predict from JSON {\"values\": row or rows} (values = the first output per row), named "
              "\"inputs\" and \"outputs\" (answers \"outputs\" by name), or an image in multipart field "
@@ -121,10 +123,10 @@ ENDPOINTS += [
              f"curl -X POST {BASE}/v2/repository/index", protocol="v2"),
     Endpoint("POST", "/v2/repository/models/{name}/load", "v2_load",
              "Model repository: serve a model again and warm it.",
-             f"curl -X POST {BASE}/v2/repository/models/iris.onnx/load", protocol="v2"),
+             f"curl -X POST {BASE}/v2/repository/models/iris.onnx/load", protocol="v2", admin=True),
     Endpoint("POST", "/v2/repository/models/{name}/unload", "v2_unload",
              "Model repository: stop serving a model; workers drop its session.",
-             f"curl -X POST {BASE}/v2/repository/models/iris.onnx/unload", protocol="v2"),
+             f"curl -X POST {BASE}/v2/repository/models/iris.onnx/unload", protocol="v2", admin=True),
 ]
 
 
@@ -196,6 +198,10 @@ def openapi(version: str) -> dict:
         body = _request_body(e)
         if body:
             operation["requestBody"] = body
+        if e.admin:
+            operation["security"] = [{"bearer": []}]
+            operation["responses"].update({"401": {"description": "no token (when FRACTAL_ADMIN_TOKEN is set)"},
+                                           "403": {"description": "wrong token"}})
         paths.setdefault(e.path, {})[e.method.lower()] = operation
     return {
         "openapi": "3.0.3",
@@ -210,5 +216,5 @@ def openapi(version: str) -> dict:
             "Tensor": {"type": "object", "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
                                                         "shape": {"type": "array", "items": {"type": "integer",
                                                                                              "nullable": True}}}},
-        }},
+        }, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

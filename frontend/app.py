@@ -14,6 +14,7 @@ from broker.settings import load
 from metrics import FrontendMetrics, multiprocess
 
 from . import api, errors
+from .auth import TokenAuth
 from .errors import status_body
 from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
@@ -70,7 +71,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "v2_load": RepositoryLoad(*shared), "v2_unload": RepositoryUnload(*shared),
         "metrics": Metrics(registry), "status": StatusJson(client), "status_page": StatusPage(client),
     }
-    middleware = [RequestLog()]
+    middleware = [RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
     if settings.metrics:
         middleware.append(MetricsMiddleware(FrontendMetrics(registry)))
     app = falcon.App(middleware=middleware)

@@ -35,6 +35,8 @@ def _write(req: falcon.Request, resp: falcon.Response, code: int, description: s
 
 def _fractal_error(req: falcon.Request, resp: falcon.Response, ex: FractalError, params: dict) -> None:
     _write(req, resp, ex.http_status, str(ex))
+    for name, value in ex.headers.items():
+        resp.set_header(name, value)
     if ex.retry_after_s is not None:
         resp.set_header("Retry-After", str(max(1, round(ex.retry_after_s))))
 

@@ -12,6 +12,10 @@ class FrontendSettings:
     service: str = setting("modelhost", "MDP service the models are served under")
     timeout_s: float = setting(30.0, "deadline of one request through the broker (504 past it)")
     max_body_bytes: int = setting(64 << 20, "largest request body accepted (413 past it)")
+    admin_token: str = setting("", "bearer token required for upload, describe, delete, load and unload; "
+                                   "empty: open", env="FRACTAL_ADMIN_TOKEN", secret=True)
+    api_token: str = setting("", "bearer token required for every other endpoint but health checks; empty: "
+                                 "open", env="FRACTAL_API_TOKEN", secret=True)
     metrics: bool = setting(True, "count requests for /metrics (false: no metrics, for comparison)")
     metrics_dir: str = setting("", "prometheus multiprocess directory for gunicorn's workers; empty: a "
                                    "temporary one, removed on exit")

@@ -73,3 +73,15 @@ def string_identity_model() -> bytes:
     return _model([helper.make_node("Identity", ["x"], ["y"])],
                   [helper.make_tensor_value_info("x", TensorProto.STRING, [None])],
                   [helper.make_tensor_value_info("y", TensorProto.STRING, [None])])
+
+
+def external_data_model(location: str, length: int = 16) -> bytes:
+    """y = w, where w's bytes live in an external file at `location` (what a hostile upload abuses)."""
+    w = TensorProto()
+    w.name, w.data_type, w.data_location = "w", TensorProto.UINT8, TensorProto.EXTERNAL
+    w.dims.extend([length])
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    return _model([helper.make_node("Identity", ["w"], ["y"])], [],
+                  [helper.make_tensor_value_info("y", TensorProto.UINT8, [length])], [w])

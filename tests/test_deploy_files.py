@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from broker.broker import BrokerSettings
-from broker.settings import env_name, load
+from broker.settings import field_env, load
 from fractal.serve import ServeSettings
 from frontend.settings import FrontendSettings
 from worker.modelhost import WorkerSettings
@@ -43,7 +43,7 @@ def test_the_docker_compose_client_accepts_the_file(docker_compose, path):
 
 @pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
 def test_every_fractal_variable_is_a_setting_with_a_valid_value(path):
-    known = {env_name(c, f.name): c for c, cls in COMPONENTS.items() for f in dataclasses.fields(cls)}
+    known = {field_env(c, f): c for c, cls in COMPONENTS.items() for f in dataclasses.fields(cls)}
     seen = 0
     for name, service in services(path).items():
         env = {k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("FRACTAL_")}

@@ -85,7 +85,7 @@ class ModelHost:
         self.node = make_node_id()
         self.registry = registry if registry is not None else new_registry("fractal_worker")
         self.metrics = WorkerMetrics(self.registry, self.node, enabled=settings.metrics_port != 0)
-        self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics),
+        self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics, settings.model_dir),
                               SessionCache(settings.cache_size, self.metrics), settings.max_model_bytes,
                               settings.max_image_pixels)
         self.policy = BatchPolicy(settings.batch_max_size, settings.batch_max_delay_us,

@@ -70,9 +70,14 @@ def _specs(args: list) -> list[TensorSpec]:
 class SessionFactory:
     """Builds sessions with the worker's options (threads, optimisation), created once."""
 
-    def __init__(self, intra_op_threads: int, metrics: Any = None):
+    def __init__(self, intra_op_threads: int, metrics: Any = None, external_data_dir: str | None = None):
         self._metrics = metrics  # metrics.WorkerMetrics, or None
         options = ort.SessionOptions()
+        if external_data_dir:
+            # NOTE: sessions are built from bytes; this anchors a model's external-data files in the
+            # pool, and ONNX Runtime then refuses absolute paths and paths that escape it.
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             os.path.abspath(external_data_dir))
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
