@@ -230,8 +230,12 @@ def unpack_request(frames: list) -> dict:
 
 
 def request_body(rid: int, op: str, fields: dict) -> list:
-    """Body frames of a request (one frame unless it carries large tensors)."""
-    return pack_body({"id": rid, "op": op, **fields})
+    """Body frames of a request (one frame unless it carries large tensors); raises BadInput for
+    values msgpack cannot carry (integers beyond 64 bits, arbitrary objects)."""
+    try:
+        return pack_body({"id": rid, "op": op, **fields})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadInput(f"cannot encode the request: {exc}") from None
 
 
 def ok_body(rid: Any, node: str, result: Any) -> list:
