@@ -1,0 +1,40 @@
+"""Chaos: workers killed under load lose no request; a killed broker means 503s, then recovery."""
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+
+from bench.chaos import run_chaos
+
+from .conftest import free_port, start_frontend, wait_for
+
+
+def test_workers_killed_every_few_seconds_under_load_fail_no_request(tmp_path):
+    result = run_chaos(tmp_path, duration_s=20, rate=50, kill_every_s=3)
+    assert result["kills"] >= 5 and result["requests"] >= 800
+    assert result["failed"] == 0, result
+
+
+def status_of(url: str) -> tuple[int, str | None]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, None
+    except urllib.error.HTTPError as err:
+        json.loads(err.read())  # the seed's error shape, never a traceback
+        return err.code, err.headers.get("Retry-After")
+
+
+def test_a_killed_broker_means_503_then_recovery_without_restarting_anything_else(procs, model_dir):
+    url = f"tcp://127.0.0.1:{free_port()}"
+    broker = procs.broker(url)
+    worker = procs.worker(url, model_dir)
+    base = start_frontend(procs, url)
+    models = f"{base}/api/v1/models"
+    wait_for(lambda: status_of(models)[0] == 200, 15, "the server to serve")
+    broker.send_signal(signal.SIGKILL)
+    broker.wait()
+    wait_for(lambda: status_of(models) == (503, "1"), 10, "503 with Retry-After while the broker is gone")
+    procs.broker(url)
+    wait_for(lambda: status_of(models)[0] == 200, 15, "service to resume by itself")
+    assert worker.poll() is None  # the same worker process re-registered
