@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+STABLE_S = 3.0        # a worker that lived this long had started and served: not a crash loop
+MAX_BACKOFF_S = 10.0
 
 
 def _die_with_parent() -> None:
@@ -29,11 +31,14 @@ class Child:
     env: dict[str, str]
     restart: bool = False
     proc: subprocess.Popen | None = None
-    restarts: list[float] = field(default_factory=list)
+    started_at: float = 0.0
+    backoff_s: float = 0.0       # wait before the next restart; grows while the child crash-loops
+    restart_at: float | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent,
                                      start_new_session=True)
+        self.started_at, self.restart_at = time.monotonic(), None
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
     def alive(self) -> bool:
@@ -52,19 +57,27 @@ class Supervisor:
         return child
 
     def check(self) -> str | None:
-        """Restart crashed restartable children; returns the name of a vital child that died."""
+        """Restart crashed workers; returns the name of a vital child (broker, frontend) that died.
+
+        A worker is always restarted: the others serve meanwhile, and the broker re-sends what the
+        dead one held. Restarts wait a back-off that doubles (up to MAX_BACKOFF_S) while a worker dies
+        within STABLE_S of starting, so a crash loop cannot spin, and resets once it runs longer.
+        """
+        now = time.monotonic()
         for child in self.children:
             if child.alive():
                 continue
-            code = child.proc.returncode if child.proc else None
-            now = time.monotonic()
-            child.restarts = [t for t in child.restarts if now - t < 60]
-            if not child.restart or len(child.restarts) >= 5:
-                log.error("%s exited with code %s", child.name, code)
+            if not child.restart:
+                log.error("%s exited with code %s", child.name, child.proc.returncode if child.proc else None)
                 return child.name
-            log.warning("%s exited with code %s: restarting", child.name, code)
-            child.restarts.append(now)
-            child.start()
+            if child.restart_at is None:
+                quick = now - child.started_at < STABLE_S
+                child.backoff_s = min(max(child.backoff_s * 2, 0.2), MAX_BACKOFF_S) if quick else 0.0
+                child.restart_at = now + child.backoff_s
+                log.warning("%s exited with code %s: restarting in %.1f s", child.name, child.proc.returncode,
+                            child.backoff_s)
+            if now >= child.restart_at:
+                child.start()
         return None
 
     def stop(self, grace_s: float = 10.0) -> None:
