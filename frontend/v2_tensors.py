@@ -75,7 +75,7 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarra
     name, datatype = tensor["name"], tensor.get("datatype")
     shape = _shape(tensor, name)
     count = math.prod(shape)
-    if datatype != "BYTES" and datatype not in DATATYPES:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DATATYPES):
         raise BadInput(f"input {name!r}: unknown datatype {datatype!r}; use one of "
                        f"{', '.join([*DATATYPES, 'BYTES'])}")
     size = (tensor.get("parameters") or {}).get("binary_data_size")
