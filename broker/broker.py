@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from metrics import BrokerMetrics, new_registry, serve_metrics
 
 from . import protocol as p
+from .curve import BrokerCurve
 from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
 from .settings import setting
@@ -35,6 +36,8 @@ class BrokerSettings:
     majortomo_busy_timeout_s: float = setting(
         900.0, "how long a majortomo-dialect worker may compute silently (it sends no heartbeats while busy)")
     status_interval_s: float = setting(5.0, "how often idle workers are asked for their status")
+    curve_secret_key: str = setting("", "CURVE: the broker's .key_secret file (empty: no CURVE)")
+    curve_allow_dir: str = setting("", "CURVE: directory of the .key files of admitted workers and clients")
     metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
     metrics_port: int = setting(9150, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
@@ -104,6 +107,8 @@ class Broker:
         self.registry = registry if registry is not None else new_registry("fractal_broker")
         self.metrics = BrokerMetrics(self.registry, enabled=settings.metrics_port != 0)
         self._board = StatusBoard(settings.status_interval_s)
+        self._curve = (BrokerCurve(self._context, settings.curve_secret_key, settings.curve_allow_dir)
+                       if settings.curve_secret_key or settings.curve_allow_dir else None)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -112,6 +117,8 @@ class Broker:
         sock.linger = 0  # NOTE: a stopping broker must not wait on vanished peers
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, 0)
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.bind(self.settings.bind)
         self._socket = sock
         log.info("broker bound to %s", self.settings.bind)
@@ -154,6 +161,8 @@ class Broker:
             self._send_worker(worker, MDPW.DISCONNECT)
         self._socket.close(linger=0)
         self._socket = None
+        if self._curve is not None:
+            self._curve.stop()
         log.info("broker stopped")
 
     # -- receiving -----------------------------------------------------------------------------

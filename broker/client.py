@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from . import protocol as p
+from .curve import PeerKeys
 from .errors import FractalError, NoWorkerAvailable, ProtocolError, Timeout
 from .sockets import NOBLOCK, POLLOUT, send_frames, wait
 
@@ -123,10 +124,11 @@ class Client(_Operations):
     """Synchronous client; use as a context manager or call close()."""
 
     def __init__(self, endpoint: str, service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: PeerKeys | None = None):
         self.endpoint = endpoint
         self.service = service.encode()
         self.timeout_s = timeout_s
+        self.curve = curve
         self._context = context or zmq.Context.instance()
         self._local = threading.local()
         self._sockets: list[zmq.Socket] = []
@@ -148,7 +150,7 @@ class Client(_Operations):
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "socket", None)
         if sock is None:
-            sock = _connect(self._context.socket(zmq.DEALER), self.endpoint)
+            sock = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
             with self._lock:
                 self._sockets.append(sock)
             self._local.socket = sock
@@ -238,8 +240,10 @@ class Client(_Operations):
         return None
 
 
-def _connect(sock: zmq.Socket, endpoint: str) -> zmq.Socket:
+def _connect(sock: zmq.Socket, endpoint: str, curve: PeerKeys | None = None) -> zmq.Socket:
     sock.linger = 0
+    if curve is not None:
+        curve.apply(sock)
     # NOTE: IMMEDIATE makes a send fail fast while the broker is unreachable instead of queueing
     # requests that would only time out; the caller turns that into NoWorkerAvailable (503).
     sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -267,10 +271,11 @@ class AsyncClient(_Operations):
     """asyncio client: one socket, any number of concurrent calls; use `async with` or aclose()."""
 
     def __init__(self, endpoint: str, service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
-                 context: zmq.asyncio.Context | None = None):
+                 context: zmq.asyncio.Context | None = None, curve: PeerKeys | None = None):
         self.endpoint = endpoint
         self.service = service.encode()
         self.timeout_s = timeout_s
+        self.curve = curve
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -305,7 +310,7 @@ class AsyncClient(_Operations):
     async def call(self, op: str, fields: dict | None = None, timeout_s: float | None = None) -> Any:
         """Send one request and await its reply; returns the result or raises its FractalError."""
         if self._socket is None:
-            self._socket = _connect(self._context.socket(zmq.DEALER), self.endpoint)
+            self._socket = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
             self._reader = asyncio.ensure_future(self._read())
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         rid = next(_ids)

@@ -19,6 +19,7 @@ commands:
   predict    MODEL VALUES...: one prediction through the broker
   models     list the models in the pool
   health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers
+  keys       DIR NAME...: CURVE key pairs (NAME.key public, NAME.key_secret secret)
 """
 
 
@@ -120,13 +121,28 @@ def _models(argv: list[str]) -> int:
     return 0
 
 
+def _keys(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fractal keys", description=(
+        "Write CURVE key pairs: give the broker's NAME.key to workers and clients, and put their .key "
+        "files in the broker's curve_allow_dir."))
+    parser.add_argument("directory")
+    parser.add_argument("names", nargs="+", help="e.g. broker worker-1 frontend")
+    args = parser.parse_args(argv)
+    from broker.curve import generate
+    for name in args.names:
+        public, secret = generate(args.directory, name)
+        print(f"{public}\n{secret}")
+    return 0
+
+
 def _health(argv: list[str]) -> int:
     from .health import main as health_main
     return health_main(argv)
 
 
 COMMANDS = {"serve": _serve, "broker": _broker, "worker": _worker, "frontend": _frontend,
-            "predict": _predict, "models": _models, "health": _health}
+            "predict": _predict, "models": _models, "health": _health,
+            "keys": _keys}
 
 if __name__ == "__main__":
     sys.exit(main())

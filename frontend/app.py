@@ -10,6 +10,7 @@ import falcon
 from prometheus_client import CollectorRegistry
 
 from broker.client import Client
+from broker.curve import PeerKeys
 from broker.settings import load
 from metrics import FrontendMetrics, multiprocess
 
@@ -57,7 +58,8 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     settings = settings or load(FrontendSettings, "frontend")
     if registry is None and not multiprocess():
         registry = CollectorRegistry()
-    client = Client(settings.broker, settings.service, settings.timeout_s)
+    client = Client(settings.broker, settings.service, settings.timeout_s,
+                    curve=PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key))
     shared = (client, settings.max_body_bytes)
     resources = {
         "welcome": Static(welcome_body()),

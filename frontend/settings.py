@@ -16,6 +16,8 @@ class FrontendSettings:
                                    "empty: open", env="FRACTAL_ADMIN_TOKEN", secret=True)
     api_token: str = setting("", "bearer token required for every other endpoint but health checks; empty: "
                                  "open", env="FRACTAL_API_TOKEN", secret=True)
+    curve_secret_key: str = setting("", "CURVE: the frontend's .key_secret file (empty: no CURVE)")
+    curve_broker_key: str = setting("", "CURVE: the broker's public .key file")
     metrics: bool = setting(True, "count requests for /metrics (false: no metrics, for comparison)")
     metrics_dir: str = setting("", "prometheus multiprocess directory for gunicorn's workers; empty: a "
                                    "temporary one, removed on exit")

@@ -12,6 +12,7 @@ import time
 import zmq
 
 from broker import protocol as p
+from broker.curve import PeerKeys
 from broker.protocol import MDPW
 from broker.sockets import NOBLOCK, send_frames
 
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 
 class Connection:
     def __init__(self, context: zmq.Context, endpoint: str, service: bytes, interval_s: float,
-                 silence_s: float, reconnect_max_s: float, stopping: threading.Event, index: int):
+                 silence_s: float, reconnect_max_s: float, stopping: threading.Event, index: int,
+                 curve: PeerKeys | None = None):
+        self._curve = curve
         self._context = context
         self._endpoint = endpoint
         self._service = service
@@ -39,6 +42,8 @@ class Connection:
     def connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.linger = 0
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.connect(self._endpoint)
         self.socket = sock
         self.held = 0

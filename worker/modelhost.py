@@ -29,6 +29,7 @@ from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.protocol import MDPW
 from broker.settings import setting
+from broker.curve import PeerKeys
 from broker.protocol import check_model_name
 from broker.sockets import POLLIN, wait
 
@@ -59,6 +60,8 @@ class WorkerSettings:
     batch_max_size: int = setting(0, "dynamic batching: most rows per InferenceSession.run; 0 = off")
     batch_max_delay_us: int = setting(500, "dynamic batching: longest wait for a fuller batch")
     batch_preferred_sizes: str = setting("", "dynamic batching: row counts to run at once, e.g. '8,16'")
+    curve_secret_key: str = setting("", "CURVE: this worker's .key_secret file (empty: no CURVE)")
+    curve_broker_key: str = setting("", "CURVE: the broker's public .key file")
     metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
     metrics_port: int = setting(9151, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
@@ -96,10 +99,11 @@ class ModelHost:
         self._lock = threading.Lock()
         self._busy = False
         self._log_requests = settings.log_requests
+        curve = PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key)
         self._connections = [
             Connection(self._context, settings.connect, settings.service.encode(), settings.heartbeat_interval_s,
                        settings.heartbeat_interval_s * settings.heartbeat_liveness, settings.reconnect_max_s,
-                       self._stopping, i) for i in range(settings.connections)]
+                       self._stopping, i, curve) for i in range(settings.connections)]
         self._queues: dict[str, Queue] = {}
         self._outbox: list[tuple[Connection, int, bytes, list]] = []  # FINALs computed while busy
 
