@@ -5,6 +5,7 @@ settings (flags' env variables and defaults), so it probes the port the componen
 """
 from __future__ import annotations
 
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +17,15 @@ ROLE_FILE = Path("/tmp/fractal-role")
 def _local(endpoint: str) -> str:
     """A bind endpoint (tcp://0.0.0.0:5555, tcp://*:5555) as an address to connect to on this host."""
     return endpoint.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1")
+
+
+def _tcp_open(endpoint: str) -> bool:
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def http_ok(url: str) -> bool:
@@ -31,7 +41,10 @@ def check(role: str, http_port: int = 8002) -> bool:
     if role == "broker":
         from broker.broker import BrokerSettings
         from broker.client import Client
-        with Client(_local(load(BrokerSettings, "broker").bind), timeout_s=3) as client:
+        settings = load(BrokerSettings, "broker")
+        if settings.curve_secret_key:
+            return _tcp_open(_local(settings.bind))  # a CURVE broker admits only listed keys
+        with Client(_local(settings.bind), timeout_s=3) as client:
             return client.broker_status(timeout_s=3) is not None  # any MMI answer: the loop is alive
     if role == "worker":
         from worker.modelhost import WorkerSettings

@@ -49,3 +49,18 @@ def test_half_a_curve_configuration_is_a_config_error(keys):
         PeerKeys.from_files(str(key_dir / "client.key_secret"), "")
     with pytest.raises(ConfigError, match="no secret key"):
         PeerKeys.from_files(str(key_dir / "client.key"), str(key_dir / "broker.key"))
+
+
+def test_health_of_a_curve_broker(procs, keys):
+    key_dir, allow = keys
+    url = f"tcp://127.0.0.1:{free_port()}"
+    env = {"FRACTAL_BROKER_BIND": url, "FRACTAL_BROKER_CURVE_SECRET_KEY": str(key_dir / "broker.key_secret"),
+           "FRACTAL_BROKER_CURVE_ALLOW_DIR": str(allow)}
+
+    def health() -> int:
+        import os
+        return subprocess.run([sys.executable, "-m", "fractal", "health", "broker"], capture_output=True,
+                              env=dict(os.environ, **env), timeout=30).returncode
+    assert health() == 1
+    procs.broker(url, "--curve-secret-key", env["FRACTAL_BROKER_CURVE_SECRET_KEY"], "--curve-allow-dir", str(allow))
+    wait_for(lambda: health() == 0, 10, "the CURVE broker to count as healthy")
