@@ -66,11 +66,18 @@ class BrokerCurve:
             raise ConfigError("CURVE on the broker needs curve_secret_key and curve_allow_dir")
         if not Path(allow_dir).is_dir():
             raise ConfigError(f"curve_allow_dir {allow_dir} is not a directory")
+        try:  # NOTE: zmq.auth only logs a bad file and then admits nobody; refuse to start instead
+            admitted = zmq.auth.load_certificates(str(allow_dir))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"curve_allow_dir {allow_dir} holds an unreadable key file: {exc}") from None
+        if not admitted:
+            raise ConfigError(f"curve_allow_dir {allow_dir} holds no .key file: no peer could connect")
         self.public, self.secret = _load(secret_file, secret=True)
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("broker.curve.zap"))
         self._auth.start()
         self._auth.configure_curve(domain="*", location=str(allow_dir))
-        log.info("CURVE on: peers must hold a key listed in %s", allow_dir)
+        log.info("CURVE on: %d admitted keys in %s (read at start: restart to apply changes)",
+                 len(admitted), allow_dir)
 
     def apply(self, sock: zmq.Socket) -> None:
         sock.curve_server = True

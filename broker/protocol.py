@@ -269,13 +269,13 @@ def request_id_of(body: bytes) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Model names: plain file names ending in .onnx, the same rule wherever a name enters.
 
-MAX_NAME_CHARS = 200
+MAX_NAME_CHARS = 200  # bytes in UTF-8: well under every filesystem's 255-byte name limit
 
 
 def check_model_name(name: Any) -> str:
     if (not isinstance(name, str) or not name.endswith(".onnx") or len(name) <= len(".onnx")
-            or len(name) > MAX_NAME_CHARS or "/" in name or "\\" in name or "\x00" in name
-            or name.startswith(".") or ".." in name):
+            or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_CHARS or not name.isprintable()
+            or "/" in name or "\\" in name or name.startswith(".") or ".." in name):
         raise BadInput(f"invalid model name {name!r}: use a plain file name ending in .onnx "
                            f"(no '/', no '..', not starting with '.')")
     return name

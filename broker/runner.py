@@ -29,7 +29,11 @@ def run_component(component: str, description: str, settings_cls: type,
         print(f"fractal {component}: {exc}", file=sys.stderr)
         return 2
     setup_logging(component, settings.log_level)
-    runnable = build(settings)
+    try:
+        runnable = build(settings)
+    except ConfigError as exc:  # e.g. an unreadable CURVE key: say so and exit, no traceback
+        print(f"fractal {component}: {exc}", file=sys.stderr)
+        return 2
 
     def _stop(signum: int, _frame: object) -> None:
         logging.getLogger(component).info("%s received, stopping", signal.Signals(signum).name)

@@ -80,9 +80,9 @@ def load(cls: type[T], component: str, flags: Mapping[str, Any] | argparse.Names
     for f in dataclasses.fields(cls):
         raw = flags.get(f.name)
         source = flag_name(f.name)
-        if raw is None and field_env(component, f) in env:
-            source = field_env(component, f)
-            raw = env[source]
+        for name in dict.fromkeys((field_env(component, f), env_name(component, f.name))):
+            if raw is None and name in env:
+                source, raw = name, env[name]
         if raw is not None:
             values[f.name] = _convert(raw, hints[f.name], source)
     try:

@@ -66,13 +66,10 @@ def _worker(argv: list[str]) -> int:
 def _frontend(argv: list[str]) -> int:
     """exec gunicorn on the app factory; FRACTAL_FRONTEND_* configures the app itself."""
     if argv and argv[0] in ("-h", "--help"):
-        from frontend.settings import FrontendSettings
-        parser = argparse.ArgumentParser(prog="fractal frontend", description=(
-            "Run the REST frontend under gunicorn. Arguments go to gunicorn (default: --bind "
-            "127.0.0.1:8002 --worker-class gthread --workers 2 --threads 4); the app reads its own "
-            "settings from the environment:"))
-        add_arguments(parser, FrontendSettings, "frontend")
-        parser.print_help()
+        print("usage: fractal frontend [GUNICORN ARGUMENTS]\n\nRuns the REST frontend under gunicorn; "
+              "arguments go to gunicorn (default: --bind 127.0.0.1:8002 --worker-class gthread --workers 2 "
+              "--threads 8). The app reads its settings from FRACTAL_FRONTEND_* variables, plus "
+              "FRACTAL_ADMIN_TOKEN and FRACTAL_API_TOKEN (README, \"Configuration\").")
         return 0
     from .gunicorn_args import DEFAULTS, gunicorn_base
     os.execv(sys.executable, [*gunicorn_base(), *(argv or DEFAULTS)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 APP = "frontend.app:create_app()"
-DEFAULTS = ["--bind", "127.0.0.1:8002", "--worker-class", "gthread", "--workers", "2", "--threads", "4"]
+DEFAULTS = ["--bind", "127.0.0.1:8002", "--worker-class", "gthread", "--workers", "2", "--threads", "8"]
 
 
 def _control_socket_flags() -> list[str]:

@@ -13,7 +13,8 @@ from importlib import resources
 from pathlib import Path
 
 from broker.client import Client
-from broker.settings import env_name, setting
+from broker.curve import PeerKeys
+from broker.settings import env_name, load, setting
 
 from .gunicorn_args import gunicorn_argv
 from .health import http_ok
@@ -41,6 +42,13 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.http_workers < 1 or self.http_threads < 1 or self.threads < 0:
             raise ValueError("workers, http_workers and http_threads must be >= 1; threads >= 0")
+
+
+@dataclass(frozen=True)
+class FrontendCurve:
+    """The frontend's CURVE settings (FRACTAL_FRONTEND_CURVE_*), read here without importing it."""
+    curve_secret_key: str = ""
+    curve_broker_key: str = ""
 
 
 def prepare_model_dir(model_dir: Path) -> None:
@@ -81,7 +89,8 @@ def _wait_ready(s: ServeSettings, supervisor: Supervisor, stopping: threading.Ev
     deadline = time.monotonic() + s.ready_timeout_s
     host = "127.0.0.1" if s.http_host in ("0.0.0.0", "") else s.http_host
     broker = f"tcp://{'127.0.0.1' if s.broker_host in ('0.0.0.0', '*') else s.broker_host}:{s.broker_port}"
-    with Client(broker) as client:
+    keys = load(FrontendCurve, "frontend")  # with CURVE on, the readiness check uses the frontend's keys
+    with Client(broker, curve=PeerKeys.from_files(keys.curve_secret_key, keys.curve_broker_key)) as client:
         while time.monotonic() < deadline and not stopping.is_set():
             if supervisor.check() is not None:
                 return False

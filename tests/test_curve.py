@@ -64,3 +64,12 @@ def test_health_of_a_curve_broker(procs, keys):
     assert health() == 1
     procs.broker(url, "--curve-secret-key", env["FRACTAL_BROKER_CURVE_SECRET_KEY"], "--curve-allow-dir", str(allow))
     wait_for(lambda: health() == 0, 10, "the CURVE broker to count as healthy")
+
+
+def test_an_unreadable_key_in_the_allow_list_stops_the_broker_with_a_clear_error(keys):
+    key_dir, allow = keys
+    (allow / "notes.key").write_text("hello")
+    result = subprocess.run([sys.executable, "-m", "broker", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                             "--metrics-port", "0", "--curve-secret-key", str(key_dir / "broker.key_secret"),
+                             "--curve-allow-dir", str(allow)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "unreadable key file" in result.stderr and "Traceback" not in result.stderr

@@ -82,7 +82,8 @@ def test_plain_onnx_file_names_are_accepted(name):
 
 
 @pytest.mark.parametrize("name", ["../iris.onnx", "a/b.onnx", "iris", ".onnx", ".hidden.onnx",
-                                  "x..onnx", "a\\b.onnx", "n\x00.onnx", 5, None, "x" * 300 + ".onnx"])
+                                  "x..onnx", "a\\b.onnx", "n\x00.onnx", 5, None, "x" * 300 + ".onnx",
+                                  "a\ninjected line.onnx", "tab\t.onnx", "é" * 100 + ".onnx"])
 def test_other_model_names_are_bad_input(name):
     with pytest.raises(BadInput):
         p.check_model_name(name)

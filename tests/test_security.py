@@ -48,6 +48,20 @@ def test_mutations_need_the_admin_token_and_reads_stay_open(guarded):
     assert call(guarded, "DELETE", "/api/v1/models/new.onnx", token=ADMIN)[0] == 200
 
 
+def test_with_only_an_api_token_changing_models_needs_it_too(procs, cluster):
+    base = start_frontend(procs, cluster["url"], FRACTAL_API_TOKEN=API)
+    assert call(base, "DELETE", "/api/v1/models/iris.onnx")[0] == 401
+    assert call(base, "POST", "/v2/repository/models/iris.onnx/unload", token="nope")[0] == 403
+    assert call(base, "POST", "/api/v1/models/iris.onnx", b'{"model_description": "x"}', API)[0] == 200
+
+
+def test_the_usual_variable_names_work_too():
+    from broker.settings import load
+    from frontend.settings import FrontendSettings
+    settings = load(FrontendSettings, "frontend", env={"FRACTAL_FRONTEND_ADMIN_TOKEN": "a", "FRACTAL_API_TOKEN": "b"})
+    assert (settings.admin_token, settings.api_token) == ("a", "b")
+
+
 def test_the_api_token_guards_the_rest_but_not_health(procs, cluster):
     base = start_frontend(procs, cluster["url"], FRACTAL_ADMIN_TOKEN=ADMIN, FRACTAL_API_TOKEN=API)
     assert call(base, "GET", "/api/v1/models")[0] == 401
