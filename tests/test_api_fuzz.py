@@ -15,7 +15,8 @@ def test_no_generated_request_causes_a_server_error(tmp_path):
         cli = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
         # Seeded, so a failure replays; bounded, so the suite stays fast (bench: --max-examples 80).
         result = subprocess.run([cli, "run", f"{served.base}/openapi.json", "--checks", "not_a_server_error",
-                                 "--max-examples", "10", "--seed", "1"], capture_output=True, text=True, timeout=300)
+                                 "--max-examples", "10", "--seed", "1"], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path)  # NOTE: schemathesis writes a cache where it runs
         assert result.returncode == 0, result.stdout[-3000:]
         assert "passed" in result.stdout
         assert "Traceback" not in served.log()
