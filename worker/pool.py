@@ -39,6 +39,7 @@ class ModelPool:
         self._cache = cache
         self.max_model_bytes = max_model_bytes
         self.max_image_pixels = max_image_pixels
+        self._sidecars: dict[str, tuple[tuple, dict]] = {}  # name -> (file key, parsed JSON)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -71,16 +72,31 @@ class ModelPool:
         return model
 
     def sidecar(self, name: str) -> dict:
-        """The model's sidecar JSON ({"description", "image": {"mean", "std"}}), {} when absent."""
+        """The model's sidecar JSON ({"description", "image", "dynamic_batching"}), {} when absent.
+
+        Parsed once per version of the file: a call costs one stat, and a rename by any worker
+        (every write is one) is seen at once.
+        """
+        path = self._path(name + SIDECAR)
         try:
-            with open(self._path(name + SIDECAR), encoding="utf-8") as f:
+            key = file_key(os.stat(path))
+        except FileNotFoundError:
+            self._sidecars.pop(name, None)
+            return {}
+        cached = self._sidecars.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            return data if isinstance(data, dict) else {}
+            data = data if isinstance(data, dict) else {}
         except FileNotFoundError:
             return {}
         except (ValueError, OSError) as exc:
             log.warning("unreadable sidecar for %s: %s", name, exc)
             return {}
+        self._sidecars[name] = (key, data)
+        return data
 
     def description(self, name: str) -> str:
         return str(self.sidecar(name).get("description", ""))
