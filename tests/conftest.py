@@ -19,8 +19,11 @@ from broker.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "worker" / "models"
-# Fast heartbeats so failure detection takes well under a second in tests.
-HEARTBEAT = ["--heartbeat-interval-s", "0.2", "--heartbeat-liveness", "3"]
+# Fast heartbeats, so failure detection takes about a second, with room for a loaded machine: a
+# starved process must miss LIVENESS beats in a row before its peer gives up on it.
+HEARTBEAT_S, LIVENESS = 0.25, 4
+LIVENESS_WINDOW_S = HEARTBEAT_S * LIVENESS
+HEARTBEAT = ["--heartbeat-interval-s", str(HEARTBEAT_S), "--heartbeat-liveness", str(LIVENESS)]
 # No metrics ports (tests that want /metrics pass free ones); status polls only where a test waits for them.
 QUIET_BROKER = ["--metrics-port", "0", "--status-interval-s", "3600"]
 QUIET_WORKER = ["--metrics-port", "0"]
@@ -152,6 +155,18 @@ def nodes_answering(client: Client, count: int) -> set[str]:
     replies = client.call_many([("echo", {"data": i}) for i in range(count)], timeout_s=5,
                                return_exceptions=True)
     return {r["node"] for r in replies if isinstance(r, dict)}
+
+
+def busy_workers(url: str) -> int:
+    """Workers the broker has a request out to right now (its own view, from mmi.workers)."""
+    with Client(url, timeout_s=5) as client:
+        status = client.broker_status(timeout_s=5) or {"workers": []}
+    return sum(w["state"] == "busy" for w in status["workers"])
+
+
+def wait_busy(url: str, n: int = 1, timeout_s: float = 20) -> None:
+    """Until the broker has handed requests to n workers: no sleep that guesses when dispatch happened."""
+    wait_for(lambda: busy_workers(url) >= n, timeout_s, f"{n} busy workers")
 
 
 def wait_workers(url: str, n: int, timeout_s: float = 20) -> None:

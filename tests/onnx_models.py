@@ -1,7 +1,12 @@
 """Small ONNX models that tests build with the onnx helper API: real models, made on the spot."""
 from __future__ import annotations
 
+import functools
+import math
+import time
+
 import numpy as np
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -12,15 +17,65 @@ def _model(nodes: list, inputs: list, outputs: list, initializers: list = ()) ->
     return model.SerializeToString()
 
 
-def slow_model(matmuls: int = 50) -> bytes:
-    """y = x @ x @ ... @ x: compute time grows with x's size, so a test picks how long a call takes."""
-    nodes, last = [], "x"
-    for i in range(matmuls):
-        nodes.append(helper.make_node("MatMul", [last, "x"], [f"m{i}"]))
-        last = f"m{i}"
-    nodes.append(helper.make_node("Identity", [last], ["y"]))
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])])
+SLOW_N = 256  # the loop state is SLOW_N x SLOW_N: one step is one matrix product
+
+
+def _orthogonal(n: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((n, n)))
+    return q.astype(np.float32)  # NOTE: orthogonal, so any power of it stays bounded
+
+
+def slow_model() -> bytes:
+    """y = sum(W^(k+1)) for an input k: k loop steps, each a matrix product, so k sets how long a call
+    takes while the input ({"k": [k]}) and the output ([1, 1]) stay tiny. See slow_input()."""
+    v = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [SLOW_N, SLOW_N])  # noqa: E731
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("MatMul", ["v_in", "w"], ["v_out"])],
+        "step", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), v("v_in")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), v("v_out")])
+    return _model(
+        [helper.make_node("Squeeze", ["k", "axes"], ["m"]), helper.make_node("Loop", ["m", "", "w"], ["v"], body=body),
+         helper.make_node("ReduceSum", ["v"], ["y"], keepdims=1)],
+        [helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        [numpy_helper.from_array(_orthogonal(SLOW_N), "w"), numpy_helper.from_array(np.array([0], np.int64), "axes")])
+
+
+def slow_expected(k: int) -> float:
+    """What slow_model() answers for k, computed without ONNX Runtime."""
+    return float(np.linalg.matrix_power(_orthogonal(SLOW_N).astype(np.float64), k + 1).sum())
+
+
+@functools.cache
+def _step_cpu_s() -> float:
+    """CPU seconds of one loop step in a one-thread session, as the test workers run it.
+
+    CPU time of the calling thread (ONNX Runtime computes on it with one intra-op thread), not wall
+    time: other load on the machine can only make a call slower than this, never faster.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(slow_model(), options, providers=["CPUExecutionProvider"])
+    feed, steps, best = {"k": np.array([200], np.int64)}, 200, float("inf")
+    for _ in range(5):
+        started = time.thread_time()
+        session.run(None, feed)
+        best = min(best, time.thread_time() - started)
+    return best / steps
+
+
+SLACK = 1.5  # NOTE: a busy sibling hyperthread or a clock change can make the calibration run slower
+
+
+def slow_steps(seconds: float) -> int:
+    """Loop steps for a slow_model() call of at least `seconds`, calibrated on this machine."""
+    return max(1, math.ceil(SLACK * seconds / _step_cpu_s()))
+
+
+def slow_input(seconds: float) -> dict[str, np.ndarray]:
+    """The input of a slow_model() call that computes for at least `seconds` on a one-thread worker."""
+    return {"k": np.array([slow_steps(seconds)], np.int64)}
 
 
 def constant_model(value: float) -> bytes:
@@ -40,25 +95,6 @@ def two_input_model() -> bytes:
     return _model([helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["a", "b"], ["prod"])],
                   [a, b], [helper.make_tensor_value_info("sum", TensorProto.FLOAT, [None, 2]),
                            helper.make_tensor_value_info("prod", TensorProto.FLOAT, [None, 2])])
-
-
-def slow_input() -> np.ndarray:
-    """An input for slow_model() that takes over a second with one thread on this machine kind."""
-    n = 1000
-    return (np.random.default_rng(0).random((n, n), dtype=np.float32) / n).astype(np.float32)
-
-
-def slow_scalar_model(n: int = 1000, matmuls: int = 50) -> bytes:
-    """Like slow_model, from a [1, 1] input expanded to [n, n]: slow to run, tiny to send as JSON."""
-    nodes = [helper.make_node("Expand", ["x", "shape"], ["e"])]
-    last = "e"
-    for i in range(matmuls):
-        nodes.append(helper.make_node("MatMul", [last, "e"], [f"m{i}"]))
-        last = f"m{i}"
-    nodes.append(helper.make_node("ReduceSum", [last], ["y"], keepdims=0))
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-                  [numpy_helper.from_array(np.array([n, n], np.int64), "shape")])
 
 
 def identity_model(shape: list) -> bytes:

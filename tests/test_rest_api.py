@@ -18,7 +18,7 @@ from PIL import Image
 from frontend import api
 
 from .conftest import BUNDLED, Served, start_frontend, wait_workers
-from .onnx_models import slow_scalar_model
+from .onnx_models import slow_model, slow_steps
 
 MAX_BODY = 2_000_000
 OK = {"code": 200, "description": "OK", "name": "OK"}
@@ -297,11 +297,14 @@ def test_frontend_answers_503_without_a_broker_and_recovers_by_itself(procs, mod
 
 def test_past_the_deadline_is_504(procs, cluster):
     from broker.client import Client
+    deadline_s = 0.5
     with Client(cluster["url"]) as client:
-        client.upload("slowish.onnx", slow_scalar_model())
-    base = start_frontend(procs, cluster["url"], FRACTAL_FRONTEND_TIMEOUT_S="0.5")
-    req = urllib.request.Request(base + "/api/v1/models/slowish.onnx/prediction", data=b'{"values": [[0.001]]}',
-                                 method="POST", headers={"Content-Type": "application/json"})
+        client.upload("slow.onnx", slow_model())
+    base = start_frontend(procs, cluster["url"], FRACTAL_FRONTEND_TIMEOUT_S=str(deadline_s))
+    steps = slow_steps(3 * deadline_s)
+    req = urllib.request.Request(base + "/api/v1/models/slow.onnx/prediction", method="POST",
+                                 data=json.dumps({"values": [steps]}).encode(),
+                                 headers={"Content-Type": "application/json"})
     try:
         urllib.request.urlopen(req, timeout=10)
         raise AssertionError("expected 504")

@@ -189,6 +189,7 @@ def test_not_ready_without_workers(procs):
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as err:
             c.get_model_metadata("iris.onnx")
-        assert err.value.status() == "503" and time.monotonic() - started < 5
+        # NOTE: half the frontend's 30 s deadline: a prompt 503, not a call that waited its time out
+        assert err.value.status() == "503" and time.monotonic() - started < 15
     finally:
         c.close()
