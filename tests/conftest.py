@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import pytest
 
 from broker.client import Client
+from broker.errors import NoWorkerAvailable, Timeout
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "worker" / "models"
@@ -64,6 +65,16 @@ def dealer(url: str) -> Iterator:
         ctx.destroy(linger=0)
 
 
+def tcp_open(url: str) -> bool:
+    """True when something accepts TCP connections at tcp://host:port."""
+    host, _, port = url.removeprefix("tcp://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def free_ports(count: int) -> int:
     """The first of `count` consecutive free ports (fractal serve gives workers base + 1, + 2, ...)."""
     for _ in range(50):
@@ -108,8 +119,12 @@ class Processes:
         return proc
 
     def broker(self, url: str, *flags: str) -> subprocess.Popen:
-        return self.start("broker", [sys.executable, "-m", "broker", "--bind", url, *HEARTBEAT, *QUIET_BROKER,
+        """A broker, returned once it listens: a loaded machine can take seconds to start Python."""
+        proc = self.start("broker", [sys.executable, "-m", "broker", "--bind", url, *HEARTBEAT, *QUIET_BROKER,
                                      *flags])
+        wait_for(lambda: proc.poll() is not None or tcp_open(url), 60, f"the broker on {url}")
+        assert proc.poll() is None, Path(proc.log_path).read_text(errors="replace")
+        return proc
 
     def worker(self, url: str, model_dir: Path, *flags: str) -> subprocess.Popen:
         return self.start("worker", [sys.executable, "-m", "worker", "--connect", url,
@@ -152,8 +167,11 @@ def broker_url(procs: Processes) -> str:
 
 
 def nodes_answering(client: Client, count: int) -> set[str]:
-    replies = client.call_many([("echo", {"data": i}) for i in range(count)], timeout_s=5,
-                               return_exceptions=True)
+    try:
+        replies = client.call_many([("echo", {"data": i}) for i in range(count)], timeout_s=5,
+                                   return_exceptions=True)
+    except (NoWorkerAvailable, Timeout):  # not up yet: the caller waits and asks again
+        return set()
     return {r["node"] for r in replies if isinstance(r, dict)}
 
 
@@ -169,7 +187,7 @@ def wait_busy(url: str, n: int = 1, timeout_s: float = 20) -> None:
     wait_for(lambda: busy_workers(url) >= n, timeout_s, f"{n} busy workers")
 
 
-def wait_workers(url: str, n: int, timeout_s: float = 20) -> None:
+def wait_workers(url: str, n: int, timeout_s: float = 60) -> None:
     """Until n distinct workers answer echoes (the broker's LRU spreads sequential calls)."""
     with Client(url, timeout_s=5) as client:
         wait_for(lambda: len(nodes_answering(client, 2 * n)) >= n, timeout_s, f"{n} workers to register")
@@ -234,5 +252,5 @@ def start_frontend(procs: Processes, broker_url: str, **env: str) -> str:
                 return True
         except OSError:
             return False
-    wait_for(up, 30, "gunicorn")
+    wait_for(up, 60, "gunicorn")
     return base

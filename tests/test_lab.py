@@ -28,11 +28,15 @@ pytestmark = pytest.mark.skipif(bool(_namespaces_unavailable()), reason=str(_nam
 
 def test_cut_restore_and_scale_out_under_steady_load(tmp_path):
     import lab
+    import load
     result = lab.scenario(tmp_path, rate=40, duration_s=22)
-    assert result["requests"] > 600
+    assert result["requests"] == sum(map(len, load.schedule(40, 22)))  # every one sent, however slow
     assert result["failures"] == 0, result["failed"]  # re-dispatch covered the requests on the cut host
-    assert result["cut_to_declared_dead_s"] <= result["liveness_window_s"] + 0.5
-    assert result["restore_to_reregistered_s"] < 5
-    assert result["reregistered_to_first_request_s"] <= result["heartbeat_s"]
-    assert result["third_host_registered_to_first_request_s"] <= result["heartbeat_s"]
+    # Each moment below is seen through a status poll, so each bound allows for the slowest poll.
+    seen = 2 * result["slowest_poll_s"]
+    assert result["cut_to_declared_dead_s"] <= result["liveness_window_s"] + 0.1 + seen  # (0.1 s: the broker's tick)
+    # A worker retries at most every reconnect_max_s, then registers within a heartbeat.
+    assert result["restore_to_reregistered_s"] <= result["reconnect_max_s"] + result["heartbeat_s"] + seen
+    assert result["reregistered_to_first_request_s"] <= result["heartbeat_s"] + seen
+    assert result["third_host_registered_to_first_request_s"] <= result["heartbeat_s"] + seen
     assert lab.namespaces() == []  # torn down

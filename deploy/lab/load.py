@@ -16,20 +16,23 @@ import urllib.parse
 BODY = b'{"values": [2, 5, 1, 4]}'
 
 
+def schedule(rate: float, duration_s: float, threads: int = 4) -> list[list[float]]:
+    """Each thread's send times (seconds from the start). Every one is sent, late if need be, so the
+    number of requests never depends on how fast the server or the machine is."""
+    interval = threads / rate
+    return [[i / rate + n * interval for n in range(int((duration_s - i / rate) / interval) + 1)]
+            for i in range(threads)]
+
+
 def run(url: str, rate: float, duration_s: float, threads: int, out_path: str) -> None:
     parsed = urllib.parse.urlsplit(url)
     started = time.monotonic()
     lock, results = threading.Lock(), []
 
-    def client(offset: float) -> None:
+    def client(times: list[float]) -> None:
         conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
-        interval = threads / rate
-        n = 0
-        while True:
-            due = started + offset + n * interval
-            if due - started > duration_s:
-                break
-            time.sleep(max(0.0, due - time.monotonic()))
+        for offset in times:
+            time.sleep(max(0.0, started + offset - time.monotonic()))
             t0 = time.monotonic()
             try:
                 conn.request("POST", parsed.path, BODY, {"Content-Type": "application/json"})
@@ -43,9 +46,8 @@ def run(url: str, rate: float, duration_s: float, threads: int, out_path: str) -
             with lock:
                 results.append({"t": round(t0 - started, 4), "status": status,
                                 "ms": round((time.monotonic() - t0) * 1e3, 2)})
-            n += 1
 
-    workers = [threading.Thread(target=client, args=(i / rate,)) for i in range(threads)]
+    workers = [threading.Thread(target=client, args=(times,)) for times in schedule(rate, duration_s, threads)]
     for w in workers:
         w.start()
     for w in workers:
