@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from broker import jsonbody
 from broker.errors import BadInput
 
 DATATYPES = {
@@ -109,10 +110,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     view = memoryview(body)
     head = view[:header_length] if header_length is not None else view
     binary = view[header_length:] if header_length is not None else memoryview(b"")
-    try:
-        request = json.loads(bytes(head))
-    except ValueError as exc:
-        raise BadInput(f"the inference request is not valid JSON: {exc}") from None
+    request = jsonbody.loads(bytes(head), "the inference request")
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadInput("an inference request needs a non-empty 'inputs' list")
     inputs, offset = {}, 0

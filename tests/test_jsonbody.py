@@ -1,0 +1,98 @@
+"""The strict JSON parser, in-process: each refusal and its message, and what it still reads."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import BadInput
+from broker.jsonbody import MAX_DEPTH, loads
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.mark.parametrize("data, message", [
+    (b'{"values": [NaN, 1]}', "body: NaN is not JSON"),
+    (b'[1, Infinity]', "body: Infinity is not JSON"),
+    (b'[-Infinity]', "body: -Infinity is not JSON"),
+    (b'{"values": [1e400]}', "body: 1e400 is out of float64 range"),
+    (b'[-1E400]', "body: -1E400 is out of float64 range"),
+    (DEEP, f"body: nesting deeper than {MAX_DEPTH}"),
+    (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), f"nesting deeper than {MAX_DEPTH}"),
+    (b'{"a":' * (MAX_DEPTH + 1) + b"1" + b"}" * (MAX_DEPTH + 1), f"nesting deeper than {MAX_DEPTH}"),
+    (b'{"values": 1, "values": 2}', "body: duplicate key 'values'"),
+    (b'{"x": [{"b": 1, "c": {"d": 1, "d": 2}}]}', "duplicate key 'd'"),
+    (b'{"a\\"b": 1, "a\\"b": 2}', "duplicate key 'a\"b'"),
+    (b'["\\ud800"]', "lone UTF-16 surrogate"),
+    (b'["\\udc00x"]', "lone UTF-16 surrogate"),
+    (b'["\xed\xa0\x80"]', "invalid UTF-8 at byte 2"),
+    (b'{"values": "\xff"}', "invalid UTF-8 at byte 12"),
+    (b'[18446744073709551616]', "the integer 18446744073709551616 is beyond 64 bits"),
+    (b'{"a": -9223372036854775809}', "the integer -9223372036854775809 is beyond 64 bits"),
+    (b'1' * 400, "digits) is beyond 64 bits"),
+    (b"\xef\xbb\xbf[1]", "byte order mark"),
+    (b"", "not valid JSON"),
+    (b'{"values": [2, 5, 1', "not valid JSON"),
+    (b"[1] [2]", "not valid JSON"),
+])
+def test_refusals_name_the_problem(data, message):
+    with pytest.raises(BadInput) as caught:
+        loads(data, "body")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("data, value", [
+    (b'{"values": [2, 5, 1, 4]}', {"values": [2, 5, 1, 4]}),
+    (b"[" * MAX_DEPTH + b"]" * MAX_DEPTH, json.loads(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)),
+    (b'[18446744073709551615, -9223372036854775808, 1234567890123456789]',
+     [2**64 - 1, -2**63, 1234567890123456789]),
+    (b'[0.0012345678901234567890123, 1e-400, 1e00000000000000000000001, 12345678901234567890123.5]',
+     [0.0012345678901234567, 0.0, 10.0, 1.2345678901234568e22]),
+    (b'{"a": 1, "b": {"a": 2}, "c": [{"a": 3}, {"a": 4}]}', {"a": 1, "b": {"a": 2}, "c": [{"a": 3}, {"a": 4}]}),
+    (b'{"s": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[:::,", "t": "\\"{{{{"}',
+     {"s": "[" * 72 + ":::,", "t": '"{{{{'}),
+    (b'{"k": "123456789012345678901234567890", "e": "\\ud83d\\ude00"}',
+     {"k": "123456789012345678901234567890", "e": "\U0001F600"}),
+    (b' 9223372036854775807 ', 2**63 - 1),
+    (b'"text"', "text"),
+])
+def test_json_within_the_rules_is_read_as_the_stdlib_reads_it(data, value):
+    assert loads(data, "body") == value
+
+
+def test_the_deep_body_is_refused_fast():
+    started = time.perf_counter()
+    for _ in range(3):
+        with pytest.raises(BadInput):
+            loads(DEEP, "body")
+    deep_s = time.perf_counter() - started
+    flat = b"[" + b"0," * 200_000 + b"0]"  # the same size, nothing to refuse
+    started = time.perf_counter()
+    for _ in range(3):
+        loads(flat, "body")
+    assert deep_s < 5 * (time.perf_counter() - started) + 0.05
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(JSON_VALUES)
+@settings(max_examples=300, derandomize=True)
+def test_any_valid_document_round_trips(value):
+    assert loads(json.dumps(value).encode(), "body") == value
+
+
+@given(st.binary(max_size=64) | st.text(alphabet='[]{}":,\\ 0123456789.eE+-aNIfinty', max_size=64).map(str.encode))
+@settings(max_examples=1000, derandomize=True)
+def test_any_bytes_parse_or_give_bad_input(data):
+    try:
+        loads(data, "body")
+    except BadInput as exc:
+        assert str(exc).startswith("body: ")

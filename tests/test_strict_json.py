@@ -1,0 +1,149 @@
+"""Hostile JSON against a real `fractal serve`: every JSON route answers 400 in its own error shape."""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+from .conftest import Served, wait_for
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+# Each route's body with X where the case goes, and the shape its errors take.
+ROUTES = {
+    "seed GET prediction": ("GET", "/api/v1/models/iris.onnx/prediction", b'{"values": [X, 5, 1, 4]}', "seed"),
+    "seed POST prediction": ("POST", "/api/v1/models/iris.onnx/prediction", b'{"values": [X, 5, 1, 4]}', "seed"),
+    "model description": ("POST", "/api/v1/models/iris.onnx", b'{"model_description": X}', "seed"),
+    "sendtomodelhost": ("POST", "/api/test/sendtomodelhost", b'{"data": [X, 2]}', "seed"),
+    "v2 infer": ("POST", "/v2/models/iris.onnx/infer",
+                 b'{"inputs": [{"name": "float_input", "shape": [1, 4], "datatype": "FP32", "data": [X, 5, 1, 4]}]}',
+                 "v2"),
+}
+# Each case: what replaces X, and what the error must say.
+CASES = {
+    "NaN": (b"NaN", "NaN is not JSON"),
+    "Infinity": (b"Infinity", "Infinity is not JSON"),
+    "-Infinity": (b"-Infinity", "-Infinity is not JSON"),
+    "1e400": (b"1e400", "1e400 is out of float64 range"),
+    "200,000 deep": (DEEP, "nesting deeper than 64"),
+    "invalid UTF-8": (b'"caf\xe9"', "invalid UTF-8 at byte"),
+    "bare huge integer": (b"123456789012345678901234567890", "the integer 123456789012345678901234567890 is beyond 64 bits"),
+    "lone surrogate": (b'"\\ud800"', "lone UTF-16 surrogate"),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    served = Served(tmp_path_factory.mktemp("strict-json"))
+    yield served
+    assert "Traceback" not in served.log()
+    assert served.stop() == 0
+
+
+def send(server: Served, method: str, path: str, body: bytes) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def error_text(shape: str, status: int, answer: dict) -> str:
+    """The error's description, after checking the route's error shape."""
+    if shape == "v2":
+        assert set(answer) == {"error"}, answer
+        return answer["error"]
+    assert set(answer) == {"http_status"} and answer["http_status"]["code"] == status, answer
+    assert answer["http_status"]["name"] == "Bad Request"
+    return answer["http_status"]["description"]
+
+
+def predicts(server: Served) -> bool:
+    status, answer = send(server, "POST", "/api/v1/models/iris.onnx/prediction", b'{"values": [2, 5, 1, 4]}')
+    return status == 200 and answer["values"] == [1]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("route", ROUTES)
+def test_each_hostile_value_is_a_400_that_names_it(server, route, case):
+    method, path, template, shape = ROUTES[route]
+    value, message = CASES[case]
+    status, answer = send(server, method, path, template.replace(b"X", value))
+    assert status == 400
+    assert message in error_text(shape, status, answer)
+    assert predicts(server)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_duplicate_keys_are_a_400_that_names_the_key(server, route):
+    method, path, template, shape = ROUTES[route]
+    body = template.replace(b"X", b"1")
+    key = body[body.index(b'"'):body.index(b":") + 1]  # the route's first key, said twice
+    status, answer = send(server, method, path, b"{" + key + b" 0, " + body[1:])
+    assert status == 400
+    assert f"duplicate key {key[1:-2].decode()!r}" in error_text(shape, status, answer)
+
+
+def test_numbers_that_are_json_are_still_json_on_routes_without_a_dtype(server):
+    status, answer = send(server, "POST", "/api/test/sendtomodelhost", b'{"data": [1e39, 18446744073709551615]}')
+    assert status == 200 and [d["data"] for d in answer["data"]] == [1e39, 2**64 - 1]
+
+
+def test_a_sidecar_that_breaks_the_rules_is_logged_and_ignored(server):
+    sidecar = server.pool / "iris.onnx.json"
+    original = sidecar.read_bytes()
+    try:
+        for broken, logged in [(b'{"description": NaN}', "NaN is not JSON"),
+                               (b'{"description": "a", "description": "b"}', "duplicate key 'description'"),
+                               (b'{"description": ' + DEEP + b"}", "nesting deeper than 64")]:
+            sidecar.write_bytes(broken)
+            status, answer = send(server, "GET", "/api/v1/models/iris.onnx", b"")
+            assert status == 200 and answer["description"] == ""
+            assert predicts(server)
+            wait_for(lambda: logged in server.log(), 10, f"the warning {logged!r}")
+        assert "unreadable sidecar for iris.onnx, ignored: sidecar iris.onnx.json:" in server.log()
+    finally:
+        sidecar.write_bytes(original)
+    status, answer = send(server, "GET", "/api/v1/models/iris.onnx", b"")
+    assert answer["description"] == json.loads(original)["description"]
+
+
+def test_the_deep_body_is_answered_as_fast_as_a_flat_one(server):
+    def seconds(body: bytes) -> float:
+        started = time.perf_counter()
+        for _ in range(3):
+            assert send(server, "POST", "/api/v1/models/iris.onnx/prediction", body)[0] == 400
+        return time.perf_counter() - started
+    flat = b'{"values": [' + b"1, " * 200_000 + b"1]}"  # as long, refused later: not 4 columns
+    assert seconds(b'{"values": ' + DEEP + b"}") < 3 * seconds(flat) + 0.5
+
+
+JSONISH = st.text(alphabet='[]{}":,\\ -+.0123456789eENaIfinityulr', max_size=80).map(str.encode)
+HOSTILE = st.sampled_from([value for value, _ in CASES.values()])
+TEMPLATED = st.tuples(st.sampled_from([t for _, _, t, _ in ROUTES.values()]),
+                      st.binary(max_size=40) | JSONISH | HOSTILE).map(lambda tv: tv[0].replace(b"X", tv[1]))
+
+
+def test_any_bytes_as_a_json_body_get_a_2xx_or_4xx_and_the_server_serves_on(server):
+    @given(st.sampled_from(sorted(ROUTES)), st.binary(max_size=120) | JSONISH | TEMPLATED)
+    @settings(max_examples=250, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+    def request(route, body):
+        method, path, _, _ = ROUTES[route]
+        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+        finally:
+            conn.close()
+        assert 200 <= resp.status < 500, (route, body, resp.status)
+
+    request()
+    assert predicts(server)
