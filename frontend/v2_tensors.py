@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from broker import jsonbody
+from broker.casting import cast
 from broker.errors import BadInput
 
 DATATYPES = {
@@ -95,9 +96,13 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarra
     if "data" not in tensor:
         raise BadInput(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
     try:
-        array = np.asarray(tensor["data"], dtype=np.str_ if datatype == "BYTES" else DATATYPES[datatype])
-    except (ValueError, TypeError):
+        array = np.asarray(tensor["data"], dtype=np.str_ if datatype == "BYTES" else None)
+    except (ValueError, TypeError, OverflowError):
         raise BadInput(f"input {name!r}: 'data' is not a list of {datatype} values") from None
+    if datatype != "BYTES":
+        if array.dtype.kind not in "biuf":
+            raise BadInput(f"input {name!r}: 'data' is not a list of {datatype} values")
+        array = cast(array, DATATYPES[datatype], name)  # refuses 1e39 for FP32, 2**40 for INT32
     if array.size != count:
         raise BadInput(f"input {name!r}: shape {list(shape)} needs {count} values, 'data' has {array.size}")
     return name, array.reshape(shape), offset

@@ -1,13 +1,15 @@
-"""The strict JSON parser, in-process: each refusal and its message, and what it still reads."""
+"""The strict JSON parser and the overflow-checked cast, in-process: each refusal and its message."""
 from __future__ import annotations
 
 import json
 import time
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.casting import cast
 from broker.errors import BadInput
 from broker.jsonbody import MAX_DEPTH, loads
 
@@ -96,3 +98,42 @@ def test_any_bytes_parse_or_give_bad_input(data):
         loads(data, "body")
     except BadInput as exc:
         assert str(exc).startswith("body: ")
+
+
+@pytest.mark.parametrize("array, dtype, message", [
+    (np.array([1e39, 1.0]), np.float32, "1e+39 is out of float32 range for input 'x'"),
+    (np.array([-1e39]), np.float32, "-1e+39 is out of float32 range"),
+    (np.array([70000.0]), np.float16, "70000.0 is out of float16 range"),
+    (np.array([65535], np.uint16), np.float16, "65535 is out of float16 range"),
+    (np.array([2**40]), np.int32, "1099511627776 is out of int32 range"),
+    (np.array([-1]), np.uint8, "-1 is out of uint8 range"),
+    (np.array([1e20]), np.int64, "1e+20 is out of int64 range"),
+    (np.array([np.nan]), np.int64, "nan is out of int64 range"),
+    (np.array([2.0**63]), np.int64, "9.223372036854776e+18 is out of int64 range"),
+])
+def test_casts_that_overflow_name_the_value_the_dtype_and_the_input(array, dtype, message):
+    with pytest.raises(BadInput) as caught:
+        cast(array, np.dtype(dtype), "x")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("array, dtype", [
+    (np.array([3.4e38, -1.5, 0.0]), np.float32),
+    (np.array([np.inf, -np.inf, np.nan, 1.0]), np.float32),  # already non-finite: not an overflow
+    (np.array([2**63 - 1, -2**63]), np.float32),
+    (np.array([2**31 - 1, -2**31]), np.int32),
+    (np.array([255, 0]), np.uint8),
+    (np.array([2.5, -7.0]), np.int16),
+    (np.array([0, 3]), np.bool_),
+    (np.array([], np.float64), np.int8),
+])
+def test_casts_within_range_convert(array, dtype):
+    out = cast(array, np.dtype(dtype), "x")
+    assert out.dtype == dtype
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(out, array.astype(dtype))
+
+
+def test_a_cast_to_the_same_dtype_is_the_same_array():
+    array = np.arange(4, dtype=np.float32)
+    assert cast(array, np.dtype(np.float32), "x") is array

@@ -5,10 +5,13 @@ import http.client
 import json
 import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.client import Client
+from broker.errors import BadInput
 
 from .conftest import Served, wait_for
 
@@ -89,6 +92,35 @@ def test_duplicate_keys_are_a_400_that_names_the_key(server, route):
     status, answer = send(server, method, path, b"{" + key + b" 0, " + body[1:])
     assert status == 400
     assert f"duplicate key {key[1:-2].decode()!r}" in error_text(shape, status, answer)
+
+
+FLOAT32_OVERFLOW = "1e+39 is out of float32 range for input 'float_input'"
+
+
+@pytest.mark.parametrize("route, datatype, value, message", [
+    ("seed GET prediction", None, b"1e39", FLOAT32_OVERFLOW),
+    ("seed POST prediction", None, b"-1e39", "-" + FLOAT32_OVERFLOW),
+    ("v2 infer", "FP32", b"1e39", FLOAT32_OVERFLOW),  # refused where the frontend reads the v2 datatype
+    ("v2 infer", "FP64", b"1e39", FLOAT32_OVERFLOW),  # taken as FP64, refused where the worker converts it
+    ("v2 infer", "INT32", b"1099511627776", "1099511627776 is out of int32 range for input 'float_input'"),
+    ("v2 infer", "INT64", b"1e20", "1e+20 is out of int64 range for input 'float_input'"),
+])
+def test_numbers_beyond_the_inputs_dtype_are_a_400_naming_the_input(server, route, datatype, value, message):
+    method, path, template, shape = ROUTES[route]
+    body = template.replace(b"X", value)
+    if datatype:
+        body = body.replace(b'"FP32"', f'"{datatype}"'.encode())
+    status, answer = send(server, method, path, body)
+    assert status == 400
+    assert message in error_text(shape, status, answer)
+
+
+def test_a_float32_overflow_from_the_direct_client_is_bad_input(server):
+    with Client(server.broker_url, timeout_s=10) as client:
+        with pytest.raises(BadInput, match="out of float32 range for input 'float_input'"):
+            client.predict("iris.onnx", {"float_input": np.array([[1e39, 5, 1, 4]])})
+        inf = client.predict("iris.onnx", {"float_input": np.array([[np.inf, 5, 1, 4]])})  # inf was inf already
+        assert inf["label"].shape == (1,)
 
 
 def test_numbers_that_are_json_are_still_json_on_routes_without_a_dtype(server):
