@@ -6,13 +6,13 @@ prefix per element.
 """
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from broker import jsonbody
 from broker.casting import cast
@@ -163,7 +163,7 @@ def encode_response(model: str, request: InferRequest, outputs: dict[str, Any]) 
     response = {"model_name": model, "model_version": "1", "outputs": entries}
     if request.id is not None:
         response["id"] = request.id
-    head = json.dumps(response).encode()
+    head = orjson.dumps(response, option=orjson.OPT_NON_STR_KEYS)  # ZipMap outputs have int keys
     if not chunks:
         return head, None
     return head + b"".join(chunks), len(head)

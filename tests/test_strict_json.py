@@ -179,3 +179,22 @@ def test_any_bytes_as_a_json_body_get_a_2xx_or_4xx_and_the_server_serves_on(serv
 
     request()
     assert predicts(server)
+
+
+def test_answers_are_strict_json_too_non_finite_outputs_are_null(server):
+    """diabetes (a linear model) overflows to NaN on 3e38 inputs: the answer says null, not NaN."""
+    values = b"[" + b", ".join([b"3e38"] * 10) + b"]"
+    for method, path, body, key in [
+            ("POST", "/api/v1/models/diabetes.onnx/prediction", b'{"values": ' + values + b"}", "values"),
+            ("POST", "/v2/models/diabetes.onnx/infer", b'{"inputs": [{"name": "float_input", "shape": [1, 10], '
+                                                       b'"datatype": "FP32", "data": ' + values + b"}]}", "outputs")]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        assert resp.status == 200, raw
+        answer = json.loads(raw, parse_constant=lambda name: pytest.fail(f"{name} in {raw!r}"))
+        assert answer[key] == [[None]] if key == "values" else answer[key][0]["data"] == [None]
