@@ -34,6 +34,8 @@ DEEP = b"[" * 200_000 + b"]" * 200_000
     (b'{"values": "\xff"}', "invalid UTF-8 at byte 12"),
     (b'[18446744073709551616]', "the integer 18446744073709551616 is beyond 64 bits"),
     (b'{"a": -9223372036854775809}', "the integer -9223372036854775809 is beyond 64 bits"),
+    (b'{"a":\n\t 18446744073709551616}', "the integer 18446744073709551616 is beyond 64 bits"),
+    (b'[\r\n-9223372036854775809]', "the integer -9223372036854775809 is beyond 64 bits"),
     (b'1' * 400, "digits) is beyond 64 bits"),
     (b"\xef\xbb\xbf[1]", "byte order mark"),
     (b"", "not valid JSON"),
@@ -89,6 +91,45 @@ JSON_VALUES = st.recursive(
 @settings(max_examples=300, derandomize=True)
 def test_any_valid_document_round_trips(value):
     assert loads(json.dumps(value).encode(), "body") == value
+
+
+def _dump(node) -> str:
+    """JSON text of a tree whose objects are lists of pairs, so a key may be said twice."""
+    kind, items = node if isinstance(node, tuple) else ("scalar", node)
+    if kind == "array":
+        return "[" + ", ".join(map(_dump, items)) + "]"
+    if kind == "object":
+        return "{" + ", ".join(f"{json.dumps(k)}: {_dump(v)}" for k, v in items) + "}"
+    return json.dumps(items)
+
+
+def _has_duplicate(node) -> bool:
+    kind, items = node if isinstance(node, tuple) else ("scalar", node)
+    if kind == "array":
+        return any(map(_has_duplicate, items))
+    if kind == "object":
+        keys = [k for k, _ in items]
+        return len(set(keys)) < len(keys) or any(_has_duplicate(v) for _, v in items)
+    return False
+
+
+TREES = st.recursive(
+    st.integers(-5, 5) | st.text(alphabet='a"\\:{[', max_size=3),
+    lambda inner: st.lists(inner, max_size=4).map(lambda xs: ("array", xs))
+    | st.lists(st.tuples(st.sampled_from(["a", "b", 'a"', "a\\"]), inner), max_size=3).map(lambda kv: ("object", kv)),
+    max_leaves=16)
+
+
+@given(TREES)
+@settings(max_examples=500, derandomize=True)
+def test_a_duplicate_key_anywhere_is_found_and_only_then(tree):
+    text = _dump(tree).encode()
+    try:
+        loads(text, "body")
+    except BadInput as exc:
+        assert "duplicate key" in str(exc) and _has_duplicate(tree)
+    else:
+        assert not _has_duplicate(tree)
 
 
 @given(st.binary(max_size=64) | st.text(alphabet='[]{}":,\\ 0123456789.eE+-aNIfinty', max_size=64).map(str.encode))
