@@ -5,8 +5,8 @@ valid UTF-8 only, no lone surrogate escapes, no recursion limit to trip). On top
 that parsed is checked for what orjson accepts but we do not: nesting deeper than MAX_DEPTH,
 duplicate keys (orjson keeps the last one silently), and integers beyond 64 bits (orjson turns them
 into inexact floats silently). These checks run at C speed (bytes.split drops the strings,
-bytes.translate keeps the brackets, numpy sums them; keys are counted with map and set) and never
-by recursion, so a hostile body cannot make them deep, and costs them time linear in its size.
+bytes.translate keeps the brackets, numpy sums them; keys are counted with map and set), never by
+recursion, and in time linear in the body's size: a hostile body makes them neither deep nor slow.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _distinct_keys(value: Any, objects: int) -> int:
         else:
             children = item
         kinds = set(map(type, children))  # NOTE: a C-speed look, so a list of numbers costs little
-        if kinds == {dict} and children is item:  # a list of objects (v2 "inputs"): counted at C speed, then their values
+        if kinds == {dict} and children is item:  # a list of objects (v2 "inputs"): counted at C speed
             objects -= len(item)
             keys += sum(map(len, item))
             children = list(chain.from_iterable(map(dict.values, item)))

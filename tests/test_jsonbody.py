@@ -116,7 +116,8 @@ def _has_duplicate(node) -> bool:
 TREES = st.recursive(
     st.integers(-5, 5) | st.text(alphabet='a"\\:{[', max_size=3),
     lambda inner: st.lists(inner, max_size=4).map(lambda xs: ("array", xs))
-    | st.lists(st.tuples(st.sampled_from(["a", "b", 'a"', "a\\"]), inner), max_size=3).map(lambda kv: ("object", kv)),
+    | st.lists(st.tuples(st.sampled_from(["a", "b", 'a"', "a\\"]), inner), max_size=3)
+    .map(lambda kv: ("object", kv)),
     max_leaves=16)
 
 
