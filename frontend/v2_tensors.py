@@ -64,9 +64,16 @@ def _decode_bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray
     return np.array(items, dtype=np.str_)
 
 
+def _parameters(holder: dict, what: str) -> dict:
+    parameters = holder.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise BadInput(f"{what}: 'parameters' must be an object")
+    return parameters or {}
+
+
 def _shape(tensor: dict, name: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):  # NOTE: no bools
         raise BadInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
     return tuple(shape)
 
@@ -80,7 +87,7 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarra
     if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DATATYPES):
         raise BadInput(f"input {name!r}: unknown datatype {datatype!r}; use one of "
                        f"{', '.join([*DATATYPES, 'BYTES'])}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise BadInput(f"input {name!r}: binary_data_size {size!r} does not fit the "
@@ -124,8 +131,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         inputs[name] = array
     if offset != len(binary):
         raise BadInput(f"{len(binary) - offset} binary bytes in the body belong to no input")
-    parameters = request.get("parameters") or {}
-    binary_default = bool(parameters.get("binary_data_output", False))
+    binary_default = bool(_parameters(request, "the request").get("binary_data_output", False))
     outputs, flags = None, {}
     if request.get("outputs") is not None:
         if not isinstance(request["outputs"], list):
@@ -135,7 +141,8 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise BadInput("each requested output needs a 'name'")
             outputs.append(out["name"])
-            flags[out["name"]] = bool((out.get("parameters") or {}).get("binary_data", binary_default))
+            parameters = _parameters(out, f"output {out['name']!r}")
+            flags[out["name"]] = bool(parameters.get("binary_data", binary_default))
     return InferRequest(request.get("id"), inputs, outputs, flags, binary_default)
 
 

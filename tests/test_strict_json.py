@@ -181,6 +181,62 @@ def test_any_bytes_as_a_json_body_get_a_2xx_or_4xx_and_the_server_serves_on(serv
     assert predicts(server)
 
 
+# Valid JSON in every field a route reads, so the route's own checks are fuzzed, not only the parser.
+FIELDS = {
+    "seed POST prediction": [b'{"values": X}', b'{"inputs": X}', b'{"inputs": {"float_input": X}}',
+                             b'{"values": [2, 5, 1, 4], "outputs": X}'],
+    "model description": [b'{"model_description": X}'],
+    "sendtomodelhost": [b'{"data": X}'],
+    "v2 infer": [b'{"inputs": X}', b'{"inputs": [X]}',
+                 b'{"inputs": [{"name": "float_input", "shape": X, "datatype": "FP32", "data": [2, 5, 1, 4]}]}',
+                 b'{"inputs": [{"name": "float_input", "shape": [1, 4], "datatype": X, "data": [2, 5, 1, 4]}]}',
+                 b'{"inputs": [{"name": "float_input", "shape": [1, 4], "datatype": "FP32", "data": X}]}',
+                 b'{"inputs": [{"name": X, "shape": [1, 4], "datatype": "FP32", "data": [2, 5, 1, 4]}]}',
+                 b'{"inputs": [{"name": "float_input", "shape": [1, 4], "datatype": "FP32", "data": [2, 5, 1, 4], '
+                 b'"parameters": X}], "parameters": X, "outputs": X, "id": X}',
+                 b'{"inputs": [{"name": "float_input", "shape": [1, 4], "datatype": "FP32", "data": [2, 5, 1, 4]}], '
+                 b'"outputs": [X], "parameters": {"binary_data_output": X}}'],
+}
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(-3, 5) | st.sampled_from(["float_input", "label", "FP32", "INT64", "BYTES", "all", ""]),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+        st.sampled_from(["name", "shape", "datatype", "data", "parameters", "binary_data_size", "binary_data",
+                         "float_input", "x"]), inner, max_size=4),
+    max_leaves=12).map(lambda v: json.dumps(v).encode())
+
+
+def test_any_json_in_any_field_gets_a_2xx_or_4xx(server):
+    @given(st.sampled_from(sorted(FIELDS)).flatmap(lambda r: st.tuples(st.just(r), st.sampled_from(FIELDS[r]))),
+           JSON_VALUES)
+    @settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+    def request(route_template, value):
+        route, template = route_template
+        method, path, _, _ = ROUTES[route]
+        status, answer = send(server, method, path, template.replace(b"X", value))
+        assert 200 <= status < 500, (route, template.replace(b"X", value), status, answer)
+
+    request()
+    assert predicts(server)
+
+
+V2_TENSOR = b'{"name": "float_input", "shape": [1, 4], "datatype": "FP32", "data": [2, 5, 1, 4]'
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"inputs": [' + V2_TENSOR + b', "parameters": [1]}]}', "input 'float_input': 'parameters' must be an object"),
+    (b'{"inputs": [' + V2_TENSOR + b'}], "parameters": 5}', "the request: 'parameters' must be an object"),
+    (b'{"inputs": [' + V2_TENSOR + b'}], "outputs": [{"name": "label", "parameters": "x"}]}',
+     "output 'label': 'parameters' must be an object"),
+    (b'{"inputs": [{"name": "float_input", "shape": [true, 4], "datatype": "FP32", "data": [2, 5, 1, 4]}]}',
+     "'shape' must be a list of non-negative integers"),
+])
+def test_v2_fields_of_the_wrong_json_type_are_a_400(server, body, message):
+    """Found by test_any_json_in_any_field_gets_a_2xx_or_4xx: these were 500s."""
+    status, answer = send(server, "POST", "/v2/models/iris.onnx/infer", body)
+    assert status == 400 and message in error_text("v2", status, answer)
+
+
 def test_answers_are_strict_json_too_non_finite_outputs_are_null(server):
     """diabetes (a linear model) overflows to NaN on 3e38 inputs: the answer says null, not NaN."""
     values = b"[" + b", ".join([b"3e38"] * 10) + b"]"
