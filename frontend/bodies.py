@@ -1,11 +1,11 @@
 """Reading request bodies within limits: JSON, multipart form fields, raw bytes."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import falcon
 
+from broker import jsonbody
 from broker.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 
 # curl --data sends application/x-www-form-urlencoded unless told otherwise (the seed's own commands
@@ -34,9 +34,9 @@ def json_body(req: falcon.Request, max_bytes: int, example: str) -> Any:
     if not data.strip():
         raise BadInput(f"empty body; send JSON such as {example}")
     try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise BadInput(f"body is not valid JSON ({exc}); send JSON such as {example}") from None
+        return jsonbody.loads(data, "body")
+    except BadInput as exc:
+        raise BadInput(f"{exc}; send JSON such as {example}") from None
 
 
 def form_file(req: falcon.Request, field: str, max_bytes: int) -> bytes:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import http
-import json
 import logging
 import uuid
 
 import falcon
+import orjson
 
 from broker.errors import FractalError
 
@@ -20,7 +20,7 @@ def status_body(code: int, description: str, /, **extra: object) -> bytes:
     """
     body = {"http_status": {"code": code, "description": description, "name": http.HTTPStatus(code).phrase}}
     body.update(extra)
-    return json.dumps(body).encode()
+    return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)  # NOTE: non-finite floats become null
 
 
 def _write(req: falcon.Request, resp: falcon.Response, code: int, description: str) -> None:
@@ -28,7 +28,7 @@ def _write(req: falcon.Request, resp: falcon.Response, code: int, description: s
     resp.status = code
     resp.content_type = falcon.MEDIA_JSON
     if req.path == "/v2" or req.path.startswith("/v2/"):
-        resp.data = json.dumps({"error": description}).encode()
+        resp.data = orjson.dumps({"error": description})
     else:
         resp.data = status_body(code, description)
 

@@ -5,10 +5,10 @@ one version, "1".
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import falcon
+import orjson
 
 from broker.client import Client
 from broker.errors import ModelNotFound, NoWorkerAvailable
@@ -29,7 +29,7 @@ def model_name(name: str, version: str | None = None) -> str:
 
 def _json(resp: falcon.Response, value: Any) -> None:
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = json.dumps(value).encode()
+    resp.data = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _tensor_meta(spec: dict) -> dict:

@@ -6,14 +6,16 @@ prefix per element.
 """
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
+from broker import jsonbody
+from broker.casting import cast
 from broker.errors import BadInput
 
 DATATYPES = {
@@ -62,9 +64,16 @@ def _decode_bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray
     return np.array(items, dtype=np.str_)
 
 
+def _parameters(holder: dict, what: str) -> dict:
+    parameters = holder.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise BadInput(f"{what}: 'parameters' must be an object")
+    return parameters or {}
+
+
 def _shape(tensor: dict, name: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):  # NOTE: no bools
         raise BadInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
     return tuple(shape)
 
@@ -78,7 +87,7 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarra
     if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DATATYPES):
         raise BadInput(f"input {name!r}: unknown datatype {datatype!r}; use one of "
                        f"{', '.join([*DATATYPES, 'BYTES'])}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise BadInput(f"input {name!r}: binary_data_size {size!r} does not fit the "
@@ -94,9 +103,13 @@ def _input(tensor: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarra
     if "data" not in tensor:
         raise BadInput(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
     try:
-        array = np.asarray(tensor["data"], dtype=np.str_ if datatype == "BYTES" else DATATYPES[datatype])
-    except (ValueError, TypeError):
+        array = np.asarray(tensor["data"], dtype=np.str_ if datatype == "BYTES" else None)
+    except (ValueError, TypeError, OverflowError):
         raise BadInput(f"input {name!r}: 'data' is not a list of {datatype} values") from None
+    if datatype != "BYTES":
+        if array.dtype.kind not in "biuf":
+            raise BadInput(f"input {name!r}: 'data' is not a list of {datatype} values")
+        array = cast(array, DATATYPES[datatype], name)  # refuses 1e39 for FP32, 2**40 for INT32
     if array.size != count:
         raise BadInput(f"input {name!r}: shape {list(shape)} needs {count} values, 'data' has {array.size}")
     return name, array.reshape(shape), offset
@@ -109,10 +122,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     view = memoryview(body)
     head = view[:header_length] if header_length is not None else view
     binary = view[header_length:] if header_length is not None else memoryview(b"")
-    try:
-        request = json.loads(bytes(head))
-    except ValueError as exc:
-        raise BadInput(f"the inference request is not valid JSON: {exc}") from None
+    request = jsonbody.loads(bytes(head), "the inference request")
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadInput("an inference request needs a non-empty 'inputs' list")
     inputs, offset = {}, 0
@@ -121,8 +131,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         inputs[name] = array
     if offset != len(binary):
         raise BadInput(f"{len(binary) - offset} binary bytes in the body belong to no input")
-    parameters = request.get("parameters") or {}
-    binary_default = bool(parameters.get("binary_data_output", False))
+    binary_default = bool(_parameters(request, "the request").get("binary_data_output", False))
     outputs, flags = None, {}
     if request.get("outputs") is not None:
         if not isinstance(request["outputs"], list):
@@ -132,7 +141,8 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
                 raise BadInput("each requested output needs a 'name'")
             outputs.append(out["name"])
-            flags[out["name"]] = bool((out.get("parameters") or {}).get("binary_data", binary_default))
+            parameters = _parameters(out, f"output {out['name']!r}")
+            flags[out["name"]] = bool(parameters.get("binary_data", binary_default))
     return InferRequest(request.get("id"), inputs, outputs, flags, binary_default)
 
 
@@ -160,7 +170,7 @@ def encode_response(model: str, request: InferRequest, outputs: dict[str, Any]) 
     response = {"model_name": model, "model_version": "1", "outputs": entries}
     if request.id is not None:
         response["id"] = request.id
-    head = json.dumps(response).encode()
+    head = orjson.dumps(response, option=orjson.OPT_NON_STR_KEYS)  # ZipMap outputs have int keys
     if not chunks:
         return head, None
     return head + b"".join(chunks), len(head)

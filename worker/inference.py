@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from broker.casting import cast
 from broker.errors import BadInput
 
 from .sessions import LoadedModel, TensorSpec
@@ -37,7 +38,7 @@ def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
         if array.dtype.kind == "O" or (want_text != have_text) or (
                 not want_text and array.dtype.kind not in _NUMERIC):
             raise BadInput(f"input {spec.name!r} expects {spec.dtype.name} values, got {array.dtype}")
-        array = array.astype(spec.dtype)
+        array = cast(array, spec.dtype, spec.name)
     if len(spec.shape) and array.ndim == len(spec.shape) - 1:
         array = array[np.newaxis]
     if array.ndim != len(spec.shape) or any(

@@ -18,7 +18,8 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-from broker.errors import ModelNotFound, ModelUnloaded, PayloadTooLarge
+from broker import jsonbody
+from broker.errors import BadInput, ModelNotFound, ModelUnloaded, PayloadTooLarge
 from broker.protocol import check_model_name
 
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
@@ -87,14 +88,14 @@ class ModelPool:
         if cached is not None and cached[0] == key:
             return cached[1]
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            with open(path, "rb") as f:
+                data = jsonbody.loads(f.read(), f"sidecar {name}{SIDECAR}")
             data = data if isinstance(data, dict) else {}
         except FileNotFoundError:
             return {}
-        except (ValueError, OSError) as exc:
-            log.warning("unreadable sidecar for %s: %s", name, exc)
-            return {}
+        except (BadInput, OSError) as exc:
+            log.warning("unreadable sidecar for %s, ignored: %s", name, exc)
+            data = {}  # NOTE: cached too, so a broken version is logged once, not on every call
         self._sidecars[name] = (key, data)
         return data
 
