@@ -329,6 +329,12 @@ def test_a_worker_killed_under_load_loses_no_request(stack):
     assert results["failed"] == []
     assert before_kill > 0 and results["ok"] > before_kill
 
+    def broker_saw_the_death() -> bool:  # the kill really took a registered worker away
+        return sum(float(s["value"][1]) for s in query(stack, "fractal_broker_worker_deaths_total")) >= 1
+    wait_for(tolerant(broker_saw_the_death), 30, "the broker counting the dead worker", interval_s=1)
+    resent = query(stack, "sum(fractal_broker_requests_redispatched_total)")
+    stack.figures["redispatched"] = float(resent[0]["value"][1]) if resent else 0.0
+
 
 def test_down_removes_every_container_and_volume(stack):
     label = f"label=com.docker.compose.project={stack.project}"
