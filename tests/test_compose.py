@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -178,6 +179,17 @@ def remove_leftovers(stack: Stack) -> None:
             stack.podman(kind, "rm", "-f", *names, check=False)
 
 
+def remove_stale_projects(env: dict) -> None:
+    """Stacks of earlier runs whose test process died before its clean-up (SIGKILL, power loss)."""
+    out = subprocess.run(["podman", "ps", "-a", "--filter", "label=com.docker.compose.project",
+                          "--format", '{{index .Labels "com.docker.compose.project"}}'], env=env,
+                         capture_output=True, text=True, timeout=60).stdout
+    for project in set(out.split()):
+        match = re.fullmatch(r"fractaltest(\d+)", project)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            remove_leftovers(Stack(project=project, env=env, http_port=0, prometheus_port=0))
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     if os.geteuid() != 0:
@@ -191,6 +203,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         pytest.skip(f"podman cannot run here: {exc}")
     build_s = time.monotonic() - started
     env = builder.containers_conf(folder)
+    remove_stale_projects(env)
     with podman_service(env, folder) as docker_host:
         s = Stack(project=f"fractaltest{os.getpid()}", http_port=free_port(), prometheus_port=free_port(),
                   env=dict(env, DOCKER_HOST=docker_host, FRACTAL_IMAGE=built.image,
@@ -287,7 +300,8 @@ def test_scaling_to_three_workers_adds_one_that_takes_requests(stack):
     hosts = {c["hostname"] for c in stack.containers() if c["service"] == "worker"}
 
     def nodes() -> set[str]:
-        status, body = request(stack, "POST", "/api/test/sendtomodelhost", json.dumps({"data": list(range(12))}).encode())
+        echo = json.dumps({"data": list(range(12))}).encode()
+        status, body = request(stack, "POST", "/api/test/sendtomodelhost", echo)
         assert status == 200, body
         return {item["node"].split("-")[0] for item in body["data"]}  # node ids start with the hostname
     wait_for(tolerant(lambda: nodes() == hosts), 30, "echoes answered by all three workers", interval_s=0.5)

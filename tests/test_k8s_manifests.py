@@ -127,7 +127,8 @@ def test_ports_services_and_the_pool_line_up():
 
     bind = frontend["args"][frontend["args"].index("--bind") + 1]
     assert int(bind.rsplit(":", 1)[1]) == port(frontend, "http")
-    assert frontend["livenessProbe"]["exec"]["command"] == ["fractal", "health", "frontend", str(port(frontend, "http"))]
+    health = ["fractal", "health", "frontend", str(port(frontend, "http"))]
+    assert frontend["livenessProbe"]["exec"]["command"] == health
     assert r[("Service", "fractal-frontend")]["spec"]["ports"][0]["targetPort"] == "http"
 
 
