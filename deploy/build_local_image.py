@@ -9,8 +9,9 @@ Debian packages instead, and pip inside a container cannot reach the package ind
 2. the base image is a `debootstrap --variant=minbase` Debian with python3 (3.11, so cp311 wheels
    fit), imported with `podman import`; it is made once and reused (delete it to remake it);
 3. the wheelhouse (the project's wheel and every runtime dependency's) is built on the host;
-4. `podman build -f deploy/Dockerfile --build-arg BASE=... --build-arg WHEELHOUSE=...` installs it
-   offline; podman's layer cache makes a rebuild with unchanged sources take seconds;
+4. `podman build -f deploy/Dockerfile --build-arg BASE=...` installs it offline (the Dockerfile does
+   when its wheelhouse folder holds wheels); podman's layer cache makes a rebuild with unchanged
+   sources take seconds;
 5. a Prometheus image is made from the base, Debian's prometheus binary and busybox (for `wget`,
    as in the upstream image's healthcheck), for the compose file's `prometheus` service.
 
@@ -40,9 +41,11 @@ PROMETHEUS = "localhost/fractal-prometheus:local"
 PACKAGES = ("podman", "runc", "netavark", "aardvark-dns", "iptables", "debootstrap", "docker-compose",
             "prometheus", "busybox-static")
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
-# What the Dockerfile COPYs from its build context; the context is a copy of just these.
+# What the Dockerfile COPYs from its build context; the context is a copy of just these, plus the
+# wheelhouse folder (the Dockerfile's default WHEELHOUSE), made empty and filled by build_wheelhouse().
 CONTEXT = ("pyproject.toml", "setup.cfg", "README.md", "broker", "worker", "frontend", "metrics", "fractal",
            "deploy/Dockerfile", "deploy/entrypoint.sh")
+WHEELHOUSE = "deploy/wheelhouse"
 CONTAINERS_CONF = """\
 # Written by deploy/build_local_image.py: what podman needs on this machine kind (see its docstring).
 [containers]
@@ -180,6 +183,7 @@ def make_context(target: Path) -> Path:
             shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(source, dest)
+    (target / WHEELHOUSE).mkdir(parents=True)  # never the checkout's: only this build's wheels go in
     return target
 
 
@@ -197,11 +201,10 @@ def build_image(env: dict, image: str = IMAGE, base: str = BASE) -> tuple[float,
     with tempfile.TemporaryDirectory(prefix="fractal-context-", dir="/var/tmp") as tmp:
         context = make_context(Path(tmp) / "context")
         started = time.monotonic()
-        build_wheelhouse(context, context / "wheelhouse")
+        build_wheelhouse(context, context / WHEELHOUSE)
         wheels_s = time.monotonic() - started
         started = time.monotonic()
-        args = ("-f", str(context / "deploy" / "Dockerfile"), "--build-arg", f"BASE={base}",
-                "--build-arg", "WHEELHOUSE=wheelhouse")
+        args = ("-f", str(context / "deploy" / "Dockerfile"), "--build-arg", f"BASE={base}")
         podman_build(env, f"{image}-build-stage", context, *args, "--target", "build")
         podman_build(env, image, context, *args)
         return wheels_s, time.monotonic() - started

@@ -174,7 +174,11 @@ def test_the_local_build_context_holds_every_file_the_dockerfile_copies(tmp_path
     context = _builder().make_context(tmp_path / "context")
     sources = [word for line in (REPO / "deploy" / "Dockerfile").read_text().splitlines()
                if line.startswith("COPY ") and "--from=" not in line for word in line.split()[1:-1]]
-    assert sources and all((context / s).exists() for s in sources if "$" not in s), sources
+    wheelhouse = re.search(r"^ARG WHEELHOUSE=(\S+)$", (REPO / "deploy" / "Dockerfile").read_text(), re.M)[1]
+    sources = [s.replace("${WHEELHOUSE}", wheelhouse) for s in sources]
+    assert sources and all((context / s).exists() for s in sources), sources
+    assert list((context / wheelhouse).iterdir()) == []  # the checkout's wheels (if any) stay out
+    assert (REPO / wheelhouse / ".gitignore").exists()  # the default folder exists in a checkout
     assert not list(context.rglob("__pycache__")) and not (context / "tests").exists()
 
 
