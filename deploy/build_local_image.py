@@ -83,6 +83,8 @@ def run(argv: list[str], env: dict | None = None, timeout_s: float = 900, **kwar
 
 
 def missing_packages(packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    if shutil.which("dpkg-query") is None:
+        raise Unavailable("not a Debian system: the build installs its tools with apt-get")
     status = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Status}\n", *packages],
                             capture_output=True, text=True)
     installed = {line.split()[0] for line in status.stdout.splitlines() if line.endswith(" installed")}
