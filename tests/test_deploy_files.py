@@ -34,6 +34,11 @@ def services(path: Path) -> dict:
     return yaml.safe_load(path.read_text())["services"]
 
 
+def with_defaults(value: str) -> str:
+    """A compose value as it reads with none of its ${NAME:-default} variables set."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
 @pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
 def test_the_docker_compose_client_accepts_the_file(docker_compose, path):
     result = subprocess.run([docker_compose, "-f", str(path), "config", "--quiet"], capture_output=True,
@@ -59,7 +64,8 @@ def test_every_fractal_variable_is_a_setting_with_a_valid_value(path):
 def test_services_ports_and_the_shared_pool_line_up(path):
     s = services(path)
     assert set(s) == {"frontend", "broker", "worker", "prometheus"}
-    assert "8002:8002" in s["frontend"]["ports"] and "9091:9090" in s["prometheus"]["ports"]
+    assert [with_defaults(p) for p in s["frontend"]["ports"]] == ["8002:8002"]
+    assert [with_defaults(p) for p in s["prometheus"]["ports"]] == ["9091:9090"]
     bind_port = s["broker"]["environment"]["FRACTAL_BROKER_BIND"].rsplit(":", 1)[1]
     assert s["worker"]["environment"]["FRACTAL_WORKER_CONNECT"] == f"tcp://broker:{bind_port}"
     assert s["frontend"]["environment"]["FRACTAL_FRONTEND_BROKER"] == f"tcp://broker:{bind_port}"
@@ -71,8 +77,11 @@ def test_services_ports_and_the_shared_pool_line_up(path):
 
 def test_compose_starts_in_order_with_healthchecks():
     s = services(COMPOSE)
-    for name in ("broker", "worker", "frontend"):
+    for name in ("broker", "worker", "frontend", "prometheus"):
         assert s[name]["healthcheck"]["test"][0] == "CMD"
+    # prom/prometheus is busybox-based, so wget is there (the local image adds busybox for it)
+    assert s["prometheus"]["healthcheck"]["test"][1] == "wget"
+    assert "busybox" in (REPO / "deploy" / "prometheus.Dockerfile").read_text()
     assert s["worker"]["depends_on"]["broker"]["condition"] == "service_healthy"
     assert s["frontend"]["depends_on"]["broker"]["condition"] == "service_healthy"
 
@@ -88,9 +97,20 @@ def test_prometheus_scrapes_the_ports_the_services_export():
         s["worker"]["environment"]["FRACTAL_WORKER_METRICS_PORT"])
 
 
+def test_compose_images_and_host_ports_are_overridable_with_the_usual_defaults():
+    s = services(COMPOSE)
+    for name in ("broker", "worker", "frontend"):
+        assert s[name]["image"] == "${FRACTAL_IMAGE:-fractal-ml-server:latest}"
+    assert s["prometheus"]["image"] == "${FRACTAL_PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"
+    assert s["frontend"]["ports"] == ["${FRACTAL_HTTP_PORT:-8002}:8002"]
+    assert s["prometheus"]["ports"] == ["${FRACTAL_PROMETHEUS_PORT:-9091}:9090"]
+
+
 def test_dockerfile_is_one_slim_non_root_image_for_every_role():
     text = (REPO / "deploy" / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
+    assert re.search(r"^ARG BASE=python:3\.11-slim\s*$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE}", "${BASE}"]
+    assert "--no-index --find-links /wheelhouse" in text  # offline install, from whichever wheelhouse
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1] not in ("root", "0")
     for package in ("broker", "worker", "frontend", "metrics", "fractal"):
@@ -139,3 +159,39 @@ def test_the_image_and_compose_use_fractal_health():
     assert 'CMD ["fractal", "health"]' in (REPO / "deploy" / "Dockerfile").read_text()
     for name in ("broker", "worker", "frontend"):
         assert services(COMPOSE)[name]["healthcheck"]["test"][:4] == ["CMD", "fractal", "health", name]
+
+
+def _builder():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_local_image", REPO / "deploy" / "build_local_image.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_local_build_context_holds_every_file_the_dockerfile_copies(tmp_path):
+    context = _builder().make_context(tmp_path / "context")
+    sources = [word for line in (REPO / "deploy" / "Dockerfile").read_text().splitlines()
+               if line.startswith("COPY ") and "--from=" not in line for word in line.split()[1:-1]]
+    wheelhouse = re.search(r"^ARG WHEELHOUSE=(\S+)$", (REPO / "deploy" / "Dockerfile").read_text(), re.M)[1]
+    sources = [s.replace("${WHEELHOUSE}", wheelhouse) for s in sources]
+    assert sources and all((context / s).exists() for s in sources), sources
+    assert list((context / wheelhouse).iterdir()) == []  # the checkout's wheels (if any) stay out
+    assert (REPO / wheelhouse / ".gitignore").exists()  # the default folder exists in a checkout
+    assert not list(context.rglob("__pycache__")) and not (context / "tests").exists()
+
+
+def test_debootstrap_uses_the_mirror_apt_is_configured_with(tmp_path):
+    builder = _builder()
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\n# a comment\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n")
+    assert builder.debian_mirror(tmp_path) == "http://mirror.example/debian"
+    (tmp_path / "sources.list.d" / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text("deb [arch=amd64] http://other.example/debian bookworm main\n")
+    assert builder.debian_mirror(tmp_path) == "http://other.example/debian"
+    (tmp_path / "sources.list").write_text("")
+    assert builder.debian_mirror(tmp_path) == "http://deb.debian.org/debian"
