@@ -267,6 +267,16 @@ def test_unknown_model_or_version_is_not_found(stub, call, model, version):
     assert ("version" if version else "not found") in err.value.details()
 
 
+def test_calls_beyond_the_supported_set_are_unimplemented(server, client, stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "shared memory" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ModelStreamInfer(iter([raw_request()]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "streaming" in err.value.details()
+    assert "Traceback" not in server.log() and client.is_server_ready()
+
+
 def test_the_request_id_goes_to_the_worker_and_comes_back(server, stub):
     _, call = stub.ModelInfer.with_call(raw_request(), metadata=[("x-request-id", "trace-grpc-42")], timeout=10)
     assert ("x-request-id", "trace-grpc-42") in tuple(call.trailing_metadata())

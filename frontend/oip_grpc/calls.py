@@ -92,6 +92,9 @@ class Calls:
             code = status_code(exc)
             message = str(exc) if code is not grpc.StatusCode.INTERNAL else f"{exc} (request id {request_id})"
             await context.abort(code, message, trailing)
+        except NotImplementedError as exc:  # a call of the protocol this server does not offer
+            code = grpc.StatusCode.UNIMPLEMENTED
+            await context.abort(code, str(exc), trailing)
         except asyncio.CancelledError:  # the client went away, or its deadline passed first
             remaining = context.time_remaining()
             code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \

@@ -41,7 +41,25 @@ def _tensor_metadata(spec: dict) -> pb.ModelMetadataResponse.TensorMetadata:
         name=spec["name"], datatype=datatype_of(spec["dtype"]), shape=[-1 if d is None else d for d in spec["shape"]])
 
 
+def _unsupported(name: str, what: str):
+    """A handler answering UNIMPLEMENTED through the shared call path (counted, logged, no traceback)."""
+    @rpc(name)
+    async def handler(self: "InferenceService", request: object, call: Call) -> None:
+        raise NotImplementedError(f"{name}: {what} is not supported by this server")
+    return handler
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    ModelStreamInfer = _unsupported("ModelStreamInfer", "streaming inference")
+    SystemSharedMemoryStatus = _unsupported("SystemSharedMemoryStatus", "system shared memory")
+    SystemSharedMemoryRegister = _unsupported("SystemSharedMemoryRegister", "system shared memory")
+    SystemSharedMemoryUnregister = _unsupported("SystemSharedMemoryUnregister", "system shared memory")
+    CudaSharedMemoryStatus = _unsupported("CudaSharedMemoryStatus", "CUDA shared memory")
+    CudaSharedMemoryRegister = _unsupported("CudaSharedMemoryRegister", "CUDA shared memory")
+    CudaSharedMemoryUnregister = _unsupported("CudaSharedMemoryUnregister", "CUDA shared memory")
+    TraceSetting = _unsupported("TraceSetting", "tracing")
+    LogSettings = _unsupported("LogSettings", "changing log settings")
+
     def __init__(self, client: AsyncClient, mmi: Client, calls: Calls, version: str):
         self.client, self.mmi, self.calls, self.version = client, mmi, calls, version
 
