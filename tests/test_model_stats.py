@@ -10,7 +10,7 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput, ModelNotFound
 
-from .conftest import free_port, wait_for, wait_workers
+from .conftest import free_port, start_frontend, wait_for, wait_workers
 
 STATUS = ["--status-interval-s", "0.2"]
 ROW = np.array([[2, 5, 1, 4]], np.float32)
@@ -91,3 +91,28 @@ def test_config_tells_the_batching_applied(procs, model_dir):
         assert off["max_batch_size"] == 0 and off["dynamic_batching"] is None
         with pytest.raises(ModelNotFound):
             c.model_config("nope.onnx")
+
+
+def test_rest_counts_a_worker_with_many_connections_once(procs, model_dir):
+    import tritonclient.http as th
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url, *STATUS)
+    procs.worker(url, model_dir, "--connections", "4")
+    wait_workers(url, 1)
+    rest = th.InferenceServerClient(start_frontend(procs, url).removeprefix("http://"))
+    try:
+        for _ in range(3):
+            tensor = th.InferInput("float_input", [1, 4], "FP32")
+            tensor.set_data_from_numpy(ROW)
+            rest.infer("iris.onnx", [tensor])
+
+        def reporting() -> int:
+            """Connections whose last status shows all 3 inferences (each reports the process's counts)."""
+            with Client(url, timeout_s=5) as c:
+                rows = c.broker_status(timeout_s=5)["workers"]
+            return sum(((w.get("model_stats") or {}).get("iris.onnx") or {}).get("inference_count") == 3
+                       for w in rows)
+        wait_for(lambda: reporting() == 4, 20, "every connection's status to show the inferences")
+        assert rest.get_inference_statistics("iris.onnx")["model_stats"][0]["inference_count"] == 3  # not 12
+    finally:
+        rest.close()
