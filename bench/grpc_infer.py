@@ -3,7 +3,8 @@
 Both clients are asyncio loops in this process, so client cost is alike: gRPC with grpc.aio on one
 channel (Triton's generated stubs, as tritonclient.grpc.aio uses them), REST with raw HTTP/1.1
 keep-alive connections sending the binary tensor data extension. The server and the client share
-the machine's cores; the ratio is what to compare across machines.
+the machine's cores; the ratio is what to compare across machines, and the server's CPU time per
+request (its whole process tree) is the figure that other load on the machine disturbs least.
 
     python bench/grpc_infer.py [--duration-s 5] [--concurrency 16] [--rounds 1]
 """
@@ -27,6 +28,8 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.rest import tree_cpu_s  # noqa: E402
 ROW = np.array([[2, 5, 1, 4]], np.float32)
 
 
@@ -112,10 +115,13 @@ async def run_rest(port: int, concurrency: int, duration_s: float) -> list[float
     return latencies
 
 
-def summary(latencies: list[float], duration_s: float) -> dict:
+def measured(run, pid: int, port: int, concurrency: int, duration_s: float) -> dict:
+    """Run one client loop; req/s, p50, p99 and the server tree's CPU microseconds per request."""
+    cpu_before = tree_cpu_s(pid)
+    latencies = asyncio.run(run(port, concurrency, duration_s))
     ms = np.array(latencies) * 1e3
     return {"rps": len(latencies) / duration_s, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)), "n": len(latencies)}
+            "p99": float(np.percentile(ms, 99)), "cpu_us": (tree_cpu_s(pid) - cpu_before) / len(latencies) * 1e6}
 
 
 def main() -> None:
@@ -135,23 +141,24 @@ def main() -> None:
         asyncio.run(run_rest(http_port, args.concurrency, 1.0))  # warm-up: sessions and connections
         asyncio.run(run_grpc(grpc_port, args.concurrency, 1.0))
         for _ in range(args.rounds):
-            results["REST v2 binary"].append(summary(
-                asyncio.run(run_rest(http_port, args.concurrency, args.duration_s)), args.duration_s))
-            results["gRPC ModelInfer"].append(summary(
-                asyncio.run(run_grpc(grpc_port, args.concurrency, args.duration_s)), args.duration_s))
+            results["REST v2 binary"].append(measured(run_rest, proc.pid, http_port, args.concurrency,
+                                                      args.duration_s))
+            results["gRPC ModelInfer"].append(measured(run_grpc, proc.pid, grpc_port, args.concurrency,
+                                                       args.duration_s))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
     print(f"\niris infer, {args.concurrency} concurrent, {args.duration_s:g} s x {args.rounds}, fractal serve "
           f"(2 workers), {os.cpu_count()} cores shared with the client\n")
-    print(f"{'':18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'':18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU us/req':>18}")
     mean = {}
     for label, runs in results.items():
-        mean[label] = {k: sum(r[k] for r in runs) / len(runs) for k in ("rps", "p50", "p99")}
-        print(f"{label:18} {mean[label]['rps']:>9,.0f} {mean[label]['p50']:>8.2f} {mean[label]['p99']:>8.2f}")
+        mean[label] = m = {k: sum(r[k] for r in runs) / len(runs) for k in ("rps", "p50", "p99", "cpu_us")}
+        print(f"{label:18} {m['rps']:>9,.0f} {m['p50']:>8.2f} {m['p99']:>8.2f} {m['cpu_us']:>18,.0f}")
     g, r = mean["gRPC ModelInfer"], mean["REST v2 binary"]
-    print(f"\ngRPC / REST: {g['rps'] / r['rps']:.2f}x the requests per second, p50 {g['p50'] / r['p50']:.2f}x")
+    print(f"\ngRPC / REST: {g['rps'] / r['rps']:.2f}x the requests per second, p50 {g['p50'] / r['p50']:.2f}x, "
+          f"server CPU per request {g['cpu_us'] / r['cpu_us']:.2f}x")
 
 
 if __name__ == "__main__":

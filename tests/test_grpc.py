@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from broker.client import Client
 
-from .conftest import BUNDLED, Served, free_ports, wait_for
+from .conftest import BUNDLED, Served, free_port, free_ports, tcp_open, wait_for
 from .onnx_models import slow_input, slow_model, string_identity_model
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
@@ -346,6 +346,21 @@ def test_grpc_port_0_runs_no_grpc_frontend(tmp_path):
         assert "frontend.oip_grpc" not in served.log()
     finally:
         assert served.stop() == 0
+
+
+def test_fractal_grpc_alone_without_a_broker_is_live_not_ready_and_unavailable(procs):
+    port = free_port()
+    procs.start("grpc", [sys.executable, "-m", "fractal", "grpc", "--port", str(port), "--metrics-port", "0",
+                         "--broker", f"tcp://127.0.0.1:{free_port()}"])
+    wait_for(lambda: tcp_open(f"tcp://127.0.0.1:{port}"), 60, "fractal grpc")
+    c = tg.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        assert c.is_server_live() and not c.is_server_ready()
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("iris.onnx", [fp32_input(OK_ROW)], client_timeout=20)
+        assert err.value.status() == "StatusCode.UNAVAILABLE"  # at once, not after the deadline
+    finally:
+        c.close()
 
 
 def test_fractal_grpc_command_help():
