@@ -11,9 +11,9 @@ requests at once; with batching on, the predicts among them for one model run as
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import functools
 import secrets
 import socket as socket_module
 import threading
@@ -34,9 +34,9 @@ from broker.curve import PeerKeys
 from broker.protocol import check_model_name
 from broker.sockets import POLLIN, wait
 
+from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
-from . import ops
 from .ops import OPS, rss_bytes
 from .pool import ModelPool
 from .sessions import SessionCache, SessionFactory
