@@ -313,10 +313,18 @@ def test_a_passed_deadline_is_deadline_exceeded_and_the_server_serves_on(server,
     assert client.infer("iris.onnx", [fp32_input(OK_ROW)]).as_numpy("label").tolist() == [1]
 
 
-def test_tokens_guard_calls_as_over_rest(tmp_path):
-    served = Served(tmp_path, {"FRACTAL_ADMIN_TOKEN": "adm-secret", "FRACTAL_API_TOKEN": "api-secret"},
-                    "--workers", "1")
-    c = tg.InferenceServerClient(served.grpc_target)
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """A server with both tokens and a small message limit."""
+    served = Served(tmp_path_factory.mktemp("grpc-guarded"), {
+        "FRACTAL_ADMIN_TOKEN": "adm-secret", "FRACTAL_API_TOKEN": "api-secret",
+        "FRACTAL_GRPC_MAX_MESSAGE_BYTES": "4096"}, "--workers", "1")
+    yield served
+    assert served.stop() == 0
+
+
+def test_tokens_guard_calls_as_over_rest(guarded):
+    c = tg.InferenceServerClient(guarded.grpc_target)
     api, admin = {"authorization": "Bearer api-secret"}, {"authorization": "Bearer adm-secret"}
     try:
         assert c.is_server_live() and c.is_server_ready()  # probes stay open
@@ -336,7 +344,19 @@ def test_tokens_guard_calls_as_over_rest(tmp_path):
         assert c.is_model_ready("iris.onnx", headers=api)
     finally:
         c.close()
-        assert served.stop() == 0
+
+
+def test_a_message_over_the_limit_is_resource_exhausted_and_the_server_serves_on(guarded):
+    c = tg.InferenceServerClient(guarded.grpc_target)
+    api = {"authorization": "Bearer api-secret"}
+    try:
+        big = np.ones((300, 4), np.float32)  # 4.8 kB of raw contents, over the 4096-byte limit
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("iris.onnx", [fp32_input(big)], headers=api)
+        assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert c.infer("iris.onnx", [fp32_input(OK_ROW)], headers=api).as_numpy("label").tolist() == [1]
+    finally:
+        c.close()
 
 
 def test_grpc_port_0_runs_no_grpc_frontend(tmp_path):
