@@ -48,7 +48,8 @@ def run_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s: float
     port = free_port()
     log = open(workdir / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
-                              str(free_port()), "--model-dir", str(workdir / "models"), "--metrics-port", "0"],
+                              str(free_port()), "--model-dir", str(workdir / "models"), "--metrics-port", "0",
+                              "--grpc-port", "0"],
                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **FAST_HEARTBEATS))
     try:
         deadline = time.monotonic() + 60

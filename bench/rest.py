@@ -193,7 +193,7 @@ def metrics_overhead(args: argparse.Namespace, conns: list[int], models: Path, s
         metrics_port = "9150" if label == "on" else "0"
         table, _ = measure([sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
                             str(free_port()), "--model-dir", str(models), "--log-level", args.log_level,
-                            "--metrics-port", metrics_port], port, conns, args.duration_s, script)
+                            "--metrics-port", metrics_port, "--grpc-port", "0"], port, conns, args.duration_s, script)
         runs[label].append(table)
     print(f"\nMetrics overhead: fractal serve, wrk {args.duration_s} s per cell, two runs each (req/s)\n")
     for c in conns:
@@ -242,7 +242,7 @@ def main() -> None:
                               f"127.0.0.1:{floor_port}", "--workers", "2", "--worker-class", "gthread",
                               "--threads", "4", "--log-level", "warning"], floor_port, conns, args.duration_s, script)
     ours, transport = measure([sys.executable, "-m", "fractal", "serve", "--http-port", str(our_port),
-                               "--broker-port", str(free_port()), "--model-dir", str(models),
+                               "--broker-port", str(free_port()), "--model-dir", str(models), "--grpc-port", "0",
                                "--log-level", args.log_level], our_port, conns, args.duration_s, script, cases)
     print(f"\nREST benchmark: POST {PATH} {BODY}, wrk {args.duration_s} s per cell, {os.cpu_count()} cores\n")
     print(f"{'server':44} " + " ".join(f"{f'{c} conn':>26}" for c in conns))

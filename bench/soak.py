@@ -95,7 +95,8 @@ def main() -> None:
     log = open(work / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
                               str(free_port()), "--model-dir", str(work / "models"), "--metrics-port", "0",
-                              "--log-level", "WARNING"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                              "--log-level", "WARNING", "--grpc-port", "0"],
+                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     while b"ready:" not in (work / "serve.log").read_bytes():
         if serve.poll() is not None:
             sys.exit("fractal serve did not start")

@@ -76,6 +76,10 @@ class _Operations:
         """Description, inputs, outputs, size and last change of one model."""
         return self._do("info", _traced({"model": model}, request_id), None, timeout_s)
 
+    def model_config(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
+        """Inputs, outputs, max_batch_size and dynamic_batching of one model, as a worker serves it."""
+        return self._do("config", _traced({"model": model}, request_id), None, timeout_s)
+
     def describe(self, model: str, description: str, *, timeout_s: float | None = None,
                  request_id: str | None = None):
         """Set a model's description; returns {"model", "description"}."""

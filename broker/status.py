@@ -56,7 +56,7 @@ class StatusBoard:
                 "dialect": w.dialect.value,
                 "heartbeat_age_s": round(max(0.0, now - (w.expires_at - expiry_s)), 3),
                 "requests_served": w.served, "models_resident": status.get("models_resident"),
-                "memory_rss_bytes": status.get("memory_rss_bytes"),
+                "memory_rss_bytes": status.get("memory_rss_bytes"), "model_stats": status.get("model_stats"),
                 "status_age_s": None if when is None else round(now - when, 3),
             })
         return {"broker": {"up": True, "uptime_s": round(time.time() - self.started, 3),

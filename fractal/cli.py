@@ -16,6 +16,7 @@ commands:
   broker     the MDP/0.2 broker
   worker     one modelhost worker
   frontend   the REST frontend under gunicorn (extra arguments go to gunicorn)
+  grpc       the Open Inference Protocol over gRPC (Triton's GRPCInferenceService)
   predict    MODEL VALUES...: one prediction through the broker
   models     list the models in the pool
   health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers
@@ -73,6 +74,12 @@ def _frontend(argv: list[str]) -> int:
         return 0
     from .gunicorn_args import DEFAULTS, gunicorn_base
     os.execv(sys.executable, [*gunicorn_base(), *(argv or DEFAULTS)])
+    return 1  # not reached
+
+
+def _grpc(argv: list[str]) -> int:
+    """exec the gRPC frontend's module (nothing imports `frontend`; it runs as its own program)."""
+    os.execv(sys.executable, [sys.executable, "-m", "frontend.oip_grpc", *argv])
     return 1  # not reached
 
 
@@ -137,7 +144,7 @@ def _health(argv: list[str]) -> int:
     return health_main(argv)
 
 
-COMMANDS = {"serve": _serve, "broker": _broker, "worker": _worker, "frontend": _frontend,
+COMMANDS = {"serve": _serve, "broker": _broker, "worker": _worker, "frontend": _frontend, "grpc": _grpc,
             "predict": _predict, "models": _models, "health": _health,
             "keys": _keys}
 

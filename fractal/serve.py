@@ -1,10 +1,11 @@
-"""`fractal serve`: broker, N modelhost workers and the REST frontend on one machine, bundled models."""
+"""`fractal serve`: broker, N modelhost workers, the REST and gRPC frontends on one machine, bundled models."""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ log = logging.getLogger("fractal.serve")
 class ServeSettings:
     http_host: str = setting("127.0.0.1", "address the REST API listens on (0.0.0.0 for all)")
     http_port: int = setting(8002, "REST API port (the seed's)")
+    grpc_port: int = setting(8001, "gRPC (Open Inference Protocol) port, on http_host; 0: no gRPC frontend")
     broker_host: str = setting("127.0.0.1", "address the broker binds (0.0.0.0 to let remote workers in)")
     broker_port: int = setting(5555, "broker port for workers and direct clients")
     workers: int = setting(2, "modelhost worker processes")
@@ -42,6 +44,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.http_workers < 1 or self.http_threads < 1 or self.threads < 0:
             raise ValueError("workers, http_workers and http_threads must be >= 1; threads >= 0")
+        if not 0 <= self.grpc_port < 65536:
+            raise ValueError("grpc_port must be a TCP port number, or 0 for no gRPC frontend")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,26 @@ def _children(s: ServeSettings) -> list[Child]:
                                 env_name("frontend", "metrics"): "true" if s.metrics_port else "false"})
     children.append(Child("frontend", gunicorn_argv(f"{s.http_host}:{s.http_port}", s.http_workers,
                                                    s.http_threads, s.log_level, s.http_worker_class), frontend_env))
+    if s.grpc_port:
+        keys = load(FrontendCurve, "frontend")  # NOTE: the gRPC frontend is a frontend: same CURVE keys
+        children.append(Child("grpc", [
+            sys.executable, "-m", "frontend.oip_grpc", "--host", s.http_host, "--port", str(s.grpc_port),
+            "--broker", connect_url, "--metrics-port", str(_grpc_metrics_port(s)), *common,
+            "--curve-secret-key", keys.curve_secret_key, "--curve-broker-key", keys.curve_broker_key], env))
     return children
+
+
+def _grpc_metrics_port(s: ServeSettings) -> int:
+    """The port after the workers' (broker base, workers base + 1 ..., then gRPC)."""
+    return s.metrics_port and s.metrics_port + 1 + s.workers
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _wait_ready(s: ServeSettings, supervisor: Supervisor, stopping: threading.Event) -> bool:
@@ -94,7 +117,8 @@ def _wait_ready(s: ServeSettings, supervisor: Supervisor, stopping: threading.Ev
         while time.monotonic() < deadline and not stopping.is_set():
             if supervisor.check() is not None:
                 return False
-            if client.service_ready(timeout_s=0.5) and http_ok(f"http://{host}:{s.http_port}/"):
+            if (client.service_ready(timeout_s=0.5) and http_ok(f"http://{host}:{s.http_port}/")
+                    and (not s.grpc_port or _tcp_open(host, s.grpc_port))):
                 return True
             stopping.wait(0.1)
     return False
@@ -105,6 +129,8 @@ def _metrics_line(s: ServeSettings) -> str:
     if s.metrics_port:
         workers = ", ".join(f"http://127.0.0.1:{s.metrics_port + 1 + i}/metrics" for i in range(s.workers))
         line += f", broker http://127.0.0.1:{s.metrics_port}/metrics, workers {workers}"
+        if s.grpc_port:
+            line += f", grpc http://127.0.0.1:{_grpc_metrics_port(s)}/metrics"
     return line + f"; status http://{s.http_host}:{s.http_port}/status"
 
 
@@ -124,8 +150,9 @@ def serve(s: ServeSettings) -> int:
                 log.error("FRACTAL ML Server did not come up within %.0f s", s.ready_timeout_s)
                 code = 1
             return code
-        print(f"FRACTAL ML Server ready: http://{s.http_host}:{s.http_port}/  "
-              f"(broker tcp://{s.broker_host}:{s.broker_port}, {s.workers} workers, models in "
+        grpc_text = f"gRPC {s.http_host}:{s.grpc_port}, " if s.grpc_port else ""
+        print(f"FRACTAL ML Server ready: http://{s.http_host}:{s.http_port}/  ({grpc_text}"
+              f"broker tcp://{s.broker_host}:{s.broker_port}, {s.workers} workers, models in "
               f"{Path(s.model_dir).resolve()}). Ctrl-C stops it.\n{_metrics_line(s)}", flush=True)
         while not stopping.wait(0.5):
             dead = supervisor.check()

@@ -21,8 +21,8 @@ from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
                         welcome_body)
 from .settings import FrontendSettings
-from .v2 import (Infer, ModelMetadata, ModelReady, RepositoryIndex, RepositoryLoad, RepositoryUnload,
-                 ServerLive, ServerMetadata, ServerReady)
+from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
+                 RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
 
 log = logging.getLogger("frontend.access")
 
@@ -71,6 +71,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "v2_server": ServerMetadata(*shared, _version()), "v2_model": ModelMetadata(*shared),
         "v2_model_ready": ModelReady(*shared), "v2_infer": Infer(*shared), "v2_index": RepositoryIndex(*shared),
         "v2_load": RepositoryLoad(*shared), "v2_unload": RepositoryUnload(*shared),
+        "v2_config": ModelConfig(*shared), "v2_stats": ModelStatistics(*shared),
         "metrics": Metrics(registry), "status": StatusJson(client), "status_page": StatusPage(client),
     }
     middleware = [RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]

@@ -14,11 +14,11 @@ from broker.client import Client
 from broker.errors import ModelNotFound, NoWorkerAvailable
 from broker.protocol import check_model_name
 
-from . import bodies
+from . import bodies, oip
 from .v2_tensors import HEADER_LENGTH, datatype_of, decode_request, encode_response
 
 SERVER_NAME = "fractal-ml-server"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 
 def model_name(name: str, version: str | None = None) -> str:
@@ -92,6 +92,29 @@ class Infer(V2Resource):
         else:
             resp.content_type = "application/octet-stream"
             resp.set_header(HEADER_LENGTH, str(json_length))
+
+
+class ModelConfig(V2Resource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        config = self.client.model_config(model_name(name, version), request_id=req.context.request_id)
+        _json(resp, oip.model_config(name, config))
+
+
+class ModelStatistics(V2Resource):
+    """Summed over workers from the broker's status table: as fresh as its status_interval_s."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str | None = None,
+               version: str | None = None) -> None:
+        rid = req.context.request_id
+        if name is None:
+            models = [(m["name"], m["name"]) for m in self.client.repository(request_id=rid) if m["state"] == "READY"]
+        else:
+            models = [(name, model_name(name, version))]
+            self.client.model_info(models[0][1], request_id=rid)  # an unknown model is a 404
+        status = self.client.broker_status()
+        if status is None:
+            raise NoWorkerAvailable("the broker did not answer its status")
+        _json(resp, oip.statistics(oip.summed_stats(status), models))
 
 
 class RepositoryIndex(V2Resource):

@@ -127,3 +127,24 @@ class FrontendMetrics:
                                   ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = gauge("fractal_frontend_requests_in_flight", "HTTP requests being handled.",
                                registry=r, multiprocess_mode="livesum")
+
+
+class GrpcMetrics:
+    """The gRPC frontend's calls; `rpc` is one of the service's method names, never a client's string."""
+
+    def __init__(self, registry: CollectorRegistry | None, enabled: bool = True):
+        counter, gauge, histogram = _kinds(enabled)
+        r = registry
+        self.requests = counter("fractal_grpc_requests", "gRPC calls, by RPC and status code.", ["rpc", "code"],
+                                registry=r)
+        self.duration = histogram("fractal_grpc_request_duration_seconds", "gRPC call latency, by RPC.", ["rpc"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = gauge("fractal_grpc_requests_in_flight", "gRPC calls being handled.", registry=r)
+        self._bound: dict[tuple, tuple] = {}
+
+    def call_done(self, rpc: str, code: str, seconds: float) -> None:
+        bound = self._bound.get((rpc, code))
+        if bound is None:
+            bound = self._bound[(rpc, code)] = (self.requests.labels(rpc, code), self.duration.labels(rpc))
+        bound[0].inc()
+        bound[1].observe(seconds)

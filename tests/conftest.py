@@ -211,7 +211,8 @@ class Served:
     """`fractal serve` on free ports, logging to a file (a pipe nobody drains would block it)."""
 
     def __init__(self, workdir: Path, env: dict | None = None, *flags: str):
-        self.http_port, self.broker_port = free_port(), free_port()
+        self.http_port, self.broker_port, self.grpc_port = free_port(), free_port(), free_port()
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.pool = workdir / "pool"
         self.log_path = workdir / "serve.log"
         self.base = f"http://127.0.0.1:{self.http_port}"
@@ -219,8 +220,9 @@ class Served:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fractal", "serve", "--http-port", str(self.http_port),
-                 "--broker-port", str(self.broker_port), "--model-dir", str(self.pool),
-                 "--metrics-port", "0", *flags],  # NOTE: a later --metrics-port in flags wins
+                 "--broker-port", str(self.broker_port), "--grpc-port", str(self.grpc_port),
+                 # NOTE: a later --metrics-port (or --grpc-port) in flags wins
+                 "--model-dir", str(self.pool), "--metrics-port", "0", *flags],
                 cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
         wait_for(lambda: "ready:" in self.log() or self.proc.poll() is not None, 60, "fractal serve")
         assert self.proc.poll() is None, self.log()

@@ -24,7 +24,8 @@ ROWS = np.random.default_rng(5).uniform(0, 8, (5, 4)).astype(np.float32)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    served = Served(tmp_path_factory.mktemp("v2"))
+    # NOTE: statistics are as fresh as the broker's status polls: poll often here
+    served = Served(tmp_path_factory.mktemp("v2"), {"FRACTAL_BROKER_STATUS_INTERVAL_S": "0.2"})
     yield served
     assert served.stop() == 0
 
@@ -179,6 +180,50 @@ def test_unknown_model_and_version_are_404(server):
     assert post(server, "/v2/models/nope.onnx/infer", tensor_json())[0] == 404
     status, answer = post(server, "/v2/models/iris.onnx/versions/2/infer", tensor_json())
     assert status == 404 and "version" in answer["error"]
+
+
+IRIS_CONFIG = {
+    "name": "iris.onnx", "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+    "version_policy": {"latest": {"num_versions": 1}}, "max_batch_size": 0,
+    "input": [{"name": "float_input", "data_type": "TYPE_FP32", "dims": [-1, 4]}],
+    "output": [{"name": "label", "data_type": "TYPE_INT64", "dims": [-1]},
+               {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [-1, 3]}]}
+
+
+def test_model_configuration_in_tritons_shape(server, client):
+    assert client.get_model_config("iris.onnx") == IRIS_CONFIG
+    assert client.get_model_config("iris.onnx", "1") == IRIS_CONFIG
+    assert client.get_model_config("digits")["input"] == [
+        {"name": "image", "data_type": "TYPE_FP32", "dims": [-1, 1, 8, 8]}]
+    for model, version in (("nope.onnx", ""), ("iris.onnx", "2")):
+        with pytest.raises(InferenceServerException) as err:
+            client.get_model_config(model, version)
+        assert err.value.status() == "404"
+
+
+def test_statistics_rise_by_exactly_the_inferences_made(server, client):
+    with Client(server.broker_url) as direct:  # a model of its own: no other test's inferences count
+        direct.upload("iris_stats.onnx", (BUNDLED / "iris.onnx").read_bytes())
+    assert client.get_inference_statistics("iris_stats.onnx")["model_stats"][0]["inference_count"] == 0
+    for rows in (ROWS[:1], ROWS[:1], ROWS[:3]):
+        infer(client, "iris_stats.onnx", rows, "float_input", ["label"], True)
+    with pytest.raises(InferenceServerException):
+        infer(client, "iris_stats.onnx", np.ones((1, 5), np.float32), "float_input", ["label"], True)
+
+    def stats() -> dict:
+        return client.get_inference_statistics("iris_stats.onnx")["model_stats"][0]
+    wait_for(lambda: stats()["inference_count"] == 5, 20, "the statistics of 5 inferences")
+    got = stats()
+    assert got["name"] == "iris_stats.onnx" and got["version"] == "1" and got["execution_count"] == 3
+    assert got["inference_stats"]["success"]["count"] == 3 and got["inference_stats"]["fail"]["count"] == 1
+    assert got["inference_stats"]["compute_infer"]["ns"] > 0
+    assert abs(got["last_inference"] / 1000 - time.time()) < 600
+    every = {m["name"] for m in client.get_inference_statistics()["model_stats"]}
+    assert {"iris.onnx", "iris_stats.onnx", "digits.onnx"} <= every
+    for model, version in (("nope.onnx", ""), ("iris.onnx", "2")):
+        with pytest.raises(InferenceServerException) as err:
+            client.get_inference_statistics(model, version)
+        assert err.value.status() == "404"
 
 
 def test_not_ready_without_workers(procs):

@@ -68,6 +68,8 @@ class Pending:
     arrived: float
     reply: Callable[[dict | FractalError], None]   # sends this request's answer
     signature: tuple = ()                          # only requests with equal signatures share a run
+    input_ns: int = 0                              # checking and converting its inputs (statistics)
+    queued_ns: int = 0                             # perf_counter_ns() when it joined the queue
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Queue:
 
 def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, now: float) -> Pending:
     """Check one request against the model; raises BadInput for this request alone."""
+    started = time.perf_counter_ns()
     if wanted is not None and not (isinstance(wanted, list) and all(isinstance(w, str) for w in wanted)):
         raise BadInput("'outputs' must be a list of output names")
     feeds = inference.feeds_for(model, inputs)
@@ -116,7 +119,8 @@ def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, no
         raise BadInput(f"inputs of {model.name} disagree on the number of rows: {sorted(rows)}")
     inference.check_outputs(model, wanted)
     signature = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(feeds.items()))
-    return Pending(model, feeds, wanted, rows.pop(), now, reply, signature)
+    queued = time.perf_counter_ns()
+    return Pending(model, feeds, wanted, rows.pop(), now, reply, signature, queued - started, queued)
 
 
 def run_batch(batch: list[Pending]) -> None:
@@ -126,35 +130,54 @@ def run_batch(batch: list[Pending]) -> None:
         _run_alone(batch[0])
         return
     names = model.output_names
-    started = time.perf_counter()
+    run_start = time.perf_counter_ns()
     try:
         feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
+        started = time.perf_counter_ns()
         values = model.session.run(names, feeds)
     except Exception:
         for pending in batch:
             _run_alone(pending)
         return
+    ran = time.perf_counter_ns()
     if model.timer is not None:
-        model.timer.observe(time.perf_counter() - started)
+        model.timer.observe((ran - started) / 1e9)
     total = sum(p.rows for p in batch)
     if any(not isinstance(v, np.ndarray) or v.ndim == 0 or v.shape[0] != total for v in values):
         for pending in batch:  # an output that is not per row: the model is not batchable after all
             _run_alone(pending)
         return
+    model.stats.executed()
     offset = 0
     for pending in batch:
         end = offset + pending.rows
+        replying = time.perf_counter_ns()
         outputs = {n: v[offset:end] for n, v in zip(names, values)}
         pending.reply({"outputs": outputs if pending.wanted is None else {n: outputs[n] for n in pending.wanted}})
+        done = time.perf_counter_ns()
+        pending.model.stats.succeeded(pending.rows, done - pending.queued_ns + pending.input_ns,
+                                      run_start - pending.queued_ns, pending.input_ns + started - run_start,
+                                      ran - started, done - replying)
         offset = end
 
 
 def _run_alone(pending: Pending) -> None:
+    run_start = time.perf_counter_ns()
+    infer_ns = output_ns = 0
     try:
-        outcome: dict | FractalError = {"outputs": inference.run_feeds(pending.model, pending.feeds, pending.wanted)}
+        outputs, infer_ns, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
+        outcome: dict | FractalError = {"outputs": outputs}
     except FractalError as exc:
         outcome = exc
     except Exception:
         log.exception("a batched request failed unexpectedly")
         outcome = InternalError("unexpected failure while running the model")
+    replying = time.perf_counter_ns()
     pending.reply(outcome)
+    done = time.perf_counter_ns()
+    total_ns = done - pending.queued_ns + pending.input_ns
+    if isinstance(outcome, FractalError):
+        pending.model.stats.failed(total_ns)
+    else:
+        pending.model.stats.succeeded(pending.rows, total_ns, run_start - pending.queued_ns, pending.input_ns,
+                                      infer_ns, output_ns + done - replying)

@@ -17,6 +17,7 @@ from broker.casting import cast
 from broker.errors import BadInput
 
 from .sessions import LoadedModel, TensorSpec
+from .stats import rows_of
 
 _NUMERIC = frozenset("biuf")
 
@@ -84,22 +85,44 @@ def check_outputs(model: LoadedModel, wanted: list[str] | None) -> list[str]:
 
 
 def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, Any]:
-    """Run the model; returns {output name: value} in the model's output order (or `wanted`'s)."""
-    return run_feeds(model, feeds_for(model, inputs), wanted)
+    """Run the model; returns {output name: value} in the model's output order (or `wanted`'s).
+
+    Counts the request, failed or not, in the model's statistics (worker/stats.py).
+    """
+    started = time.perf_counter_ns()
+    try:
+        feeds = feeds_for(model, inputs)
+        converted = time.perf_counter_ns()
+        outputs, infer_ns, output_ns = run_timed(model, feeds, wanted)
+    except Exception:
+        model.stats.failed(time.perf_counter_ns() - started)
+        raise
+    model.stats.succeeded(rows_of(feeds), time.perf_counter_ns() - started, 0, converted - started, infer_ns,
+                          output_ns)
+    return outputs
 
 
 def run_feeds(model: LoadedModel, feeds: dict[str, np.ndarray], wanted: list[str] | None) -> dict[str, Any]:
     """Run already-checked feeds (see feeds_for)."""
+    return run_timed(model, feeds, wanted)[0]
+
+
+def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
+              wanted: list[str] | None) -> tuple[dict[str, Any], int, int]:
+    """run_feeds, also returning the nanoseconds of InferenceSession.run and of collecting outputs."""
     names = check_outputs(model, wanted)
-    started = time.perf_counter()
+    started = time.perf_counter_ns()
     try:
         values = model.session.run(names, feeds)
     except Exception as exc:  # ORT reports bad values (e.g. wrong dims inside the graph) this way
         raise BadInput(f"{model.name} rejected the input: {str(exc).strip().splitlines()[-1][:300]}") \
             from None
+    ran = time.perf_counter_ns()
+    model.stats.executed()
     if model.timer is not None:
-        model.timer.observe(time.perf_counter() - started)
-    return {name: _plain(value) for name, value in zip(names, values)}
+        model.timer.observe((ran - started) / 1e9)
+    outputs = {name: _plain(value) for name, value in zip(names, values)}
+    return outputs, ran - started, time.perf_counter_ns() - ran
 
 
 def _plain(value: Any) -> Any:

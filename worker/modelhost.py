@@ -11,6 +11,7 @@ requests at once; with batching on, the predicts among them for one model run as
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -33,6 +34,7 @@ from broker.curve import PeerKeys
 from broker.protocol import check_model_name
 from broker.sockets import POLLIN, wait
 
+from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
 from .ops import OPS, rss_bytes
@@ -93,6 +95,8 @@ class ModelHost:
                               settings.max_image_pixels)
         self.policy = BatchPolicy(settings.batch_max_size, settings.batch_max_delay_us,
                                   tuple(int(x) for x in settings.batch_preferred_sizes.split(",") if x.strip()))
+        # NOTE: `config` answers with this worker's batching policy, which only the host knows.
+        self._ops = {**OPS, "config": functools.partial(ops.config, policy=self.policy)}
         self._context = context or zmq.Context.instance()
         self._stopping = threading.Event()
         self._beater_done = threading.Event()  # NOTE: not _stopping: a request finishing after SIGTERM
@@ -199,6 +203,7 @@ class ModelHost:
         try:
             pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
         except Exception as exc:
+            model.stats.failed(0)  # NOTE: refused before it was timed; the count is what matters
             reply(exc if isinstance(exc, FractalError) else BadInput(f"cannot use this request: {exc}"))
             self._flush()
             return True
@@ -285,7 +290,7 @@ class ModelHost:
         try:
             request = p.unpack_request(data)
             rid, trace, op_name = request.get("id"), request.get("request_id"), request["op"]
-            op = OPS.get(op_name)
+            op = self._ops.get(op_name)
             if op is None:
                 raise BadInput(f"unknown op {op_name!r}; known: {', '.join(sorted(OPS))}")
             reply = p.ok_body(rid, self.node, op(self.pool, request, self.node))

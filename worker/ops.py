@@ -8,6 +8,7 @@ from broker.errors import BadInput
 from broker.protocol import check_model_name
 
 from . import images, inference
+from .batching import BatchPolicy, batchable
 from .pool import ModelPool
 
 
@@ -57,6 +58,20 @@ def info(pool: ModelPool, body: dict, node: str) -> dict:
     return pool.info(_model(body))
 
 
+def config(pool: ModelPool, body: dict, node: str, policy: BatchPolicy = BatchPolicy()) -> dict:
+    """What a model configuration needs: inputs, outputs and the batching this worker applies to it
+    (`policy` is the worker's default, overridden by the model's sidecar)."""
+    name = _model(body)
+    model = pool.load(name)
+    policy = policy.override(pool.sidecar(name).get("dynamic_batching"))
+    on = policy.enabled and batchable(model)
+    return {"model": name, "inputs": [i.describe() for i in model.inputs],
+            "outputs": [o.describe() for o in model.outputs],
+            "max_batch_size": policy.max_batch_size if on else 0,
+            "dynamic_batching": {"max_queue_delay_us": policy.max_queue_delay_us,
+                                 "preferred_batch_sizes": list(policy.preferred_batch_sizes)} if on else None}
+
+
 def describe(pool: ModelPool, body: dict, node: str) -> dict:
     name, text = _model(body), _text(body, "description")
     pool.describe(name, text)
@@ -98,7 +113,7 @@ def repository(pool: ModelPool, body: dict, node: str) -> dict:
 
 def status(pool: ModelPool, body: dict, node: str) -> dict:
     return {"node": node, "pid": os.getpid(), "models_resident": pool.resident(),
-            "memory_rss_bytes": rss_bytes()}
+            "memory_rss_bytes": rss_bytes(), "model_stats": pool.statistics()}
 
 
 def rss_bytes() -> int:
@@ -117,5 +132,5 @@ def echo(pool: ModelPool, body: dict, node: str) -> dict:
 OPS: dict[str, Callable[[ModelPool, dict, str], Any]] = {
     "predict": predict, "predict_image": predict_image, "models": models, "information": information, "info": info,
     "describe": describe, "upload": upload, "delete": delete, "echo": echo,
-    "load": load, "unload": unload, "repository": repository, "status": status,
+    "load": load, "unload": unload, "repository": repository, "status": status, "config": config,
 }

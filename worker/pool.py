@@ -114,6 +114,10 @@ class ModelPool:
                                .isoformat(timespec="seconds").replace("+00:00", "Z"),
         }
 
+    def statistics(self) -> dict[str, dict]:
+        """Inference statistics of every model this worker ran since it started (worker/stats.py)."""
+        return self._cache.stats.snapshot()
+
     def resident(self) -> list[str]:
         return self._cache.names()
 
@@ -191,6 +195,7 @@ class ModelPool:
                     os.unlink(path)
             self._sync_dir()
         self._cache.drop(name)
+        self._cache.stats.forget(name)  # NOTE: names come from users: a deleted one leaves no trace
         log.info("deleted model %s", name)
 
     # -- helpers -------------------------------------------------------------------------------

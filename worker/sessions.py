@@ -13,6 +13,8 @@ import onnxruntime as ort
 
 from broker.errors import BadInput
 
+from .stats import Counters, ModelStats
+
 log = logging.getLogger(__name__)
 
 # ONNX Runtime's type strings -> numpy dtypes (what callers' arrays are converted to).
@@ -49,6 +51,7 @@ class LoadedModel:
     size_bytes: int
     mtime: float
     timer: Any = None          # histogram child observing InferenceSession.run, set by the pool
+    stats: Counters = field(default_factory=Counters)  # the name's counters, set by the cache
     output_names: list[str] = field(init=False)
     input_names: frozenset[str] = field(init=False)
 
@@ -112,6 +115,7 @@ class SessionCache:
         self.capacity = capacity
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._metrics = metrics  # metrics.WorkerMetrics, or None
+        self.stats = ModelStats()  # NOTE: by name, beside the entries: an eviction keeps the counts
 
     def get(self, name: str, key: tuple) -> LoadedModel | None:
         entry = self._entries.get(name)
@@ -125,6 +129,7 @@ class SessionCache:
         return entry
 
     def put(self, model: LoadedModel) -> None:
+        model.stats = self.stats.of(model.name)
         if self._metrics:
             model.timer = self._metrics.inference_seconds.labels(self._metrics.node, model.name)
         self._entries[model.name] = model

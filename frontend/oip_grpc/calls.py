@@ -1,0 +1,121 @@
+"""What every RPC shares with REST: request ids, bearer tokens, deadlines, errors as status codes, metrics.
+
+Each servicer method is wrapped by `rpc(name, access)`; the method itself gets the request and a
+`Call` (request id and timeout) and raises FractalErrors, never touching the gRPC context.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from broker.errors import (BadInput, FractalError, Forbidden, ModelNotFound, PayloadTooLarge, RetryLater, Timeout,
+                           Unauthorized, UnsupportedMediaType)
+from metrics import GrpcMetrics
+
+log = logging.getLogger("frontend.grpc.access")
+
+OPEN, API, ADMIN = "open", "api", "admin"  # who may call: anyone, the API token, the admin token
+
+# Most specific first: ModelUnloaded is a ModelNotFound, Overloaded a RetryLater, ProtocolError a BadInput.
+CODES = [(Unauthorized, grpc.StatusCode.UNAUTHENTICATED), (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+         (BadInput, grpc.StatusCode.INVALID_ARGUMENT), (UnsupportedMediaType, grpc.StatusCode.INVALID_ARGUMENT),
+         (ModelNotFound, grpc.StatusCode.NOT_FOUND), (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+         (RetryLater, grpc.StatusCode.UNAVAILABLE), (Timeout, grpc.StatusCode.DEADLINE_EXCEEDED)]
+
+
+def status_code(exc: FractalError) -> grpc.StatusCode:
+    for cls, code in CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class Call:
+    request_id: str
+    timeout_s: float   # what is left of the caller's deadline, capped by the frontend's timeout_s
+
+
+def _matches(presented: str, token: str) -> bool:
+    return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
+
+
+class Calls:
+    """The shared part of every call; one per server."""
+
+    def __init__(self, timeout_s: float, admin_token: str, api_token: str, metrics: GrpcMetrics):
+        self.timeout_s = timeout_s
+        self.admin_token, self.api_token = admin_token, api_token
+        self.metrics = metrics
+
+    def authorize(self, access: str, header: str) -> None:
+        """REST's rules (frontend/auth.py): admin calls need the admin token (or, without one, the API
+        token); other calls the API token or the admin token; OPEN calls nothing."""
+        if access == ADMIN and (self.admin_token or self.api_token):
+            self._check(header, self.admin_token or self.api_token, "")
+        elif access == API and self.api_token:
+            self._check(header, self.api_token, self.admin_token)
+
+    @staticmethod
+    def _check(header: str, token: str, also: str) -> None:
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise Unauthorized("this call needs the metadata 'authorization: Bearer <token>'")
+        if not (_matches(presented.strip(), token) or _matches(presented.strip(), also)):
+            raise Forbidden("this token may not make this call")
+
+    async def run(self, name: str, access: str, method: Callable[..., Awaitable[Any]], servicer: Any,
+                  request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
+        trailing = (("x-request-id", request_id),)
+        context.set_trailing_metadata(trailing)
+        code = grpc.StatusCode.OK
+        self.metrics.in_flight.inc()
+        try:
+            self.authorize(access, str(metadata.get("authorization", "")))
+            remaining = context.time_remaining()
+            timeout_s = self.timeout_s if remaining is None else min(self.timeout_s, remaining)
+            if timeout_s <= 0:
+                raise Timeout("the call's deadline passed before it started")
+            return await method(servicer, request, Call(request_id, timeout_s))
+        except FractalError as exc:
+            code = status_code(exc)
+            message = str(exc) if code is not grpc.StatusCode.INTERNAL else f"{exc} (request id {request_id})"
+            await context.abort(code, message, trailing)
+        except NotImplementedError as exc:  # a call of the protocol this server does not offer
+            code = grpc.StatusCode.UNIMPLEMENTED
+            await context.abort(code, str(exc), trailing)
+        except asyncio.CancelledError:  # the client went away, or its deadline passed first
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+                else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("call %s: %s failed unexpectedly", request_id, name)
+            await context.abort(code, f"internal error; request id {request_id}", trailing)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            self.metrics.call_done(name, code.name, elapsed)
+            log.info("%s %s %.2fms %s", name, code.name, elapsed * 1e3, request_id)
+
+
+def rpc(name: str, access: str = API) -> Callable:
+    """Make `method(self, request, call)` a gRPC handler run through the servicer's `calls`."""
+    def wrap(method: Callable[..., Awaitable[Any]]) -> Callable:
+        @functools.wraps(method)
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self.calls.run(name, access, method, self, request, context)
+        return handler
+    return wrap

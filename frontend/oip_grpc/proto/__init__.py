@@ -1,0 +1,1 @@
+"""Triton's gRPC messages and service stubs, generated from the .proto files here (README.md)."""
