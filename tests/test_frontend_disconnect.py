@@ -77,7 +77,7 @@ def test_a_disconnect_cancels_the_pending_broker_call(cluster):
             assert _sample(registry, "fractal_frontend_requests_in_flight") == 0
             # The process serves on, on the same client.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET /api/v1/models HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            writer.write("GET /api/v1/models HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert (await asyncio.wait_for(reader.readline(), 30)).startswith(b"HTTP/1.1 200")
             writer.close()
         finally:
