@@ -101,6 +101,7 @@ class CancelOnDisconnect:
             self._cancelled(scope)
         finally:
             exchange.close()
+            scope.pop(REQUEST_KEY, None)  # NOTE: the request refers to its scope: no cycle left for the GC
 
     def _cancelled(self, scope: Scope) -> None:
         req = scope.get(REQUEST_KEY)
