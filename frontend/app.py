@@ -49,9 +49,9 @@ class RequestLog:
 
     @staticmethod
     def _line(req: falcon.asgi.Request, status: str) -> None:
-        started = getattr(req.context, "started", None)
+        started = getattr(req.context, "started", time.perf_counter())
         if started is None:
-            return  # already logged
+            return  # already logged (a client that left while its answer was being sent)
         req.context.started = None
         log.info("%s %s %s %.2fms %s", req.method, req.path, status, (time.perf_counter() - started) * 1e3,
                  getattr(req.context, "request_id", "-"))
