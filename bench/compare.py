@@ -396,6 +396,12 @@ def main() -> None:
               f"over {args.cpu_requests:,} requests at 16 connections (frontend: gunicorn workers; MLServer: all)")
         table(servers, conns)
         targets(ours, wsgi, asgi, mlservers, conns)
+        if args.baseline:
+            before = servers[-1]
+            print(f"\nFrontend CPU per request (gunicorn workers, /proc), {before.name} -> this checkout:")
+            for old_route, new_route in zip(before.routes, ours.routes):
+                old_us, new_us = old_route.cpu["frontend_us"], new_route.cpu["frontend_us"]
+                print(f"  {new_route.label:10} {old_us:6,.0f} us -> {new_us:6,.0f} us ({new_us / old_us - 1:+.0%})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
