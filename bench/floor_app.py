@@ -1,8 +1,10 @@
-"""The HTTP floor: Falcon under gunicorn calling ONNX Runtime in-process, no broker, no workers.
+"""The HTTP floors: Falcon calling ONNX Runtime in-process, no broker, no workers; WSGI and ASGI.
 
-    gunicorn "bench.floor_app:create_app()" ...   (bench/http.py starts it)
+    gunicorn "bench.floor_app:create_app()" --worker-class gthread ...                    (WSGI)
+    gunicorn "bench.floor_app:create_asgi_app()" --worker-class uvicorn_worker.UvicornWorker ...  (ASGI)
 
-Same request and response as our /api/v1/models/iris.onnx/prediction, so the two compare directly.
+Same request and response as our /api/v1/models/iris.onnx/prediction, so they compare directly
+(bench/rest.py and bench/compare.py start them).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 from pathlib import Path
 
 import falcon
+import falcon.asgi
 import numpy as np
 import onnxruntime as ort
 
@@ -23,15 +26,30 @@ class Prediction:
         self.session = ort.InferenceSession(str(IRIS), options, providers=["CPUExecutionProvider"])
         self.name = self.session.get_inputs()[0].name
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        values = np.asarray(json.loads(req.bounded_stream.read())["values"], np.float32)
+    def answer(self, body: bytes) -> bytes:
+        values = np.asarray(json.loads(body)["values"], np.float32)
         label = self.session.run(None, {self.name: values.reshape(-1, 4)})[0]
+        return json.dumps({"http_status": {"code": 200, "description": "Prediction successful", "name": "OK"},
+                           "values": label.tolist()}).encode()
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = json.dumps({"http_status": {"code": 200, "description": "Prediction successful",
-                                                "name": "OK"}, "values": label.tolist()}).encode()
+        resp.data = self.answer(req.bounded_stream.read())
+
+
+class AsyncPrediction(Prediction):
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.answer(await req.stream.read())
 
 
 def create_app() -> falcon.App:
     app = falcon.App()
     app.add_route("/api/v1/models/{name}/prediction", Prediction())
+    return app
+
+
+def create_asgi_app() -> falcon.asgi.App:
+    app = falcon.asgi.App()
+    app.add_route("/api/v1/models/{name}/prediction", AsyncPrediction())
     return app

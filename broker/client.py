@@ -357,3 +357,40 @@ class AsyncClient(_Operations):
                 future.set_result(p.result_of(reply))
             except FractalError as exc:
                 future.set_exception(exc)
+
+    # -- MMI (RFC 8), for health and status pages. A self-contained block: each question uses its own
+    # short-lived DEALER socket, so the request socket's reader never sees MMI answers and a late
+    # answer to a question that timed out dies with its socket instead of answering the next one.
+
+    async def service_ready(self, service: str | None = None, timeout_s: float = 2.0) -> bool:
+        """MMI (RFC 8): does the broker have at least one worker for the service?"""
+        return await self._mmi(p.MMI_SERVICE, service.encode() if service else self.service, timeout_s) == b"200"
+
+    async def broker_status(self, timeout_s: float = 2.0) -> dict | None:
+        """The broker's view (our `mmi.workers` extension), as Client.broker_status; None when the
+        broker does not answer."""
+        reply = await self._mmi(p.MMI_WORKERS, b"", timeout_s)
+        return p.unpack(reply) if reply else None
+
+    async def _mmi(self, service: bytes, body: bytes, timeout_s: float) -> bytes | None:
+        deadline = time.monotonic() + timeout_s
+        sock = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
+        try:
+            frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body]
+            try:
+                await sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                # NOTE: a new socket has no connection yet; IMMEDIATE refuses the send until it has.
+                wait_s = min(CONNECT_WAIT_S, deadline - time.monotonic())
+                if wait_s <= 0 or not await sock.poll(int(wait_s * 1000), zmq.POLLOUT):
+                    return None
+                await sock.send_multipart(frames, zmq.NOBLOCK)
+            while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+                if not await sock.poll(remaining_ms, zmq.POLLIN):
+                    break
+                reply = await sock.recv_multipart()
+                if len(reply) == 4 and reply[2] == service:
+                    return reply[3]
+            return None
+        finally:
+            sock.close(linger=0)

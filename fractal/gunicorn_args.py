@@ -4,7 +4,10 @@ from __future__ import annotations
 import sys
 
 APP = "frontend.app:create_app()"
-DEFAULTS = ["--bind", "127.0.0.1:8002", "--worker-class", "gthread", "--workers", "2", "--threads", "8"]
+# NOTE: the app is ASGI, so the worker class must be an ASGI one; this one runs uvicorn with uvloop and
+# httptools (uvicorn's "auto" picks them, and both are dependencies). uvicorn.workers is deprecated.
+WORKER_CLASS = "uvicorn_worker.UvicornWorker"
+DEFAULTS = ["--bind", "127.0.0.1:8002", "--worker-class", WORKER_CLASS, "--workers", "2"]
 
 
 def _control_socket_flags() -> list[str]:
@@ -23,7 +26,6 @@ def gunicorn_base() -> list[str]:
             *_control_socket_flags()]
 
 
-def gunicorn_argv(bind: str, workers: int, threads: int, log_level: str = "info",
-                  worker_class: str = "gthread") -> list[str]:
+def gunicorn_argv(bind: str, workers: int, log_level: str = "info", worker_class: str = WORKER_CLASS) -> list[str]:
     return [*gunicorn_base(), "--bind", bind, "--workers", str(workers), "--worker-class", worker_class,
-            "--threads", str(threads), "--log-level", log_level.lower(), "--graceful-timeout", "5"]
+            "--log-level", log_level.lower(), "--graceful-timeout", "5"]

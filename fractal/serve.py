@@ -17,7 +17,7 @@ from broker.client import Client
 from broker.curve import PeerKeys
 from broker.settings import env_name, load, setting
 
-from .gunicorn_args import gunicorn_argv
+from .gunicorn_args import WORKER_CLASS, gunicorn_argv
 from .health import http_ok
 from .supervisor import Child, Supervisor
 
@@ -34,16 +34,16 @@ class ServeSettings:
     workers: int = setting(2, "modelhost worker processes")
     model_dir: str = setting("./models", "model pool; created with the bundled models if missing")
     threads: int = setting(0, "ONNX Runtime threads per worker; 0 = cores / workers")
-    http_workers: int = setting(2, "gunicorn worker processes")
-    http_threads: int = setting(8, "threads per gunicorn worker (gthread); they mostly wait on the broker")
-    http_worker_class: str = setting("gthread", "gunicorn worker class (gthread, sync, ...)")
+    http_workers: int = setting(2, "gunicorn worker processes, each an event loop with any number of requests")
+    http_worker_class: str = setting(WORKER_CLASS, "gunicorn worker class; an ASGI one (uvicorn_worker."
+                                                   "UvicornWorker, or UvicornH11Worker without uvloop)")
     metrics_port: int = setting(9150, "broker /metrics port; workers take the next ones; 0: no metrics at all")
     ready_timeout_s: float = setting(60.0, "how long to wait for every part to come up")
     log_level: str = setting("INFO", "logging level of every part")
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.http_workers < 1 or self.http_threads < 1 or self.threads < 0:
-            raise ValueError("workers, http_workers and http_threads must be >= 1; threads >= 0")
+        if self.workers < 1 or self.http_workers < 1 or self.threads < 0:
+            raise ValueError("workers and http_workers must be >= 1; threads >= 0")
         if not 0 <= self.grpc_port < 65536:
             raise ValueError("grpc_port must be a TCP port number, or 0 for no gRPC frontend")
 
@@ -85,7 +85,7 @@ def _children(s: ServeSettings) -> list[Child]:
                                 env_name("frontend", "log_level"): s.log_level,
                                 env_name("frontend", "metrics"): "true" if s.metrics_port else "false"})
     children.append(Child("frontend", gunicorn_argv(f"{s.http_host}:{s.http_port}", s.http_workers,
-                                                   s.http_threads, s.log_level, s.http_worker_class), frontend_env))
+                                                   s.log_level, s.http_worker_class), frontend_env))
     if s.grpc_port:
         keys = load(FrontendCurve, "frontend")  # NOTE: the gRPC frontend is a frontend: same CURVE keys
         children.append(Child("grpc", [

@@ -1,4 +1,4 @@
-"""The Falcon app factory gunicorn runs in each worker process: `frontend.app:create_app()`."""
+"""The Falcon ASGI app factory gunicorn's uvicorn workers run in each process: `frontend.app:create_app()`."""
 from __future__ import annotations
 
 import logging
@@ -7,15 +7,17 @@ import uuid
 from importlib import metadata
 
 import falcon
+import falcon.asgi
 from prometheus_client import CollectorRegistry
 
-from broker.client import Client
+from broker.client import AsyncClient
 from broker.curve import PeerKeys
 from broker.settings import load
 from metrics import FrontendMetrics, multiprocess
 
 from . import api, errors
 from .auth import TokenAuth
+from .disconnect import REQUEST_KEY, CancelOnDisconnect
 from .errors import status_body
 from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
@@ -30,17 +32,29 @@ log = logging.getLogger("frontend.access")
 class RequestLog:
     """X-Request-ID in (or made) and out, and one log line per request."""
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.request_id = (req.get_header("X-Request-ID") or uuid.uuid4().hex)[:128]
         req.context.started = time.perf_counter()
+        req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         req_succeeded: bool) -> None:
+    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               req_succeeded: bool) -> None:
         request_id = getattr(req.context, "request_id", "-")
         resp.set_header("X-Request-ID", request_id)
+        self._line(req, str(resp.status)[:3])
+
+    def process_cancel(self, req: falcon.asgi.Request) -> None:
+        """The client disconnected before its answer: logged as nginx's 499, client closed request."""
+        self._line(req, "499")
+
+    @staticmethod
+    def _line(req: falcon.asgi.Request, status: str) -> None:
         started = getattr(req.context, "started", time.perf_counter())
-        log.info("%s %s %s %.2fms %s", req.method, req.path, str(resp.status)[:3],
-                 (time.perf_counter() - started) * 1e3, request_id)
+        if started is None:
+            return  # already logged (a client that left while its answer was being sent)
+        req.context.started = None
+        log.info("%s %s %s %.2fms %s", req.method, req.path, status, (time.perf_counter() - started) * 1e3,
+                 getattr(req.context, "request_id", "-"))
 
 
 def _version() -> str:
@@ -50,16 +64,21 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: FrontendSettings | None = None, registry: CollectorRegistry | None = None) -> falcon.App:
-    """Build the app from api.ENDPOINTS; the broker client is made here, after gunicorn forked.
+def create_app(settings: FrontendSettings | None = None, registry: CollectorRegistry | None = None,
+               client: AsyncClient | None = None) -> CancelOnDisconnect:
+    """Build the ASGI app from api.ENDPOINTS, in the gunicorn worker after it forked.
 
-    Metrics go to `registry`, or under gunicorn to prometheus-client's multiprocess files.
+    One AsyncClient per process carries every request in flight. gunicorn calls this factory in each
+    worker after the fork; the client opens its socket and reader task on its first call, inside the
+    worker's running event loop (so no --preload: a ZeroMQ context must not cross a fork). Metrics go
+    to `registry`, or under gunicorn to prometheus-client's multiprocess files. A caller that runs the
+    app itself may pass the `client`.
     """
     settings = settings or load(FrontendSettings, "frontend")
     if registry is None and not multiprocess():
         registry = CollectorRegistry()
-    client = Client(settings.broker, settings.service, settings.timeout_s,
-                    curve=PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key))
+    client = client or AsyncClient(settings.broker, settings.service, settings.timeout_s,
+                                   curve=PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key))
     shared = (client, settings.max_body_bytes)
     resources = {
         "welcome": Static(welcome_body()),
@@ -77,10 +96,20 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     middleware = [RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
     if settings.metrics:
         middleware.append(MetricsMiddleware(FrontendMetrics(registry)))
-    app = falcon.App(middleware=middleware)
+    app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     for path in dict.fromkeys(e.path for e in api.ENDPOINTS):
         resource = resources[next(e.resource for e in api.ENDPOINTS if e.path == path)]
         app.add_route(path, resource)
-    return app
+    return CancelOnDisconnect(app, middleware)
+
+
+class Lifespan:
+    """Closes the process's broker client when the server stops."""
+
+    def __init__(self, client: AsyncClient):
+        self.client = client
+
+    async def process_shutdown(self, scope: dict, event: dict) -> None:
+        await self.client.aclose()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 
-import falcon
+import falcon.asgi
 
 from broker.errors import Forbidden, Unauthorized
 
@@ -26,8 +26,8 @@ class TokenAuth:
         self.admin_token, self.api_token = admin_token, api_token
         self.admin_routes = {(e.method, e.path) for e in api.ENDPOINTS if e.admin}
 
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         params: dict) -> None:
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               params: dict) -> None:
         route = req.uri_template
         if (req.method, route) in self.admin_routes:
             # NOTE: with only an API token set, changing models needs it too: never less than reading.
@@ -37,7 +37,7 @@ class TokenAuth:
             self._check(req, self.api_token, self.admin_token)
 
     @staticmethod
-    def _check(req: falcon.Request, token: str, also: str) -> None:
+    def _check(req: falcon.asgi.Request, token: str, also: str) -> None:
         header = req.get_header("Authorization") or ""
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:

@@ -1,9 +1,13 @@
-"""Reading request bodies within limits: JSON, multipart form fields, raw bytes."""
+"""Reading request bodies within limits: JSON, multipart form fields, raw bytes (async, Falcon ASGI).
+
+JSON parsing and multipart parsing run inline on the event loop: cheap for the small bodies of
+predictions, but a body of many megabytes (a large JSON tensor) holds the loop while it is parsed.
+"""
 from __future__ import annotations
 
 from typing import Any
 
-import falcon
+import falcon.asgi
 
 from broker import jsonbody
 from broker.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
@@ -13,24 +17,24 @@ from broker.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 JSON_TYPES = frozenset({"", "application/json", "application/x-www-form-urlencoded", "text/plain"})
 
 
-def media_type(req: falcon.Request) -> str:
+def media_type(req: falcon.asgi.Request) -> str:
     return (req.content_type or "").split(";", 1)[0].strip().lower()
 
 
-def raw(req: falcon.Request, max_bytes: int) -> bytes:
+async def raw(req: falcon.asgi.Request, max_bytes: int) -> bytes:
     length = req.content_length or 0
     if length > max_bytes:
         raise PayloadTooLarge(f"body is {length} bytes; the limit is {max_bytes}")
-    data = req.bounded_stream.read(max_bytes + 1)
+    data = await req.bounded_stream.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"body is over the limit of {max_bytes} bytes")
     return data
 
 
-def json_body(req: falcon.Request, max_bytes: int, example: str) -> Any:
+async def json_body(req: falcon.asgi.Request, max_bytes: int, example: str) -> Any:
     if media_type(req) not in JSON_TYPES:
         raise UnsupportedMediaType(f"send JSON (Content-Type: application/json), not {media_type(req)}")
-    data = raw(req, max_bytes)
+    data = await raw(req, max_bytes)
     if not data.strip():
         raise BadInput(f"empty body; send JSON such as {example}")
     try:
@@ -39,13 +43,13 @@ def json_body(req: falcon.Request, max_bytes: int, example: str) -> Any:
         raise BadInput(f"{exc}; send JSON such as {example}") from None
 
 
-def form_file(req: falcon.Request, field: str, max_bytes: int) -> bytes:
+async def form_file(req: falcon.asgi.Request, field: str, max_bytes: int) -> bytes:
     """The bytes of multipart form field `field` (curl -F "field=@file")."""
     if (req.content_length or 0) > max_bytes:
         raise PayloadTooLarge(f"body is {req.content_length} bytes; the limit is {max_bytes}")
-    for part in req.get_media():
+    async for part in await req.get_media():
         if part.name == field:
-            data = part.stream.read(max_bytes + 1)
+            data = await part.stream.read(max_bytes + 1)
             if len(data) > max_bytes:
                 raise PayloadTooLarge(f"field {field!r} is over the limit of {max_bytes} bytes")
             return data

@@ -6,6 +6,7 @@ import logging
 import uuid
 
 import falcon
+import falcon.asgi
 import orjson
 
 from broker.errors import FractalError
@@ -23,7 +24,7 @@ def status_body(code: int, description: str, /, **extra: object) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)  # NOTE: non-finite floats become null
 
 
-def _write(req: falcon.Request, resp: falcon.Response, code: int, description: str) -> None:
+def _write(req: falcon.asgi.Request, resp: falcon.asgi.Response, code: int, description: str) -> None:
     """The seed's shape, or under /v2 the Open Inference Protocol's {"error": "..."}."""
     resp.status = code
     resp.content_type = falcon.MEDIA_JSON
@@ -33,7 +34,8 @@ def _write(req: falcon.Request, resp: falcon.Response, code: int, description: s
         resp.data = status_body(code, description)
 
 
-def _fractal_error(req: falcon.Request, resp: falcon.Response, ex: FractalError, params: dict) -> None:
+async def _fractal_error(req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: FractalError, params: dict,
+                         ws: object = None) -> None:
     _write(req, resp, ex.http_status, str(ex))
     for name, value in ex.headers.items():
         resp.set_header(name, value)
@@ -41,7 +43,8 @@ def _fractal_error(req: falcon.Request, resp: falcon.Response, ex: FractalError,
         resp.set_header("Retry-After", str(max(1, round(ex.retry_after_s))))
 
 
-def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: dict) -> None:
+async def _http_error(req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: falcon.HTTPError, params: dict,
+                      ws: object = None) -> None:
     description = ex.description or ex.title or http.HTTPStatus(ex.status_code).phrase
     if ex.status_code == 404 and not ex.description:
         description = f"no route {req.method} {req.path}; see GET /help"
@@ -53,13 +56,14 @@ def _http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError
         resp.set_header(name, value)
 
 
-def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+async def _unexpected(req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: Exception, params: dict,
+                      ws: object = None) -> None:
     request_id = getattr(req.context, "request_id", None) or uuid.uuid4().hex
     log.exception("request %s: %s %s failed unexpectedly", request_id, req.method, req.path)
     _write(req, resp, 500, f"internal error; request id {request_id}")
 
 
-def install(app: falcon.App) -> None:
+def install(app: falcon.asgi.App) -> None:
     # NOTE: Falcon picks the most specific registered class, so the order here does not matter.
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(falcon.HTTPError, _http_error)

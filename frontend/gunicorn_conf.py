@@ -15,6 +15,9 @@ from broker.settings import load
 
 from frontend.settings import FrontendSettings
 
+# NOTE: the app is ASGI: without a --worker-class flag, gunicorn runs it under uvicorn (uvloop, httptools).
+worker_class = "uvicorn_worker.UvicornWorker"
+
 _settings = load(FrontendSettings, "frontend")
 _created = not _settings.metrics_dir
 _metrics_dir = _settings.metrics_dir or tempfile.mkdtemp(prefix="fractal-frontend-metrics-")

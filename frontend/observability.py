@@ -5,9 +5,10 @@ import html
 import time
 
 import falcon
+import falcon.asgi
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from broker.client import Client
+from broker.client import AsyncClient
 from metrics import FrontendMetrics, exposition
 
 from .errors import status_body
@@ -23,18 +24,26 @@ class MetricsMiddleware:
         self.m = metrics
         self._bound: dict[tuple, tuple] = {}  # (route, method, status) -> label children, made once
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.metrics_started = time.perf_counter()
         self.m.in_flight.inc()
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         req_succeeded: bool) -> None:
+    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               req_succeeded: bool) -> None:
+        self._count(req, str(resp.status)[:3])
+
+    def process_cancel(self, req: falcon.asgi.Request) -> None:
+        """The client disconnected before its answer: counted as status 499 (client closed request)."""
+        self._count(req, "499")
+
+    def _count(self, req: falcon.asgi.Request, status: str) -> None:
         started = getattr(req.context, "metrics_started", None)
         if started is None:
-            return
+            return  # not started, or already counted
+        req.context.metrics_started = None
         self.m.in_flight.dec()
         method = req.method if req.method in METHODS else "OTHER"  # clients choose methods: bound them
-        key = (req.uri_template or "unmatched", method, str(resp.status)[:3])
+        key = (req.uri_template or "unmatched", method, status)
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bound[key] = (self.m.requests.labels(*key), self.m.duration.labels(*key[:2]))
@@ -46,22 +55,23 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None):
         self._registry = registry  # None: multiprocess mode, read every gunicorn worker's files
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        # NOTE: reads every process's metric files inline; small, and scrapes are rare.
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = exposition(self._registry)
 
 
-def broker_view(client: Client) -> dict:
-    status = client.broker_status()
+async def broker_view(client: AsyncClient) -> dict:
+    status = await client.broker_status()
     return status if status is not None else {"broker": {"up": False}, "workers": []}
 
 
 class StatusJson:
-    def __init__(self, client: Client):
+    def __init__(self, client: AsyncClient):
         self.client = client
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        view = broker_view(self.client)
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        view = await broker_view(self.client)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = status_body(200, "OK", broker=view["broker"], workers=view["workers"])
 
@@ -102,9 +112,9 @@ def render_page(view: dict) -> str:
 
 
 class StatusPage:
-    def __init__(self, client: Client):
+    def __init__(self, client: AsyncClient):
         self.client = client
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_HTML
-        resp.text = render_page(broker_view(self.client))
+        resp.text = render_page(await broker_view(self.client))

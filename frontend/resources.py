@@ -1,14 +1,16 @@
-"""Falcon resources of the seed's REST API; each turns HTTP into calls of the direct client."""
+"""Falcon ASGI resources of the seed's REST API; each turns HTTP into awaited calls of the async client."""
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import falcon
+import falcon.asgi
 import numpy as np
 
-from broker.client import Client
-from broker.errors import BadInput, UnsupportedMediaType
+from broker.client import AsyncClient
+from broker.errors import BadInput, Timeout, UnsupportedMediaType
 from broker.protocol import check_model_name
 
 from . import bodies
@@ -19,7 +21,7 @@ WELCOME = ("Greetings from Fractal - ML Server - Inferrer, the Machine Learning 
 PREDICT_EXAMPLE = '{"values": [2, 5, 1, 4]}'
 
 
-def ok(resp: falcon.Response, description: str = "OK", /, **extra: Any) -> None:
+def ok(resp: falcon.asgi.Response, description: str = "OK", /, **extra: Any) -> None:
     resp.content_type = falcon.MEDIA_JSON
     resp.data = status_body(200, description, **extra)
 
@@ -41,85 +43,84 @@ class Static:
     def __init__(self, data: bytes):
         self._data = data
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = self._data
 
 
 class Resource:
-    def __init__(self, client: Client, max_body_bytes: int):
+    def __init__(self, client: AsyncClient, max_body_bytes: int):
         self.client = client
         self.max_body_bytes = max_body_bytes
 
 
 class SendToModelhost(Resource):
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = bodies.json_body(req, self.max_body_bytes, '{"data": ["ONE", "TWO"]}')
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        body = await bodies.json_body(req, self.max_body_bytes, '{"data": ["ONE", "TWO"]}')
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             raise BadInput('send {"data": [...]}: a list whose elements go to the modelhosts')
-        replies = self.client.call_many(
-            [("echo", {"data": item, "request_id": req.context.request_id}) for item in body["data"]])
+        replies = await echo_all(self.client, body["data"], req.context.request_id)
         ok(resp, "Sent to modelhost", data=[{"data": r["data"], "node": r["node"]} for r in replies])
 
 
 class Models(Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ok(resp, model_list=self.client.models(request_id=req.context.request_id))
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        ok(resp, model_list=await self.client.models(request_id=req.context.request_id))
 
 
 class Information(Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ok(resp, model_list=self.client.information(request_id=req.context.request_id))
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        ok(resp, model_list=await self.client.information(request_id=req.context.request_id))
 
 
 class Model(Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        ok(resp, **self.client.model_info(check_model_name(name), request_id=req.context.request_id))
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
+        ok(resp, **await self.client.model_info(check_model_name(name), request_id=req.context.request_id))
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
         check_model_name(name)
-        body = bodies.json_body(req, self.max_body_bytes, '{"model_description": "..."}')
+        body = await bodies.json_body(req, self.max_body_bytes, '{"model_description": "..."}')
         if not isinstance(body, dict) or not isinstance(body.get("model_description"), str):
             raise BadInput('send {"model_description": "..."} with a string description')
-        result = self.client.describe(name, body["model_description"], request_id=req.context.request_id)
+        result = await self.client.describe(name, body["model_description"], request_id=req.context.request_id)
         ok(resp, "Model description updated", **result)
 
-    def on_put(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+    async def on_put(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
         check_model_name(name)
         kind = bodies.media_type(req)
         if kind == "multipart/form-data":
-            data = bodies.form_file(req, "path", self.max_body_bytes)
+            data = await bodies.form_file(req, "path", self.max_body_bytes)
         elif kind in ("application/octet-stream", ""):
-            data = bodies.raw(req, self.max_body_bytes)
+            data = await bodies.raw(req, self.max_body_bytes)
         else:
             raise UnsupportedMediaType(f"upload the model as multipart field 'path' (-F \"path=@model.onnx\")"
                                        f" or an application/octet-stream body, not {kind}")
         if not data:
             raise BadInput("the uploaded model is empty")
-        info = self.client.upload(name, data, request_id=req.context.request_id)
+        info = await self.client.upload(name, data, request_id=req.context.request_id)
         ok(resp, "Model uploaded", **info)
 
-    def on_delete(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+    async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
         check_model_name(name)
-        ok(resp, "Model deleted", **self.client.delete(name, request_id=req.context.request_id))
+        ok(resp, "Model deleted", **await self.client.delete(name, request_id=req.context.request_id))
 
 
 class Prediction(Resource):
     """GET or POST /api/v1/models/{name}/prediction: JSON rows, named inputs, or an image."""
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
         check_model_name(name)
         kind = bodies.media_type(req)
         if kind == "multipart/form-data":
-            self._image(req, resp, name, bodies.form_file(req, "file", self.max_body_bytes))
+            await self._image(req, resp, name, await bodies.form_file(req, "file", self.max_body_bytes))
         elif kind.startswith("image/"):
-            self._image(req, resp, name, bodies.raw(req, self.max_body_bytes))
+            await self._image(req, resp, name, await bodies.raw(req, self.max_body_bytes))
         else:
-            self._json(req, resp, name, bodies.json_body(req, self.max_body_bytes, PREDICT_EXAMPLE))
+            await self._json(req, resp, name, await bodies.json_body(req, self.max_body_bytes, PREDICT_EXAMPLE))
 
     on_post = on_get
 
-    def _json(self, req: falcon.Request, resp: falcon.Response, name: str, body: Any) -> None:
+    async def _json(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str, body: Any) -> None:
         if not isinstance(body, dict) or ("values" in body) == ("inputs" in body):
             raise BadInput(f'send {PREDICT_EXAMPLE} (one row, or a list of rows), or {{"inputs": '
                            f'{{"name": [...], ...}}}} for a model with named inputs')
@@ -130,20 +131,35 @@ class Prediction(Resource):
         else:
             raise BadInput('"inputs" must map input names to arrays')
         wanted = _wanted_outputs(body.get("outputs"))
-        outputs = self.client.predict(name, inputs, wanted, request_id=req.context.request_id)
+        outputs = await self.client.predict(name, inputs, wanted, request_id=req.context.request_id)
         self._answer(resp, outputs, by_name="outputs" in body, first=next(iter(outputs.values())))
 
-    def _image(self, req: falcon.Request, resp: falcon.Response, name: str, image: bytes) -> None:
+    async def _image(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str, image: bytes) -> None:
         if not image:
             raise BadInput("the image is empty")
-        outputs = self.client.predict_image(name, image, request_id=req.context.request_id)
+        outputs = await self.client.predict_image(name, image, request_id=req.context.request_id)
         floats = [v for v in outputs.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
         self._answer(resp, outputs, by_name=False, first=floats[0] if floats else next(iter(outputs.values())))
 
     @staticmethod
-    def _answer(resp: falcon.Response, outputs: dict, by_name: bool, first: Any) -> None:
+    def _answer(resp: falcon.asgi.Response, outputs: dict, by_name: bool, first: Any) -> None:
         extra = {"outputs": {k: jsonable(v) for k, v in outputs.items()}} if by_name else {}
         ok(resp, "Prediction successful", values=jsonable(first), **extra)
+
+
+async def echo_all(client: AsyncClient, items: list, request_id: str, window: int = 64) -> list[dict]:
+    """Each item to a worker and back, at most `window` in flight (as Client.call_many); the client's
+    timeout bounds the whole list, and the first error fails it."""
+    replies: list[dict] = []
+    try:
+        async with asyncio.timeout(client.timeout_s):
+            for start in range(0, len(items), window):
+                replies += await asyncio.gather(*(client.echo(item, request_id=request_id)
+                                                  for item in items[start:start + window]))
+    except TimeoutError:
+        raise Timeout(f"no reply from the broker within {client.timeout_s:g} s "
+                      f"({len(items) - len(replies)} echoes outstanding)") from None
+    return replies
 
 
 def _array(value: Any, where: str) -> np.ndarray:

@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import falcon
+import falcon.asgi
 import orjson
 
-from broker.client import Client
+from broker.client import AsyncClient
 from broker.errors import ModelNotFound, NoWorkerAvailable
 from broker.protocol import check_model_name
 
@@ -27,7 +28,7 @@ def model_name(name: str, version: str | None = None) -> str:
     return check_model_name(name if name.endswith(".onnx") else name + ".onnx")
 
 
-def _json(resp: falcon.Response, value: Any) -> None:
+def _json(resp: falcon.asgi.Response, value: Any) -> None:
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
@@ -38,53 +39,56 @@ def _tensor_meta(spec: dict) -> dict:
 
 
 class V2Resource:
-    def __init__(self, client: Client, max_body_bytes: int, version: str = ""):
+    def __init__(self, client: AsyncClient, max_body_bytes: int, version: str = ""):
         self.client = client
         self.max_body_bytes = max_body_bytes
         self.version = version
 
 
 class ServerLive(V2Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         _json(resp, {"live": True})
 
 
 class ServerReady(V2Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.client.service_ready(timeout_s=2.0):
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if not await self.client.service_ready(timeout_s=2.0):
             raise NoWorkerAvailable("no live worker is registered with the broker")
         _json(resp, {"ready": True})
 
 
 class ServerMetadata(V2Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         _json(resp, {"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS})
 
 
 class ModelMetadata(V2Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        info = self.client.model_info(model_name(name, version), request_id=req.context.request_id)
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
+                     version: str | None = None) -> None:
+        info = await self.client.model_info(model_name(name, version), request_id=req.context.request_id)
         _json(resp, {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
                      "inputs": [_tensor_meta(i) for i in info["inputs"]],
                      "outputs": [_tensor_meta(o) for o in info["outputs"]]})
 
 
 class ModelReady(V2Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        self.client.model_info(model_name(name, version), request_id=req.context.request_id)
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
+                     version: str | None = None) -> None:
+        await self.client.model_info(model_name(name, version), request_id=req.context.request_id)
         _json(resp, {"name": name, "ready": True})
 
 
 class Infer(V2Resource):
-    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
+                      version: str | None = None) -> None:
         model = model_name(name, version)
         header = req.get_header(HEADER_LENGTH)
         try:
             header_length = int(header) if header is not None else None
         except ValueError:
             header_length = -1  # decode_request rejects it with the protocol's message
-        request = decode_request(bodies.raw(req, self.max_body_bytes), header_length)
-        outputs = self.client.predict(model, request.inputs, request.outputs, request_id=req.context.request_id)
+        request = decode_request(await bodies.raw(req, self.max_body_bytes), header_length)
+        outputs = await self.client.predict(model, request.inputs, request.outputs, request_id=req.context.request_id)
         body, json_length = encode_response(name, request, outputs)
         resp.data = body
         if json_length is None:
@@ -95,40 +99,42 @@ class Infer(V2Resource):
 
 
 class ModelConfig(V2Resource):
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        config = self.client.model_config(model_name(name, version), request_id=req.context.request_id)
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
+                     version: str | None = None) -> None:
+        config = await self.client.model_config(model_name(name, version), request_id=req.context.request_id)
         _json(resp, oip.model_config(name, config))
 
 
 class ModelStatistics(V2Resource):
     """Summed over workers from the broker's status table: as fresh as its status_interval_s."""
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str | None = None,
-               version: str | None = None) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str | None = None,
+                     version: str | None = None) -> None:
         rid = req.context.request_id
         if name is None:
-            models = [(m["name"], m["name"]) for m in self.client.repository(request_id=rid) if m["state"] == "READY"]
+            models = [(m["name"], m["name"]) for m in await self.client.repository(request_id=rid)
+                      if m["state"] == "READY"]
         else:
             models = [(name, model_name(name, version))]
-            self.client.model_info(models[0][1], request_id=rid)  # an unknown model is a 404
-        status = self.client.broker_status()
+            await self.client.model_info(models[0][1], request_id=rid)  # an unknown model is a 404
+        status = await self.client.broker_status()
         if status is None:
             raise NoWorkerAvailable("the broker did not answer its status")
         _json(resp, oip.statistics(oip.summed_stats(status), models))
 
 
 class RepositoryIndex(V2Resource):
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        _json(resp, self.client.repository(request_id=req.context.request_id))
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        _json(resp, await self.client.repository(request_id=req.context.request_id))
 
 
 class RepositoryLoad(V2Resource):
-    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        self.client.load(model_name(name), request_id=req.context.request_id)
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
+        await self.client.load(model_name(name), request_id=req.context.request_id)
         _json(resp, {})
 
 
 class RepositoryUnload(V2Resource):
-    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        self.client.unload(model_name(name), request_id=req.context.request_id)
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
+        await self.client.unload(model_name(name), request_id=req.context.request_id)
         _json(resp, {})

@@ -244,7 +244,7 @@ def start_frontend(procs: Processes, broker_url: str, **env: str) -> str:
     """gunicorn running the frontend alone, pointed at `broker_url`; returns its base URL."""
     port = free_port()
     procs.start("frontend", [sys.executable, "-m", "fractal", "frontend", "--bind", f"127.0.0.1:{port}",
-                             "--workers", "1", "--worker-class", "gthread", "--threads", "4"],
+                             "--workers", "1"],
                 env={"FRACTAL_FRONTEND_BROKER": broker_url, **env})
     base = f"http://127.0.0.1:{port}"
 

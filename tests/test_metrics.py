@@ -191,7 +191,9 @@ def test_clients_cannot_invent_label_values(server):
             sock.send_multipart([b"MDPC02", b"\x01", f"made-up-{i}".encode(), *p.request_body(i, "echo", {})])
             assert sock.poll(3000)
             sock.recv_multipart()
-    for method in ("FOO", "BAR"):
+    # NOTE: uvicorn's HTTP parser (httptools) refuses tokens it does not know (FOO) with its own 400
+    # before the app; methods it parses but we do not route (PROPFIND, PURGE) reach the middleware.
+    for method in ("FOO", "PROPFIND", "PURGE"):
         req = urllib.request.Request(f"{server.base}/", method=method)
         try:
             urllib.request.urlopen(req, timeout=5)
@@ -200,7 +202,8 @@ def test_clients_cannot_invent_label_values(server):
     broker_text, frontend_text = get(server.metrics_urls["broker"]), get(server.metrics_urls["frontend"])
     assert "made-up" not in broker_text
     assert sample_sum(broker_text, "fractal_broker_requests_rejected_total", service="unknown") >= 20
-    assert 'method="FOO"' not in frontend_text and 'method="OTHER"' in frontend_text
+    assert 'method="FOO"' not in frontend_text and 'method="PROPFIND"' not in frontend_text
+    assert 'method="OTHER"' in frontend_text
 
 
 def test_services_invented_by_peers_leave_no_series(server):

@@ -45,6 +45,11 @@ def test_seed_welcome_and_prediction_then_clean_ctrl_c(served):
     assert (status, body["values"]) == (200, [1, 0])
     ours = descendants(proc.pid)
     assert len(ours) >= 6  # broker, two workers, gunicorn master and its two workers
+    with urllib.request.urlopen(base + "/", timeout=10) as resp:
+        assert resp.headers["Server"] == "uvicorn"  # the ASGI worker class is the default
+    workers = [pid for pid in ours if "gunicorn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert any("uvicorn_worker.UvicornWorker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+               for pid in workers)
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 0

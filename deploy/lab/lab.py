@@ -135,7 +135,7 @@ class Lab:
     def start_frontend(self) -> None:
         self.add_host("front")
         self.run("front", "frontend", [sys.executable, "-m", "fractal", "frontend", "--bind", f"{SUBNET}.2:8002",
-                                       "--workers", "1", "--worker-class", "gthread", "--threads", "8"],
+                                       "--workers", "1", "--worker-class", "uvicorn_worker.UvicornWorker"],
                  env={"FRACTAL_FRONTEND_BROKER": BROKER_URL, "FRACTAL_FRONTEND_LOG_LEVEL": "WARNING",
                       "FRACTAL_FRONTEND_TIMEOUT_S": "10"})
 
