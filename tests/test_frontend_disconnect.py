@@ -13,23 +13,28 @@ from prometheus_client import CollectorRegistry
 
 from broker.client import AsyncClient, Client
 
-from .conftest import free_port, start_frontend, wait_for
-from .onnx_models import slow_scalar_model
+from .conftest import free_port, start_frontend, wait_busy, wait_for
+from .onnx_models import slow_model, slow_steps
 
-SLOW = "slowish.onnx"
+SLOW = "slow.onnx"
 PATH = f"/api/v1/models/{SLOW}/prediction"
-BODY = b'{"values": [[0.001]]}'
 ROUTE = "/api/v1/models/{name}/prediction"
 
 
+def _body() -> bytes:
+    """A prediction that computes for seconds: long enough for the client to leave during it."""
+    return json.dumps({"values": [slow_steps(2.0)]}).encode()
+
+
 def _request(port: int) -> bytes:
+    body = _body()
     return (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 def _upload_slow(url: str) -> None:
     with Client(url, timeout_s=30) as client:
-        client.upload(SLOW, slow_scalar_model())
+        client.upload(SLOW, slow_model())
 
 
 def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -93,14 +98,15 @@ def test_a_disconnect_ends_the_request_early_under_gunicorn(procs, cluster):
     base = start_frontend(procs, cluster["url"])
     port = int(base.rsplit(":", 1)[1])
     started = time.monotonic()
-    req = urllib.request.Request(base + PATH, data=BODY, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(base + PATH, data=_body(), method="POST",
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.status == 200
     full_s = time.monotonic() - started  # one whole call of the slow model, measured here
 
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(_request(port))
-        time.sleep(full_s / 4)  # the request is waiting on the worker
+        wait_busy(cluster["url"])  # the request is with a worker: the client leaves during the call
     frontend_log = procs.procs[-1].log_path
     pattern = re.compile(rf"POST {re.escape(PATH)} 499 ([\d.]+)ms")
     wait_for(lambda: pattern.search(open(frontend_log).read()), full_s, "the 499 line")
