@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from broker import protocol as p  # noqa: E402
 from broker.client import Client  # noqa: E402
+from broker.errors import FractalError  # noqa: E402
 
 IRIS = REPO / "worker" / "models" / "iris.onnx"
 ROW = np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)
@@ -101,8 +102,11 @@ def wait_ready(url: str, workers: int) -> None:
     with Client(url, timeout_s=5) as client:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            replies = client.call_many([("echo", {"data": i}) for i in range(2 * workers)], timeout_s=5,
-                                       return_exceptions=True)
+            try:
+                replies = client.call_many([("echo", {"data": i}) for i in range(2 * workers)], timeout_s=5,
+                                           return_exceptions=True)
+            except FractalError:  # the broker is not listening yet
+                replies = []
             if len({r["node"] for r in replies if isinstance(r, dict)}) >= workers:
                 return
             time.sleep(0.1)

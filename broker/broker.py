@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import zmq
 from prometheus_client import CollectorRegistry
 
-from metrics import BrokerMetrics, new_registry, serve_metrics
+from metrics import BrokerMetrics, new_registry, observe_many, serve_metrics
 
 from . import protocol as p
 from .curve import BrokerCurve
@@ -50,10 +50,12 @@ class BrokerSettings:
 
 
 class Request:
-    __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts")
+    """One client message in the broker. `count` is the user requests it carries (a pack's n, read at a
+    fixed offset without decoding: protocol.request_count), and every counter moves by it."""
+    __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts", "count")
 
     def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, received_at: float,
-                 expires_at: float):
+                 expires_at: float, count: int = 1):
         self.client = client
         self.dialect = dialect
         self.service = service
@@ -61,6 +63,7 @@ class Request:
         self.received_at = received_at
         self.expires_at = expires_at
         self.attempts = 0
+        self.count = count
 
 
 class Worker:
@@ -208,7 +211,8 @@ class Broker:
             self._mmi(client, dialect, service_name, body)
             return
         now = time.monotonic()
-        request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s)
+        request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s,
+                          p.request_count(body[0]) if body else 1)
         service = self._services.get(service_name)
         if not body:
             self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"),
@@ -276,9 +280,9 @@ class Broker:
         self._send_client(request.client, request.dialect, request.service, rest[2:], final)
         if final:
             service = worker.service
-            service.m_completed.inc()
-            service.m_duration.observe(time.monotonic() - request.received_at)
-            worker.served += 1
+            service.m_completed.inc(request.count)
+            observe_many(service.m_duration, time.monotonic() - request.received_at, request.count)
+            worker.served += request.count
             worker.request = None
             self._worker_idle(worker)
 
@@ -307,9 +311,9 @@ class Broker:
         request.attempts += 1
         worker.request = request
         service = worker.service
-        service.m_dispatched.inc()
+        service.m_dispatched.inc(request.count)
         if request.attempts == 1:
-            service.m_queue_wait.observe(time.monotonic() - request.received_at)
+            observe_many(service.m_queue_wait, time.monotonic() - request.received_at, request.count)
         if worker.dialect is Dialect.MAJORTOMO:
             worker.expires_at = time.monotonic() + self.settings.majortomo_busy_timeout_s
         self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
@@ -347,7 +351,7 @@ class Broker:
             self._reply_error(request, WorkerLost(
                 "two workers died while handling this request; it was not retried again"), "worker_lost")
             return
-        self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc()
+        self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc(request.count)
         log.warning("re-dispatching a request of client %s after its worker died", request.client.hex())
         if service.idle:
             self._dispatch(service.idle.popleft(), request)
@@ -393,7 +397,7 @@ class Broker:
         for service in self._services.values():
             queue = service.requests
             while queue and queue[0].expires_at < now:
-                self.metrics.expired.labels(service.name.decode(errors="replace")).inc()
+                self.metrics.expired.labels(service.name.decode(errors="replace")).inc(queue[0].count)
                 self._reply_error(queue.popleft(), Timeout(
                     f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
@@ -402,7 +406,7 @@ class Broker:
             # NOTE: clients may name any service; only registered ones become label values.
             known = request.service in self._services
             label = request.service.decode(errors="replace") if known else "unknown"
-            self.metrics.rejected.labels(label, reason).inc()
+            self.metrics.rejected.labels(label, reason).inc(request.count)
         body = p.error_body(p.request_id_of(request.body[0]) if request.body else None, NODE, error)
         self._send_client(request.client, request.dialect, request.service, body)
 
