@@ -16,7 +16,7 @@ from .curve import BrokerCurve
 from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
 from .settings import setting
-from .sockets import send_frames, wait
+from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
 log = logging.getLogger(__name__)
@@ -171,10 +171,11 @@ class Broker:
     # -- receiving -----------------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket) -> None:
-        recv = sock.recv_multipart
         for _ in range(MAX_DRAIN):
+            if not readable(sock):
+                return
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:

@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import zmq
@@ -21,7 +21,7 @@ import zmq
 from . import protocol as p
 from .curve import PeerKeys
 from .errors import FractalError, NoWorkerAvailable, ProtocolError, Timeout
-from .sockets import NOBLOCK, POLLIN, POLLOUT, send_frames, wait
+from .sockets import NOBLOCK, POLLOUT, readable, recv_frames, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
 CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the broker to come up
@@ -164,7 +164,15 @@ class Client(_Operations):
 
     def call(self, op: str, fields: dict | None = None, timeout_s: float | None = None) -> Any:
         """Send one request and wait for its reply; returns the result or raises its FractalError."""
-        return self.call_many([(op, fields or {})], timeout_s)[0]
+        sock = self._socket()
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        rid = next(_ids)
+        _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *p.request_body(rid, op, fields or {})],
+              deadline, self.endpoint)
+        outcome = self._receive(sock, (rid,), deadline)[1]
+        if isinstance(outcome, FractalError):
+            raise outcome
+        return outcome
 
     def call_many(self, calls: Iterable[tuple[str, dict]], timeout_s: float | None = None,
                   window: int = 64, return_exceptions: bool = False) -> list:
@@ -198,13 +206,13 @@ class Client(_Operations):
                 raise outcome
             results[index] = outcome
 
-    def _receive(self, sock: zmq.Socket, pending: dict, deadline: float) -> tuple[int, Any]:
+    def _receive(self, sock: zmq.Socket, pending: Collection[int], deadline: float) -> tuple[int, Any]:
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not wait(sock, remaining_ms):
                 raise Timeout(f"no reply from the broker at {self.endpoint} in time "
                               f"({len(pending)} requests outstanding)")
-            frames = sock.recv_multipart()
+            frames = recv_frames(sock)
             try:
                 _command, _service, body = p.parse_client_reply(frames)
                 reply = p.unpack_body(body)
@@ -385,7 +393,7 @@ class AsyncClient(_Operations):
         self._flushing = False
         # NOTE: the socket's file descriptor is edge-triggered; a send may have consumed the edge of a
         # reply that has arrived, so look once before going back to the loop.
-        if self._socket.getsockopt(zmq.EVENTS) & POLLIN:
+        if readable(self._socket):
             self._on_readable()
 
     def _next_message(self) -> tuple[list, list, int | None] | None:
@@ -438,10 +446,11 @@ class AsyncClient(_Operations):
         sock = self._socket
         if sock is None:
             return
-        recv = sock.recv_multipart
         for _ in range(MAX_DRAIN):
+            if not readable(sock):
+                return
             try:
-                frames = recv(NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -497,7 +506,7 @@ class AsyncClient(_Operations):
         self._mmi_waiters.setdefault(service, deque()).append(waiter)
         try:
             send_frames(self._socket, [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body], NOBLOCK)
-            if self._socket.getsockopt(zmq.EVENTS) & POLLIN:
+            if readable(self._socket):
                 self._on_readable()
             return await asyncio.wait_for(waiter, timeout_s)
         except (zmq.Again, asyncio.TimeoutError, NoWorkerAvailable):

@@ -115,19 +115,44 @@ _KINDS = frozenset("biufU")  # bool, signed, unsigned, float, unicode; never obj
 _DIMS = [struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1)]
 
 
+_HEADS: dict[np.dtype, bytes] = {}   # dtype -> its header prefix (length byte + dtype string)
+_DTYPES: dict[bytes, np.dtype] = {}  # dtype string on the wire -> checked dtype
+_CACHE_MAX = 256                     # both caches: text dtypes vary in width, peers choose strings
+_NDIM_DIMS = [struct.Struct(f"<B{n}q") for n in range(MAX_NDIM + 1)]
+
+
 def encode_tensor(array: np.ndarray) -> msgpack.ExtType:
     if array.dtype.kind == "O":
         array = array.astype(str)
     if array.dtype.kind not in _KINDS or array.ndim > MAX_NDIM:
         raise ProtocolError(f"cannot send a tensor of dtype {array.dtype} with {array.ndim} dims")
-    if not array.flags.c_contiguous:
-        array = array.copy(order="C")  # NOTE: not ascontiguousarray, which turns 0-d into 1-d
-    return msgpack.ExtType(TENSOR_EXT, _header(array) + array.reshape(-1).view(np.uint8).data)
+    # NOTE: tobytes() is C order whatever the layout, and for the small tensors sent inline a copy
+    # costs less than building a memoryview over the array.
+    return msgpack.ExtType(TENSOR_EXT, _header(array) + array.tobytes())
 
 
 def _header(array: np.ndarray) -> bytes:
-    dtype = array.dtype.str.encode()
-    return bytes((len(dtype),)) + dtype + bytes((array.ndim,)) + _DIMS[array.ndim].pack(*array.shape)
+    dtype = array.dtype
+    head = _HEADS.get(dtype)
+    if head is None:
+        text = dtype.str.encode()
+        head = bytes((len(text),)) + text
+        if len(_HEADS) < _CACHE_MAX:
+            _HEADS[dtype] = head
+    ndim = array.ndim
+    return head + _NDIM_DIMS[ndim].pack(ndim, *array.shape)
+
+
+def _dtype(text: bytes) -> np.dtype:
+    """The dtype a tensor header names, checked against the allowed kinds (cached)."""
+    dtype = _DTYPES.get(text)
+    if dtype is None:
+        dtype = np.dtype(text.decode("ascii"))
+        if dtype.kind not in _KINDS:
+            raise ValueError(f"dtype {dtype} is not allowed")
+        if len(_DTYPES) < _CACHE_MAX:
+            _DTYPES[text] = dtype
+    return dtype
 
 
 def decode_tensor(data: bytes, frames: list | None = None) -> np.ndarray:
@@ -137,10 +162,10 @@ def decode_tensor(data: bytes, frames: list | None = None) -> np.ndarray:
     """
     try:
         dlen = data[0]
-        dtype = np.dtype(data[1:1 + dlen].decode("ascii"))
+        dtype = _dtype(data[1:1 + dlen])
         ndim = data[1 + dlen]
-        if dtype.kind not in _KINDS or ndim > MAX_NDIM:
-            raise ValueError(f"dtype {dtype} with {ndim} dims is not allowed")
+        if ndim > MAX_NDIM:
+            raise ValueError(f"{ndim} dims is too many")
         offset = 2 + dlen + 8 * ndim
         shape = _DIMS[ndim].unpack_from(data, 2 + dlen)
         count = 1

@@ -32,7 +32,7 @@ from broker.protocol import MDPW
 from broker.settings import setting
 from broker.curve import PeerKeys
 from broker.protocol import check_model_name
-from broker.sockets import POLLIN, wait
+from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
@@ -151,12 +151,15 @@ class ModelHost:
                        min((q.deadline() for q in self._queues.values()), default=float("inf")))
         timeout_ms = max(0, min(int((deadline - time.monotonic()) * 1000), 100))
         ready = zmq_poll([(c.socket, POLLIN) for c in self._connections], timeout_ms)
+        if not ready:
+            return
         by_socket = {c.socket: c for c in self._connections}
         for sock, _ in ready:
             conn = by_socket[sock]
-            while conn.socket is sock:  # drain: every request waiting now can join the same batch
+            # drain: every request waiting now can join the same batch
+            while conn.socket is sock and readable(sock):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(sock, NOBLOCK)
                 except zmq.Again:
                     break
                 self._handle(conn, frames)
