@@ -171,8 +171,8 @@ class Broker:
     # -- receiving -----------------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(MAX_DRAIN):
-            if not readable(sock):
+        for i in range(MAX_DRAIN):
+            if i and not readable(sock):  # the poll said the first one is there
                 return
             try:
                 frames = recv_frames(sock, NOBLOCK)

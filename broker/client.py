@@ -21,7 +21,7 @@ import zmq
 from . import protocol as p
 from .curve import PeerKeys
 from .errors import FractalError, NoWorkerAvailable, ProtocolError, Timeout
-from .sockets import NOBLOCK, POLLOUT, readable, recv_frames, send_frames, wait
+from .sockets import NOBLOCK, POLLOUT, readable, recv_frames, recv_within, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
 CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the broker to come up
@@ -209,10 +209,13 @@ class Client(_Operations):
     def _receive(self, sock: zmq.Socket, pending: Collection[int], deadline: float) -> tuple[int, Any]:
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not wait(sock, remaining_ms):
+            try:
+                if remaining_ms <= 0:
+                    raise zmq.Again()
+                frames = recv_within(sock, remaining_ms)
+            except zmq.Again:
                 raise Timeout(f"no reply from the broker at {self.endpoint} in time "
-                              f"({len(pending)} requests outstanding)")
-            frames = recv_frames(sock)
+                              f"({len(pending)} requests outstanding)") from None
             try:
                 _command, _service, body = p.parse_client_reply(frames)
                 reply = p.unpack_body(body)

@@ -408,10 +408,17 @@ def pack_results(reply: dict, count: int) -> list:
 MAX_NAME_CHARS = 200  # bytes in UTF-8: well under every filesystem's 255-byte name limit
 
 
+_CHECKED_NAMES: set[str] = set()  # names that passed, so a predict checks its model's name in O(1)
+
+
 def check_model_name(name: Any) -> str:
+    if name.__class__ is str and name in _CHECKED_NAMES:
+        return name
     if (not isinstance(name, str) or not name.endswith(".onnx") or len(name) <= len(".onnx")
             or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_CHARS or not name.isprintable()
             or "/" in name or "\\" in name or name.startswith(".") or ".." in name):
         raise BadInput(f"invalid model name {name!r}: use a plain file name ending in .onnx "
                            f"(no '/', no '..', not starting with '.')")
+    if len(_CHECKED_NAMES) < 4096:
+        _CHECKED_NAMES.add(name)
     return name

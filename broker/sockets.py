@@ -13,6 +13,8 @@ from zmq.backend import zmq_poll
 _SEND = _BackendSocket.send
 _RECV = _BackendSocket.recv
 _GET = _BackendSocket.get
+_SET = _BackendSocket.set
+RCVTIMEO = int(zmq.RCVTIMEO)
 SNDMORE = int(zmq.SNDMORE)
 RCVMORE = int(zmq.RCVMORE)
 EVENTS = int(zmq.EVENTS)
@@ -56,3 +58,12 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
 def readable(sock: zmq.Socket) -> bool:
     """A message is waiting: lets a drain loop stop without paying for a zmq.Again exception."""
     return bool(_GET(sock, EVENTS) & POLLIN)
+
+
+def recv_within(sock: zmq.Socket, timeout_ms: int) -> list:
+    """One multipart message, waiting at most `timeout_ms`; raises zmq.Again when none came.
+
+    A blocking receive with RCVTIMEO: one wait inside libzmq instead of a zmq_poll and then a recv.
+    """
+    _SET(sock, RCVTIMEO, timeout_ms)
+    return recv_frames(sock)

@@ -157,7 +157,9 @@ class ModelHost:
         for sock, _ in ready:
             conn = by_socket[sock]
             # drain: every request waiting now can join the same batch
-            while conn.socket is sock and readable(sock):
+            first = True  # the poll said it is there
+            while conn.socket is sock and (first or readable(sock)):
+                first = False
                 try:
                     frames = recv_frames(sock, NOBLOCK)
                 except zmq.Again:
