@@ -18,9 +18,9 @@ import zmq
 
 from broker import protocol as p
 from broker.client import AsyncClient, Client
-from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Overloaded, Timeout
+from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Overloaded, ProtocolError, Timeout
 
-from .conftest import BUNDLED, dealer, free_port, wait_for, wait_workers
+from .conftest import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
 from .onnx_models import slow_model
 from .test_metrics import sample_sum
 
@@ -114,6 +114,32 @@ def test_a_raw_pack_is_one_mdp_request_answered_by_one_final(cluster):
         assert isinstance(second, BadInput) and "unknown op 'no_such_op'" in str(second)
         assert third["data"] == "x"
         assert not sock.poll(300)  # one FINAL for the whole pack, nothing more
+
+        # A sub-request that is not a map fails alone; a pack whose n is wrong fails as a whole.
+        body = [p.PACK_PREFIX + b"\x00\x02" + b"\xa2id\x14\xa8requests\x92\x05"
+                + p.pack({"id": 21, "op": "echo", "data": 1})]
+        sock.send_multipart([p.CLIENT_HEADER, p.MDPC.REQUEST, b"modelhost", *body])
+        assert sock.poll(10_000)
+        reply = p.unpack_body(p.parse_client_reply(sock.recv_multipart())[2])
+        bad, good = p.pack_results(reply, 2)
+        assert isinstance(bad, ProtocolError) and good["data"] == 1
+        body = [p.PACK_PREFIX + b"\x00\x03" + b"\xa2id\x16\xa8requests\x91" + p.pack({"id": 23, "op": "echo"})]
+        sock.send_multipart([p.CLIENT_HEADER, p.MDPC.REQUEST, b"modelhost", *body])
+        assert sock.poll(10_000)
+        reply = p.unpack_body(p.parse_client_reply(sock.recv_multipart())[2])
+        assert reply["id"] == 22 and reply["status"] == 400 and "'n' request maps" in reply["error"]["message"]
+    with Client(cluster["url"], timeout_s=10) as client:
+        assert nodes_answering(client, 4)  # the workers serve on
+
+
+def test_an_unreachable_broker_fails_every_call_fast():
+    async def run() -> list:
+        async with AsyncClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=10) as client:
+            return await asyncio.gather(*(client.echo(i) for i in range(100)), return_exceptions=True)
+    started = time.monotonic()
+    results = asyncio.run(run())
+    assert all(isinstance(r, NoWorkerAvailable) and "cannot reach the broker" in str(r) for r in results)
+    assert time.monotonic() - started < 10 / 2  # after CONNECT_WAIT_S, well before the calls' timeout
 
 
 def test_sigkill_of_a_worker_under_packed_load_loses_nothing(procs, broker_url, model_dir):
