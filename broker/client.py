@@ -20,7 +20,7 @@ import zmq
 
 from . import protocol as p
 from .curve import PeerKeys
-from .errors import FractalError, NoWorkerAvailable, ProtocolError, Timeout
+from .errors import BadInput, FractalError, NoWorkerAvailable, ProtocolError, Timeout
 from .sockets import NOBLOCK, POLLOUT, readable, recv_frames, recv_within, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
@@ -383,6 +383,8 @@ class AsyncClient(_Operations):
 
     def _flush(self) -> None:
         """Send the outbox as packs; called once per loop turn in which calls were made."""
+        if self._socket is None:  # closed meanwhile
+            return
         while self._outbox:
             message = self._next_message()
             if message is None:
@@ -411,8 +413,9 @@ class AsyncClient(_Operations):
             try:
                 if not writer.add({"id": rid, "op": op, **fields}, p.PACK_MAX_BYTES):
                     break
-            except FractalError as exc:
-                future.set_exception(exc)
+            except Exception as exc:  # this call alone cannot be sent; the others still go
+                future.set_exception(exc if isinstance(exc, FractalError)
+                                     else BadInput(f"cannot encode the request: {exc!r}"))
                 outbox.popleft()
                 continue
             outbox.popleft()
@@ -421,7 +424,7 @@ class AsyncClient(_Operations):
             return None
         pack_id = next(_ids) if len(calls) > 1 else None
         return [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *writer.request(pack_id)], calls, pack_id
- 
+
     def _sent(self, calls: list, pack_id: int | None) -> None:
         if pack_id is not None:
             self._packs[pack_id] = ([c[0] for c in calls], max(c[4] for c in calls))
@@ -435,8 +438,14 @@ class AsyncClient(_Operations):
                 self._sent(calls, pack_id)
                 break
             except zmq.Again:
-                if self._loop.time() >= give_up or all(c[3].done() for c in calls):
-                    for call in calls:
+                if all(c[3].done() for c in calls):
+                    break
+                if self._loop.time() >= give_up:
+                    # NOTE: every call queued behind this one fails too: the broker is unreachable now,
+                    # and waiting CONNECT_WAIT_S once per pack would add up.
+                    unreachable = [*calls, *self._outbox]
+                    self._outbox.clear()
+                    for call in unreachable:
                         if not call[3].done():
                             call[3].set_exception(NoWorkerAvailable(f"cannot reach the broker at {self.endpoint}"))
                     break

@@ -135,7 +135,7 @@ def test_a_raw_pack_is_one_mdp_request_answered_by_one_final(cluster):
 def test_an_unreachable_broker_fails_every_call_fast():
     async def run() -> list:
         async with AsyncClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=10) as client:
-            return await asyncio.gather(*(client.echo(i) for i in range(100)), return_exceptions=True)
+            return await asyncio.gather(*(client.echo(i) for i in range(1000)), return_exceptions=True)
     started = time.monotonic()
     results = asyncio.run(run())
     assert all(isinstance(r, NoWorkerAvailable) and "cannot reach the broker" in str(r) for r in results)
