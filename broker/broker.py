@@ -30,7 +30,8 @@ class BrokerSettings:
     bind: str = setting("tcp://127.0.0.1:5555", "endpoint clients and workers connect to")
     heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to workers")
     heartbeat_liveness: int = setting(3, "missed heartbeats before a worker is declared dead")
-    max_queue: int = setting(1024, "queued requests per service before 'Overloaded' replies")
+    max_queue: int = setting(1024, "queued requests per service before 'Overloaded' replies (a pack of "
+                                   "requests takes one place)")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(
@@ -80,19 +81,29 @@ class Worker:
 
 class Service:
     """A service's workers and queue, with its metric children bound once."""
-    __slots__ = ("name", "idle", "requests", "workers", "m_dispatched", "m_completed", "m_duration",
+    __slots__ = ("name", "idle", "requests", "queued", "workers", "m_dispatched", "m_completed", "m_duration",
                  "m_queue_wait")
 
     def __init__(self, name: bytes, metrics: BrokerMetrics):
         self.name = name
         self.idle: deque[Worker] = deque()       # least recently used on the left
         self.requests: deque[Request] = deque()
+        self.queued = 0  # user requests in `requests` (a pack counts its sub-requests)
         self.workers = 0
         label = name.decode(errors="replace")
         self.m_dispatched = metrics.dispatched.labels(label)
         self.m_completed = metrics.completed.labels(label)
         self.m_duration = metrics.duration.labels(label)
         self.m_queue_wait = metrics.queue_wait.labels(label)
+
+    def enqueue(self, request: "Request", first: bool = False) -> None:
+        (self.requests.appendleft if first else self.requests.append)(request)
+        self.queued += request.count
+
+    def dequeue(self) -> "Request":
+        request = self.requests.popleft()
+        self.queued -= request.count
+        return request
 
 
 class Broker:
@@ -158,7 +169,7 @@ class Broker:
     def _close(self) -> None:
         for service in self._services.values():
             while service.requests:
-                self._reply_error(service.requests.popleft(), NoWorkerAvailable("the broker is stopping"),
+                self._reply_error(service.dequeue(), NoWorkerAvailable("the broker is stopping"),
                                   "stopping")
         for worker in list(self._workers.values()):
             self._send_worker(worker, MDPW.DISCONNECT)
@@ -223,11 +234,12 @@ class Broker:
                 f"no worker is registered for service {service_name.decode(errors='replace')!r}"), "no_worker")
         elif service.idle:
             self._dispatch(service.idle.popleft(), request)
-        elif len(service.requests) >= self.settings.max_queue:
+        elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
             self._reply_error(request, Overloaded(
-                f"{len(service.requests)} requests already queued for this service; retry later"), "overloaded")
+                f"{len(service.requests)} messages ({service.queued} requests) already queued for this service; "
+                f"retry later"), "overloaded")
         else:
-            service.requests.append(request)
+            service.enqueue(request)
 
     def _mmi(self, client: bytes, dialect: Dialect, service_name: bytes, body: list) -> None:
         if service_name == p.MMI_SERVICE:
@@ -304,7 +316,7 @@ class Broker:
     def _worker_idle(self, worker: Worker) -> None:
         service = worker.service
         if service.requests:
-            self._dispatch(worker, service.requests.popleft())
+            self._dispatch(worker, service.dequeue())
         else:
             service.idle.append(worker)
 
@@ -340,7 +352,7 @@ class Broker:
             self._redispatch(request)
         if service.workers == 0:
             while service.requests:
-                self._reply_error(service.requests.popleft(), NoWorkerAvailable(
+                self._reply_error(service.dequeue(), NoWorkerAvailable(
                     "the last worker for this service went away"), "no_worker")
             # NOTE: any peer may register any service name; an empty service leaves no state behind.
             del self._services[service.name]
@@ -357,7 +369,7 @@ class Broker:
         if service.idle:
             self._dispatch(service.idle.popleft(), request)
         else:
-            service.requests.appendleft(request)
+            service.enqueue(request, first=True)
 
     def _purge_workers(self, now: float) -> None:
         dead = [w for w in self._workers.values() if w.expires_at < now]
@@ -390,7 +402,7 @@ class Broker:
             label = service.name.decode(errors="replace")
             m.workers.labels(label).set(service.workers)
             m.idle_workers.labels(label).set(len(service.idle))
-            m.queue_depth.labels(label).set(len(service.requests))
+            m.queue_depth.labels(label).set(service.queued)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -399,7 +411,7 @@ class Broker:
             queue = service.requests
             while queue and queue[0].expires_at < now:
                 self.metrics.expired.labels(service.name.decode(errors="replace")).inc(queue[0].count)
-                self._reply_error(queue.popleft(), Timeout(
+                self._reply_error(service.dequeue(), Timeout(
                     f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
     def _reply_error(self, request: Request, error: FractalError, reason: str | None) -> None:

@@ -28,12 +28,19 @@ def one_worker(procs, model_dir, request):
     return url
 
 
-async def _while_busy(url: str, calls: int) -> tuple[list, float]:
+async def _while_busy(url: str, calls: int, apart_s: float = 0.0) -> tuple[list, float]:
+    """`calls` echoes while the only worker runs a slow predict; made together they leave as one pack,
+    made `apart_s` apart as one message each."""
     async with AsyncClient(url, timeout_s=30) as aclient:
         slow = asyncio.ensure_future(aclient.predict("slow.onnx", {"x": slow_input()}))
         await asyncio.sleep(0.3)
         started = time.monotonic()
-        results = await asyncio.gather(*(aclient.echo(i) for i in range(calls)), return_exceptions=True)
+        tasks = []
+        for i in range(calls):
+            tasks.append(asyncio.ensure_future(aclient.echo(i)))
+            if apart_s:
+                await asyncio.sleep(apart_s)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         elapsed = time.monotonic() - started
         await slow
         return results, elapsed
@@ -41,10 +48,13 @@ async def _while_busy(url: str, calls: int) -> tuple[list, float]:
 
 @pytest.mark.parametrize("one_worker", [["--max-queue", "2"]], indirect=True)
 def test_past_the_queue_bound_clients_get_overloaded_at_once(one_worker):
-    results, _ = asyncio.run(_while_busy(one_worker, 5))
+    results, _ = asyncio.run(_while_busy(one_worker, 5, apart_s=0.01))
     overloaded = [r for r in results if isinstance(r, Overloaded)]
     served = [r for r in results if isinstance(r, dict)]
     assert len(overloaded) == 3 and len(served) == 2
+    # Made together, the five leave as one pack: one message, one place in the queue.
+    results, _ = asyncio.run(_while_busy(one_worker, 5))
+    assert all(isinstance(r, dict) for r in results)
 
 
 @pytest.mark.parametrize("one_worker", [["--queue-timeout-s", "0.3"]], indirect=True)

@@ -257,10 +257,11 @@ def test_every_call_of_a_pack_gets_the_brokers_own_error(procs):
             worker = SilentWorker(url)
             try:
                 wait_registered(url)
-                # 3 packs of PACK_MAX_REQUESTS: one dispatched to the silent worker, one queued, one over
-                # max_queue (Overloaded at once).
+                # 3 packs of PACK_MAX_REQUESTS: one dispatched to the silent worker, one queued (a pack takes
+                # one place), one over max_queue (Overloaded at once). The queue depth counts requests.
                 calls = [asyncio.ensure_future(client.echo(i)) for i in range(3 * n)]
                 await asyncio.wait(calls[2 * n:])
+                wait_for(lambda: metric(metrics_url, "fractal_broker_queue_depth") == n, 10, "the queue gauge")
                 seen = {"overloaded": metric(metrics_url, "fractal_broker_requests_rejected_total",
                                              reason="overloaded"),
                         "dispatched": metric(metrics_url, "fractal_broker_requests_dispatched_total"),
