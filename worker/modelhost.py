@@ -182,9 +182,8 @@ class ModelHost:
                     "REQUEST without envelope and body")))
                 return
             request = self._decode(frames[4:])
-            if request is None:
-                self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
-                    "request body must be a msgpack map with a string 'op'")))
+            if isinstance(request, ProtocolError):
+                self._final(conn, frames[2], p.error_body(None, self.node, request))
             elif not (self.policy.enabled and request["op"] == "predict"
                       and self._queued(conn, frames[2], request)):
                 self._final(conn, frames[2], self._run_busy(self.reply_to, request))
@@ -195,14 +194,14 @@ class ModelHost:
         elif command != MDPW.HEARTBEAT:
             log.warning("dropped unknown command %r from broker", command[:4])
 
-    def _decode(self, data: list) -> dict | None:
-        """The request map of body frames, or None (logged and counted) when they are not one."""
+    def _decode(self, data: list) -> dict | ProtocolError:
+        """The request map of body frames, or (logged and counted) why they are not one."""
         try:
             return p.unpack_request(data)
         except ProtocolError as exc:
             log.warning("request %s: bad body: %s", None, exc)
             self.metrics.request_done("unknown", "error", 0.0)
-            return None
+            return exc
 
     def _queued(self, conn: Connection, client: bytes, request: dict) -> bool:
         """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
@@ -299,9 +298,8 @@ class ModelHost:
     def execute(self, data: list) -> list:
         """Answer one request's body frames with reply body frames; never raises."""
         request = self._decode(data)
-        if request is None:
-            return p.error_body(None, self.node, ProtocolError("request body must be a msgpack map with a "
-                                                               "string 'op'"))
+        if isinstance(request, ProtocolError):
+            return p.error_body(None, self.node, request)
         return self.reply_to(request)
 
     def reply_to(self, request: dict) -> list:
@@ -309,9 +307,12 @@ class ModelHost:
         if request["op"] == "pack":
             try:
                 return run_pack(self, request)
-            except Exception as exc:  # a malformed pack: one error for all of it (each sub is counted)
+            except Exception as exc:  # a malformed pack: one error for all of it, counted once per request
                 error = exc if isinstance(exc, FractalError) else InternalError(f"pack failed on {self.node}")
                 log.warning("a pack failed as a whole: %s", error)
+                count = request.get("n")
+                for _ in range(count if type(count) is int and 1 <= count <= 0xFFFF else 1):
+                    self.metrics.request_done("unknown", "error", 0.0)
                 return p.error_body(request.get("id"), self.node, error)
         rid, outcome = self.answer(request)
         if not isinstance(outcome, FractalError):
