@@ -323,13 +323,13 @@ class Broker:
     def _dispatch(self, worker: Worker, request: Request) -> None:
         request.attempts += 1
         worker.request = request
-        service = worker.service
-        service.m_dispatched.inc(request.count)
-        if request.attempts == 1:
-            observe_many(service.m_queue_wait, time.monotonic() - request.received_at, request.count)
         if worker.dialect is Dialect.MAJORTOMO:
             worker.expires_at = time.monotonic() + self.settings.majortomo_busy_timeout_s
         self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
+        service = worker.service  # NOTE: metrics after the send: they are off the request's path
+        service.m_dispatched.inc(request.count)
+        if request.attempts == 1:
+            observe_many(service.m_queue_wait, time.monotonic() - request.received_at, request.count)
 
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
         log.warning("disconnecting worker %s: %s", identity.hex(), why)
