@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import zmq
 from prometheus_client import CollectorRegistry
 
-from metrics import BrokerMetrics, new_registry, serve_metrics
+from metrics import BrokerMetrics, new_registry, observe_many, serve_metrics
 
 from . import protocol as p
 from .curve import BrokerCurve
 from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
 from .settings import setting
-from .sockets import send_frames, wait
+from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ class BrokerSettings:
     bind: str = setting("tcp://127.0.0.1:5555", "endpoint clients and workers connect to")
     heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to workers")
     heartbeat_liveness: int = setting(3, "missed heartbeats before a worker is declared dead")
-    max_queue: int = setting(1024, "queued requests per service before 'Overloaded' replies")
+    max_queue: int = setting(1024, "queued requests per service before 'Overloaded' replies (a pack of "
+                                   "requests takes one place)")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(
@@ -50,10 +51,12 @@ class BrokerSettings:
 
 
 class Request:
-    __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts")
+    """One client message in the broker. `count` is the user requests it carries (a pack's n, read at a
+    fixed offset without decoding: protocol.request_count), and every counter moves by it."""
+    __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts", "count")
 
     def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, received_at: float,
-                 expires_at: float):
+                 expires_at: float, count: int = 1):
         self.client = client
         self.dialect = dialect
         self.service = service
@@ -61,6 +64,7 @@ class Request:
         self.received_at = received_at
         self.expires_at = expires_at
         self.attempts = 0
+        self.count = count
 
 
 class Worker:
@@ -77,19 +81,29 @@ class Worker:
 
 class Service:
     """A service's workers and queue, with its metric children bound once."""
-    __slots__ = ("name", "idle", "requests", "workers", "m_dispatched", "m_completed", "m_duration",
+    __slots__ = ("name", "idle", "requests", "queued", "workers", "m_dispatched", "m_completed", "m_duration",
                  "m_queue_wait")
 
     def __init__(self, name: bytes, metrics: BrokerMetrics):
         self.name = name
         self.idle: deque[Worker] = deque()       # least recently used on the left
         self.requests: deque[Request] = deque()
+        self.queued = 0  # user requests in `requests` (a pack counts its sub-requests)
         self.workers = 0
         label = name.decode(errors="replace")
         self.m_dispatched = metrics.dispatched.labels(label)
         self.m_completed = metrics.completed.labels(label)
         self.m_duration = metrics.duration.labels(label)
         self.m_queue_wait = metrics.queue_wait.labels(label)
+
+    def enqueue(self, request: "Request", first: bool = False) -> None:
+        (self.requests.appendleft if first else self.requests.append)(request)
+        self.queued += request.count
+
+    def dequeue(self) -> "Request":
+        request = self.requests.popleft()
+        self.queued -= request.count
+        return request
 
 
 class Broker:
@@ -155,7 +169,7 @@ class Broker:
     def _close(self) -> None:
         for service in self._services.values():
             while service.requests:
-                self._reply_error(service.requests.popleft(), NoWorkerAvailable("the broker is stopping"),
+                self._reply_error(service.dequeue(), NoWorkerAvailable("the broker is stopping"),
                                   "stopping")
         for worker in list(self._workers.values()):
             self._send_worker(worker, MDPW.DISCONNECT)
@@ -168,10 +182,11 @@ class Broker:
     # -- receiving -----------------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket) -> None:
-        recv = sock.recv_multipart
-        for _ in range(MAX_DRAIN):
+        for i in range(MAX_DRAIN):
+            if i and not readable(sock):  # the poll said the first one is there
+                return
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -208,7 +223,8 @@ class Broker:
             self._mmi(client, dialect, service_name, body)
             return
         now = time.monotonic()
-        request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s)
+        request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s,
+                          p.request_count(body[0]) if body else 1)
         service = self._services.get(service_name)
         if not body:
             self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"),
@@ -218,11 +234,12 @@ class Broker:
                 f"no worker is registered for service {service_name.decode(errors='replace')!r}"), "no_worker")
         elif service.idle:
             self._dispatch(service.idle.popleft(), request)
-        elif len(service.requests) >= self.settings.max_queue:
+        elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
             self._reply_error(request, Overloaded(
-                f"{len(service.requests)} requests already queued for this service; retry later"), "overloaded")
+                f"{len(service.requests)} messages ({service.queued} requests) already queued for this service; "
+                f"retry later"), "overloaded")
         else:
-            service.requests.append(request)
+            service.enqueue(request)
 
     def _mmi(self, client: bytes, dialect: Dialect, service_name: bytes, body: list) -> None:
         if service_name == p.MMI_SERVICE:
@@ -276,9 +293,9 @@ class Broker:
         self._send_client(request.client, request.dialect, request.service, rest[2:], final)
         if final:
             service = worker.service
-            service.m_completed.inc()
-            service.m_duration.observe(time.monotonic() - request.received_at)
-            worker.served += 1
+            service.m_completed.inc(request.count)
+            observe_many(service.m_duration, time.monotonic() - request.received_at, request.count)
+            worker.served += request.count
             worker.request = None
             self._worker_idle(worker)
 
@@ -299,20 +316,20 @@ class Broker:
     def _worker_idle(self, worker: Worker) -> None:
         service = worker.service
         if service.requests:
-            self._dispatch(worker, service.requests.popleft())
+            self._dispatch(worker, service.dequeue())
         else:
             service.idle.append(worker)
 
     def _dispatch(self, worker: Worker, request: Request) -> None:
         request.attempts += 1
         worker.request = request
-        service = worker.service
-        service.m_dispatched.inc()
-        if request.attempts == 1:
-            service.m_queue_wait.observe(time.monotonic() - request.received_at)
         if worker.dialect is Dialect.MAJORTOMO:
             worker.expires_at = time.monotonic() + self.settings.majortomo_busy_timeout_s
         self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
+        service = worker.service  # NOTE: metrics after the send: they are off the request's path
+        service.m_dispatched.inc(request.count)
+        if request.attempts == 1:
+            observe_many(service.m_queue_wait, time.monotonic() - request.received_at, request.count)
 
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
         log.warning("disconnecting worker %s: %s", identity.hex(), why)
@@ -335,7 +352,7 @@ class Broker:
             self._redispatch(request)
         if service.workers == 0:
             while service.requests:
-                self._reply_error(service.requests.popleft(), NoWorkerAvailable(
+                self._reply_error(service.dequeue(), NoWorkerAvailable(
                     "the last worker for this service went away"), "no_worker")
             # NOTE: any peer may register any service name; an empty service leaves no state behind.
             del self._services[service.name]
@@ -347,12 +364,12 @@ class Broker:
             self._reply_error(request, WorkerLost(
                 "two workers died while handling this request; it was not retried again"), "worker_lost")
             return
-        self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc()
+        self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc(request.count)
         log.warning("re-dispatching a request of client %s after its worker died", request.client.hex())
         if service.idle:
             self._dispatch(service.idle.popleft(), request)
         else:
-            service.requests.appendleft(request)
+            service.enqueue(request, first=True)
 
     def _purge_workers(self, now: float) -> None:
         dead = [w for w in self._workers.values() if w.expires_at < now]
@@ -385,7 +402,7 @@ class Broker:
             label = service.name.decode(errors="replace")
             m.workers.labels(label).set(service.workers)
             m.idle_workers.labels(label).set(len(service.idle))
-            m.queue_depth.labels(label).set(len(service.requests))
+            m.queue_depth.labels(label).set(service.queued)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -393,8 +410,8 @@ class Broker:
         for service in self._services.values():
             queue = service.requests
             while queue and queue[0].expires_at < now:
-                self.metrics.expired.labels(service.name.decode(errors="replace")).inc()
-                self._reply_error(queue.popleft(), Timeout(
+                self.metrics.expired.labels(service.name.decode(errors="replace")).inc(queue[0].count)
+                self._reply_error(service.dequeue(), Timeout(
                     f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
     def _reply_error(self, request: Request, error: FractalError, reason: str | None) -> None:
@@ -402,7 +419,7 @@ class Broker:
             # NOTE: clients may name any service; only registered ones become label values.
             known = request.service in self._services
             label = request.service.decode(errors="replace") if known else "unknown"
-            self.metrics.rejected.labels(label, reason).inc()
+            self.metrics.rejected.labels(label, reason).inc(request.count)
         body = p.error_body(p.request_id_of(request.body[0]) if request.body else None, NODE, error)
         self._send_client(request.client, request.dialect, request.service, body)
 

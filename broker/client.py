@@ -12,19 +12,21 @@ import asyncio
 import itertools
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections import deque
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from . import protocol as p
 from .curve import PeerKeys
-from .errors import FractalError, NoWorkerAvailable, ProtocolError, Timeout
-from .sockets import NOBLOCK, POLLOUT, send_frames, wait
+from .errors import BadInput, FractalError, NoWorkerAvailable, ProtocolError, Timeout
+from .sockets import NOBLOCK, POLLOUT, readable, recv_frames, recv_within, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
 CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the broker to come up
+SEND_RETRY_S = 0.005  # AsyncClient: how often a send the broker's connection refused is tried again
+MAX_DRAIN = 256       # AsyncClient: replies handled per wake-up before other callbacks get a turn
 
 Inputs = Mapping[str, Any] | Sequence[Any]
 
@@ -166,7 +168,15 @@ class Client(_Operations):
 
     def call(self, op: str, fields: dict | None = None, timeout_s: float | None = None) -> Any:
         """Send one request and wait for its reply; returns the result or raises its FractalError."""
-        return self.call_many([(op, fields or {})], timeout_s)[0]
+        sock = self._socket()
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        rid = next(_ids)
+        _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *p.request_body(rid, op, fields or {})],
+              deadline, self.endpoint)
+        outcome = self._receive(sock, (rid,), deadline)[1]
+        if isinstance(outcome, FractalError):
+            raise outcome
+        return outcome
 
     def call_many(self, calls: Iterable[tuple[str, dict]], timeout_s: float | None = None,
                   window: int = 64, return_exceptions: bool = False) -> list:
@@ -200,13 +210,16 @@ class Client(_Operations):
                 raise outcome
             results[index] = outcome
 
-    def _receive(self, sock: zmq.Socket, pending: dict, deadline: float) -> tuple[int, Any]:
+    def _receive(self, sock: zmq.Socket, pending: Collection[int], deadline: float) -> tuple[int, Any]:
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not wait(sock, remaining_ms):
+            try:
+                if remaining_ms <= 0:
+                    raise zmq.Again()
+                frames = recv_within(sock, remaining_ms)
+            except zmq.Again:
                 raise Timeout(f"no reply from the broker at {self.endpoint} in time "
-                              f"({len(pending)} requests outstanding)")
-            frames = sock.recv_multipart()
+                              f"({len(pending)} requests outstanding)") from None
             try:
                 _command, _service, body = p.parse_client_reply(frames)
                 reply = p.unpack_body(body)
@@ -272,18 +285,34 @@ def _send(sock: zmq.Socket, frames: list, deadline: float, endpoint: str) -> Non
 
 
 class AsyncClient(_Operations):
-    """asyncio client: one socket, any number of concurrent calls; use `async with` or aclose()."""
+    """asyncio client: one socket, any number of concurrent calls; use `async with` or aclose().
+
+    Calls made while a send is pending (in the same turn of the event loop, or while the broker's
+    connection cannot take more) leave together as one pack (docs/protocol.md, "Packs"): one MDP
+    REQUEST of up to PACK_MAX_REQUESTS independent requests and PACK_MAX_BYTES, answered by one FINAL.
+    There is no timer: a lone call is sent at once, as an ordinary request. Each call still gets its
+    own result or error and its own timeout; an error the broker gives a whole pack (Overloaded,
+    Timeout, NoWorkerAvailable, WorkerLost) is raised by every call in it.
+    """
 
     def __init__(self, endpoint: str, service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
-                 context: zmq.asyncio.Context | None = None, curve: PeerKeys | None = None):
+                 context: zmq.Context | None = None, curve: PeerKeys | None = None):
         self.endpoint = endpoint
         self.service = service.encode()
         self.timeout_s = timeout_s
         self.curve = curve
-        self._context = context or zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
+        # NOTE: a plain socket driven by loop.add_reader: zmq.asyncio's per-call futures and polls
+        # cost more than the whole rest of a call. An asyncio context is shadowed, not required.
+        self._context = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
         self._pending: dict[int, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
+        self._packs: dict[int, tuple[list[int], float]] = {}  # pack id -> (its calls' ids, latest deadline)
+        self._outbox: deque[tuple[int, str, dict, asyncio.Future, float]] = deque()
+        self._flushing = False  # a flush is scheduled or a send is waiting for the broker
+        self._sender: asyncio.Task | None = None
+        self._mmi_waiters: dict[bytes, deque[asyncio.Future]] = {}
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -292,20 +321,25 @@ class AsyncClient(_Operations):
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
             try:
-                await self._reader
+                await self._sender
             except asyncio.CancelledError:
                 pass
-            self._reader = None
+            self._sender = None
         if self._socket is not None:
+            self._loop.remove_reader(self._fd)
             self._socket.close(linger=0)
             self._socket = None
-        for future in self._pending.values():
+        for future in [*self._pending.values(), *(f for q in self._mmi_waiters.values() for f in q)]:
             if not future.done():
                 future.set_exception(NoWorkerAvailable("client closed"))
         self._pending.clear()
+        self._packs.clear()
+        self._outbox.clear()
+        self._mmi_waiters.clear()
+        self._flushing = False
 
     async def _do(self, op, fields, post, timeout_s):
         result = await self.call(op, fields, timeout_s)
@@ -314,53 +348,191 @@ class AsyncClient(_Operations):
     async def call(self, op: str, fields: dict | None = None, timeout_s: float | None = None) -> Any:
         """Send one request and await its reply; returns the result or raises its FractalError."""
         if self._socket is None:
-            self._socket = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
-            self._reader = asyncio.ensure_future(self._read())
+            self._open()
+        loop = self._loop
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         rid = next(_ids)
-        future = asyncio.get_running_loop().create_future()
+        future = loop.create_future()
         self._pending[rid] = future
+        self._outbox.append((rid, op, fields or {}, future, loop.time() + timeout_s))
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush)
+        timer = loop.call_later(timeout_s, self._expire, future, timeout_s)
         try:
-            frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *p.request_body(rid, op, fields or {})]
-            await self._send(frames, time.monotonic() + timeout_s)
-            return await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
-            raise Timeout(f"no reply from the broker at {self.endpoint} within {timeout_s:g} s") from None
+            return await future
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
 
-    async def _send(self, frames: list, deadline: float) -> None:
-        try:
-            await self._socket.send_multipart(frames, zmq.NOBLOCK)
-            return
-        except zmq.Again:
-            pass
-        wait_s = min(CONNECT_WAIT_S, deadline - time.monotonic())
-        if wait_s > 0 and await self._socket.poll(int(wait_s * 1000), zmq.POLLOUT):
-            await self._socket.send_multipart(frames)
-            return
-        raise NoWorkerAvailable(f"cannot reach the broker at {self.endpoint}")
+    def _open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._socket = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
+        self._fd = self._socket.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._on_readable)
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart()
-            try:
-                _command, _service, body = p.parse_client_reply(frames)
-                reply = p.unpack_body(body)
-            except ProtocolError:
+    def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
+        if not future.done():
+            future.set_exception(Timeout(f"no reply from the broker at {self.endpoint} within {timeout_s:g} s"))
+        # Forget packs whose every call is past its deadline (their reply is lost or late): oldest
+        # first, stopping at a live one, so this costs nothing while replies come back.
+        packs, now = self._packs, self._loop.time()
+        while packs:
+            pack_id = next(iter(packs))
+            if packs[pack_id][1] > now:
+                break
+            del packs[pack_id]
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send the outbox as packs; called once per loop turn in which calls were made."""
+        if self._socket is None:  # closed meanwhile
+            return
+        while self._outbox:
+            message = self._next_message()
+            if message is None:
                 continue
-            rid = reply.get("id") if isinstance(reply, dict) else None
-            future = self._pending.get(rid) if type(rid) is int else None
+            try:
+                send_frames(self._socket, message[0], NOBLOCK)
+            except zmq.Again:  # no connection to the broker (IMMEDIATE) or its queue is full
+                self._sender = self._loop.create_task(self._send_when_possible(*message))
+                return  # NOTE: _flushing stays set: calls made meanwhile wait and leave together
+            self._sent(message[1], message[2])
+        self._flushing = False
+        # NOTE: the socket's file descriptor is edge-triggered; a send may have consumed the edge of a
+        # reply that has arrived, so look once before going back to the loop.
+        if readable(self._socket):
+            self._on_readable()
+
+    def _next_message(self) -> tuple[list, list, int | None] | None:
+        """Frames of the next pack (or lone request) from the outbox, its calls, and the pack's id."""
+        outbox, writer, calls = self._outbox, p.PackWriter(), []
+        while outbox and len(calls) < p.PACK_MAX_REQUESTS:
+            call = outbox[0]
+            rid, op, fields, future, _deadline = call
+            if future.done():  # timed out or cancelled before it could leave
+                outbox.popleft()
+                continue
+            try:
+                if not writer.add({"id": rid, "op": op, **fields}, p.PACK_MAX_BYTES):
+                    break
+            except Exception as exc:  # this call alone cannot be sent; the others still go
+                future.set_exception(exc if isinstance(exc, FractalError)
+                                     else BadInput(f"cannot encode the request: {exc!r}"))
+                outbox.popleft()
+                continue
+            outbox.popleft()
+            calls.append(call)
+        if not calls:
+            return None
+        pack_id = next(_ids) if len(calls) > 1 else None
+        return [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *writer.request(pack_id)], calls, pack_id
+
+    def _sent(self, calls: list, pack_id: int | None) -> None:
+        if pack_id is not None:
+            self._packs[pack_id] = ([c[0] for c in calls], max(c[4] for c in calls))
+
+    async def _send_when_possible(self, frames: list, calls: list, pack_id: int | None) -> None:
+        give_up = self._loop.time() + CONNECT_WAIT_S
+        while True:
+            await asyncio.sleep(SEND_RETRY_S)
+            try:
+                send_frames(self._socket, frames, NOBLOCK)
+                self._sent(calls, pack_id)
+                break
+            except zmq.Again:
+                if all(c[3].done() for c in calls):
+                    break
+                if self._loop.time() >= give_up:
+                    # NOTE: every call queued behind this one fails too: the broker is unreachable now,
+                    # and waiting CONNECT_WAIT_S once per pack would add up.
+                    unreachable = [*calls, *self._outbox]
+                    self._outbox.clear()
+                    for call in unreachable:
+                        if not call[3].done():
+                            call[3].set_exception(NoWorkerAvailable(f"cannot reach the broker at {self.endpoint}"))
+                    break
+        self._sender = None
+        self._flush()
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._socket
+        if sock is None:
+            return
+        for _ in range(MAX_DRAIN):
+            if not readable(sock):
+                return
+            try:
+                frames = recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_reply(frames)
+            except ProtocolError:
+                pass  # not ours, or garbage: nothing to match it to
+        self._loop.call_soon(self._on_readable)  # more waiting: let the callers run first
+
+    def _on_reply(self, frames: list) -> None:
+        _command, service, body = p.parse_client_reply(frames)
+        if service != self.service:
+            waiters = self._mmi_waiters.get(service)
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(body[0] if body else b"")
+                    return
+            return
+        reply = p.unpack_body(body)
+        rid = reply.get("id") if isinstance(reply, dict) else None
+        if type(rid) is not int:
+            return
+        pack = self._packs.pop(rid, None)
+        if pack is None:
+            future = self._pending.get(rid)
+            if future is not None and not future.done():
+                try:
+                    future.set_result(p.result_of(reply))
+                except FractalError as exc:
+                    future.set_exception(exc)
+            return
+        rids = pack[0]
+        try:
+            outcomes = p.pack_results(reply, len(rids))
+        except FractalError as exc:  # one error for the whole pack: each call raises its own copy
+            outcomes = [exc.__class__(*exc.args) for _ in rids]
+        pending = self._pending
+        for sub_rid, outcome in zip(rids, outcomes):
+            future = pending.get(sub_rid)
             if future is None or future.done():
                 continue
-            try:
-                future.set_result(p.result_of(reply))
-            except FractalError as exc:
-                future.set_exception(exc)
+            if isinstance(outcome, FractalError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
-    # -- MMI (RFC 8), for health and status pages. A self-contained block: each question uses its own
-    # short-lived DEALER socket, so the request socket's reader never sees MMI answers and a late
-    # answer to a question that timed out dies with its socket instead of answering the next one.
+    async def _mmi(self, service: bytes, body: bytes, timeout_s: float) -> bytes | None:
+        """Ask the broker's MMI `service` (RFC 8); its one-frame answer, or None when it gives none in
+        time or cannot be reached. For async service_ready / broker_status."""
+        if self._socket is None:
+            self._open()
+        waiter = self._loop.create_future()
+        self._mmi_waiters.setdefault(service, deque()).append(waiter)
+        try:
+            send_frames(self._socket, [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body], NOBLOCK)
+            if readable(self._socket):
+                self._on_readable()
+            return await asyncio.wait_for(waiter, timeout_s)
+        except (zmq.Again, asyncio.TimeoutError, NoWorkerAvailable):
+            return None
+        finally:
+            waiters = self._mmi_waiters.get(service)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+
+    # -- MMI (RFC 8), for health and status pages.
 
     async def service_ready(self, service: str | None = None, timeout_s: float = 2.0) -> bool:
         """MMI (RFC 8): does the broker have at least one worker for the service?"""
@@ -371,26 +543,3 @@ class AsyncClient(_Operations):
         broker does not answer."""
         reply = await self._mmi(p.MMI_WORKERS, b"", timeout_s)
         return p.unpack(reply) if reply else None
-
-    async def _mmi(self, service: bytes, body: bytes, timeout_s: float) -> bytes | None:
-        deadline = time.monotonic() + timeout_s
-        sock = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
-        try:
-            frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body]
-            try:
-                await sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                # NOTE: a new socket has no connection yet; IMMEDIATE refuses the send until it has.
-                wait_s = min(CONNECT_WAIT_S, deadline - time.monotonic())
-                if wait_s <= 0 or not await sock.poll(int(wait_s * 1000), zmq.POLLOUT):
-                    return None
-                await sock.send_multipart(frames, zmq.NOBLOCK)
-            while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
-                if not await sock.poll(remaining_ms, zmq.POLLIN):
-                    break
-                reply = await sock.recv_multipart()
-                if len(reply) == 4 and reply[2] == service:
-                    return reply[3]
-            return None
-        finally:
-            sock.close(linger=0)

@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import BadInput, FractalError, ProtocolError, error_from_wire
+from .errors import BadInput, FractalError, InternalError, ProtocolError, error_from_wire
 
 CLIENT_HEADER = b"MDPC02"
 WORKER_HEADER = b"MDPW02"
@@ -115,19 +115,44 @@ _KINDS = frozenset("biufU")  # bool, signed, unsigned, float, unicode; never obj
 _DIMS = [struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1)]
 
 
+_HEADS: dict[np.dtype, bytes] = {}   # dtype -> its header prefix (length byte + dtype string)
+_DTYPES: dict[bytes, np.dtype] = {}  # dtype string on the wire -> checked dtype
+_CACHE_MAX = 256                     # both caches: text dtypes vary in width, peers choose strings
+_NDIM_DIMS = [struct.Struct(f"<B{n}q") for n in range(MAX_NDIM + 1)]
+
+
 def encode_tensor(array: np.ndarray) -> msgpack.ExtType:
     if array.dtype.kind == "O":
         array = array.astype(str)
     if array.dtype.kind not in _KINDS or array.ndim > MAX_NDIM:
         raise ProtocolError(f"cannot send a tensor of dtype {array.dtype} with {array.ndim} dims")
-    if not array.flags.c_contiguous:
-        array = array.copy(order="C")  # NOTE: not ascontiguousarray, which turns 0-d into 1-d
-    return msgpack.ExtType(TENSOR_EXT, _header(array) + array.reshape(-1).view(np.uint8).data)
+    # NOTE: tobytes() is C order whatever the layout, and for the small tensors sent inline a copy
+    # costs less than building a memoryview over the array.
+    return msgpack.ExtType(TENSOR_EXT, _header(array) + array.tobytes())
 
 
 def _header(array: np.ndarray) -> bytes:
-    dtype = array.dtype.str.encode()
-    return bytes((len(dtype),)) + dtype + bytes((array.ndim,)) + _DIMS[array.ndim].pack(*array.shape)
+    dtype = array.dtype
+    head = _HEADS.get(dtype)
+    if head is None:
+        text = dtype.str.encode()
+        head = bytes((len(text),)) + text
+        if len(_HEADS) < _CACHE_MAX:
+            _HEADS[dtype] = head
+    ndim = array.ndim
+    return head + _NDIM_DIMS[ndim].pack(ndim, *array.shape)
+
+
+def _dtype(text: bytes) -> np.dtype:
+    """The dtype a tensor header names, checked against the allowed kinds (cached)."""
+    dtype = _DTYPES.get(text)
+    if dtype is None:
+        dtype = np.dtype(text.decode("ascii"))
+        if dtype.kind not in _KINDS:
+            raise ValueError(f"dtype {dtype} is not allowed")
+        if len(_DTYPES) < _CACHE_MAX:
+            _DTYPES[text] = dtype
+    return dtype
 
 
 def decode_tensor(data: bytes, frames: list | None = None) -> np.ndarray:
@@ -137,10 +162,10 @@ def decode_tensor(data: bytes, frames: list | None = None) -> np.ndarray:
     """
     try:
         dlen = data[0]
-        dtype = np.dtype(data[1:1 + dlen].decode("ascii"))
+        dtype = _dtype(data[1:1 + dlen])
         ndim = data[1 + dlen]
-        if dtype.kind not in _KINDS or ndim > MAX_NDIM:
-            raise ValueError(f"dtype {dtype} with {ndim} dims is not allowed")
+        if ndim > MAX_NDIM:
+            raise ValueError(f"{ndim} dims is too many")
         offset = 2 + dlen + 8 * ndim
         shape = _DIMS[ndim].unpack_from(data, 2 + dlen)
         count = 1
@@ -179,10 +204,8 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
-def pack_body(obj: Any) -> list:
-    """Body frames: msgpack first, then the raw bytes of each tensor of OUT_OF_BAND_MIN_BYTES or more."""
-    frames: list = [b""]
-
+def _out_of_band(frames: list) -> Any:
+    """A msgpack `default` that moves tensors of OUT_OF_BAND_MIN_BYTES or more into `frames`."""
     def default(value: Any) -> Any:
         if isinstance(value, np.ndarray) and value.nbytes >= OUT_OF_BAND_MIN_BYTES and value.dtype.kind in _KINDS:
             if not value.flags.c_contiguous:
@@ -190,8 +213,13 @@ def pack_body(obj: Any) -> list:
             frames.append(value.reshape(-1).view(np.uint8).data)
             return msgpack.ExtType(TENSOR_FRAME_EXT, _header(value) + struct.pack("<I", len(frames) - 1))
         return _default(value)
+    return default
 
-    frames[0] = msgpack.packb(obj, default=default, use_bin_type=True)
+
+def pack_body(obj: Any) -> list:
+    """Body frames: msgpack first, then the raw bytes of each tensor of OUT_OF_BAND_MIN_BYTES or more."""
+    frames: list = [b""]
+    frames[0] = msgpack.packb(obj, default=_out_of_band(frames), use_bin_type=True)
     return frames
 
 
@@ -267,15 +295,130 @@ def request_id_of(body: bytes) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Packs: several independent requests in one MDP REQUEST, answered by one FINAL (docs/protocol.md).
+#   request: {"op": "pack", "n": <count>, "id": <pack id>, "requests": [<request map>, ...]}
+#   reply:   {"id": <pack id>, "status": 200, "node": ..., "replies": [<reply map>, ...]} (same order)
+# The request map starts with fixed bytes (PACK_PREFIX, then n as a big-endian uint16: valid msgpack),
+# so the broker reads a message's request count without decoding its body (request_count).
+
+PACK_MAX_REQUESTS = 64          # sub-requests in one pack
+PACK_MAX_BYTES = 4 << 20        # body bytes of one pack, out-of-band frames included (one request may exceed it)
+PACK_PREFIX = b"\x84\xa2op\xa4pack\xa1n\xcd"  # map of 4; "op": "pack"; "n": uint16 follows
+_COUNT_AT = len(PACK_PREFIX)
+_ID_KEY, _REQUESTS_KEY, _REPLIES_KEY = b"\xa2id", b"\xa8requests", b"\xa7replies"
+
+
+def request_count(first_frame: bytes) -> int:
+    """User requests in a message whose first body frame is `first_frame`: a pack's n, else 1. O(1)."""
+    if first_frame.startswith(PACK_PREFIX) and len(first_frame) > _COUNT_AT + 1:
+        return max(1, int.from_bytes(first_frame[_COUNT_AT:_COUNT_AT + 2], "big"))
+    return 1
+
+
+class PackWriter:
+    """Encodes maps one at a time into the body of one message, sharing its out-of-band frames.
+
+    `add` encodes at once, so a map msgpack cannot carry fails alone (BadInput) and the pack stays as
+    it was; `size` is the body bytes so far, for the PACK_MAX_BYTES bound.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list = [b""]
+        self.parts: list[bytes] = []
+        self.size = 0
+        self._packer = msgpack.Packer(default=_out_of_band(self.frames), use_bin_type=True)
+
+    def add(self, obj: dict, max_bytes: int | None = None) -> bool:
+        """Encode `obj` into the pack; False (and the pack as it was) when it would take a non-empty
+        pack past `max_bytes`. Raises BadInput for a map msgpack cannot carry."""
+        mark = len(self.frames)
+        try:
+            part = self._packer.pack(obj)
+        except (TypeError, ValueError, OverflowError) as exc:
+            del self.frames[mark:]
+            raise BadInput(f"cannot encode the request: {exc}") from None
+        size = len(part) + sum(len(f) for f in self.frames[mark:]) if len(self.frames) > mark else len(part)
+        if max_bytes is not None and self.parts and self.size + size > max_bytes:
+            del self.frames[mark:]
+            return False
+        self.parts.append(part)
+        self.size += size
+        return True
+
+    def request(self, pack_id: int | None) -> list:
+        """Body frames of the pack request; a lone map is sent as it is, an ordinary request."""
+        if len(self.parts) == 1:
+            self.frames[0] = self.parts[0]
+        else:
+            self.frames[0] = b"".join((PACK_PREFIX, len(self.parts).to_bytes(2, "big"), _ID_KEY,
+                                       self._packer.pack(pack_id), _REQUESTS_KEY,
+                                       self._packer.pack_array_header(len(self.parts)), *self.parts))
+        return self.frames
+
+    def reply(self, pack_id: Any, node: str) -> list:
+        """Body frames of the reply to a pack: one FINAL, the replies in the pack's order."""
+        self.frames[0] = b"".join((b"\x84", _ID_KEY, self._packer.pack(pack_id), self._packer.pack("status"),
+                                   b"\xcc\xc8", self._packer.pack("node"), self._packer.pack(node), _REPLIES_KEY,
+                                   self._packer.pack_array_header(len(self.parts)), *self.parts))
+        return self.frames
+
+    def add_reply(self, rid: Any, node: str, outcome: Any) -> None:
+        """Add one sub-request's reply: its result, or the FractalError it failed with. A result that
+        cannot be encoded becomes that sub-request's error alone."""
+        if not isinstance(outcome, FractalError):
+            try:
+                self.add({"id": rid, "status": 200, "node": node, "result": outcome})
+                return
+            except BadInput as exc:
+                outcome = InternalError(f"the reply could not be encoded on {node}: {exc}")
+        self.add({"id": rid, "status": outcome.http_status, "node": node,
+                  "error": {"type": outcome.__class__.__name__, "message": str(outcome)}})
+
+
+def unpack_pack(request: dict) -> list:
+    """The sub-requests of a decoded pack request; raises ProtocolError when it is malformed."""
+    subs = request.get("requests")
+    if not isinstance(subs, list) or request.get("n") != len(subs) or not subs:
+        raise ProtocolError("a pack must carry 'requests', a non-empty list of 'n' request maps")
+    return subs
+
+
+def pack_results(reply: dict, count: int) -> list:
+    """Each sub-request's outcome (its result, or its FractalError as a value) from the reply to a pack
+    of `count`. A reply without `replies` (the broker's own error, or a peer that does not know packs)
+    is an error for every sub-request: it is raised."""
+    replies = reply.get("replies")
+    if not isinstance(replies, list):
+        result_of(reply)  # raises the error it carries
+        raise ProtocolError("the reply to a pack carries no 'replies'")
+    if len(replies) != count:
+        raise ProtocolError(f"{len(replies)} replies to a pack of {count}")
+    outcomes = []
+    for sub in replies:
+        try:
+            outcomes.append(result_of(sub) if isinstance(sub, dict) else result_of({}))
+        except FractalError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------
 # Model names: plain file names ending in .onnx, the same rule wherever a name enters.
 
 MAX_NAME_CHARS = 200  # bytes in UTF-8: well under every filesystem's 255-byte name limit
 
 
+_CHECKED_NAMES: set[str] = set()  # names that passed, so a predict checks its model's name in O(1)
+
+
 def check_model_name(name: Any) -> str:
+    if name.__class__ is str and name in _CHECKED_NAMES:
+        return name
     if (not isinstance(name, str) or not name.endswith(".onnx") or len(name) <= len(".onnx")
             or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_CHARS or not name.isprintable()
             or "/" in name or "\\" in name or name.startswith(".") or ".." in name):
         raise BadInput(f"invalid model name {name!r}: use a plain file name ending in .onnx "
                            f"(no '/', no '..', not starting with '.')")
+    if len(_CHECKED_NAMES) < 4096:
+        _CHECKED_NAMES.add(name)
     return name

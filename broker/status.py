@@ -61,6 +61,6 @@ class StatusBoard:
             })
         return {"broker": {"up": True, "uptime_s": round(time.time() - self.started, 3),
                            "services": {s.name.decode(errors="replace"): {
-                               "workers": s.workers, "idle": len(s.idle), "queued": len(s.requests)}
+                               "workers": s.workers, "idle": len(s.idle), "queued": s.queued}
                                for s in services.values()}},
                 "workers": rows}

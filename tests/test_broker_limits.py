@@ -31,15 +31,21 @@ def one_worker(procs, model_dir, request):
     return url
 
 
-async def _while_busy(url: str, calls: int) -> tuple[list, float]:
+async def _while_busy(url: str, calls: int, apart: bool = False) -> tuple[list, float, bool]:
     """`calls` echoes sent while the only worker computes a call that outlasts the queue timeout 3x;
-    returns their outcomes and how long they took. Asserts that the slow call was still running."""
+    returns their outcomes, how long they took, and whether the slow call was still running then.
+    Made together they leave as one pack; `apart`, as one message each (each call yields to the
+    event loop, whose next turn sends what is waiting)."""
     async with AsyncClient(url, timeout_s=60) as aclient:
         slow = asyncio.ensure_future(aclient.predict("slow.onnx", slow_input(3 * QUEUE_TIMEOUT_S)))
         await asyncio.to_thread(wait_busy, url)
         started = time.monotonic()
-        results = await asyncio.gather(*(aclient.echo(i, timeout_s=30) for i in range(calls)),
-                                       return_exceptions=True)
+        tasks = []
+        for i in range(calls):
+            tasks.append(asyncio.ensure_future(aclient.echo(i, timeout_s=30)))
+            if apart:
+                await asyncio.sleep(0.01)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         elapsed = time.monotonic() - started
         still_busy = not slow.done()
         await slow
@@ -48,10 +54,13 @@ async def _while_busy(url: str, calls: int) -> tuple[list, float]:
 
 @pytest.mark.parametrize("one_worker", [["--max-queue", "2"]], indirect=True)
 def test_past_the_queue_bound_clients_get_overloaded_at_once(one_worker):
-    results, _, _ = asyncio.run(_while_busy(one_worker, 5))
+    results, _, _ = asyncio.run(_while_busy(one_worker, 5, apart=True))
     overloaded = [r for r in results if isinstance(r, Overloaded)]
     served = [r for r in results if isinstance(r, dict)]
     assert len(overloaded) == 3 and len(served) == 2
+    # Made together, the five leave as one pack: one message, one place in the queue.
+    results, _, _ = asyncio.run(_while_busy(one_worker, 5))
+    assert all(isinstance(r, dict) for r in results)
 
 
 @pytest.mark.parametrize("one_worker", [["--queue-timeout-s", str(QUEUE_TIMEOUT_S)]], indirect=True)

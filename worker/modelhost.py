@@ -19,6 +19,7 @@ import socket as socket_module
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 from zmq.backend import zmq_poll
@@ -32,12 +33,13 @@ from broker.protocol import MDPW
 from broker.settings import setting
 from broker.curve import PeerKeys
 from broker.protocol import check_model_name
-from broker.sockets import POLLIN, wait
+from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 
 from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
 from .ops import OPS, rss_bytes
+from .packs import run_pack
 from .pool import ModelPool
 from .sessions import SessionCache, SessionFactory
 
@@ -153,12 +155,17 @@ class ModelHost:
                        min((q.deadline() for q in self._queues.values()), default=float("inf")))
         timeout_ms = max(0, min(int((deadline - time.monotonic()) * 1000), 100))
         ready = zmq_poll([(c.socket, POLLIN) for c in self._connections], timeout_ms)
+        if not ready:
+            return
         by_socket = {c.socket: c for c in self._connections}
         for sock, _ in ready:
             conn = by_socket[sock]
-            while conn.socket is sock:  # drain: every request waiting now can join the same batch
+            # drain: every request waiting now can join the same batch
+            first = True  # the poll said it is there
+            while conn.socket is sock and (first or readable(sock)):
+                first = False
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(sock, NOBLOCK)
                 except zmq.Again:
                     break
                 self._handle(conn, frames)
@@ -177,8 +184,13 @@ class ModelHost:
             if len(frames) < 5 or frames[3] != b"":
                 self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
                     "REQUEST without envelope and body")))
-            elif not (self.policy.enabled and self._queued(conn, frames[2], frames[4:])):
-                self._final(conn, frames[2], self._run_busy(self.execute, frames[4:]))
+                return
+            request = self._decode(frames[4:])
+            if isinstance(request, ProtocolError):
+                self._final(conn, frames[2], p.error_body(None, self.node, request))
+            elif not (self.policy.enabled and request["op"] == "predict"
+                      and self._queued(conn, frames[2], request)):
+                self._final(conn, frames[2], self._run_busy(self.reply_to, request))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
                 log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
@@ -186,17 +198,23 @@ class ModelHost:
         elif command != MDPW.HEARTBEAT:
             log.warning("dropped unknown command %r from broker", command[:4])
 
-    def _queued(self, conn: Connection, client: bytes, data: list) -> bool:
-        """Queue a predict for a batchable model (True), or leave the request to execute() (False)."""
+    def _decode(self, data: list) -> dict | ProtocolError:
+        """The request map of body frames, or (logged and counted) why they are not one."""
         try:
-            request = p.unpack_request(data)
-            if request.get("op") != "predict":
-                return False
+            return p.unpack_request(data)
+        except ProtocolError as exc:
+            log.warning("request %s: bad body: %s", None, exc)
+            self.metrics.request_done("unknown", "error", 0.0)
+            return exc
+
+    def _queued(self, conn: Connection, client: bytes, request: dict) -> bool:
+        """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
+        try:
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
             model = self._run_busy(self.pool.load, check_model_name(request.get("model")))
             policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
         except Exception:
-            return False  # execute() answers it, with the same error
+            return False  # reply_to() answers it, with the same error
         if not policy.enabled or not batchable(model):
             return False
         reply = self._replier(conn, client, request, model.name)
@@ -284,31 +302,65 @@ class ModelHost:
 
     def execute(self, data: list) -> list:
         """Answer one request's body frames with reply body frames; never raises."""
-        rid = trace = op_name = None
+        request = self._decode(data)
+        if isinstance(request, ProtocolError):
+            return p.error_body(None, self.node, request)
+        return self.reply_to(request)
+
+    def reply_to(self, request: dict) -> list:
+        """Reply body frames for a decoded request or pack (worker/packs.py); never raises."""
+        if request["op"] == "pack":
+            try:
+                return run_pack(self, request)
+            except Exception as exc:  # a malformed pack: one error for all of it, counted once per request
+                error = exc if isinstance(exc, FractalError) else InternalError(f"pack failed on {self.node}")
+                log.warning("a pack failed as a whole: %s", error)
+                count = request.get("n")
+                for _ in range(count if type(count) is int and 1 <= count <= 0xFFFF else 1):
+                    self.metrics.request_done("unknown", "error", 0.0)
+                return p.error_body(request.get("id"), self.node, error)
+        rid, outcome = self.answer(request)
+        if not isinstance(outcome, FractalError):
+            try:
+                return p.ok_body(rid, self.node, outcome)
+            except Exception:
+                log.exception("request %s: the reply could not be encoded", request.get("request_id"))
+                outcome = InternalError(f"unexpected failure on {self.node} (request id "
+                                        f"{request.get('request_id')})")
+        return p.error_body(rid, self.node, outcome)
+
+    def answer(self, request: Any) -> tuple[Any, Any]:
+        """(id, result or FractalError) of one decoded request; never raises; counted and logged."""
         started = time.perf_counter()
-        outcome = "error"
+        rid = trace = op_name = None
         try:
-            request = p.unpack_request(data)
+            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                raise ProtocolError("a request must be a map with a string 'op'")
             rid, trace, op_name = request.get("id"), request.get("request_id"), request["op"]
             op = self._ops.get(op_name)
             if op is None:
                 raise BadInput(f"unknown op {op_name!r}; known: {', '.join(sorted(OPS))}")
-            reply = p.ok_body(rid, self.node, op(self.pool, request, self.node))
-            outcome = "ok"
-            if self._log_requests and op_name != "status":  # the broker asks for status every few s
-                log.info("request %s: %s %s ok in %.2f ms", trace, op_name, request.get("model", ""),
-                         (time.perf_counter() - started) * 1e3)
-            return reply
-        except ProtocolError as exc:
-            log.warning("request %s: bad body: %s", trace, exc)
-            return p.error_body(rid, self.node, exc)
+            outcome = op(self.pool, request, self.node)
         except FractalError as exc:
-            log.info("request %s: %s failed: %s: %s", trace, op_name, exc.__class__.__name__, exc)
-            return p.error_body(rid, self.node, exc)
+            outcome = exc
         except Exception:
             log.exception("request %s: %s failed unexpectedly", trace, op_name)
-            return p.error_body(rid, self.node, InternalError(
-                f"unexpected failure on {self.node} (request id {trace})"))
-        finally:
-            self.metrics.request_done(op_name if op_name in OPS else "unknown", outcome,
-                                      time.perf_counter() - started)
+            outcome = InternalError(f"unexpected failure on {self.node} (request id {trace})")
+        self.request_done(op_name, trace, request.get("model", "") if isinstance(request, dict) else "",
+                          outcome, started)
+        return rid, outcome
+
+    def request_done(self, op_name: Any, trace: Any, model: Any, outcome: Any, started: float,
+                     batched: bool = False) -> None:
+        """Count and log one answered request (a pack's sub-requests each count once)."""
+        elapsed = time.perf_counter() - started
+        ok = not isinstance(outcome, FractalError)
+        self.metrics.request_done(op_name if op_name in OPS else "unknown", "ok" if ok else "error", elapsed)
+        if not ok:
+            if isinstance(outcome, ProtocolError):
+                log.warning("request %s: bad body: %s", trace, outcome)
+            elif not isinstance(outcome, InternalError):
+                log.info("request %s: %s failed: %s: %s", trace, op_name, outcome.__class__.__name__, outcome)
+        elif self._log_requests and op_name != "status":  # the broker asks for status every few s
+            log.info("request %s: %s %s ok%s in %.2f ms", trace, op_name, model, " (batched)" if batched else "",
+                     elapsed * 1e3)

@@ -29,7 +29,7 @@ def predict(pool: ModelPool, body: dict, node: str) -> dict:
         raise BadInput("'outputs' must be a list of output names")
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
-    return {"outputs": inference.run(pool.load(_model(body)), body["inputs"], wanted)}
+    return {"outputs": inference.run(pool.load(body.get("model")), body["inputs"], wanted)}  # load() checks the name
 
 
 def predict_image(pool: ModelPool, body: dict, node: str) -> dict:

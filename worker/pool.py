@@ -36,6 +36,8 @@ class ModelPool:
                  max_model_bytes: int, max_image_pixels: int = 25_000_000):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._prefix = os.path.join(str(self.directory), "")
+        self._unloaded_prefix = os.path.join(str(self.directory), UNLOADED_DIR, "")
         self._factory = factory
         self._cache = cache
         self.max_model_bytes = max_model_bytes
@@ -50,13 +52,16 @@ class ModelPool:
 
     def load(self, name: str) -> LoadedModel:
         """The current session for `name`, (re)loading when the file changed; raises ModelNotFound."""
-        path = self._path(name)
+        # NOTE: on every predict: plain strings, not pathlib (whose joins cost more than the two
+        # syscalls), and os.access, which answers "no marker" without raising an exception.
+        check_model_name(name)
+        path = self._prefix + name
         try:
             st = os.stat(path)
         except FileNotFoundError:
             self._cache.drop(name)
             raise ModelNotFound(f"model {name} not found") from None
-        if os.path.exists(self._marker(name)):
+        if os.access(self._unloaded_prefix + name, os.F_OK):
             self._drop_unloaded(name)
             raise ModelUnloaded(f"model {name} is unloaded; load it (POST /v2/repository/models/{name}/load)")
         cached = self._cache.get(name, file_key(st))

@@ -1,0 +1,92 @@
+"""Answer a pack (docs/protocol.md, "Packs"): its predicts for one batchable model run as one
+InferenceSession.run, every other sub-request runs alone, and each gets its own reply, in order.
+
+The rows of a pack are all here already, so they batch with no delay whenever the model is batchable
+(every input and output has a dynamic first dimension) and its sidecar does not turn batching off
+(`"dynamic_batching": false`), even when the worker's own dynamic batching is off: that setting
+bounds how long a request may *wait* for others, and a pack's rows do not wait. With batching on,
+its `max_batch_size` also bounds the rows of one run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from broker import protocol as p
+from broker.errors import BadInput, FractalError
+from broker.protocol import check_model_name
+
+from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
+
+if TYPE_CHECKING:
+    from .modelhost import ModelHost
+
+log = logging.getLogger(__name__)
+
+PACK_MAX_ROWS = 4096  # rows of one run when the worker's own batching is off (and sets no bound)
+
+
+def run_pack(host: "ModelHost", request: dict) -> list:
+    """Reply body frames for a decoded pack request; raises ProtocolError when it is malformed (the
+    caller answers the whole pack with that error)."""
+    subs = p.unpack_pack(request)
+    started = time.perf_counter()
+    outcomes: list = [None] * len(subs)
+    queues: dict[str, Queue] = {}
+    models: dict[str, Any] = {}  # each model is checked once per pack: its calls arrived together
+    for index, sub in enumerate(subs):
+        if not _queued(host, sub, index, outcomes, queues, models, started):
+            outcomes[index] = host.answer(sub)
+    for queue in queues.values():
+        while queue.items:
+            run_batch(queue.take())
+    writer = p.PackWriter()
+    for rid, outcome in outcomes:
+        writer.add_reply(rid, host.node, outcome)
+    return writer.reply(request.get("id"), host.node)
+
+
+def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dict, models: dict,
+            started: float) -> bool:
+    """Queue a predict for a batchable model (True), or leave the sub-request to run alone (False)."""
+    if not isinstance(sub, dict) or sub.get("op") != "predict":
+        return False
+    name = sub.get("model")
+    found = models.get(name) if isinstance(name, str) else None
+    if found is None:
+        try:
+            model = host.pool.load(check_model_name(name))
+            options = host.pool.sidecar(model.name).get("dynamic_batching")
+        except Exception:
+            return False  # answer() gives it the same error, alone
+        policy = host.policy.override(options)
+        if options is False or not batchable(model):
+            policy = None
+        elif not policy.enabled:
+            policy = BatchPolicy(PACK_MAX_ROWS, 0)
+        found = models[name] = (model, policy)
+    model, policy = found
+    if policy is None:
+        return False
+    reply = _replier(host, sub, index, outcomes, model.name, started)
+    try:
+        pending = prepare(model, sub.get("inputs"), sub.get("outputs"), reply, 0.0)
+    except Exception as exc:
+        reply(exc if isinstance(exc, FractalError) else BadInput(f"cannot use this request: {exc}"))
+        return True
+    queue = queues.get(model.name)
+    if queue is None:
+        queue = queues[model.name] = Queue(policy)
+    queue.items.append(pending)
+    return True
+
+
+def _replier(host: "ModelHost", sub: dict, index: int, outcomes: list, model: str, started: float):
+    rid, trace = sub.get("id"), sub.get("request_id")
+
+    def reply(outcome: Any) -> None:
+        outcomes[index] = (rid, outcome)
+        host.request_done("predict", trace, model, outcome, started, batched=True)
+    return reply
+
