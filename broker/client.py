@@ -518,14 +518,28 @@ class AsyncClient(_Operations):
         time or cannot be reached. For async service_ready / broker_status."""
         if self._socket is None:
             self._open()
+        now = self._loop.time()
+        deadline, give_up = now + timeout_s, now + min(timeout_s, CONNECT_WAIT_S)
+        frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body]
+        while True:  # NOTE: a new socket refuses sends (IMMEDIATE) until its connection is up
+            if self._socket is None:
+                return None  # closed meanwhile
+            try:
+                send_frames(self._socket, frames, NOBLOCK)
+                break
+            except zmq.Again:
+                if self._loop.time() >= give_up:
+                    return None
+                await asyncio.sleep(SEND_RETRY_S)
+        # NOTE: answers to one MMI service come back in the order asked, so waiters queue in the order
+        # their questions left: appended only once the send succeeded.
         waiter = self._loop.create_future()
         self._mmi_waiters.setdefault(service, deque()).append(waiter)
         try:
-            send_frames(self._socket, [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body], NOBLOCK)
             if readable(self._socket):
                 self._on_readable()
-            return await asyncio.wait_for(waiter, timeout_s)
-        except (zmq.Again, asyncio.TimeoutError, NoWorkerAvailable):
+            return await asyncio.wait_for(waiter, max(0.0, deadline - self._loop.time()))
+        except (asyncio.TimeoutError, NoWorkerAvailable):
             return None
         finally:
             waiters = self._mmi_waiters.get(service)
