@@ -147,15 +147,16 @@ class Prediction(Resource):
         ok(resp, "Prediction successful", values=jsonable(first), **extra)
 
 
-async def echo_all(client: AsyncClient, items: list, request_id: str, window: int = 64) -> list[dict]:
-    """Each item to a worker and back, at most `window` in flight (as Client.call_many); the client's
-    timeout bounds the whole list, and the first error fails it."""
+async def echo_all(client: AsyncClient, items: list, request_id: str) -> list[dict]:
+    """Each item to a worker and back, one after another, so that each is a message of its own and the
+    broker's LRU spreads them over the workers, as the seed's demo shows (sent together they would
+    leave as one pack, for one worker). The client's timeout bounds the whole list; the first error
+    fails it."""
     replies: list[dict] = []
     try:
         async with asyncio.timeout(client.timeout_s):
-            for start in range(0, len(items), window):
-                replies += await asyncio.gather(*(client.echo(item, request_id=request_id)
-                                                  for item in items[start:start + window]))
+            for item in items:
+                replies.append(await client.echo(item, request_id=request_id))
     except TimeoutError:
         raise Timeout(f"no reply from the broker within {client.timeout_s:g} s "
                       f"({len(items) - len(replies)} echoes outstanding)") from None

@@ -225,7 +225,8 @@ def test_statistics_rise_by_exactly_the_inferences_made(server, client, rest):
         return client.get_inference_statistics("iris_gstats.onnx").model_stats[0]
     wait_for(lambda: stats().inference_count == 7, 20, "the statistics of 7 inferences")
     got = stats()
-    assert got.execution_count == 6 and got.inference_stats.success.count == 6 and got.version == "1"
+    # Six requests; the three concurrent ones may share one run (packed, then batched): 4 to 6 runs.
+    assert 4 <= got.execution_count <= 6 and got.inference_stats.success.count == 6 and got.version == "1"
     assert got.inference_stats.fail.count == 0 and got.inference_stats.compute_infer.ns > 0
     by_rest = rest.get_inference_statistics("iris_gstats.onnx")
     assert json_format.ParseDict(by_rest, pb.ModelStatisticsResponse()).model_stats[0] == got
