@@ -5,18 +5,21 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from broker.settings import add_arguments, load
+from broker.settings import add_arguments, load, setting
+
+from .serve import BROKER_HOST, BROKER_PORT
 
 USAGE = """fractal COMMAND [--help]
 
 commands:
   serve      broker + workers + REST frontend on this machine, bundled models (start here)
   broker     the MDP/0.2 broker
-  worker     one modelhost worker
+  worker     one worker: serves the models of a pool to the broker
   frontend   the REST frontend under gunicorn (extra arguments go to gunicorn)
-  predict    MODEL VALUES...: one prediction through the broker
+  predict    MODEL VALUES...: one prediction through the broker (fractal predict iris 2 5 1 4)
   models     list the models in the pool
   health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers
   keys       DIR NAME...: CURVE key pairs (NAME.key public, NAME.key_secret secret)
@@ -42,7 +45,7 @@ def _serve(argv: list[str]) -> int:
 
     from .serve import ServeSettings, serve
     parser = argparse.ArgumentParser(prog="fractal serve", description=(
-        "Run broker, modelhost workers and the REST frontend on this machine."))
+        "Run the broker, workers and the REST frontend on this machine."))
     add_arguments(parser, ServeSettings, "serve")
     try:
         settings = load(ServeSettings, "serve", parser.parse_args(argv))
@@ -76,12 +79,36 @@ def _frontend(argv: list[str]) -> int:
     return 1  # not reached
 
 
-def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where `fractal predict` and `fractal models` find the broker: the same defaults and variables
+    as `fractal serve`, so a local server needs no flags."""
+    broker: str = setting("", "broker endpoint, e.g. tcp://host:5555 (wins over --broker-host/--broker-port)",
+                          env="FRACTAL_CLIENT_BROKER")
+    broker_host: str = setting(BROKER_HOST, "broker host (as fractal serve's; 0.0.0.0 means this host)",
+                               env="FRACTAL_SERVE_BROKER_HOST")
+    broker_port: int = setting(BROKER_PORT, "broker port (as fractal serve's)", env="FRACTAL_SERVE_BROKER_PORT")
+    timeout_s: float = setting(10.0, "deadline of the call", env="FRACTAL_CLIENT_TIMEOUT_S")
+
+    def endpoint(self) -> str:
+        if self.broker:
+            return self.broker
+        host = "127.0.0.1" if self.broker_host in ("0.0.0.0", "*", "") else self.broker_host
+        return f"tcp://{host}:{self.broker_port}"
+
+
+def _client_args(prog: str, description: str, argv: list[str],
+                 extra: Callable[[argparse.ArgumentParser], None] = lambda parser: None):
+    """(arguments, settings) of a client command; exits 2 with one line on bad settings."""
+    from broker.errors import ConfigError
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--broker", default=os.environ.get("FRACTAL_CLIENT_BROKER", "tcp://127.0.0.1:5555"),
-                        help="broker endpoint (env FRACTAL_CLIENT_BROKER)")
-    parser.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call")
-    return parser
+    extra(parser)
+    add_arguments(parser, ClientSettings, "client")
+    args = parser.parse_args(argv)
+    try:
+        return args, load(ClientSettings, "client", args)
+    except ConfigError as exc:
+        parser.exit(2, f"{prog}: {exc}\n")
 
 
 def _predict(argv: list[str]) -> int:
@@ -89,15 +116,17 @@ def _predict(argv: list[str]) -> int:
 
     from broker.client import Client
     from broker.errors import FractalError
-    parser = _client_parser("fractal predict", "One prediction on one row of numbers, printed as JSON.")
-    parser.add_argument("model", help="model name, e.g. iris.onnx")
-    parser.add_argument("values", nargs="+", type=float, help="the row, e.g. 2 5 1 4")
-    args = parser.parse_args(argv)
+
+    def positional(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", help="model name, e.g. iris or iris.onnx")
+        parser.add_argument("values", nargs="+", type=float, help="the row, e.g. 2 5 1 4")
+    args, settings = _client_args("fractal predict", "One prediction on one row of numbers, printed as JSON.",
+                                  argv, positional)
     try:
-        with Client(args.broker, timeout_s=args.timeout_s) as client:
+        with Client(settings.endpoint(), timeout_s=settings.timeout_s) as client:
             outputs = client.predict(args.model, [np.array(args.values)])
     except FractalError as exc:
-        print(f"fractal predict: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"fractal predict: {_explain(exc, settings)}", file=sys.stderr)
         return 1
     print(json.dumps({k: v.tolist() if hasattr(v, "tolist") else v for k, v in outputs.items()}))
     return 0
@@ -106,16 +135,24 @@ def _predict(argv: list[str]) -> int:
 def _models(argv: list[str]) -> int:
     from broker.client import Client
     from broker.errors import FractalError
-    args = _client_parser("fractal models", "List the models in the pool with their descriptions.") \
-        .parse_args(argv)
+    _, settings = _client_args("fractal models", "List the models in the pool with their descriptions.", argv)
     try:
-        with Client(args.broker, timeout_s=args.timeout_s) as client:
+        with Client(settings.endpoint(), timeout_s=settings.timeout_s) as client:
             for entry in client.information():
                 print(f"{entry['model']}\t{entry['description']}")
     except FractalError as exc:
-        print(f"fractal models: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"fractal models: {_explain(exc, settings)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _explain(exc: Exception, settings: ClientSettings) -> str:
+    from broker.errors import NoWorkerAvailable, Timeout
+    text = f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, (NoWorkerAvailable, Timeout)):
+        text += (f" (asked {settings.endpoint()}; is fractal serve running? point at its broker with "
+                 f"--broker-host/--broker-port or --broker URL)")
+    return text
 
 
 def _keys(argv: list[str]) -> int:

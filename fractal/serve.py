@@ -22,13 +22,15 @@ from .supervisor import Child, Supervisor
 
 log = logging.getLogger("fractal.serve")
 
+BROKER_HOST, BROKER_PORT = "127.0.0.1", 5555  # also the defaults of the client commands (fractal predict)
+
 
 @dataclass(frozen=True)
 class ServeSettings:
     http_host: str = setting("127.0.0.1", "address the REST API listens on (0.0.0.0 for all)")
     http_port: int = setting(8002, "REST API port (the seed's)")
-    broker_host: str = setting("127.0.0.1", "address the broker binds (0.0.0.0 to let remote workers in)")
-    broker_port: int = setting(5555, "broker port for workers and direct clients")
+    broker_host: str = setting(BROKER_HOST, "address the broker binds (0.0.0.0 to let remote workers in)")
+    broker_port: int = setting(BROKER_PORT, "broker port for workers and direct clients")
     workers: int = setting(2, "modelhost worker processes")
     model_dir: str = setting("./models", "model pool; created with the bundled models if missing")
     threads: int = setting(0, "ONNX Runtime threads per worker; 0 = cores / workers")
