@@ -50,7 +50,7 @@ class _Operations:
         Raises ModelNotFound, BadInput (wrong names, dtypes or shapes: the message says what the
         model expects), Timeout, Overloaded or NoWorkerAvailable.
         """
-        fields: dict[str, Any] = {"model": model, "inputs": inputs}
+        fields: dict[str, Any] = {"model": p.model_file_name(model), "inputs": inputs}
         if outputs is not None:
             fields["outputs"] = list(outputs)
         return self._do("predict", _traced(fields, request_id), _outputs, timeout_s)
@@ -59,7 +59,7 @@ class _Operations:
                       timeout_s: float | None = None, request_id: str | None = None):
         """Run a one-input image model on an encoded image (JPEG, PNG, ...); the worker decodes it,
         matches the model's channels, layout and size and scales pixels to [0, 1]."""
-        fields: dict[str, Any] = {"model": model, "image": image}
+        fields: dict[str, Any] = {"model": p.model_file_name(model), "image": image}
         if outputs is not None:
             fields["outputs"] = list(outputs)
         return self._do("predict_image", _traced(fields, request_id), _outputs, timeout_s)
@@ -74,33 +74,33 @@ class _Operations:
 
     def model_info(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Description, inputs, outputs, size and last change of one model."""
-        return self._do("info", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("info", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def describe(self, model: str, description: str, *, timeout_s: float | None = None,
                  request_id: str | None = None):
         """Set a model's description; returns {"model", "description"}."""
-        fields = {"model": model, "description": description}
+        fields = {"model": p.model_file_name(model), "description": description}
         return self._do("describe", _traced(fields, request_id), None, timeout_s)
 
     def upload(self, model: str, data: bytes, description: str | None = None, *,
                timeout_s: float | None = None, request_id: str | None = None):
         """Add or atomically replace a model; it is validated in ONNX Runtime before it is visible."""
-        fields: dict[str, Any] = {"model": model, "data": data}
+        fields: dict[str, Any] = {"model": p.model_file_name(model), "data": data}
         if description is not None:
             fields["description"] = description
         return self._do("upload", _traced(fields, request_id), None, timeout_s)
 
     def delete(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Remove a model and its description from the pool."""
-        return self._do("delete", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("delete", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def load(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Serve a model again after unload, and warm it on the worker that answers."""
-        return self._do("load", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("load", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def unload(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Stop serving a model (its file stays); workers drop its session within a heartbeat."""
-        return self._do("unload", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("unload", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def repository(self, *, timeout_s: float | None = None, request_id: str | None = None):
         """[{"name", "version", "state": READY | UNAVAILABLE, "reason"}] for every model."""

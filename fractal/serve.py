@@ -60,7 +60,7 @@ def prepare_model_dir(model_dir: Path) -> None:
     model_dir.mkdir(parents=True)
     bundled = resources.files("worker") / "models"
     for item in bundled.iterdir():
-        if item.name.endswith((".onnx", ".onnx.json")):
+        if item.name.endswith((".onnx", ".onnx.json", ".png")):  # the PNG: /help's image example
             with resources.as_file(item) as src:
                 shutil.copyfile(src, model_dir / item.name)
     log.info("created %s with the bundled models", model_dir)

@@ -1,6 +1,7 @@
 """The Falcon app factory gunicorn runs in each worker process: `frontend.app:create_app()`."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -50,6 +51,11 @@ def _version() -> str:
         return "0+unknown"
 
 
+def _indented(body: bytes) -> bytes:
+    """JSON a person reads in a terminal (GET /help): indented, still JSON."""
+    return json.dumps(json.loads(body), indent=2, ensure_ascii=False).encode() + b"\n"
+
+
 def create_app(settings: FrontendSettings | None = None, registry: CollectorRegistry | None = None) -> falcon.App:
     """Build the app from api.ENDPOINTS; the broker client is made here, after gunicorn forked.
 
@@ -63,7 +69,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     shared = (client, settings.max_body_bytes)
     resources = {
         "welcome": Static(welcome_body()),
-        "help": Static(status_body(200, "OK", endpoints=api.help_entries())),
+        "help": Static(_indented(status_body(200, "OK", endpoints=api.help_entries()))),
         "openapi": Static(json_bytes(api.openapi(_version()))),
         "sendtomodelhost": SendToModelhost(*shared), "models": Models(*shared),
         "information": Information(*shared), "model": Model(*shared), "prediction": Prediction(*shared),

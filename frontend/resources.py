@@ -9,7 +9,7 @@ import numpy as np
 
 from broker.client import Client
 from broker.errors import BadInput, UnsupportedMediaType
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 
 from . import bodies
 from .errors import status_body
@@ -74,10 +74,10 @@ class Information(Resource):
 
 class Model(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        ok(resp, **self.client.model_info(check_model_name(name), request_id=req.context.request_id))
+        ok(resp, **self.client.model_info(model_file_name(name), request_id=req.context.request_id))
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         body = bodies.json_body(req, self.max_body_bytes, '{"model_description": "..."}')
         if not isinstance(body, dict) or not isinstance(body.get("model_description"), str):
             raise BadInput('send {"model_description": "..."} with a string description')
@@ -85,7 +85,7 @@ class Model(Resource):
         ok(resp, "Model description updated", **result)
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         kind = bodies.media_type(req)
         if kind == "multipart/form-data":
             data = bodies.form_file(req, "path", self.max_body_bytes)
@@ -100,20 +100,26 @@ class Model(Resource):
         ok(resp, "Model uploaded", **info)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         ok(resp, "Model deleted", **self.client.delete(name, request_id=req.context.request_id))
 
 
 class Prediction(Resource):
-    """GET or POST /api/v1/models/{name}/prediction: JSON rows, named inputs, or an image."""
+    """GET or POST /api/v1/models/{name}/prediction: JSON rows, named inputs, or an image.
+
+    One answer for all of them: `values` is the model's first output (a classifier's label), one
+    entry per row; `outputs` ("all" or names) adds {"outputs": {name: value}}.
+    """
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         kind = bodies.media_type(req)
         if kind == "multipart/form-data":
-            self._image(req, resp, name, bodies.form_file(req, "file", self.max_body_bytes))
+            image, fields = bodies.form_fields(req, "file", self.max_body_bytes, frozenset({"outputs"}))
+            self._image(req, resp, name, image, _form_outputs(fields.get("outputs")))
         elif kind.startswith("image/"):
-            self._image(req, resp, name, bodies.raw(req, self.max_body_bytes))
+            self._image(req, resp, name, bodies.raw(req, self.max_body_bytes),
+                        _form_outputs(req.get_param_as_list("outputs")))
         else:
             self._json(req, resp, name, bodies.json_body(req, self.max_body_bytes, PREDICT_EXAMPLE))
 
@@ -130,20 +136,29 @@ class Prediction(Resource):
         else:
             raise BadInput('"inputs" must map input names to arrays')
         wanted = _wanted_outputs(body.get("outputs"))
-        outputs = self.client.predict(name, inputs, wanted, request_id=req.context.request_id)
-        self._answer(resp, outputs, by_name="outputs" in body, first=next(iter(outputs.values())))
+        # NOTE: every output is computed, so that `values` is the model's first whatever was asked for.
+        outputs = self.client.predict(name, inputs, request_id=req.context.request_id)
+        _answer(resp, name, outputs, wanted)
 
-    def _image(self, req: falcon.Request, resp: falcon.Response, name: str, image: bytes) -> None:
+    def _image(self, req: falcon.Request, resp: falcon.Response, name: str, image: bytes,
+               wanted: list[str] | bool) -> None:
         if not image:
             raise BadInput("the image is empty")
         outputs = self.client.predict_image(name, image, request_id=req.context.request_id)
-        floats = [v for v in outputs.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
-        self._answer(resp, outputs, by_name=False, first=floats[0] if floats else next(iter(outputs.values())))
+        _answer(resp, name, outputs, wanted)
 
-    @staticmethod
-    def _answer(resp: falcon.Response, outputs: dict, by_name: bool, first: Any) -> None:
-        extra = {"outputs": {k: jsonable(v) for k, v in outputs.items()}} if by_name else {}
-        ok(resp, "Prediction successful", values=jsonable(first), **extra)
+
+def _answer(resp: falcon.Response, model: str, outputs: dict, wanted: list[str] | bool) -> None:
+    """values: the first output; with `wanted` (True: all, or names) also outputs by name."""
+    extra = {}
+    if wanted is True:
+        extra["outputs"] = {k: jsonable(v) for k, v in outputs.items()}
+    elif wanted:
+        unknown = [n for n in wanted if n not in outputs]
+        if unknown:
+            raise BadInput(f"unknown output {unknown[0]!r}; {model} has {', '.join(outputs)}")
+        extra["outputs"] = {k: jsonable(outputs[k]) for k in wanted}
+    ok(resp, "Prediction successful", values=jsonable(next(iter(outputs.values()))), **extra)
 
 
 def _array(value: Any, where: str) -> np.ndarray:
@@ -156,12 +171,21 @@ def _array(value: Any, where: str) -> np.ndarray:
     return array
 
 
-def _wanted_outputs(outputs: Any) -> list[str] | None:
-    if outputs is None or outputs == "all":
-        return None
+def _wanted_outputs(outputs: Any) -> list[str] | bool:
+    """The "outputs" field: False when absent, True for "all", else the list of names."""
+    if outputs is None:
+        return False
+    if outputs == "all":
+        return True
     if isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs):
         return outputs
     raise BadInput('"outputs" must be "all" or a list of output names')
+
+
+def _form_outputs(values: list[str] | None) -> list[str] | bool:
+    """`-F outputs=all`, `-F outputs=label -F outputs=probabilities` (or `label,probabilities`)."""
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    return _wanted_outputs(None if not names else "all" if names == ["all"] else names)
 
 
 def welcome_body() -> bytes:

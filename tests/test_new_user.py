@@ -66,7 +66,93 @@ def fractal(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
                           env=dict(os.environ, **(env or {})), cwd=cwd)
 
 
+# -- 1. an image for a model that takes no image ----------------------------------------------------
+
+@pytest.mark.parametrize("model, shape", [("iris.onnx", "[N, 4]"), ("diabetes.onnx", "[N, 10]")])
+def test_an_image_for_a_model_without_an_image_input_is_400_naming_its_input(server, model, shape):
+    answer = request(server, "POST", f"/api/v1/models/{model}/prediction", PNG, "image/png")
+    assert answer[0] == 400 and set(answer[1]) == {"http_status"}
+    text = description(answer)
+    assert "does not take images" in text and f"'float_input' is {shape} (float32)" in text
+    assert '{"values": [' in text
+    assert request(server, "POST", "/api/v1/models/digits.onnx/prediction", PNG, "image/png")[0] == 200
+
+
+# -- 3. /help's image example, from where the user stands --------------------------------------------
+
+def test_the_help_image_example_works_as_written_and_says_what_it_shows(server):
+    assert (server.cwd / "models" / "digits_sample.png").is_file()
+    entries = request(server, "GET", "/help")[1]["endpoints"]
+    image = next(e for e in entries if "digits_sample.png" in e["example"])
+    assert "handwritten 8" in image["description"]
+    status, body = run_curl(server, image["example"])
+    assert status == 200 and body["values"] == [8]
+    probabilities = body["outputs"]["probabilities"][0]
+    assert body["outputs"]["label"] == [8] and int(np.argmax(probabilities)) == 8 and len(probabilities) == 10
+
+
+# -- 4. one rule for `values` and `outputs`, rows and images -----------------------------------------
+
+def test_values_is_the_first_output_and_outputs_adds_names_for_rows_and_images(server):
+    path = "/api/v1/models/digits.onnx/prediction"
+    digit = np.asarray(Image.open(io.BytesIO(PNG)).convert("L").resize((8, 8), Image.Resampling.BILINEAR),
+                       np.float32)[None] / 255
+    rows = request(server, "POST", path, json.dumps({"values": digit.tolist(), "outputs": ["probabilities"]})
+                   .encode())
+    assert rows[0] == 200 and rows[1]["values"] == [8] and list(rows[1]["outputs"]) == ["probabilities"]
+    raw = request(server, "POST", path + "?outputs=all", PNG, "image/png")
+    assert raw[1]["values"] == [8] and list(raw[1]["outputs"]) == ["label", "probabilities"]
+    np.testing.assert_allclose(raw[1]["outputs"]["probabilities"], rows[1]["outputs"]["probabilities"],
+                               rtol=1e-5)
+    status, body = run_curl(server, f'curl -X POST -F "file=@models/digits_sample.png" -F outputs=probabilities '
+                                    f'-F outputs=label {api.BASE}{path}')
+    assert status == 200 and body["values"] == [8] and list(body["outputs"]) == ["probabilities", "label"]
+    status, body = run_curl(server, f'curl -X POST -F "file=@models/digits_sample.png" -F outputs=nope {api.BASE}{path}')
+    assert status == 400 and "unknown output 'nope'" in body["http_status"]["description"]
+
+
+# -- 5. and 6. a bare array, a bare name: the same rule everywhere -----------------------------------
+
+def test_the_direct_client_takes_a_bare_row_or_rows_like_rest_values(server):
+    with Client(server.broker_url, timeout_s=10) as client:
+        assert client.predict("iris.onnx", [2, 5, 1, 4])["label"].tolist() == [1]
+        assert client.predict("iris.onnx", [[2, 5, 1, 4], [5.1, 3.5, 1.4, 0.2]])["label"].tolist() == [1, 0]
+        assert client.predict("iris.onnx", [[2, 5, 1, 4]])["label"].tolist() == [1]
+
+
+def test_a_bare_model_name_works_on_every_route_the_client_and_the_cli(server):
+    rows = b'{"values": [2, 5, 1, 4]}'
+    assert request(server, "POST", "/api/v1/models/iris/prediction", rows)[1]["values"] == [1]
+    assert request(server, "GET", "/api/v1/models/iris")[1]["model"] == "iris.onnx"
+    infer = {"inputs": [{"name": "float_input", "shape": [1, 4], "datatype": "FP32", "data": [2, 5, 1, 4]}]}
+    answer = request(server, "POST", "/v2/models/iris/infer", json.dumps(infer).encode())
+    assert answer[0] == 200 and answer[1]["model_name"] == "iris"  # v2 echoes the name as sent
+    with Client(server.broker_url, timeout_s=10) as client:
+        assert client.predict("iris", [2, 5, 1, 4])["label"].tolist() == [1]
+        assert client.model_info("iris")["model"] == "iris.onnx"
+    out = fractal("predict", "--broker-port", str(server.broker_port), "iris", "2", "5", "1", "4")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["label"] == [1]
+    answer = request(server, "GET", "/api/v1/models/x..y")
+    assert answer[0] == 400 and "invalid model name 'x..y'" in description(answer)
+
+
 # -- 7. errors in words -------------------------------------------------------------------------------
+
+def test_errors_say_what_was_sent_and_where_to_look(server):
+    answer = request(server, "POST", "/api/v1/models/iris.onnx/prediction", b'{"values": ["a", "b", "c", "d"]}')
+    assert answer[0] == 400 and "expects float32 values, got strings" in description(answer)
+    assert "<U" not in description(answer)
+    answer = request(server, "POST", "/api/v1/models/irs.onnx/prediction", b'{"values": [2, 5, 1, 4]}')
+    assert answer[0] == 404
+    assert "did you mean iris.onnx?" in description(answer) and "GET /api/v1/models" in description(answer)
+    assert "`fractal models`" in description(answer)
+    with Client(server.broker_url, timeout_s=10) as client:
+        with pytest.raises(ModelNotFound, match="did you mean digits.onnx"):
+            client.predict("digit", [0.0] * 64)
+        with pytest.raises(BadInput, match="got strings"):
+            client.predict("iris", [["a", "b", "c", "d"]])
+
 
 def test_fractal_health_says_what_it_checked_and_why_it_failed(server):
     port = free_port()
@@ -78,6 +164,15 @@ def test_fractal_health_says_what_it_checked_and_why_it_failed(server):
     out = fractal("health", "serve", env={"FRACTAL_SERVE_HTTP_PORT": str(server.http_port)})
     assert (out.returncode, out.stdout.strip()) == (
         0, f"serve: healthy (GET http://127.0.0.1:{server.http_port}/v2/health/ready)")
+
+
+# -- 8. /help in a terminal ---------------------------------------------------------------------------
+
+def test_help_is_indented_json(server):
+    out = subprocess.run(["curl", "-s", server.base + "/help"], capture_output=True, timeout=30, check=True).stdout
+    lines = out.decode().splitlines()
+    assert len(lines) > 50 and max(map(len, lines)) < 600 and lines[1].startswith("  ")
+    assert json.loads(out)["endpoints"][0]["path"] == "/"
 
 
 # -- 9. the client commands find the server by the same flags and variables ---------------------------

@@ -30,7 +30,7 @@ from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.protocol import MDPW
 from broker.settings import setting
 from broker.curve import PeerKeys
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 from broker.sockets import POLLIN, wait
 
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
@@ -189,7 +189,7 @@ class ModelHost:
             if request.get("op") != "predict":
                 return False
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
-            model = self._run_busy(self.pool.load, check_model_name(request.get("model")))
+            model = self._run_busy(self.pool.load, model_file_name(request.get("model")))
             policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
         except Exception:
             return False  # execute() answers it, with the same error

@@ -5,14 +5,14 @@ import os
 from typing import Any, Callable
 
 from broker.errors import BadInput
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 
 from . import images, inference
 from .pool import ModelPool
 
 
 def _model(body: dict) -> str:
-    return check_model_name(body.get("model"))
+    return model_file_name(body.get("model"))
 
 
 def _text(body: dict, field: str) -> str:
@@ -39,6 +39,7 @@ def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
     model = pool.load(name)
     if len(model.inputs) != 1:
         raise BadInput(f"{name} takes {len(model.inputs)} inputs; an image fills a model with one")
+    images.check_image_model(name, model.inputs[0])
     options = pool.sidecar(name).get("image") or {}
     tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
                               options if isinstance(options, dict) else {})
