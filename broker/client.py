@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -118,6 +119,16 @@ def _traced(fields: dict, request_id: str | None) -> dict:
 
 
 _ids = itertools.count(1)
+# Request ids for calls whose caller gave none: unique per process without a uuid per call.
+_REQUEST_ID_PREFIX = f"client-{secrets.token_hex(4)}"
+_request_ids = itertools.count(1)
+
+
+def _with_request_id(fields: dict) -> dict:
+    """`fields` with a request id, so every request can be followed through the worker's log."""
+    if fields.get("request_id"):
+        return fields
+    return {**fields, "request_id": f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"}
 
 
 class Client(_Operations):
@@ -187,7 +198,7 @@ class Client(_Operations):
                 pending[rid] = len(results)
                 results.append(None)
                 _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                             *p.request_body(rid, call[0], call[1])], deadline, self.endpoint)
+                             *p.request_body(rid, call[0], _with_request_id(call[1]))], deadline, self.endpoint)
             if not pending:
                 return results
             rid, outcome = self._receive(sock, pending, deadline)
@@ -317,7 +328,8 @@ class AsyncClient(_Operations):
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *p.request_body(rid, op, fields or {})]
+            frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
+                      *p.request_body(rid, op, _with_request_id(fields or {}))]
             await self._send(frames, time.monotonic() + timeout_s)
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:

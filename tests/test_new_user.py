@@ -197,7 +197,75 @@ def test_client_commands_default_to_serves_broker():
     assert client.endpoint() == f"tcp://{serve.broker_host}:{serve.broker_port}"
 
 
+# -- 10. one vocabulary: worker-N everywhere, and a request id on every request -----------------------
+
+def test_node_ids_match_the_worker_names_and_every_request_has_an_id(server):
+    answer = request(server, "POST", "/api/test/sendtomodelhost", b'{"data": [1, 2, 3, 4]}')
+    nodes = {d["node"] for d in answer[1]["data"]}
+    assert {re.sub(r"-\d+-[0-9a-f]{4}$", "", n) for n in nodes} == {"worker-1", "worker-2"}
+    log = server.log()
+    for node in nodes:
+        name, pid = re.match(r"(worker-\d)-(\d+)-", node).groups()
+        assert f"started {name} (pid {pid})" in log and f" {name}[{pid}] " in log
+    with Client(server.broker_url, timeout_s=10) as client:
+        client.predict("iris", [2, 5, 1, 4])
+        client.call_many([("echo", {"data": 1})])
+    wait_for(lambda: server.log().count("request client-") >= 2, 10, "the worker's log lines")
+    assert "request None" not in server.log()
+
+
 # -- 2. a second server on taken ports -----------------------------------------------------------------
 
 def _serve_again(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
     return fractal("serve", "--model-dir", str(cwd / "second-pool"), *flags, cwd=cwd)
+
+
+def test_a_second_serve_on_the_same_ports_exits_2_naming_the_port_and_how_to_change_it(server, tmp_path):
+    before = Client(server.broker_url, timeout_s=5).broker_status()
+    out = _serve_again(tmp_path, "--http-port", str(server.http_port), "--broker-port", str(server.broker_port),
+                       "--metrics-port", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"fractal serve: port {server.http_port} on 127.0.0.1 (the REST API) is in use, perhaps by another "
+        f"fractal serve: change it with --http-port or FRACTAL_SERVE_HTTP_PORT"]
+    assert out.stdout == "" and not (tmp_path / "second-pool").exists()  # nothing was started
+    out = _serve_again(tmp_path, "--http-port", str(free_port()), "--broker-port", str(server.broker_port),
+                       "--metrics-port", "0")
+    assert out.returncode == 2 and f"port {server.broker_port}" in out.stderr
+    assert "--broker-port or FRACTAL_SERVE_BROKER_PORT" in out.stderr
+    after = Client(server.broker_url, timeout_s=5).broker_status()
+    assert len(after["workers"]) == len(before["workers"]) == 2  # no stranger registered with its broker
+
+
+def test_a_taken_metrics_port_is_named_too(tmp_path):
+    base = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 2))  # worker-2's metrics port
+        taken.listen()
+        out = _serve_again(tmp_path, "--http-port", str(free_port()), "--broker-port", str(free_port()),
+                           "--metrics-port", str(base))
+    assert out.returncode == 2
+    assert f"port {base + 2} on 127.0.0.1 (worker-2's metrics) is in use" in out.stderr
+    assert "--metrics-port or FRACTAL_SERVE_METRICS_PORT" in out.stderr
+
+
+def test_ready_means_its_own_workers_answer_not_a_strangers(procs, model_dir, tmp_path):
+    # A stranger's worker waits on the port this server's broker will bind, while this server's own
+    # workers cannot start (their model directory is a file): the stranger must not make it "ready".
+    broker_port = free_port()
+    procs.worker(f"tcp://127.0.0.1:{broker_port}", model_dir, "--heartbeat-interval-s", "2.5")
+    (tmp_path / "not-a-dir").write_text("")
+    out = fractal("serve", "--http-port", str(free_port()), "--broker-port", str(broker_port), "--metrics-port", "0",
+                  "--model-dir", str(tmp_path / "not-a-dir"), "--ready-timeout-s", "8", cwd=tmp_path)
+    assert out.returncode == 1 and "ready:" not in out.stdout
+    assert "did not come up within 8 s" in out.stderr
+
+
+def test_ready_with_an_api_token_set(tmp_path):
+    server = Served(tmp_path, {"FRACTAL_API_TOKEN": "s3cret"})
+    try:
+        assert "GET /api/v1/status 200" in server.log()  # the readiness check used the token
+        with Client(server.broker_url, timeout_s=5) as client:
+            assert client.predict("iris", [2, 5, 1, 4])["label"].tolist() == [1]
+    finally:
+        assert server.stop() == 0

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class WorkerSettings:
     connect: str = setting("tcp://127.0.0.1:5555", "broker endpoint to connect to")
+    node_name: str = setting("", "start of this worker's node id and its log name (default: the host "
+                                 "name); fractal serve passes worker-1, worker-2, ...")
     service: str = setting("modelhost", "MDP service name to register for")
     model_dir: str = setting("./models", "the shared model pool directory")
     cache_size: int = setting(32, "ONNX Runtime sessions kept loaded (least recently used evicted)")
@@ -75,8 +77,9 @@ class WorkerSettings:
             raise ValueError("batch_max_size and batch_max_delay_us must be >= 0")
 
 
-def make_node_id() -> str:
-    return f"{socket_module.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+def make_node_id(name: str = "") -> str:
+    """The worker's id (its "node id" in replies, logs, metrics and /status): NAME-PID-RANDOM."""
+    return f"{name or socket_module.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 class ModelHost:
@@ -85,7 +88,7 @@ class ModelHost:
     def __init__(self, settings: WorkerSettings, context: zmq.Context | None = None,
                  registry: CollectorRegistry | None = None):
         self.settings = settings
-        self.node = make_node_id()
+        self.node = make_node_id(settings.node_name)
         self.registry = registry if registry is not None else new_registry("fractal_worker")
         self.metrics = WorkerMetrics(self.registry, self.node, enabled=settings.metrics_port != 0)
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics, settings.model_dir),
