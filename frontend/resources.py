@@ -56,7 +56,7 @@ class SendToModelhost(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = bodies.json_body(req, self.max_body_bytes, '{"data": ["ONE", "TWO"]}')
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            raise BadInput('send {"data": [...]}: a list whose elements go to the modelhosts')
+            raise BadInput('send {"data": [...]}: a list whose elements go to the workers')
         replies = self.client.call_many(
             [("echo", {"data": item, "request_id": req.context.request_id}) for item in body["data"]])
         ok(resp, "Sent to modelhost", data=[{"data": r["data"], "node": r["node"]} for r in replies])

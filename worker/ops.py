@@ -1,4 +1,4 @@
-"""The operations a modelhost answers (docs/protocol.md), each a function of the pool and the body."""
+"""The operations a worker answers (docs/protocol.md), each a function of the pool and the body."""
 from __future__ import annotations
 
 import os
