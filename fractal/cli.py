@@ -21,7 +21,8 @@ commands:
   frontend   the REST frontend under gunicorn (extra arguments go to gunicorn)
   predict    MODEL VALUES...: one prediction through the broker (fractal predict iris 2 5 1 4)
   models     list the models in the pool
-  health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers
+  health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers (HTTP_PORT: the
+             frontend's or serve's; default 8002, or FRACTAL_SERVE_HTTP_PORT for serve)
   keys       DIR NAME...: CURVE key pairs (NAME.key public, NAME.key_secret secret)
 """
 
@@ -150,8 +151,9 @@ def _explain(exc: Exception, settings: ClientSettings) -> str:
     from broker.errors import NoWorkerAvailable, Timeout
     text = f"{exc.__class__.__name__}: {exc}"
     if isinstance(exc, (NoWorkerAvailable, Timeout)):
-        text += (f" (asked {settings.endpoint()}; is fractal serve running? point at its broker with "
-                 f"--broker-host/--broker-port or --broker URL)")
+        asked = "" if settings.endpoint() in text else f"asked {settings.endpoint()}; "
+        text += (f" ({asked}is fractal serve running? point at its broker with --broker-host/--broker-port "
+                 f"or --broker URL)")
     return text
 
 

@@ -1,4 +1,4 @@
-"""`fractal health [ROLE]`: exit 0 when this host's ROLE answers, 1 when not (container healthchecks).
+"""`fractal health [ROLE [HTTP_PORT]]`: exit 0 when this host's ROLE answers, 1 when not (healthchecks).
 
 The role defaults to the one the container entrypoint recorded. Each check uses the component's own
 settings (flags' env variables and defaults), so it probes the port the component really uses, and
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -90,7 +91,8 @@ def _http_outcome(url: str, hint: str) -> Outcome:
     return Outcome(False, checked, f"answered {status}" + (f": {detail}" if detail else ""))
 
 
-def check(role: str, http_port: int = 8002) -> Outcome:
+def check(role: str, http_port: int | None = None) -> Outcome:
+    """Ask ROLE on this host; `http_port` is the frontend's or serve's (default: 8002, or serve's setting)."""
     if role == "broker":
         from broker.broker import BrokerSettings
         from broker.client import Client
@@ -112,12 +114,14 @@ def check(role: str, http_port: int = 8002) -> Outcome:
         return _http_outcome(f"http://127.0.0.1:{settings.metrics_port}/metrics",
                              "is the worker running? (its metrics port: FRACTAL_WORKER_METRICS_PORT)")
     if role == "frontend":
-        return _http_outcome(f"http://127.0.0.1:{http_port}/v2/health/live",
+        return _http_outcome(f"http://127.0.0.1:{http_port or 8002}/v2/health/live",
                              "is the frontend running? (its port: fractal health frontend PORT)")
     if role == "serve":
         from .serve import ServeSettings
-        return _http_outcome(f"http://127.0.0.1:{load(ServeSettings, 'serve').http_port}/v2/health/ready",
-                             "is fractal serve running? (its port: FRACTAL_SERVE_HTTP_PORT)")
+        port = http_port or load(ServeSettings, "serve").http_port
+        return _http_outcome(f"http://127.0.0.1:{port}/v2/health/ready",
+                             "is fractal serve running? (its port: fractal health serve PORT, or "
+                             "FRACTAL_SERVE_HTTP_PORT)")
     raise SystemExit(f"fractal health: unknown role {role!r} (broker, worker, frontend, serve)")
 
 
@@ -126,7 +130,11 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     role = argv[0] if argv else (ROLE_FILE.read_text().strip() if ROLE_FILE.exists() else "serve")
-    port = int(argv[1]) if len(argv) > 1 else 8002
+    try:
+        port = int(argv[1]) if len(argv) > 1 else None
+    except ValueError:
+        print(f"fractal health: {argv[1]!r} is not a port number", file=sys.stderr)
+        return 2
     outcome = check(role, port)
     if outcome.healthy:
         print(f"{role}: healthy ({outcome.checked})")

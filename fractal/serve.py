@@ -132,7 +132,11 @@ def _children(s: ServeSettings) -> list[Child]:
             "--node-name", f"worker-{i + 1}",
             "--threads", str(threads), "--metrics-port", str(s.metrics_port and s.metrics_port + 1 + i),
             *common], env, restart=True))
-    frontend_env = dict(env, **{env_name("frontend", "broker"): connect_url,
+    public = env_name("frontend", "public_url")  # /help's examples name this server, unless the user set it
+    host = "localhost" if s.http_host in ("127.0.0.1", "0.0.0.0", "") else f"[{s.http_host}]" if ":" in s.http_host \
+        else s.http_host
+    frontend_env = dict(env, **{public: env.get(public) or f"http://{host}:{s.http_port}",
+                                env_name("frontend", "broker"): connect_url,
                                 env_name("frontend", "log_level"): s.log_level,
                                 env_name("frontend", "metrics"): "true" if s.metrics_port else "false"})
     children.append(Child("frontend", gunicorn_argv(f"{s.http_host}:{s.http_port}", s.http_workers,

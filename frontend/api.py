@@ -150,8 +150,10 @@ ENDPOINTS += [
 ]
 
 
-def help_entries() -> list[dict]:
-    return [{"method": e.method, "path": e.path, "description": e.summary, "example": e.curl}
+def help_entries(base: str = BASE) -> list[dict]:
+    """GET /help's list; the examples point at `base`, the address users reach this server at."""
+    base = base.rstrip("/")
+    return [{"method": e.method, "path": e.path, "description": e.summary, "example": e.curl.replace(BASE, base)}
             for e in ENDPOINTS]
 
 

@@ -69,7 +69,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     shared = (client, settings.max_body_bytes)
     resources = {
         "welcome": Static(welcome_body()),
-        "help": Static(_indented(status_body(200, "OK", endpoints=api.help_entries()))),
+        "help": Static(_indented(status_body(200, "OK", endpoints=api.help_entries(settings.public_url or api.BASE)))),
         "openapi": Static(json_bytes(api.openapi(_version()))),
         "sendtomodelhost": SendToModelhost(*shared), "models": Models(*shared),
         "information": Information(*shared), "model": Model(*shared), "prediction": Prediction(*shared),

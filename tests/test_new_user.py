@@ -53,7 +53,8 @@ def description(answer: tuple) -> str:
 
 def run_curl(server: Served, command: str) -> tuple[int, dict]:
     """A documented curl line, word for word but for the port, run where the user started the server."""
-    argv = shlex.split(command.replace(api.BASE, server.base))
+    argv = shlex.split(command.replace(api.BASE, server.base).replace(f"http://localhost:{server.http_port}",
+                                                                      server.base))
     out = subprocess.run([*argv, "-s", "-w", "\n%{http_code}"], capture_output=True, timeout=30,
                          cwd=server.cwd, check=True).stdout.decode()
     body, code = out.rsplit("\n", 1)
@@ -160,19 +161,25 @@ def test_fractal_health_says_what_it_checked_and_why_it_failed(server):
     assert out.returncode == 1
     assert out.stdout.strip() == (f"serve: unhealthy: GET http://127.0.0.1:{port}/v2/health/ready: connection "
                                   f"refused: nothing listens there; is fractal serve running? (its port: "
-                                  f"FRACTAL_SERVE_HTTP_PORT)")
+                                  f"fractal health serve PORT, or FRACTAL_SERVE_HTTP_PORT)")
+    healthy = f"serve: healthy (GET http://127.0.0.1:{server.http_port}/v2/health/ready)"
     out = fractal("health", "serve", env={"FRACTAL_SERVE_HTTP_PORT": str(server.http_port)})
-    assert (out.returncode, out.stdout.strip()) == (
-        0, f"serve: healthy (GET http://127.0.0.1:{server.http_port}/v2/health/ready)")
+    assert (out.returncode, out.stdout.strip()) == (0, healthy)
+    out = fractal("health", "serve", str(server.http_port))  # the port as fractal serve --http-port had it
+    assert (out.returncode, out.stdout.strip()) == (0, healthy)
 
 
 # -- 8. /help in a terminal ---------------------------------------------------------------------------
 
-def test_help_is_indented_json(server):
+def test_help_is_indented_json_whose_examples_name_this_server(server):
     out = subprocess.run(["curl", "-s", server.base + "/help"], capture_output=True, timeout=30, check=True).stdout
     lines = out.decode().splitlines()
     assert len(lines) > 50 and max(map(len, lines)) < 600 and lines[1].startswith("  ")
-    assert json.loads(out)["endpoints"][0]["path"] == "/"
+    endpoints = json.loads(out)["endpoints"]
+    assert endpoints[0] == {"method": "GET", "path": "/", "description": "Welcome message.",
+                            "example": f"curl http://localhost:{server.http_port}/"}
+    assert all(f"http://localhost:{server.http_port}/" in e["example"] and ":8002" not in e["example"]
+               for e in endpoints)
 
 
 # -- 9. the client commands find the server by the same flags and variables ---------------------------
