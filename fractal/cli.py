@@ -90,12 +90,22 @@ class ClientSettings:
                                env="FRACTAL_SERVE_BROKER_HOST")
     broker_port: int = setting(BROKER_PORT, "broker port (as fractal serve's)", env="FRACTAL_SERVE_BROKER_PORT")
     timeout_s: float = setting(10.0, "deadline of the call", env="FRACTAL_CLIENT_TIMEOUT_S")
+    curve_secret_key: str = setting("", "CURVE: this client's .key_secret file, for a broker with CURVE on",
+                                    env="FRACTAL_CLIENT_CURVE_SECRET_KEY")
+    curve_broker_key: str = setting("", "CURVE: the broker's public .key file", env="FRACTAL_CLIENT_CURVE_BROKER_KEY")
 
     def endpoint(self) -> str:
         if self.broker:
             return self.broker
         host = "127.0.0.1" if self.broker_host in ("0.0.0.0", "*", "") else self.broker_host
         return f"tcp://{host}:{self.broker_port}"
+
+    def client(self):
+        """The direct client these settings describe; raises ConfigError for unreadable key files."""
+        from broker.client import Client
+        from broker.curve import PeerKeys
+        return Client(self.endpoint(), timeout_s=self.timeout_s,
+                      curve=PeerKeys.from_files(self.curve_secret_key, self.curve_broker_key))
 
 
 def _client_args(prog: str, description: str, argv: list[str],
@@ -115,7 +125,6 @@ def _client_args(prog: str, description: str, argv: list[str],
 def _predict(argv: list[str]) -> int:
     import numpy as np
 
-    from broker.client import Client
     from broker.errors import FractalError
 
     def positional(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +133,7 @@ def _predict(argv: list[str]) -> int:
     args, settings = _client_args("fractal predict", "One prediction on one row of numbers, printed as JSON.",
                                   argv, positional)
     try:
-        with Client(settings.endpoint(), timeout_s=settings.timeout_s) as client:
+        with settings.client() as client:
             outputs = client.predict(args.model, [np.array(args.values)])
     except FractalError as exc:
         print(f"fractal predict: {_explain(exc, settings)}", file=sys.stderr)
@@ -134,11 +143,10 @@ def _predict(argv: list[str]) -> int:
 
 
 def _models(argv: list[str]) -> int:
-    from broker.client import Client
     from broker.errors import FractalError
     _, settings = _client_args("fractal models", "List the models in the pool with their descriptions.", argv)
     try:
-        with Client(settings.endpoint(), timeout_s=settings.timeout_s) as client:
+        with settings.client() as client:
             for entry in client.information():
                 print(f"{entry['model']}\t{entry['description']}")
     except FractalError as exc:
@@ -153,7 +161,7 @@ def _explain(exc: Exception, settings: ClientSettings) -> str:
     if isinstance(exc, (NoWorkerAvailable, Timeout)):
         asked = "" if settings.endpoint() in text else f"asked {settings.endpoint()}; "
         text += (f" ({asked}is fractal serve running? point at its broker with --broker-host/--broker-port "
-                 f"or --broker URL)")
+                 f"or --broker URL; a broker with CURVE on also needs --curve-secret-key and --curve-broker-key)")
     return text
 
 

@@ -276,3 +276,12 @@ def test_ready_with_an_api_token_set(tmp_path):
             assert client.predict("iris", [2, 5, 1, 4])["label"].tolist() == [1]
     finally:
         assert server.stop() == 0
+
+
+def test_a_worker_on_an_empty_pool_says_how_to_fill_it(procs, broker_url, tmp_path):
+    worker = procs.worker(broker_url, tmp_path / "empty-pool")
+    log = Path(worker.log_path)
+    wait_for(lambda: "sent READY" in log.read_text(), 20, "the worker to start")
+    assert "the model pool" in log.read_text() and "holds no models: copy .onnx files in" in log.read_text()
+    with Client(broker_url, timeout_s=5) as client:
+        assert client.models() == []

@@ -118,6 +118,10 @@ class ModelHost:
         log.info("worker %s serving %s from %s with %d connection(s), batching %s", self.node,
                  self.settings.service, self.pool.directory, len(self._connections),
                  f"up to {self.policy.max_batch_size} rows" if self.policy.enabled else "off")
+        if not self.pool.names():  # NOTE: a new user's `fractal worker --model-dir ./models` starts here
+            log.warning("the model pool %s holds no models: copy .onnx files in, upload one (PUT "
+                        "/api/v1/models/NAME), or start from the bundled ones (fractal serve creates its pool "
+                        "with them)", self.pool.directory)
         serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "worker")
         beater = threading.Thread(target=self._beat_while_busy, name="busy-heartbeat", daemon=True)
         beater.start()
