@@ -98,14 +98,16 @@ def check(role: str, http_port: int | None = None) -> Outcome:
         from broker.client import Client
         settings = load(BrokerSettings, "broker")
         endpoint = _local(settings.bind)
-        why = _tcp(endpoint)
         hint = "is the broker running? (its address: FRACTAL_BROKER_BIND)"
-        if why or settings.curve_secret_key:  # a CURVE broker admits only listed keys: an open port will do
+        if settings.curve_secret_key:  # a CURVE broker admits only listed keys: an open port will do
+            why = _tcp(endpoint)
             return Outcome(not why, f"TCP {endpoint}", f"{why}; {hint}" if why else "")
         with Client(endpoint, timeout_s=TIMEOUT_S) as client:
             answered = client.broker_status(timeout_s=TIMEOUT_S) is not None  # any MMI answer: the loop is alive
-        return Outcome(answered, f"MMI mmi.workers at {endpoint}",
-                       "" if answered else f"the port is open but no broker answered within {TIMEOUT_S:g} s")
+        if answered:
+            return Outcome(True, f"MMI mmi.workers at {endpoint}")
+        why = _tcp(endpoint) or "the port is open but no broker answered"
+        return Outcome(False, f"MMI mmi.workers at {endpoint}", f"no answer within {TIMEOUT_S:g} s: {why}; {hint}")
     if role == "worker":
         from worker.modelhost import WorkerSettings
         settings = load(WorkerSettings, "worker")
