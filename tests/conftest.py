@@ -149,8 +149,12 @@ def broker_url(procs: Processes) -> str:
 
 
 def nodes_answering(client: Client, count: int) -> set[str]:
-    replies = client.call_many([("echo", {"data": i}) for i in range(count)], timeout_s=5,
-                               return_exceptions=True)
+    from broker.errors import NoWorkerAvailable
+    try:
+        replies = client.call_many([("echo", {"data": i}) for i in range(count)], timeout_s=5,
+                                   return_exceptions=True)
+    except NoWorkerAvailable:  # NOTE: a broker still starting on a loaded machine: not up yet, ask again
+        return set()
     return {r["node"] for r in replies if isinstance(r, dict)}
 
 

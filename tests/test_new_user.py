@@ -20,7 +20,7 @@ from broker.client import Client
 from broker.errors import BadInput, ModelNotFound
 from frontend import api
 
-from .conftest import BUNDLED, Served, free_port, free_ports, wait_for
+from .conftest import BUNDLED, Served, free_port, free_ports, wait_for, wait_workers
 
 PNG = (BUNDLED / "digits_sample.png").read_bytes()
 
@@ -281,7 +281,7 @@ def test_ready_with_an_api_token_set(tmp_path):
 def test_a_worker_on_an_empty_pool_says_how_to_fill_it(procs, broker_url, tmp_path):
     worker = procs.worker(broker_url, tmp_path / "empty-pool")
     log = Path(worker.log_path)
-    wait_for(lambda: "sent READY" in log.read_text(), 20, "the worker to start")
+    wait_workers(broker_url, 1)
     assert "the model pool" in log.read_text() and "holds no models: copy .onnx files in" in log.read_text()
     with Client(broker_url, timeout_s=5) as client:
         assert client.models() == []
