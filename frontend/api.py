@@ -203,7 +203,8 @@ def openapi(version: str) -> dict:
                      "responses": _responses(e)}
         if "{name}" in e.path:
             operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {
-                "type": "string", "pattern": r"^[^/\\.][^/\\]*\.onnx$"}, "description": "model file name"}]
+                "type": "string", "pattern": r"^[^/\\.][^/\\]*$"}, "description": "model file name (iris.onnx); a bare name "
+                "(iris) means the .onnx file"}]
         if "{version}" in e.path:
             operation["parameters"].append({"name": "version", "in": "path", "required": True,
                                             "schema": {"type": "string", "enum": ["1"]}})
