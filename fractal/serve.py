@@ -20,6 +20,7 @@ from pathlib import Path
 
 from broker.client import Client
 from broker.curve import PeerKeys
+from broker.errors import FractalError
 from broker.settings import env_name, flag_name, load, setting
 
 from .gunicorn_args import gunicorn_argv
@@ -133,8 +134,8 @@ def _children(s: ServeSettings) -> list[Child]:
             "--threads", str(threads), "--metrics-port", str(s.metrics_port and s.metrics_port + 1 + i),
             *common], env, restart=True))
     public = env_name("frontend", "public_url")  # /help's examples name this server, unless the user set it
-    host = "localhost" if s.http_host in ("127.0.0.1", "0.0.0.0", "") else f"[{s.http_host}]" if ":" in s.http_host \
-        else s.http_host
+    host = s.http_host if ":" not in s.http_host else f"[{s.http_host}]"
+    host = "localhost" if s.http_host in ("127.0.0.1", "0.0.0.0", "") else host
     frontend_env = dict(env, **{public: env.get(public) or f"http://{host}:{s.http_port}",
                                 env_name("frontend", "broker"): connect_url,
                                 env_name("frontend", "log_level"): s.log_level,
@@ -156,7 +157,10 @@ def _ours(s: ServeSettings, supervisor: Supervisor, client: Client, token: str, 
         return False
     workers = {pid for name, pid in pids.items() if name.startswith("worker-")}
     if not workers <= seen:
-        replies = client.call_many([("status", {})] * (2 * s.workers), timeout_s=1, return_exceptions=True)
+        try:
+            replies = client.call_many([("status", {})] * (2 * s.workers), timeout_s=2, return_exceptions=True)
+        except FractalError:  # no answer in time (a loaded machine): ask again on the next round
+            return False
         seen.update(r.get("pid") for r in replies if isinstance(r, dict))
         if not workers <= seen:
             return False

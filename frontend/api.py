@@ -142,7 +142,8 @@ ENDPOINTS += [
     Endpoint("GET", "/metrics", "metrics", "Prometheus metrics of the frontend (all gunicorn workers).",
              f"curl {BASE}/metrics", protocol="text"),
     Endpoint("GET", "/api/v1/status", "status",
-             "The broker and each worker: node id (the worker's id), state, last heartbeat, requests served, models resident.",
+             "The broker and each worker: node id (the worker's id), state, last heartbeat, requests served, "
+             "models resident.",
              f"curl {BASE}/api/v1/status",
              result={"broker": {"type": "object"}, "workers": {"type": "array", "items": {"type": "object"}}}),
     Endpoint("GET", "/status", "status_page", "The same as a page that refreshes itself.",
@@ -202,9 +203,10 @@ def openapi(version: str) -> dict:
         operation = {"summary": e.summary, "operationId": f"{e.method.lower()}_{e.resource}",
                      "responses": _responses(e)}
         if "{name}" in e.path:
-            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {
-                "type": "string", "pattern": r"^[^/\\.][^/\\]*$"}, "description": "model file name (iris.onnx); a bare name "
-                "(iris) means the .onnx file"}]
+            operation["parameters"] = [{"name": "name", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": r"^[^/\\.][^/\\]*$"},
+                                        "description": "model file name (iris.onnx); a bare name (iris) means "
+                                                       "the .onnx file"}]
         if "{version}" in e.path:
             operation["parameters"].append({"name": "version", "in": "path", "required": True,
                                             "schema": {"type": "string", "enum": ["1"]}})

@@ -108,7 +108,8 @@ def test_values_is_the_first_output_and_outputs_adds_names_for_rows_and_images(s
     status, body = run_curl(server, f'curl -X POST -F "file=@models/digits_sample.png" -F outputs=probabilities '
                                     f'-F outputs=label {api.BASE}{path}')
     assert status == 200 and body["values"] == [8] and list(body["outputs"]) == ["probabilities", "label"]
-    status, body = run_curl(server, f'curl -X POST -F "file=@models/digits_sample.png" -F outputs=nope {api.BASE}{path}')
+    status, body = run_curl(server, f'curl -X POST -F "file=@models/digits_sample.png" -F outputs=nope '
+                                    f'{api.BASE}{path}')
     assert status == 400 and "unknown output 'nope'" in body["http_status"]["description"]
 
 
