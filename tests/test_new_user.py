@@ -286,3 +286,11 @@ def test_a_worker_on_an_empty_pool_says_how_to_fill_it(procs, broker_url, tmp_pa
     assert "the model pool" in log.read_text() and "holds no models: copy .onnx files in" in log.read_text()
     with Client(broker_url, timeout_s=5) as client:
         assert client.models() == []
+
+
+def test_the_direct_client_picks_image_outputs_by_name(server):
+    with Client(server.broker_url, timeout_s=10) as client:
+        assert list(client.predict_image("digits", PNG, ["probabilities"])) == ["probabilities"]
+        assert client.predict_image("digits", PNG)["label"].tolist() == [8]
+        with pytest.raises(BadInput, match="'outputs' must be a list of output names"):
+            client.call("predict_image", {"model": "digits.onnx", "image": PNG, "outputs": "label"})

@@ -22,17 +22,22 @@ def _text(body: dict, field: str) -> str:
     return value
 
 
-def predict(pool: ModelPool, body: dict, node: str) -> dict:
+def _wanted(body: dict) -> list[str] | None:
     wanted = body.get("outputs")
     if wanted is not None and not (isinstance(wanted, list) and all(isinstance(w, str) for w in wanted)):
         raise BadInput("'outputs' must be a list of output names")
+    return wanted
+
+
+def predict(pool: ModelPool, body: dict, node: str) -> dict:
+    wanted = _wanted(body)
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
     return {"outputs": inference.run(pool.load(_model(body)), body["inputs"], wanted)}
 
 
 def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
-    image = body.get("image")
+    image, wanted = body.get("image"), _wanted(body)
     if not isinstance(image, (bytes, bytearray)):
         raise BadInput("'image' must be the image file's bytes")
     name = _model(body)
@@ -43,7 +48,7 @@ def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
     options = pool.sidecar(name).get("image") or {}
     tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
                               options if isinstance(options, dict) else {})
-    return {"outputs": inference.run(model, {model.inputs[0].name: tensor}, body.get("outputs"))}
+    return {"outputs": inference.run(model, {model.inputs[0].name: tensor}, wanted)}
 
 
 def models(pool: ModelPool, body: dict, node: str) -> dict:
