@@ -9,7 +9,7 @@ connections.
 
 Drives POST /api/v1/models/iris.onnx/prediction with {"values": [2, 5, 1, 4]} (needs wrk: apt-get
 install wrk). The floor is Falcon + gunicorn gthread (2 x 4) calling ONNX Runtime in-process; ours is
-fractal serve with its defaults (2 modelhost workers, gunicorn with 2 uvicorn workers, INFO logs: one
+fractal serve with its defaults (2 workers, gunicorn with 2 uvicorn workers, INFO logs: one
 line per request in the frontend and one in the worker). Everything on
 127.0.0.1; each cell stops after --duration-s.
 """

@@ -9,7 +9,7 @@ from .runner import run_component
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_component("broker", "Majordomo (MDP/0.2) broker between clients and modelhost workers.",
+    return run_component("broker", "Majordomo (MDP/0.2) broker between clients and workers.",
                          BrokerSettings, Broker, argv)
 
 

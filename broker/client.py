@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import threading
 import time
 from collections import deque
@@ -52,7 +53,7 @@ class _Operations:
         Raises ModelNotFound, BadInput (wrong names, dtypes or shapes: the message says what the
         model expects), Timeout, Overloaded or NoWorkerAvailable.
         """
-        fields: dict[str, Any] = {"model": model, "inputs": inputs}
+        fields: dict[str, Any] = {"model": p.model_file_name(model), "inputs": inputs}
         if outputs is not None:
             fields["outputs"] = list(outputs)
         return self._do("predict", _traced(fields, request_id), _outputs, timeout_s)
@@ -61,7 +62,7 @@ class _Operations:
                       timeout_s: float | None = None, request_id: str | None = None):
         """Run a one-input image model on an encoded image (JPEG, PNG, ...); the worker decodes it,
         matches the model's channels, layout and size and scales pixels to [0, 1]."""
-        fields: dict[str, Any] = {"model": model, "image": image}
+        fields: dict[str, Any] = {"model": p.model_file_name(model), "image": image}
         if outputs is not None:
             fields["outputs"] = list(outputs)
         return self._do("predict_image", _traced(fields, request_id), _outputs, timeout_s)
@@ -76,7 +77,7 @@ class _Operations:
 
     def model_info(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Description, inputs, outputs, size and last change of one model."""
-        return self._do("info", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("info", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def model_config(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Inputs, outputs, max_batch_size and dynamic_batching of one model, as a worker serves it."""
@@ -85,28 +86,28 @@ class _Operations:
     def describe(self, model: str, description: str, *, timeout_s: float | None = None,
                  request_id: str | None = None):
         """Set a model's description; returns {"model", "description"}."""
-        fields = {"model": model, "description": description}
+        fields = {"model": p.model_file_name(model), "description": description}
         return self._do("describe", _traced(fields, request_id), None, timeout_s)
 
     def upload(self, model: str, data: bytes, description: str | None = None, *,
                timeout_s: float | None = None, request_id: str | None = None):
         """Add or atomically replace a model; it is validated in ONNX Runtime before it is visible."""
-        fields: dict[str, Any] = {"model": model, "data": data}
+        fields: dict[str, Any] = {"model": p.model_file_name(model), "data": data}
         if description is not None:
             fields["description"] = description
         return self._do("upload", _traced(fields, request_id), None, timeout_s)
 
     def delete(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Remove a model and its description from the pool."""
-        return self._do("delete", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("delete", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def load(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Serve a model again after unload, and warm it on the worker that answers."""
-        return self._do("load", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("load", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def unload(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
         """Stop serving a model (its file stays); workers drop its session within a heartbeat."""
-        return self._do("unload", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("unload", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
 
     def repository(self, *, timeout_s: float | None = None, request_id: str | None = None):
         """[{"name", "version", "state": READY | UNAVAILABLE, "reason"}] for every model."""
@@ -124,6 +125,16 @@ def _traced(fields: dict, request_id: str | None) -> dict:
 
 
 _ids = itertools.count(1)
+# Request ids for calls whose caller gave none: unique per process without a uuid per call.
+_REQUEST_ID_PREFIX = f"client-{secrets.token_hex(4)}"
+_request_ids = itertools.count(1)
+
+
+def _with_request_id(fields: dict) -> dict:
+    """`fields` with a request id, so every request can be followed through the worker's log."""
+    if fields.get("request_id"):
+        return fields
+    return {**fields, "request_id": f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"}
 
 
 class Client(_Operations):
@@ -201,7 +212,7 @@ class Client(_Operations):
                 pending[rid] = len(results)
                 results.append(None)
                 _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                             *p.request_body(rid, call[0], call[1])], deadline, self.endpoint)
+                             *p.request_body(rid, call[0], _with_request_id(call[1]))], deadline, self.endpoint)
             if not pending:
                 return results
             rid, outcome = self._receive(sock, pending, deadline)
@@ -354,7 +365,7 @@ class AsyncClient(_Operations):
         rid = next(_ids)
         future = loop.create_future()
         self._pending[rid] = future
-        self._outbox.append((rid, op, fields or {}, future, loop.time() + timeout_s))
+        self._outbox.append((rid, op, _with_request_id(fields or {}), future, loop.time() + timeout_s))
         if not self._flushing:
             self._flushing = True
             loop.call_soon(self._flush)

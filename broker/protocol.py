@@ -406,19 +406,37 @@ def pack_results(reply: dict, count: int) -> list:
 # Model names: plain file names ending in .onnx, the same rule wherever a name enters.
 
 MAX_NAME_CHARS = 200  # bytes in UTF-8: well under every filesystem's 255-byte name limit
+MODEL_SUFFIX = ".onnx"
+_CHECKED_NAMES: dict[str, str] = {}  # names that passed -> their file: a predict checks its name in O(1)
 
 
-_CHECKED_NAMES: set[str] = set()  # names that passed, so a predict checks its model's name in O(1)
+def model_file_name(name: Any) -> str:
+    """The pool file a model name means: `iris` and `iris.onnx` both mean `iris.onnx`.
+
+    The one name rule of every entry point (seed and v2 routes, the direct client, the CLI, the
+    worker). Raises BadInput, quoting the name as sent, for a name that is no plain file name.
+    """
+    if name.__class__ is str:
+        known = _CHECKED_NAMES.get(name)
+        if known is not None:
+            return known
+    file = name + MODEL_SUFFIX if isinstance(name, str) and name and not name.endswith(MODEL_SUFFIX) else name
+    if not _plain_file_name(file):
+        raise BadInput(f"invalid model name {name!r}: use a plain file name such as iris.onnx or iris "
+                       f"(no '/', no '..', not starting with '.')")
+    if len(_CHECKED_NAMES) < 4096:
+        _CHECKED_NAMES[name] = file
+    return file
 
 
 def check_model_name(name: Any) -> str:
-    if name.__class__ is str and name in _CHECKED_NAMES:
-        return name
-    if (not isinstance(name, str) or not name.endswith(".onnx") or len(name) <= len(".onnx")
-            or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_CHARS or not name.isprintable()
-            or "/" in name or "\\" in name or name.startswith(".") or ".." in name):
-        raise BadInput(f"invalid model name {name!r}: use a plain file name ending in .onnx "
-                           f"(no '/', no '..', not starting with '.')")
-    if len(_CHECKED_NAMES) < 4096:
-        _CHECKED_NAMES.add(name)
-    return name
+    """`name` itself when it is a full model file name (`iris.onnx`); raises BadInput otherwise."""
+    if not (isinstance(name, str) and name.endswith(MODEL_SUFFIX)):
+        raise BadInput(f"invalid model name {name!r}: a model file name ends in .onnx")
+    return model_file_name(name)
+
+
+def _plain_file_name(name: Any) -> bool:
+    return (isinstance(name, str) and name.endswith(MODEL_SUFFIX) and len(name) > len(MODEL_SUFFIX)
+            and len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_CHARS and name.isprintable()
+            and "/" not in name and "\\" not in name and not name.startswith(".") and ".." not in name)

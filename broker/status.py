@@ -7,6 +7,7 @@ has; the worker's FINAL updates the board instead of going to a client. Workers 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -41,7 +42,11 @@ class StatusBoard:
         except Exception as exc:  # a worker that does not know the op (another implementation)
             log.debug("worker %s gave no status: %s", identity.hex(), exc)
             status = None
-        self._status[identity] = (now, status if isinstance(status, dict) else {})
+        status = status if isinstance(status, dict) else {}
+        if status.get("node") and not self._status.get(identity, (0, {}))[1].get("node"):
+            # NOTE: READY carries no name; this line ties the routing id in the broker's log to the node id.
+            log.info("worker %s is node %s (pid %s)", identity.hex(), status["node"], status.get("pid"))
+        self._status[identity] = (now, status)
 
     def forget(self, identity: bytes) -> None:
         self._status.pop(identity, None)
@@ -56,10 +61,11 @@ class StatusBoard:
                 "dialect": w.dialect.value,
                 "heartbeat_age_s": round(max(0.0, now - (w.expires_at - expiry_s)), 3),
                 "requests_served": w.served, "models_resident": status.get("models_resident"),
-                "memory_rss_bytes": status.get("memory_rss_bytes"), "model_stats": status.get("model_stats"),
+                "pid": status.get("pid"), "memory_rss_bytes": status.get("memory_rss_bytes"),
+                "model_stats": status.get("model_stats"),
                 "status_age_s": None if when is None else round(now - when, 3),
             })
-        return {"broker": {"up": True, "uptime_s": round(time.time() - self.started, 3),
+        return {"broker": {"up": True, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
                            "services": {s.name.decode(errors="replace"): {
                                "workers": s.workers, "idle": len(s.idle), "queued": s.queued}
                                for s in services.values()}},

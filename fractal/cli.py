@@ -5,21 +5,25 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from broker.settings import add_arguments, load
+from broker.settings import add_arguments, load, setting
+
+from .serve import BROKER_HOST, BROKER_PORT
 
 USAGE = """fractal COMMAND [--help]
 
 commands:
   serve      broker + workers + REST frontend on this machine, bundled models (start here)
   broker     the MDP/0.2 broker
-  worker     one modelhost worker
+  worker     one worker: serves the models of a pool to the broker
   frontend   the REST frontend under gunicorn (extra arguments go to gunicorn)
   grpc       the Open Inference Protocol over gRPC (Triton's GRPCInferenceService)
-  predict    MODEL VALUES...: one prediction through the broker
+  predict    MODEL VALUES...: one prediction through the broker (fractal predict iris 2 5 1 4)
   models     list the models in the pool
-  health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers
+  health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers (HTTP_PORT: the
+             frontend's or serve's; default 8002, or FRACTAL_SERVE_HTTP_PORT for serve)
   keys       DIR NAME...: CURVE key pairs (NAME.key public, NAME.key_secret secret)
 """
 
@@ -43,7 +47,7 @@ def _serve(argv: list[str]) -> int:
 
     from .serve import ServeSettings, serve
     parser = argparse.ArgumentParser(prog="fractal serve", description=(
-        "Run broker, modelhost workers and the REST frontend on this machine."))
+        "Run the broker, workers and the REST frontend on this machine."))
     add_arguments(parser, ServeSettings, "serve")
     try:
         settings = load(ServeSettings, "serve", parser.parse_args(argv))
@@ -84,46 +88,89 @@ def _grpc(argv: list[str]) -> int:
     return 1  # not reached
 
 
-def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where `fractal predict` and `fractal models` find the broker: the same defaults and variables
+    as `fractal serve`, so a local server needs no flags."""
+    broker: str = setting("", "broker endpoint, e.g. tcp://host:5555 (wins over --broker-host/--broker-port)",
+                          env="FRACTAL_CLIENT_BROKER")
+    broker_host: str = setting(BROKER_HOST, "broker host (as fractal serve's; 0.0.0.0 means this host)",
+                               env="FRACTAL_SERVE_BROKER_HOST")
+    broker_port: int = setting(BROKER_PORT, "broker port (as fractal serve's)", env="FRACTAL_SERVE_BROKER_PORT")
+    timeout_s: float = setting(10.0, "deadline of the call", env="FRACTAL_CLIENT_TIMEOUT_S")
+    curve_secret_key: str = setting("", "CURVE: this client's .key_secret file, for a broker with CURVE on",
+                                    env="FRACTAL_CLIENT_CURVE_SECRET_KEY")
+    curve_broker_key: str = setting("", "CURVE: the broker's public .key file", env="FRACTAL_CLIENT_CURVE_BROKER_KEY")
+
+    def endpoint(self) -> str:
+        if self.broker:
+            return self.broker
+        host = "127.0.0.1" if self.broker_host in ("0.0.0.0", "*", "") else self.broker_host
+        return f"tcp://{host}:{self.broker_port}"
+
+    def client(self):
+        """The direct client these settings describe; raises ConfigError for unreadable key files."""
+        from broker.client import Client
+        from broker.curve import PeerKeys
+        return Client(self.endpoint(), timeout_s=self.timeout_s,
+                      curve=PeerKeys.from_files(self.curve_secret_key, self.curve_broker_key))
+
+
+def _client_args(prog: str, description: str, argv: list[str],
+                 extra: Callable[[argparse.ArgumentParser], None] = lambda parser: None):
+    """(arguments, settings) of a client command; exits 2 with one line on bad settings."""
+    from broker.errors import ConfigError
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--broker", default=os.environ.get("FRACTAL_CLIENT_BROKER", "tcp://127.0.0.1:5555"),
-                        help="broker endpoint (env FRACTAL_CLIENT_BROKER)")
-    parser.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call")
-    return parser
+    extra(parser)
+    add_arguments(parser, ClientSettings, "client")
+    args = parser.parse_args(argv)
+    try:
+        return args, load(ClientSettings, "client", args)
+    except ConfigError as exc:
+        parser.exit(2, f"{prog}: {exc}\n")
 
 
 def _predict(argv: list[str]) -> int:
     import numpy as np
 
-    from broker.client import Client
     from broker.errors import FractalError
-    parser = _client_parser("fractal predict", "One prediction on one row of numbers, printed as JSON.")
-    parser.add_argument("model", help="model name, e.g. iris.onnx")
-    parser.add_argument("values", nargs="+", type=float, help="the row, e.g. 2 5 1 4")
-    args = parser.parse_args(argv)
+
+    def positional(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", help="model name, e.g. iris or iris.onnx")
+        parser.add_argument("values", nargs="+", type=float, help="the row, e.g. 2 5 1 4")
+    args, settings = _client_args("fractal predict", "One prediction on one row of numbers, printed as JSON.",
+                                  argv, positional)
     try:
-        with Client(args.broker, timeout_s=args.timeout_s) as client:
+        with settings.client() as client:
             outputs = client.predict(args.model, [np.array(args.values)])
     except FractalError as exc:
-        print(f"fractal predict: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"fractal predict: {_explain(exc, settings)}", file=sys.stderr)
         return 1
     print(json.dumps({k: v.tolist() if hasattr(v, "tolist") else v for k, v in outputs.items()}))
     return 0
 
 
 def _models(argv: list[str]) -> int:
-    from broker.client import Client
     from broker.errors import FractalError
-    args = _client_parser("fractal models", "List the models in the pool with their descriptions.") \
-        .parse_args(argv)
+    _, settings = _client_args("fractal models", "List the models in the pool with their descriptions.", argv)
     try:
-        with Client(args.broker, timeout_s=args.timeout_s) as client:
+        with settings.client() as client:
             for entry in client.information():
                 print(f"{entry['model']}\t{entry['description']}")
     except FractalError as exc:
-        print(f"fractal models: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"fractal models: {_explain(exc, settings)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _explain(exc: Exception, settings: ClientSettings) -> str:
+    from broker.errors import NoWorkerAvailable, Timeout
+    text = f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, (NoWorkerAvailable, Timeout)):
+        asked = "" if settings.endpoint() in text else f"asked {settings.endpoint()}; "
+        text += (f" ({asked}is fractal serve running? point at its broker with --broker-host/--broker-port "
+                 f"or --broker URL; a broker with CURVE on also needs --curve-secret-key and --curve-broker-key)")
+    return text
 
 
 def _keys(argv: list[str]) -> int:

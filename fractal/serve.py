@@ -1,4 +1,9 @@
-"""`fractal serve`: broker, N modelhost workers, the REST and gRPC frontends on one machine, bundled models."""
+"""`fractal serve`: broker, N workers, the REST and gRPC frontends on one machine, bundled models.
+
+Before it starts anything it checks that every port it will bind is free, and it declares itself
+ready only when the processes it started answer: the broker by its pid, each worker by its pid, the
+HTTP server by the broker pid it reports, and the gRPC server by its port.
+"""
 from __future__ import annotations
 
 import logging
@@ -15,13 +20,16 @@ from pathlib import Path
 
 from broker.client import Client
 from broker.curve import PeerKeys
-from broker.settings import env_name, load, setting
+from broker.errors import FractalError
+from broker.settings import env_name, flag_name, load, setting
 
 from .gunicorn_args import WORKER_CLASS, gunicorn_argv
-from .health import http_ok
+from .health import http_json
 from .supervisor import Child, Supervisor
 
 log = logging.getLogger("fractal.serve")
+
+BROKER_HOST, BROKER_PORT = "127.0.0.1", 5555  # also the defaults of the client commands (fractal predict)
 
 
 @dataclass(frozen=True)
@@ -29,9 +37,9 @@ class ServeSettings:
     http_host: str = setting("127.0.0.1", "address the REST API listens on (0.0.0.0 for all)")
     http_port: int = setting(8002, "REST API port (the seed's)")
     grpc_port: int = setting(8001, "gRPC (Open Inference Protocol) port, on http_host; 0: no gRPC frontend")
-    broker_host: str = setting("127.0.0.1", "address the broker binds (0.0.0.0 to let remote workers in)")
-    broker_port: int = setting(5555, "broker port for workers and direct clients")
-    workers: int = setting(2, "modelhost worker processes")
+    broker_host: str = setting(BROKER_HOST, "address the broker binds (0.0.0.0 to let remote workers in)")
+    broker_port: int = setting(BROKER_PORT, "broker port for workers and direct clients")
+    workers: int = setting(2, "worker processes (each serves the models over the broker)")
     model_dir: str = setting("./models", "model pool; created with the bundled models if missing")
     threads: int = setting(0, "ONNX Runtime threads per worker; 0 = cores / workers")
     http_workers: int = setting(2, "gunicorn worker processes, each an event loop with any number of requests")
@@ -49,10 +57,60 @@ class ServeSettings:
 
 
 @dataclass(frozen=True)
-class FrontendCurve:
-    """The frontend's CURVE settings (FRACTAL_FRONTEND_CURVE_*), read here without importing it."""
+class FrontendAccess:
+    """What the readiness check needs of the frontend's settings, read here without importing it:
+    its CURVE keys (FRACTAL_FRONTEND_CURVE_*) and a token to read /api/v1/status with."""
     curve_secret_key: str = ""
     curve_broker_key: str = ""
+    api_token: str = setting("", "", env="FRACTAL_API_TOKEN", secret=True)
+    admin_token: str = setting("", "", env="FRACTAL_ADMIN_TOKEN", secret=True)
+
+
+class PortInUse(Exception):
+    """A port `fractal serve` needs is taken; the message is the one line the user sees."""
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # NOTE: as gunicorn and ZeroMQ do, so a port in TIME_WAIT after a stop counts as free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def ports(s: ServeSettings) -> list[tuple[str, int, str, str]]:
+    """Every (host, port, what, setting) this server binds."""
+    found = [(s.http_host, s.http_port, "the REST API", "http_port"),
+             ("0.0.0.0" if s.broker_host == "*" else s.broker_host, s.broker_port, "the broker", "broker_port")]
+    if s.metrics_port:
+        found.append(("127.0.0.1", s.metrics_port, "the broker's metrics", "metrics_port"))
+        found += [("127.0.0.1", s.metrics_port + 1 + i, f"worker-{i + 1}'s metrics", "metrics_port")
+                  for i in range(s.workers)]
+    if s.grpc_port:
+        found.append((s.http_host, s.grpc_port, "the gRPC API", "grpc_port"))
+        if s.metrics_port:
+            found.append(("127.0.0.1", _grpc_metrics_port(s), "the gRPC server's metrics", "metrics_port"))
+    return found
+
+
+def check_ports(s: ServeSettings) -> None:
+    """Raise PortInUse naming the first port that is taken (or used twice) and how to change it."""
+    seen: dict[int, str] = {}
+    for host, port, what, field in ports(s):
+        how = f"{flag_name(field)} or {env_name('serve', field)}"
+        if field == "metrics_port":
+            how += " (workers take the ports after it; 0 turns metrics off)"
+        if port in seen:
+            raise PortInUse(f"port {port} is used twice, by {seen[port]} and {what}: change it with {how}")
+        seen[port] = what
+        if not 0 < port < 65536:
+            raise PortInUse(f"port {port} for {what} is not a port number: change it with {how}")
+        if not _bindable(host, port):
+            raise PortInUse(f"port {port} on {host} ({what}) is in use, perhaps by another fractal serve: "
+                            f"change it with {how}")
 
 
 def prepare_model_dir(model_dir: Path) -> None:
@@ -62,7 +120,7 @@ def prepare_model_dir(model_dir: Path) -> None:
     model_dir.mkdir(parents=True)
     bundled = resources.files("worker") / "models"
     for item in bundled.iterdir():
-        if item.name.endswith((".onnx", ".onnx.json")):
+        if item.name.endswith((".onnx", ".onnx.json", ".png")):  # the PNG: /help's image example
             with resources.as_file(item) as src:
                 shutil.copyfile(src, model_dir / item.name)
     log.info("created %s with the bundled models", model_dir)
@@ -79,15 +137,20 @@ def _children(s: ServeSettings) -> list[Child]:
     for i in range(s.workers):
         children.append(Child(f"worker-{i + 1}", [
             sys.executable, "-m", "worker", "--connect", connect_url, "--model-dir", s.model_dir,
+            "--node-name", f"worker-{i + 1}",
             "--threads", str(threads), "--metrics-port", str(s.metrics_port and s.metrics_port + 1 + i),
             *common], env, restart=True))
-    frontend_env = dict(env, **{env_name("frontend", "broker"): connect_url,
+    public = env_name("frontend", "public_url")  # /help's examples name this server, unless the user set it
+    host = s.http_host if ":" not in s.http_host else f"[{s.http_host}]"
+    host = "localhost" if s.http_host in ("127.0.0.1", "0.0.0.0", "") else host
+    frontend_env = dict(env, **{public: env.get(public) or f"http://{host}:{s.http_port}",
+                                env_name("frontend", "broker"): connect_url,
                                 env_name("frontend", "log_level"): s.log_level,
                                 env_name("frontend", "metrics"): "true" if s.metrics_port else "false"})
     children.append(Child("frontend", gunicorn_argv(f"{s.http_host}:{s.http_port}", s.http_workers,
                                                    s.log_level, s.http_worker_class), frontend_env))
     if s.grpc_port:
-        keys = load(FrontendCurve, "frontend")  # NOTE: the gRPC frontend is a frontend: same CURVE keys
+        keys = load(FrontendAccess, "frontend")  # NOTE: the gRPC frontend is a frontend: same CURVE keys
         children.append(Child("grpc", [
             sys.executable, "-m", "frontend.oip_grpc", "--host", s.http_host, "--port", str(s.grpc_port),
             "--broker", connect_url, "--metrics-port", str(_grpc_metrics_port(s)), *common,
@@ -108,17 +171,40 @@ def _tcp_open(host: str, port: int) -> bool:
         return False
 
 
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "*", "") else host
+
+
+def _ours(s: ServeSettings, supervisor: Supervisor, client: Client, token: str, seen: set[int]) -> bool:
+    """True when the broker, every worker and the HTTP server that answer are the ones we started."""
+    pids = {c.name: c.proc.pid for c in supervisor.children if c.proc is not None}
+    status = client.broker_status(timeout_s=0.5)
+    if status is None or status.get("broker", {}).get("pid") != pids["broker"]:
+        return False
+    workers = {pid for name, pid in pids.items() if name.startswith("worker-")}
+    if not workers <= seen:
+        try:
+            replies = client.call_many([("status", {})] * (2 * s.workers), timeout_s=2, return_exceptions=True)
+        except FractalError:  # no answer in time (a loaded machine): ask again on the next round
+            return False
+        seen.update(r.get("pid") for r in replies if isinstance(r, dict))
+        if not workers <= seen:
+            return False
+    answer = http_json(f"http://{_local(s.http_host)}:{s.http_port}/api/v1/status", token)
+    return answer is not None and answer.get("broker", {}).get("pid") == pids["broker"]
+
+
 def _wait_ready(s: ServeSettings, supervisor: Supervisor, stopping: threading.Event) -> bool:
     deadline = time.monotonic() + s.ready_timeout_s
-    host = "127.0.0.1" if s.http_host in ("0.0.0.0", "") else s.http_host
-    broker = f"tcp://{'127.0.0.1' if s.broker_host in ('0.0.0.0', '*') else s.broker_host}:{s.broker_port}"
-    keys = load(FrontendCurve, "frontend")  # with CURVE on, the readiness check uses the frontend's keys
-    with Client(broker, curve=PeerKeys.from_files(keys.curve_secret_key, keys.curve_broker_key)) as client:
+    access = load(FrontendAccess, "frontend")  # with CURVE on, the readiness check uses the frontend's keys
+    seen: set[int] = set()
+    with Client(f"tcp://{_local(s.broker_host)}:{s.broker_port}",
+                curve=PeerKeys.from_files(access.curve_secret_key, access.curve_broker_key)) as client:
         while time.monotonic() < deadline and not stopping.is_set():
             if supervisor.check() is not None:
                 return False
-            if (client.service_ready(timeout_s=0.5) and http_ok(f"http://{host}:{s.http_port}/")
-                    and (not s.grpc_port or _tcp_open(host, s.grpc_port))):
+            if (_ours(s, supervisor, client, access.api_token or access.admin_token, seen)
+                    and (not s.grpc_port or _tcp_open(_local(s.http_host), s.grpc_port))):
                 return True
             stopping.wait(0.1)
     return False
@@ -135,7 +221,12 @@ def _metrics_line(s: ServeSettings) -> str:
 
 
 def serve(s: ServeSettings) -> int:
-    """Run everything until SIGINT/SIGTERM; returns the exit code."""
+    """Run everything until SIGINT/SIGTERM; returns the exit code (2: a port is taken)."""
+    try:
+        check_ports(s)
+    except PortInUse as exc:
+        print(f"fractal serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     prepare_model_dir(Path(s.model_dir))
     stopping = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopping.set())

@@ -30,7 +30,8 @@ _INFO = {"model": {"type": "string"}, "description": {"type": "string"},
 _PREDICT_BODY = {"type": "object", "properties": {
     "values": {"description": "one row, or a list of rows, for the model's (first) input"},
     "inputs": {"type": "object", "description": "input name -> nested list, for multi-input models"},
-    "outputs": {"description": "list of output names, or \"all\": answer every output by name"}}}
+    "outputs": {"description": "list of output names, or \"all\": answer those outputs by name beside "
+                               "\"values\" (always the first output)"}}}
 
 ENDPOINTS = [
     Endpoint("GET", "/", "welcome", "Welcome message.", f"curl {BASE}/"),
@@ -39,7 +40,7 @@ ENDPOINTS = [
     Endpoint("GET", "/openapi.json", "openapi", "This API as an OpenAPI 3 document.",
              f"curl {BASE}/openapi.json"),
     Endpoint("POST", "/api/test/sendtomodelhost", "sendtomodelhost",
-             "Send each element of data to a modelhost through the broker; shows which node answered.",
+             "Send each element of data to a worker through the broker; shows which worker (node id) answered.",
              f"curl -X POST -H \"Content-Type: application/json\" --data '{{\"data\": [\"ONE\", \"TWO\"]}}' "
              f"{BASE}/api/test/sendtomodelhost", body="json",
              body_schema={"type": "object", "required": ["data"], "properties": {"data": {"type": "array"}}},
@@ -69,14 +70,21 @@ ENDPOINTS = [
              f"curl -X DELETE {BASE}/api/v1/models/my_model.onnx", result={"model": {"type": "string"}},
              admin=True),
     Endpoint("GET", "/api/v1/models/{name}/prediction", "prediction",
-             "Predict from JSON {\"values\": row or rows} (values = the first output per row), named "
-             "\"inputs\" and \"outputs\" (answers \"outputs\" by name), or an image in multipart field "
-             "'file' (values = the output probabilities). POST works the same.",
+             "Predict from JSON {\"values\": row or rows} (the model's first input), {\"inputs\": {name: "
+             "rows}}, or an image (multipart field 'file', or an image/* body). One rule for all: "
+             "\"values\" is the model's first output, one entry per row (a classifier's label); "
+             "\"outputs\": \"all\" or a list of names (JSON field, -F outputs=all, or ?outputs= beside an "
+             "image/* body) adds \"outputs\": {name: value}. POST works the same.",
              f"curl -X GET -H \"Content-Type: application/json\" --data '{{\"values\":[2, 5, 1, 4]}}' "
              f"{BASE}/api/v1/models/iris.onnx/prediction", body="json+multipart", body_schema=_PREDICT_BODY,
              result={"values": {"type": "array"}, "outputs": {"type": "object"}}),
-    Endpoint("POST", "/api/v1/models/{name}/prediction", "prediction", "Same as GET.",
-             f"curl -X POST -F \"file=@digits_sample.png\" {BASE}/api/v1/models/digits.onnx/prediction",
+    Endpoint("POST", "/api/v1/models/{name}/prediction", "prediction",
+             "Same as GET. The example sends models/digits_sample.png, which `fractal serve` puts in its "
+             "model directory (./models unless --model-dir says otherwise; run it from where you started "
+             "the server): a handwritten 8, 32x32 gray, white ink on black. The answer is \"values\": [8] "
+             "and, with outputs=all, the label and the 10 class probabilities.",
+             f"curl -X POST -F \"file=@models/digits_sample.png\" -F outputs=all "
+             f"{BASE}/api/v1/models/digits.onnx/prediction",
              body="json+multipart", body_schema=_PREDICT_BODY,
              result={"values": {"type": "array"}, "outputs": {"type": "object"}}),
 ]
@@ -149,7 +157,8 @@ ENDPOINTS += [
     Endpoint("GET", "/metrics", "metrics", "Prometheus metrics of the frontend (all gunicorn workers).",
              f"curl {BASE}/metrics", protocol="text"),
     Endpoint("GET", "/api/v1/status", "status",
-             "The broker and each worker: node id, state, last heartbeat, requests served, models resident.",
+             "The broker and each worker: node id (the worker's id), state, last heartbeat, requests served, "
+             "models resident.",
              f"curl {BASE}/api/v1/status",
              result={"broker": {"type": "object"}, "workers": {"type": "array", "items": {"type": "object"}}}),
     Endpoint("GET", "/status", "status_page", "The same as a page that refreshes itself.",
@@ -157,8 +166,10 @@ ENDPOINTS += [
 ]
 
 
-def help_entries() -> list[dict]:
-    return [{"method": e.method, "path": e.path, "description": e.summary, "example": e.curl}
+def help_entries(base: str = BASE) -> list[dict]:
+    """GET /help's list; the examples point at `base`, the address users reach this server at."""
+    base = base.rstrip("/")
+    return [{"method": e.method, "path": e.path, "description": e.summary, "example": e.curl.replace(BASE, base)}
             for e in ENDPOINTS]
 
 
@@ -168,8 +179,10 @@ def _request_body(e: Endpoint) -> dict | None:
         content["application/json"] = {"schema": e.body_schema or {"type": "object"}}
     if "multipart" in e.body:
         part = "file" if e.resource == "prediction" else "path"
-        content["multipart/form-data"] = {"schema": {"type": "object", "properties": {
-            part: {"type": "string", "format": "binary"}}}}
+        fields = {part: {"type": "string", "format": "binary"}}
+        if e.resource == "prediction":
+            fields["outputs"] = {"type": "string", "description": "\"all\" or an output name; repeat for more"}
+        content["multipart/form-data"] = {"schema": {"type": "object", "properties": fields}}
     if "raw" in e.body or "binary" in e.body:
         content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
     return {"required": True, "content": content} if content else None
@@ -205,8 +218,10 @@ def openapi(version: str) -> dict:
         operation = {"summary": e.summary, "operationId": f"{e.method.lower()}_{e.resource}",
                      "responses": _responses(e)}
         if "{name}" in e.path:
-            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {
-                "type": "string", "pattern": r"^[^/\\.][^/\\]*\.onnx$"}, "description": "model file name"}]
+            operation["parameters"] = [{"name": "name", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": r"^[^/\\.][^/\\]*$"},
+                                        "description": "model file name (iris.onnx); a bare name (iris) means "
+                                                       "the .onnx file"}]
         if "{version}" in e.path:
             operation["parameters"].append({"name": "version", "in": "path", "required": True,
                                             "schema": {"type": "string", "enum": ["1"]}})

@@ -1,6 +1,7 @@
 """The Falcon ASGI app factory gunicorn's uvicorn workers run in each process: `frontend.app:create_app()`."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -64,6 +65,11 @@ def _version() -> str:
         return "0+unknown"
 
 
+def _indented(body: bytes) -> bytes:
+    """JSON a person reads in a terminal (GET /help): indented, still JSON."""
+    return json.dumps(json.loads(body), indent=2, ensure_ascii=False).encode() + b"\n"
+
+
 def create_app(settings: FrontendSettings | None = None, registry: CollectorRegistry | None = None,
                client: AsyncClient | None = None) -> CancelOnDisconnect:
     """Build the ASGI app from api.ENDPOINTS, in the gunicorn worker after it forked.
@@ -82,7 +88,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     shared = (client, settings.max_body_bytes)
     resources = {
         "welcome": Static(welcome_body()),
-        "help": Static(status_body(200, "OK", endpoints=api.help_entries())),
+        "help": Static(_indented(status_body(200, "OK", endpoints=api.help_entries(settings.public_url or api.BASE)))),
         "openapi": Static(json_bytes(api.openapi(_version()))),
         "sendtomodelhost": SendToModelhost(*shared), "models": Models(*shared),
         "information": Information(*shared), "model": Model(*shared), "prediction": Prediction(*shared),

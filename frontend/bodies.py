@@ -45,12 +45,24 @@ async def json_body(req: falcon.asgi.Request, max_bytes: int, example: str) -> A
 
 async def form_file(req: falcon.asgi.Request, field: str, max_bytes: int) -> bytes:
     """The bytes of multipart form field `field` (curl -F "field=@file")."""
+    return (await form_fields(req, field, max_bytes))[0]
+
+
+async def form_fields(req: falcon.asgi.Request, field: str, max_bytes: int,
+                      text_fields: frozenset[str] = frozenset()) -> tuple[bytes, dict[str, list[str]]]:
+    """The bytes of multipart field `field`, and the values of the text fields named in `text_fields`
+    (a field sent several times, as -F outputs=a -F outputs=b, gives several values)."""
     if (req.content_length or 0) > max_bytes:
         raise PayloadTooLarge(f"body is {req.content_length} bytes; the limit is {max_bytes}")
+    data: bytes | None = None
+    texts: dict[str, list[str]] = {}
     async for part in await req.get_media():
-        if part.name == field:
+        if part.name == field and data is None:
             data = await part.stream.read(max_bytes + 1)
             if len(data) > max_bytes:
                 raise PayloadTooLarge(f"field {field!r} is over the limit of {max_bytes} bytes")
-            return data
-    raise BadInput(f"multipart form has no field {field!r}; send -F \"{field}=@FILE\"")
+        elif part.name in text_fields:
+            texts.setdefault(part.name, []).append((await part.stream.read(max_bytes)).decode("utf-8", "replace"))
+    if data is None:
+        raise BadInput(f"multipart form has no field {field!r}; send -F \"{field}=@FILE\"")
+    return data, texts

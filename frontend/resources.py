@@ -11,7 +11,7 @@ import numpy as np
 
 from broker.client import AsyncClient
 from broker.errors import BadInput, Timeout, UnsupportedMediaType
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 
 from . import bodies
 from .errors import status_body
@@ -58,7 +58,7 @@ class SendToModelhost(Resource):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await bodies.json_body(req, self.max_body_bytes, '{"data": ["ONE", "TWO"]}')
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            raise BadInput('send {"data": [...]}: a list whose elements go to the modelhosts')
+            raise BadInput('send {"data": [...]}: a list whose elements go to the workers')
         replies = await echo_all(self.client, body["data"], req.context.request_id)
         ok(resp, "Sent to modelhost", data=[{"data": r["data"], "node": r["node"]} for r in replies])
 
@@ -75,10 +75,10 @@ class Information(Resource):
 
 class Model(Resource):
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        ok(resp, **await self.client.model_info(check_model_name(name), request_id=req.context.request_id))
+        ok(resp, **await self.client.model_info(model_file_name(name), request_id=req.context.request_id))
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         body = await bodies.json_body(req, self.max_body_bytes, '{"model_description": "..."}')
         if not isinstance(body, dict) or not isinstance(body.get("model_description"), str):
             raise BadInput('send {"model_description": "..."} with a string description')
@@ -86,7 +86,7 @@ class Model(Resource):
         ok(resp, "Model description updated", **result)
 
     async def on_put(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         kind = bodies.media_type(req)
         if kind == "multipart/form-data":
             data = await bodies.form_file(req, "path", self.max_body_bytes)
@@ -101,20 +101,26 @@ class Model(Resource):
         ok(resp, "Model uploaded", **info)
 
     async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         ok(resp, "Model deleted", **await self.client.delete(name, request_id=req.context.request_id))
 
 
 class Prediction(Resource):
-    """GET or POST /api/v1/models/{name}/prediction: JSON rows, named inputs, or an image."""
+    """GET or POST /api/v1/models/{name}/prediction: JSON rows, named inputs, or an image.
+
+    One answer for all of them: `values` is the model's first output (a classifier's label), one
+    entry per row; `outputs` ("all" or names) adds {"outputs": {name: value}}.
+    """
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        check_model_name(name)
+        name = model_file_name(name)
         kind = bodies.media_type(req)
         if kind == "multipart/form-data":
-            await self._image(req, resp, name, await bodies.form_file(req, "file", self.max_body_bytes))
+            image, fields = await bodies.form_fields(req, "file", self.max_body_bytes, frozenset({"outputs"}))
+            await self._image(req, resp, name, image, _form_outputs(fields.get("outputs")))
         elif kind.startswith("image/"):
-            await self._image(req, resp, name, await bodies.raw(req, self.max_body_bytes))
+            await self._image(req, resp, name, await bodies.raw(req, self.max_body_bytes),
+                              _form_outputs(req.get_param_as_list("outputs")))
         else:
             await self._json(req, resp, name, await bodies.json_body(req, self.max_body_bytes, PREDICT_EXAMPLE))
 
@@ -131,20 +137,29 @@ class Prediction(Resource):
         else:
             raise BadInput('"inputs" must map input names to arrays')
         wanted = _wanted_outputs(body.get("outputs"))
-        outputs = await self.client.predict(name, inputs, wanted, request_id=req.context.request_id)
-        self._answer(resp, outputs, by_name="outputs" in body, first=next(iter(outputs.values())))
+        # NOTE: every output is computed, so that `values` is the model's first whatever was asked for.
+        outputs = await self.client.predict(name, inputs, request_id=req.context.request_id)
+        _answer(resp, name, outputs, wanted)
 
-    async def _image(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str, image: bytes) -> None:
+    async def _image(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str, image: bytes,
+                     wanted: list[str] | bool) -> None:
         if not image:
             raise BadInput("the image is empty")
         outputs = await self.client.predict_image(name, image, request_id=req.context.request_id)
-        floats = [v for v in outputs.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
-        self._answer(resp, outputs, by_name=False, first=floats[0] if floats else next(iter(outputs.values())))
+        _answer(resp, name, outputs, wanted)
 
-    @staticmethod
-    def _answer(resp: falcon.asgi.Response, outputs: dict, by_name: bool, first: Any) -> None:
-        extra = {"outputs": {k: jsonable(v) for k, v in outputs.items()}} if by_name else {}
-        ok(resp, "Prediction successful", values=jsonable(first), **extra)
+
+def _answer(resp: falcon.asgi.Response, model: str, outputs: dict, wanted: list[str] | bool) -> None:
+    """values: the first output; with `wanted` (True: all, or names) also outputs by name."""
+    extra = {}
+    if wanted is True:
+        extra["outputs"] = {k: jsonable(v) for k, v in outputs.items()}
+    elif wanted:
+        unknown = [n for n in wanted if n not in outputs]
+        if unknown:
+            raise BadInput(f"unknown output {unknown[0]!r}; {model} has {', '.join(outputs)}")
+        extra["outputs"] = {k: jsonable(outputs[k]) for k in wanted}
+    ok(resp, "Prediction successful", values=jsonable(next(iter(outputs.values()))), **extra)
 
 
 async def echo_all(client: AsyncClient, items: list, request_id: str) -> list[dict]:
@@ -173,12 +188,21 @@ def _array(value: Any, where: str) -> np.ndarray:
     return array
 
 
-def _wanted_outputs(outputs: Any) -> list[str] | None:
-    if outputs is None or outputs == "all":
-        return None
+def _wanted_outputs(outputs: Any) -> list[str] | bool:
+    """The "outputs" field: False when absent, True for "all", else the list of names."""
+    if outputs is None:
+        return False
+    if outputs == "all":
+        return True
     if isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs):
         return outputs
     raise BadInput('"outputs" must be "all" or a list of output names')
+
+
+def _form_outputs(values: list[str] | None) -> list[str] | bool:
+    """`-F outputs=all`, `-F outputs=label -F outputs=probabilities` (or `label,probabilities`)."""
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    return _wanted_outputs(None if not names else "all" if names == ["all"] else names)
 
 
 def welcome_body() -> bytes:

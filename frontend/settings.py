@@ -21,6 +21,8 @@ class FrontendSettings:
     metrics: bool = setting(True, "count requests for /metrics (false: no metrics, for comparison)")
     metrics_dir: str = setting("", "prometheus multiprocess directory for gunicorn's workers; empty: a "
                                    "temporary one, removed on exit")
+    public_url: str = setting("", "base URL of the curl examples in GET /help (empty: http://localhost:8002); "
+                                  "fractal serve sets its own address")
     log_level: str = setting("INFO", "logging level")
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ import orjson
 
 from broker.client import AsyncClient
 from broker.errors import ModelNotFound, NoWorkerAvailable
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 
 from . import bodies, oip
 from .v2_tensors import HEADER_LENGTH, datatype_of, decode_request, encode_response
@@ -25,7 +25,7 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "
 def model_name(name: str, version: str | None = None) -> str:
     if version not in (None, "", "1"):
         raise ModelNotFound(f"model {name} has no version {version!r}; its only version is '1'")
-    return check_model_name(name if name.endswith(".onnx") else name + ".onnx")
+    return model_file_name(name)
 
 
 def _json(resp: falcon.asgi.Response, value: Any) -> None:

@@ -41,6 +41,15 @@ def test_known_keys_are_served_and_unknown_ones_refused(procs, model_dir, keys):
             with pytest.raises(NoWorkerAvailable, match="cannot reach the broker"):
                 client.models()
 
+    def cli(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fractal", "predict", "--broker", url, "--timeout-s", "3",
+                               *flags, "iris", "2", "5", "1", "4"], capture_output=True, text=True, timeout=30)
+    out = cli("--curve-secret-key", str(key_dir / "client.key_secret"), "--curve-broker-key",
+              str(key_dir / "broker.key"))
+    assert out.returncode == 0 and '"label": [1]' in out.stdout, out.stderr
+    out = cli()
+    assert out.returncode == 1 and "--curve-secret-key and --curve-broker-key" in out.stderr
+
 
 def test_half_a_curve_configuration_is_a_config_error(keys):
     from broker.errors import ConfigError

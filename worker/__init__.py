@@ -1,4 +1,4 @@
-"""The modelhost worker: ONNX Runtime sessions over the shared model pool, served over MDP/0.2."""
+"""The worker: ONNX Runtime sessions over the shared model pool, served over MDP/0.2."""
 from .modelhost import ModelHost, WorkerSettings
 from .pool import ModelPool
 

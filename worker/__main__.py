@@ -1,4 +1,4 @@
-"""`python -m worker` / `fractal worker`: run one modelhost worker."""
+"""`python -m worker` / `fractal worker`: run one worker."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +10,7 @@ from .modelhost import ModelHost, WorkerSettings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_component("worker", "Modelhost worker: serves ONNX models from the shared pool over MDP/0.2.",
+    return run_component("worker", "Worker: serves the ONNX models of the shared pool to the broker over MDP/0.2.",
                          WorkerSettings, ModelHost, argv)
 
 

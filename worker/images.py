@@ -2,7 +2,8 @@
 
 The model's first input says what it wants: rank 4 is [N, C, H, W] when dim 1 is a channel count
 and [N, H, W, C] when the last dim is (1 and 3 are read before 4), rank 3 the same without N, rank 2
-is [H, W] gray.
+is [H, W] gray when both are fixed sizes (a dynamic first dim is a batch of feature rows, as iris's
+[N, 4]: no image). Any other input refuses images with a BadInput that names what it takes.
 Pixels become float32 in [0, 1], then (x - mean) / std when the model's sidecar JSON sets
 {"image": {"mean": [...], "std": [...]}}. Dynamic H or W keep the image's own size.
 """
@@ -45,9 +46,22 @@ def _layout(spec: TensorSpec) -> tuple[str, int | None, int | None, int]:
             return "HWC", a, b, c
         if a == 4:
             return "CHW", b, c, a
-    if len(shape) == 2:
+    if len(shape) == 2 and None not in shape and min(shape) > 1:
         return "HW", shape[0], shape[1], 1
     raise BadInput(f"input {spec.name!r} of shape {list(shape)} does not take an image")
+
+
+def check_image_model(model: str, spec: TensorSpec) -> None:
+    """Refuse an image for a model whose input is no image, naming the input it does take."""
+    try:
+        _layout(spec)
+    except BadInput:
+        dims = ", ".join("N" if d is None else str(d) for d in spec.shape)
+        dtype = spec.dtype.name if spec.dtype is not None else spec.type
+        rows = (f"rows of {spec.shape[1]} numbers, e.g. {{\"values\": [{', '.join(['1'] * spec.shape[1])}]}}"
+                if len(spec.shape) == 2 and spec.shape[1] and spec.shape[1] <= 16 else '{"values": [...]}')
+        raise BadInput(f"{model} does not take images: its input {spec.name!r} is [{dims}] ({dtype}); "
+                       f"send JSON {rows}") from None
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:

@@ -1,7 +1,8 @@
 """Turn a predict request's inputs into ONNX Runtime feeds, run the session, collect outputs.
 
 Inputs are named ({input name: array}), positional ([one array per input]), or for a one-input model a
-bare array; nested lists inside become arrays. Each is
+bare array or nested list (REST's "values" rule: [2, 5, 1, 4] is one row, [[...], [...]] rows); nested
+lists inside become arrays. Each is
 converted to the model's dtype when the kinds agree (numbers to numbers, text to text), and an input
 one dimension short of the model's rank is taken as a single row (the seed's {"values": [2, 5, 1, 4]}).
 Anything else is a BadInput whose message names what the model expects.
@@ -20,6 +21,14 @@ from .sessions import LoadedModel, TensorSpec
 from .stats import rows_of
 
 _NUMERIC = frozenset("biuf")
+_KIND_WORDS = {"b": "true/false values", "i": "integers", "u": "integers", "f": "numbers", "c": "complex numbers",
+               "U": "strings", "S": "strings", "O": "values of mixed types", "V": "raw records",
+               "M": "dates", "m": "durations"}
+
+
+def kind_words(dtype: np.dtype) -> str:
+    """What a user sent, in words rather than numpy's dtype codes (`<U1` is "strings")."""
+    return _KIND_WORDS.get(dtype.kind, str(dtype))
 
 
 def _shape_text(spec: TensorSpec) -> str:
@@ -38,7 +47,7 @@ def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
         want_text, have_text = spec.dtype.kind == "U", array.dtype.kind in "US"
         if array.dtype.kind == "O" or (want_text != have_text) or (
                 not want_text and array.dtype.kind not in _NUMERIC):
-            raise BadInput(f"input {spec.name!r} expects {spec.dtype.name} values, got {array.dtype}")
+            raise BadInput(f"input {spec.name!r} expects {spec.dtype.name} values, got {kind_words(array.dtype)}")
         array = cast(array, spec.dtype, spec.name)
     if len(spec.shape) and array.ndim == len(spec.shape) - 1:
         array = array[np.newaxis]
@@ -66,6 +75,8 @@ def feeds_for(model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
     if isinstance(inputs, np.ndarray) and len(specs) == 1:
         return {specs[0].name: _as_array(inputs, specs[0])}
     if isinstance(inputs, (list, tuple)):
+        if len(specs) == 1 and len(inputs) != 1:  # a bare row or rows, as REST's "values"
+            return {specs[0].name: _as_array(inputs, specs[0])}
         if len(inputs) != len(specs):
             raise BadInput(f"{model.name} takes {len(specs)} inputs "
                            f"({', '.join(s.name for s in specs)}); name them in a map")

@@ -32,7 +32,7 @@ from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.protocol import MDPW
 from broker.settings import setting
 from broker.curve import PeerKeys
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 
 from . import ops
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class WorkerSettings:
     connect: str = setting("tcp://127.0.0.1:5555", "broker endpoint to connect to")
+    node_name: str = setting("", "start of this worker's node id and its log name (default: the host "
+                                 "name); fractal serve passes worker-1, worker-2, ...")
     service: str = setting("modelhost", "MDP service name to register for")
     model_dir: str = setting("./models", "the shared model pool directory")
     cache_size: int = setting(32, "ONNX Runtime sessions kept loaded (least recently used evicted)")
@@ -79,8 +81,9 @@ class WorkerSettings:
             raise ValueError("batch_max_size and batch_max_delay_us must be >= 0")
 
 
-def make_node_id() -> str:
-    return f"{socket_module.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+def make_node_id(name: str = "") -> str:
+    """The worker's id (its "node id" in replies, logs, metrics and /status): NAME-PID-RANDOM."""
+    return f"{name or socket_module.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 class ModelHost:
@@ -89,7 +92,7 @@ class ModelHost:
     def __init__(self, settings: WorkerSettings, context: zmq.Context | None = None,
                  registry: CollectorRegistry | None = None):
         self.settings = settings
-        self.node = make_node_id()
+        self.node = make_node_id(settings.node_name)
         self.registry = registry if registry is not None else new_registry("fractal_worker")
         self.metrics = WorkerMetrics(self.registry, self.node, enabled=settings.metrics_port != 0)
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics, settings.model_dir),
@@ -121,6 +124,10 @@ class ModelHost:
         log.info("worker %s serving %s from %s with %d connection(s), batching %s", self.node,
                  self.settings.service, self.pool.directory, len(self._connections),
                  f"up to {self.policy.max_batch_size} rows" if self.policy.enabled else "off")
+        if not self.pool.names():  # NOTE: a new user's `fractal worker --model-dir ./models` starts here
+            log.warning("the model pool %s holds no models: copy .onnx files in, upload one (PUT "
+                        "/api/v1/models/NAME), or start from the bundled ones (fractal serve creates its pool "
+                        "with them)", self.pool.directory)
         serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "worker")
         beater = threading.Thread(target=self._beat_while_busy, name="busy-heartbeat", daemon=True)
         beater.start()
@@ -211,7 +218,7 @@ class ModelHost:
         """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
         try:
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
-            model = self._run_busy(self.pool.load, check_model_name(request.get("model")))
+            model = self._run_busy(self.pool.load, model_file_name(request.get("model")))
             policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
         except Exception:
             return False  # reply_to() answers it, with the same error

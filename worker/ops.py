@@ -1,11 +1,11 @@
-"""The operations a modelhost answers (docs/protocol.md), each a function of the pool and the body."""
+"""The operations a worker answers (docs/protocol.md), each a function of the pool and the body."""
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
 
 from broker.errors import BadInput
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 
 from . import images, inference
 from .batching import BatchPolicy, batchable
@@ -13,7 +13,7 @@ from .pool import ModelPool
 
 
 def _model(body: dict) -> str:
-    return check_model_name(body.get("model"))
+    return model_file_name(body.get("model"))
 
 
 def _text(body: dict, field: str) -> str:
@@ -23,27 +23,33 @@ def _text(body: dict, field: str) -> str:
     return value
 
 
-def predict(pool: ModelPool, body: dict, node: str) -> dict:
+def _wanted(body: dict) -> list[str] | None:
     wanted = body.get("outputs")
     if wanted is not None and not (isinstance(wanted, list) and all(isinstance(w, str) for w in wanted)):
         raise BadInput("'outputs' must be a list of output names")
+    return wanted
+
+
+def predict(pool: ModelPool, body: dict, node: str) -> dict:
+    wanted = _wanted(body)
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
     return {"outputs": inference.run(pool.load(body.get("model")), body["inputs"], wanted)}  # load() checks the name
 
 
 def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
-    image = body.get("image")
+    image, wanted = body.get("image"), _wanted(body)
     if not isinstance(image, (bytes, bytearray)):
         raise BadInput("'image' must be the image file's bytes")
     name = _model(body)
     model = pool.load(name)
     if len(model.inputs) != 1:
         raise BadInput(f"{name} takes {len(model.inputs)} inputs; an image fills a model with one")
+    images.check_image_model(name, model.inputs[0])
     options = pool.sidecar(name).get("image") or {}
     tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
                               options if isinstance(options, dict) else {})
-    return {"outputs": inference.run(model, {model.inputs[0].name: tensor}, body.get("outputs"))}
+    return {"outputs": inference.run(model, {model.inputs[0].name: tensor}, wanted)}
 
 
 def models(pool: ModelPool, body: dict, node: str) -> dict:

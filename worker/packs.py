@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import protocol as p
 from broker.errors import BadInput, FractalError
-from broker.protocol import check_model_name
+from broker.protocol import model_file_name
 
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 
@@ -56,7 +56,7 @@ def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dic
     found = models.get(name) if isinstance(name, str) else None
     if found is None:
         try:
-            model = host.pool.load(check_model_name(name))
+            model = host.pool.load(model_file_name(name))
             options = host.pool.sidecar(model.name).get("dynamic_batching")
         except Exception:
             return False  # answer() gives it the same error, alone

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import difflib
 import fcntl
 import json
 import logging
@@ -60,7 +61,7 @@ class ModelPool:
             st = os.stat(path)
         except FileNotFoundError:
             self._cache.drop(name)
-            raise ModelNotFound(f"model {name} not found") from None
+            raise self._not_found(name) from None
         if os.access(self._unloaded_prefix + name, os.F_OK):
             self._drop_unloaded(name)
             raise ModelUnloaded(f"model {name} is unloaded; load it (POST /v2/repository/models/{name}/load)")
@@ -72,7 +73,7 @@ class ModelPool:
                 st = os.fstat(f.fileno())  # NOTE: key and bytes come from the same open file
                 data = f.read()
         except FileNotFoundError:
-            raise ModelNotFound(f"model {name} not found") from None
+            raise self._not_found(name) from None
         model = self._factory.build(name, data, st)
         self._cache.put(model)
         return model
@@ -147,7 +148,7 @@ class ModelPool:
     def describe(self, name: str, description: str) -> None:
         with self._locked():
             if not self._path(name).is_file():
-                raise ModelNotFound(f"model {name} not found")
+                raise self._not_found(name)
             self._write_sidecar(name, description)
 
     def upload(self, name: str, data: bytes, description: str | None = None) -> None:
@@ -175,7 +176,7 @@ class ModelPool:
         """Stop serving `name` on every worker (the file stays); this worker drops its session now."""
         with self._locked():
             if not self._path(name).is_file():
-                raise ModelNotFound(f"model {name} not found")
+                raise self._not_found(name)
             marker = self._marker(name)
             marker.parent.mkdir(exist_ok=True)
             marker.touch()
@@ -194,7 +195,7 @@ class ModelPool:
             try:
                 os.unlink(self._path(name))
             except FileNotFoundError:
-                raise ModelNotFound(f"model {name} not found") from None
+                raise self._not_found(name) from None
             for path in (self._path(name + SIDECAR), self._marker(name)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -208,6 +209,13 @@ class ModelPool:
     def _path(self, name: str) -> Path:
         check_model_name(name if not name.endswith(SIDECAR) else name[: -len(SIDECAR)])
         return self.directory / name
+
+    def _not_found(self, name: str) -> ModelNotFound:
+        """The 404 for `name`: where the list is, and the closest name when one is close."""
+        close = difflib.get_close_matches(name, self.names(), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return ModelNotFound(f"model {name} not found; {hint}the models are listed by GET /api/v1/models "
+                             f"and `fractal models`")
 
     def _marker(self, name: str) -> Path:
         return self.directory / UNLOADED_DIR / name
