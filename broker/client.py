@@ -182,8 +182,8 @@ class Client(_Operations):
         sock = self._socket()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         rid = next(_ids)
-        _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *p.request_body(rid, op, fields or {})],
-              deadline, self.endpoint)
+        _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
+                     *p.request_body(rid, op, _with_request_id(fields or {}))], deadline, self.endpoint)
         outcome = self._receive(sock, (rid,), deadline)[1]
         if isinstance(outcome, FractalError):
             raise outcome
