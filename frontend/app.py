@@ -24,6 +24,7 @@ from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
                         welcome_body)
 from .settings import FrontendSettings
+from .timing import ServerTiming
 from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
                  RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
 
@@ -99,7 +100,8 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "v2_config": ModelConfig(*shared), "v2_stats": ModelStatistics(*shared),
         "metrics": Metrics(registry), "status": StatusJson(client), "status_page": StatusPage(client),
     }
-    middleware = [RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
+    middleware = [*([ServerTiming()] if settings.server_timing else []), RequestLog(),
+                  TokenAuth(settings.admin_token, settings.api_token)]
     if settings.metrics:
         middleware.append(MetricsMiddleware(FrontendMetrics(registry)))
     app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])

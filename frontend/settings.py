@@ -18,6 +18,8 @@ class FrontendSettings:
                                  "open", env="FRACTAL_API_TOKEN", secret=True)
     curve_secret_key: str = setting("", "CURVE: the frontend's .key_secret file (empty: no CURVE)")
     curve_broker_key: str = setting("", "CURVE: the broker's public .key file")
+    server_timing: bool = setting(True, "a Server-Timing header on every prediction: frontend, queue, worker, "
+                                        "inference and total in ms (false: none, for comparison)")
     metrics: bool = setting(True, "count requests for /metrics (false: no metrics, for comparison)")
     metrics_dir: str = setting("", "prometheus multiprocess directory for gunicorn's workers; empty: a "
                                    "temporary one, removed on exit")

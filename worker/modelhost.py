@@ -38,6 +38,7 @@ from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
+from .inference import worker_time
 from .ops import OPS, rss_bytes
 from .packs import run_pack
 from .pool import ModelPool
@@ -246,6 +247,8 @@ class ModelHost:
 
         def reply(outcome: dict | FractalError) -> None:
             ok = not isinstance(outcome, FractalError)
+            if ok:
+                worker_time(outcome, arrived)
             try:
                 body = p.ok_body(rid, self.node, outcome) if ok else p.error_body(rid, self.node, outcome)
             except Exception:
@@ -353,6 +356,7 @@ class ModelHost:
         except Exception:
             log.exception("request %s: %s failed unexpectedly", trace, op_name)
             outcome = InternalError(f"unexpected failure on {self.node} (request id {trace})")
+        worker_time(outcome, started)
         self.request_done(op_name, trace, request.get("model", "") if isinstance(request, dict) else "",
                           outcome, started)
         return rid, outcome
