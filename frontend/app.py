@@ -39,6 +39,10 @@ class RequestLog:
         req.context.started = time.perf_counter()
         req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
 
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               params: dict) -> None:
+        req.context.model = params.get("name")  # the model a route names, for the line's `model` field
+
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
                                req_succeeded: bool) -> None:
         request_id = getattr(req.context, "request_id", "-")
@@ -55,8 +59,10 @@ class RequestLog:
         if started is None:
             return  # already logged (a client that left while its answer was being sent)
         req.context.started = None
-        log.info("%s %s %s %.2fms %s", req.method, req.path, status, (time.perf_counter() - started) * 1e3,
-                 getattr(req.context, "request_id", "-"))
+        latency_ms, request_id = (time.perf_counter() - started) * 1e3, getattr(req.context, "request_id", "-")
+        log.info("%s %s %s %.2fms %s", req.method, req.path, status, latency_ms, request_id, extra={
+            "request_id": request_id, "method": req.method, "path": req.path, "status": int(status),
+            "latency_ms": round(latency_ms, 3), "model": getattr(req.context, "model", None)})
 
 
 def _version() -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.settings import setting
+from broker.settings import log_format_setting, setting
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class FrontendSettings:
     public_url: str = setting("", "base URL of the curl examples in GET /help (empty: http://localhost:8002); "
                                   "fractal serve sets its own address")
     log_level: str = setting("INFO", "logging level")
+    log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_body_bytes <= 0:

@@ -116,7 +116,9 @@ class Calls:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             self.metrics.call_done(name, code.name, elapsed)
-            log.info("%s %s %.2fms %s", name, code.name, elapsed * 1e3, request_id)
+            log.info("%s %s %.2fms %s", name, code.name, elapsed * 1e3, request_id, extra={
+                "request_id": request_id, "rpc": name, "code": code.name, "latency_ms": round(elapsed * 1e3, 3),
+                "model": getattr(request, "name", None) or getattr(request, "model_name", None) or None})
 
 
 def rpc(name: str, access: str = API) -> Callable:
