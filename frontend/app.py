@@ -24,7 +24,7 @@ from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
                         welcome_body)
 from .settings import FrontendSettings
-from .timing import ServerTiming
+from .timing import RequestTiming
 from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
                  RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
 
@@ -106,10 +106,12 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "v2_config": ModelConfig(*shared), "v2_stats": ModelStatistics(*shared),
         "metrics": Metrics(registry), "status": StatusJson(client), "status_page": StatusPage(client),
     }
-    middleware = [*([ServerTiming()] if settings.server_timing else []), RequestLog(),
-                  TokenAuth(settings.admin_token, settings.api_token)]
-    if settings.metrics:
-        middleware.append(MetricsMiddleware(FrontendMetrics(registry)))
+    metrics = FrontendMetrics(registry) if settings.metrics else None
+    timing = ([RequestTiming(settings.server_timing, metrics.models if metrics else None)]
+              if settings.server_timing or metrics else [])
+    middleware = [*timing, RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
+    if metrics:
+        middleware.append(MetricsMiddleware(metrics))
     app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

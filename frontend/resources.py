@@ -139,7 +139,7 @@ class Prediction(Resource):
             raise BadInput('"inputs" must map input names to arrays')
         wanted = _wanted_outputs(body.get("outputs"))
         # NOTE: every output is computed, so that `values` is the model's first whatever was asked for.
-        outputs = await timed(request_timing(req), lambda timing: self.client.predict(
+        outputs = await timed(request_timing(req), name, lambda timing: self.client.predict(
             name, inputs, request_id=req.context.request_id, timing=timing))
         _answer(resp, name, outputs, wanted)
 
@@ -147,7 +147,7 @@ class Prediction(Resource):
                      wanted: list[str] | bool) -> None:
         if not image:
             raise BadInput("the image is empty")
-        outputs = await timed(request_timing(req), lambda timing: self.client.predict_image(
+        outputs = await timed(request_timing(req), name, lambda timing: self.client.predict_image(
             name, image, request_id=req.context.request_id, timing=timing))
         _answer(resp, name, outputs, wanted)
 

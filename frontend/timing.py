@@ -18,6 +18,9 @@ from typing import Any, Awaitable, Callable
 
 import falcon.asgi
 
+from broker.errors import FractalError
+from metrics import CallerModelMetrics
+
 HEADER = "Server-Timing"
 
 
@@ -36,25 +39,45 @@ def _number(value: Any) -> float:
     return float(value) if type(value) in (int, float) and math.isfinite(value) else 0.0
 
 
-async def timed(timing: dict | None, call: Callable[[dict | None], Awaitable[Any]]) -> Any:
-    """Await `call(timing)` (a client predict that fills `timing` with the worker's times), adding
-    the wait as call_ms; with `timing` None (Server-Timing off) just await it."""
+async def timed(timing: dict | None, model: str, call: Callable[[dict | None], Awaitable[Any]]) -> Any:
+    """Await `call(timing)` (a client predict of `model` that fills `timing` with the worker's times),
+    adding the wait as call_ms, or the error's type as error; with `timing` None (neither Server-Timing
+    nor per-model metrics wanted) just await it."""
     if timing is None:
         return await call(None)
+    timing["model"] = model
     started = time.perf_counter()
-    result = await call(timing)
+    try:
+        result = await call(timing)
+    except FractalError as exc:
+        timing["error"] = exc.__class__.__name__
+        raise
     timing["call_ms"] = (time.perf_counter() - started) * 1e3
     return result
 
 
 def request_timing(req: falcon.asgi.Request) -> dict | None:
-    """The timing map of this request, or None when the frontend writes no Server-Timing."""
+    """The timing map of this request, or None when nothing here wants it."""
     return getattr(req.context, "timing", None)
 
 
-class ServerTiming:
-    """Middleware: a prediction that got its answer gets a Server-Timing header. First in the chain,
-    so that its total spans every other middleware's work."""
+def count(models: CallerModelMetrics | None, timing: dict) -> None:
+    """A prediction's per-model series, from the map `timed` filled (nothing for other calls)."""
+    if models is None:
+        return
+    if "call_ms" in timing:
+        models.answered(timing["model"], timing)
+    elif "error" in timing:
+        models.failed(timing["model"], timing["error"])
+
+
+class RequestTiming:
+    """Middleware: a prediction that got its answer gets a Server-Timing header (`header`), and every
+    prediction counts in its model's series (`models`). First in the chain, so that its total spans
+    every other middleware's work."""
+
+    def __init__(self, header: bool, models: CallerModelMetrics | None):
+        self.header, self.models = header, models
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.timing_started = time.perf_counter()
@@ -63,6 +86,9 @@ class ServerTiming:
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
                                req_succeeded: bool) -> None:
         timing = getattr(req.context, "timing", None)
-        if timing and "call_ms" in timing and req_succeeded:
+        if not timing:
+            return
+        count(self.models, timing)
+        if self.header and "call_ms" in timing and req_succeeded:
             total_ms = (time.perf_counter() - req.context.timing_started) * 1e3
             resp.set_header(HEADER, server_timing(total_ms, timing))

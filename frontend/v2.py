@@ -89,7 +89,7 @@ class Infer(V2Resource):
         except ValueError:
             header_length = -1  # decode_request rejects it with the protocol's message
         request = decode_request(await bodies.raw(req, self.max_body_bytes), header_length)
-        outputs = await timed(request_timing(req), lambda timing: self.client.predict(
+        outputs = await timed(request_timing(req), model, lambda timing: self.client.predict(
             model, request.inputs, request.outputs, request_id=req.context.request_id, timing=timing))
         body, json_length = encode_response(name, request, outputs)
         resp.data = body

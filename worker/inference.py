@@ -133,6 +133,8 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
     model.stats.executed()
     if model.timer is not None:
         model.timer.observe((ran - started) / 1e9)
+    if model.series is not None:
+        model.series.batch_rows.observe(rows_of(feeds))
     outputs = {name: _plain(value) for name, value in zip(names, values)}
     return outputs, ran - started, time.perf_counter_ns() - ran
 

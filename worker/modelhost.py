@@ -47,6 +47,8 @@ from .sessions import SessionCache, SessionFactory
 
 log = logging.getLogger(__name__)
 
+PREDICT_OPS = frozenset({"predict", "predict_image"})  # counted per model (metrics.ModelSeries)
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -260,6 +262,7 @@ class ModelHost:
                 body = p.error_body(rid, self.node, outcome)
             self._outbox.append((conn, generation, client, body))
             self.metrics.request_done("predict", "ok" if ok else "error", time.perf_counter() - arrived)
+            self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
             if not ok:
                 log.info("request %s: predict failed: %s: %s", trace, outcome.__class__.__name__, outcome,
                          extra={"request_id": trace, "op": "predict", "model": model,
@@ -374,6 +377,8 @@ class ModelHost:
         elapsed = time.perf_counter() - started
         ok = not isinstance(outcome, FractalError)
         self.metrics.request_done(op_name if op_name in OPS else "unknown", "ok" if ok else "error", elapsed)
+        if op_name in PREDICT_OPS:
+            self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
         if not ok:
             fields = {"request_id": trace, "op": op_name, "model": model or None, "error": outcome.__class__.__name__}
             if isinstance(outcome, ProtocolError):

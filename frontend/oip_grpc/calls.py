@@ -20,7 +20,7 @@ from broker.errors import (BadInput, FractalError, Forbidden, ModelNotFound, Pay
                            Unauthorized, UnsupportedMediaType)
 from metrics import GrpcMetrics
 
-from ..timing import server_timing
+from ..timing import count, server_timing
 
 log = logging.getLogger("frontend.grpc.access")
 
@@ -82,7 +82,7 @@ class Calls:
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
         trailing = (("x-request-id", request_id),)
         context.set_trailing_metadata(trailing)
-        code = grpc.StatusCode.OK
+        code, call = grpc.StatusCode.OK, None
         self.metrics.in_flight.inc()
         try:
             self.authorize(access, str(metadata.get("authorization", "")))
@@ -95,8 +95,11 @@ class Calls:
             if "call_ms" in call.timing:  # a prediction: the split of its time, as REST's Server-Timing
                 context.set_trailing_metadata((*trailing, ("server-timing", server_timing(
                     (time.perf_counter() - started) * 1e3, call.timing))))
+                count(self.metrics.models, call.timing)
             return result
         except FractalError as exc:
+            if call is not None:
+                count(self.metrics.models, call.timing)
             code = status_code(exc)
             message = str(exc) if code is not grpc.StatusCode.INTERNAL else f"{exc} (request id {request_id})"
             await context.abort(code, message, trailing)

@@ -99,7 +99,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
         model = pool_name(request.model_name, request.model_version)
         inputs, wanted = decode_inputs(request), requested_outputs(request)
-        outputs = await timed(call.timing, lambda timing: self.client.predict(
+        outputs = await timed(call.timing, model, lambda timing: self.client.predict(
             model, inputs, wanted, timeout_s=call.timeout_s, request_id=call.request_id, timing=timing))
         return encode_response(request, outputs)
 
