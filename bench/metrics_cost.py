@@ -38,12 +38,15 @@ def frontend() -> float:
     requests = m.requests.labels("/api/v1/models/{name}/prediction", "POST", "200")
     duration = m.duration.labels("/api/v1/models/{name}/prediction", "POST")
 
+    timing = {"call_ms": 0.5, "worker_ms": 0.1, "inference_ms": 0.05}
+
     def one() -> None:
         started = time.perf_counter()
         m.in_flight.inc()
         m.in_flight.dec()
         requests.inc()
         duration.observe(time.perf_counter() - started)
+        m.models.answered("iris.onnx", timing)
     return per_call_us(one)
 
 
@@ -63,13 +66,15 @@ def broker() -> float:
 
 def worker() -> float:
     m = WorkerMetrics(CollectorRegistry(), "node-1")
-    inference = m.inference_seconds.labels("node-1", "iris.onnx")
+    series = m.model_series("iris.onnx")
 
     def one() -> None:
         started = time.perf_counter()
         m.cache_hits.inc()
-        inference.observe(time.perf_counter() - started)
+        series.inference.observe(time.perf_counter() - started)
+        series.batch_rows.observe(1)
         m.request_done("predict", "ok", time.perf_counter() - started)
+        m.model_done("iris.onnx", None)
     return per_call_us(one)
 
 

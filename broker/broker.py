@@ -15,7 +15,7 @@ from . import protocol as p
 from .curve import BrokerCurve
 from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
-from .settings import setting
+from .settings import log_format_setting, setting
 from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
@@ -42,6 +42,7 @@ class BrokerSettings:
     metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
     metrics_port: int = setting(9150, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
+    log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:

@@ -36,6 +36,19 @@ def _outputs(result: dict) -> dict[str, np.ndarray]:
     return result["outputs"]
 
 
+def _outputs_timed(timing: dict | None) -> Callable[[dict], dict[str, np.ndarray]]:
+    """_outputs, also copying the reply's timing map (docs/protocol.md, "Timing") into `timing`."""
+    if timing is None:
+        return _outputs
+
+    def post(result: dict) -> dict[str, np.ndarray]:
+        reported = result.get("timing")
+        if isinstance(reported, dict):
+            timing.update(reported)
+        return result["outputs"]
+    return post
+
+
 def _model_list(result: dict) -> list[str]:
     return result["models"]
 
@@ -47,8 +60,9 @@ class _Operations:
         raise NotImplementedError
 
     def predict(self, model: str, inputs: Inputs, outputs: Sequence[str] | None = None, *,
-                timeout_s: float | None = None, request_id: str | None = None):
+                timeout_s: float | None = None, request_id: str | None = None, timing: dict | None = None):
         """Run `model` on `inputs` (by input name, or positional); returns {output name: array}.
+        A `timing` dict receives the worker's own times in ms (worker_ms, inference_ms).
 
         Raises ModelNotFound, BadInput (wrong names, dtypes or shapes: the message says what the
         model expects), Timeout, Overloaded or NoWorkerAvailable.
@@ -56,16 +70,16 @@ class _Operations:
         fields: dict[str, Any] = {"model": p.model_file_name(model), "inputs": inputs}
         if outputs is not None:
             fields["outputs"] = list(outputs)
-        return self._do("predict", _traced(fields, request_id), _outputs, timeout_s)
+        return self._do("predict", _traced(fields, request_id), _outputs_timed(timing), timeout_s)
 
     def predict_image(self, model: str, image: bytes, outputs: Sequence[str] | None = None, *,
-                      timeout_s: float | None = None, request_id: str | None = None):
+                      timeout_s: float | None = None, request_id: str | None = None, timing: dict | None = None):
         """Run a one-input image model on an encoded image (JPEG, PNG, ...); the worker decodes it,
-        matches the model's channels, layout and size and scales pixels to [0, 1]."""
+        matches the model's channels, layout and size and scales pixels to [0, 1]. `timing`: as predict's."""
         fields: dict[str, Any] = {"model": p.model_file_name(model), "image": image}
         if outputs is not None:
             fields["outputs"] = list(outputs)
-        return self._do("predict_image", _traced(fields, request_id), _outputs, timeout_s)
+        return self._do("predict_image", _traced(fields, request_id), _outputs_timed(timing), timeout_s)
 
     def models(self, *, timeout_s: float | None = None, request_id: str | None = None):
         """Names of the models in the pool, sorted."""

@@ -30,7 +30,7 @@ def run_component(component: str, description: str, settings_cls: type,
         return 2
     # NOTE: a worker's log name is its node name when it has one (fractal serve's worker-1), so the
     # supervisor's "started worker-1", the log lines and the node id all say the same.
-    setup_logging(getattr(settings, "node_name", "") or component, settings.log_level)
+    setup_logging(getattr(settings, "node_name", "") or component, settings.log_level, settings.log_format)
     try:
         runnable = build(settings)
     except ConfigError as exc:  # e.g. an unreadable CURVE key: say so and exit, no traceback

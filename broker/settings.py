@@ -85,13 +85,25 @@ def load(cls: type[T], component: str, flags: Mapping[str, Any] | argparse.Names
                 source, raw = name, env[name]
         if raw is not None:
             values[f.name] = _convert(raw, hints[f.name], source)
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in values and values[f.name] not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, not {values[f.name]!r}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
 
 
-def setting(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:  # noqa: A002
+def setting(default: Any, help: str, env: str | None = None, secret: bool = False,  # noqa: A002
+            choices: tuple[str, ...] = ()) -> Any:
     """A dataclass field with its help text; `env` names its variable when the default name will not
-    do, `secret` keeps its value out of --help."""
-    return dataclasses.field(default=default, metadata={"help": help, "env": env, "secret": secret})
+    do, `secret` keeps its value out of --help, `choices` are the only values load() accepts."""
+    return dataclasses.field(default=default, metadata={"help": help, "env": env, "secret": secret,
+                                                        "choices": choices})
+
+
+def log_format_setting() -> Any:
+    """Every component's `log_format`: one variable, FRACTAL_LOG_FORMAT, for all of them (broker/logs.py)."""
+    return setting("text", "log lines as text, or json: one object per line", env="FRACTAL_LOG_FORMAT",
+                   choices=("text", "json"))

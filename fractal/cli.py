@@ -54,7 +54,7 @@ def _serve(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"fractal serve: {exc}", file=sys.stderr)
         return 2
-    setup_logging("serve", settings.log_level)
+    setup_logging("serve", settings.log_level, settings.log_format)
     return serve(settings)
 
 

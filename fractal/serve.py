@@ -21,7 +21,7 @@ from pathlib import Path
 from broker.client import Client
 from broker.curve import PeerKeys
 from broker.errors import FractalError
-from broker.settings import env_name, flag_name, load, setting
+from broker.settings import env_name, flag_name, load, log_format_setting, setting
 
 from .gunicorn_args import WORKER_CLASS, gunicorn_argv
 from .health import http_json
@@ -48,6 +48,7 @@ class ServeSettings:
     metrics_port: int = setting(9150, "broker /metrics port; workers take the next ones; 0: no metrics at all")
     ready_timeout_s: float = setting(60.0, "how long to wait for every part to come up")
     log_level: str = setting("INFO", "logging level of every part")
+    log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.http_workers < 1 or self.threads < 0:
@@ -131,7 +132,7 @@ def _children(s: ServeSettings) -> list[Child]:
     connect_url = f"tcp://{'127.0.0.1' if s.broker_host in ('0.0.0.0', '*') else s.broker_host}:{s.broker_port}"
     threads = s.threads or max(1, (os.cpu_count() or 1) // s.workers)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    common = ["--log-level", s.log_level]
+    common = ["--log-level", s.log_level, "--log-format", s.log_format]
     children = [Child("broker", [sys.executable, "-m", "broker", "--bind", broker_url, *common,
                                  "--metrics-port", str(s.metrics_port)], env)]
     for i in range(s.workers):
@@ -146,6 +147,7 @@ def _children(s: ServeSettings) -> list[Child]:
     frontend_env = dict(env, **{public: env.get(public) or f"http://{host}:{s.http_port}",
                                 env_name("frontend", "broker"): connect_url,
                                 env_name("frontend", "log_level"): s.log_level,
+                                "FRACTAL_LOG_FORMAT": s.log_format,
                                 env_name("frontend", "metrics"): "true" if s.metrics_port else "false"})
     children.append(Child("frontend", gunicorn_argv(f"{s.http_host}:{s.http_port}", s.http_workers,
                                                    s.log_level, s.http_worker_class), frontend_env))
@@ -242,9 +244,13 @@ def serve(s: ServeSettings) -> int:
                 code = 1
             return code
         grpc_text = f"gRPC {s.http_host}:{s.grpc_port}, " if s.grpc_port else ""
-        print(f"FRACTAL ML Server ready: http://{s.http_host}:{s.http_port}/  ({grpc_text}"
-              f"broker tcp://{s.broker_host}:{s.broker_port}, {s.workers} workers, models in "
-              f"{Path(s.model_dir).resolve()}). Ctrl-C stops it.\n{_metrics_line(s)}", flush=True)
+        banner = (f"FRACTAL ML Server ready: http://{s.http_host}:{s.http_port}/  ({grpc_text}"
+                  f"broker tcp://{s.broker_host}:{s.broker_port}, {s.workers} workers, models in "
+                  f"{Path(s.model_dir).resolve()}). Ctrl-C stops it.\n{_metrics_line(s)}")
+        if s.log_format == "json":  # NOTE: every line one JSON object, as asked; the banner too
+            log.info(banner)
+        else:
+            print(banner, flush=True)
         while not stopping.wait(0.5):
             dead = supervisor.check()
             if dead is not None:

@@ -24,6 +24,7 @@ from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
                         welcome_body)
 from .settings import FrontendSettings
+from .timing import RequestTiming
 from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
                  RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
 
@@ -37,6 +38,10 @@ class RequestLog:
         req.context.request_id = (req.get_header("X-Request-ID") or uuid.uuid4().hex)[:128]
         req.context.started = time.perf_counter()
         req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
+
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               params: dict) -> None:
+        req.context.model = params.get("name")  # the model a route names, for the line's `model` field
 
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
                                req_succeeded: bool) -> None:
@@ -54,8 +59,10 @@ class RequestLog:
         if started is None:
             return  # already logged (a client that left while its answer was being sent)
         req.context.started = None
-        log.info("%s %s %s %.2fms %s", req.method, req.path, status, (time.perf_counter() - started) * 1e3,
-                 getattr(req.context, "request_id", "-"))
+        latency_ms, request_id = (time.perf_counter() - started) * 1e3, getattr(req.context, "request_id", "-")
+        log.info("%s %s %s %.2fms %s", req.method, req.path, status, latency_ms, request_id, extra={
+            "request_id": request_id, "method": req.method, "path": req.path, "status": int(status),
+            "latency_ms": round(latency_ms, 3), "model": getattr(req.context, "model", None)})
 
 
 def _version() -> str:
@@ -99,9 +106,12 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "v2_config": ModelConfig(*shared), "v2_stats": ModelStatistics(*shared),
         "metrics": Metrics(registry), "status": StatusJson(client), "status_page": StatusPage(client),
     }
-    middleware = [RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
-    if settings.metrics:
-        middleware.append(MetricsMiddleware(FrontendMetrics(registry)))
+    metrics = FrontendMetrics(registry) if settings.metrics else None
+    timing = ([RequestTiming(settings.server_timing, metrics.models if metrics else None)]
+              if settings.server_timing or metrics else [])
+    middleware = [*timing, RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
+    if metrics:
+        middleware.append(MetricsMiddleware(metrics))
     app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 
-from broker.logs import setup_logging
+from broker.logs import formatter, setup_logging
 from broker.settings import load
 
 from frontend.settings import FrontendSettings
@@ -29,9 +29,23 @@ for _name in os.listdir(_metrics_dir):
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 
+if _settings.log_format == "json":
+    from gunicorn.glogging import Logger
+
+    class JsonLogger(Logger):
+        """gunicorn's own lines (and uvicorn's, which reuse its handlers) as JSON objects too."""
+
+        def setup(self, cfg: object) -> None:
+            super().setup(cfg)
+            for handler in (*self.error_log.handlers, *self.access_log.handlers):
+                handler.setFormatter(formatter("frontend", "json"))
+
+    logger_class = JsonLogger
+
+
 def post_fork(server: object, worker: object) -> None:
     # NOTE: gunicorn configures only its own loggers; the app's request lines need a root handler.
-    setup_logging("frontend", _settings.log_level)
+    setup_logging("frontend", _settings.log_level, _settings.log_format)
 
 
 def child_exit(server: object, worker: object) -> None:

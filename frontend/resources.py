@@ -15,6 +15,7 @@ from broker.protocol import model_file_name
 
 from . import bodies
 from .errors import status_body
+from .timing import request_timing, timed
 
 WELCOME = ("Greetings from Fractal - ML Server - Inferrer, the Machine Learning model server. "
            "For more information, visit /help")
@@ -138,14 +139,16 @@ class Prediction(Resource):
             raise BadInput('"inputs" must map input names to arrays')
         wanted = _wanted_outputs(body.get("outputs"))
         # NOTE: every output is computed, so that `values` is the model's first whatever was asked for.
-        outputs = await self.client.predict(name, inputs, request_id=req.context.request_id)
+        outputs = await timed(request_timing(req), name, lambda timing: self.client.predict(
+            name, inputs, request_id=req.context.request_id, timing=timing))
         _answer(resp, name, outputs, wanted)
 
     async def _image(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str, image: bytes,
                      wanted: list[str] | bool) -> None:
         if not image:
             raise BadInput("the image is empty")
-        outputs = await self.client.predict_image(name, image, request_id=req.context.request_id)
+        outputs = await timed(request_timing(req), name, lambda timing: self.client.predict_image(
+            name, image, request_id=req.context.request_id, timing=timing))
         _answer(resp, name, outputs, wanted)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.settings import setting
+from broker.settings import log_format_setting, setting
 
 
 @dataclass(frozen=True)
@@ -18,12 +18,15 @@ class FrontendSettings:
                                  "open", env="FRACTAL_API_TOKEN", secret=True)
     curve_secret_key: str = setting("", "CURVE: the frontend's .key_secret file (empty: no CURVE)")
     curve_broker_key: str = setting("", "CURVE: the broker's public .key file")
+    server_timing: bool = setting(True, "a Server-Timing header on every prediction: frontend, queue, worker, "
+                                        "inference and total in ms (false: none, for comparison)")
     metrics: bool = setting(True, "count requests for /metrics (false: no metrics, for comparison)")
     metrics_dir: str = setting("", "prometheus multiprocess directory for gunicorn's workers; empty: a "
                                    "temporary one, removed on exit")
     public_url: str = setting("", "base URL of the curl examples in GET /help (empty: http://localhost:8002); "
                                   "fractal serve sets its own address")
     log_level: str = setting("INFO", "logging level")
+    log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_body_bytes <= 0:

@@ -16,6 +16,7 @@ from broker.errors import ModelNotFound, NoWorkerAvailable
 from broker.protocol import model_file_name
 
 from . import bodies, oip
+from .timing import request_timing, timed
 from .v2_tensors import HEADER_LENGTH, datatype_of, decode_request, encode_response
 
 SERVER_NAME = "fractal-ml-server"
@@ -88,7 +89,8 @@ class Infer(V2Resource):
         except ValueError:
             header_length = -1  # decode_request rejects it with the protocol's message
         request = decode_request(await bodies.raw(req, self.max_body_bytes), header_length)
-        outputs = await self.client.predict(model, request.inputs, request.outputs, request_id=req.context.request_id)
+        outputs = await timed(request_timing(req), model, lambda timing: self.client.predict(
+            model, request.inputs, request.outputs, request_id=req.context.request_id, timing=timing))
         body, json_length = encode_response(name, request, outputs)
         resp.data = body
         if json_length is None:

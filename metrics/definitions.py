@@ -46,6 +46,11 @@ def observe_many(child: object, value: float, count: int) -> None:
             break
 
 
+# Rows per InferenceSession.run: 1 (no batching) up to a pack's PACK_MAX_ROWS.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+VERSION = "1"  # every model has one version for now (README, "Open Inference Protocol")
+
+
 def _kinds(enabled: bool) -> tuple[Callable, Callable, Callable]:
     if enabled:
         return Counter, Gauge, Histogram
@@ -94,18 +99,50 @@ class BrokerMetrics:
                 pass
 
 
+class ModelSeries:
+    """One loaded model's label children in a worker, bound once when its session is loaded."""
+
+    __slots__ = ("inference", "batch_rows", "queue_wait", "requests", "resident", "_failures", "_failed")
+
+    def __init__(self, m: "WorkerMetrics", labels: tuple[str, str, str]):
+        self.inference = m.inference_seconds.labels(*labels)
+        self.batch_rows = m.batch_rows.labels(*labels)
+        self.queue_wait = m.model_queue_wait.labels(*labels)
+        self.requests = m.model_requests.labels(*labels)
+        self.resident = m.model_resident.labels(*labels)
+        self._failures, self._failed = m.model_failures, labels
+        self.resident.set(1)
+
+    def failed(self, reason: str) -> None:
+        self._failures.labels(*self._failed, reason).inc()
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None, node: str, enabled: bool = True):
         counter, gauge, histogram = _kinds(enabled)
-        r, n = registry, ["node"]
+        r, n, mv = registry, ["node"], ["node", "model", "version"]
         self.node = node
         self.requests = counter("fractal_worker_requests", "Requests answered, by op and outcome.",
                                 ["node", "op", "outcome"], registry=r)
         self.request_seconds = histogram("fractal_worker_request_duration_seconds", "Handling time of a "
                                          "request, decoded body to encoded reply.", ["node", "op"],
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_seconds = histogram("fractal_worker_inference_seconds", "InferenceSession.run time.",
-                                           ["node", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        # Per model, only for models this worker loaded: series come and go with their sessions.
+        self.inference_seconds = histogram("fractal_worker_inference_seconds", "InferenceSession.run time, by "
+                                           "model.", mv, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = histogram("fractal_worker_batch_rows", "Rows per InferenceSession.run (a dynamic "
+                                    "batch or a pack's rows together), by model.", mv, buckets=ROW_BUCKETS,
+                                    registry=r)
+        self.model_queue_wait = histogram("fractal_worker_model_queue_wait_seconds", "A batched request's wait "
+                                          "in the worker for its batch's run, by model.", mv,
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.model_requests = counter("fractal_worker_model_requests", "Predictions answered, failed or not, "
+                                      "by model.", mv, registry=r)
+        self.model_failures = counter("fractal_worker_model_failures", "Predictions that failed, by model and "
+                                      "reason (the error type).", [*mv, "reason"], registry=r)
+        self.model_resident = gauge("fractal_worker_model_resident", "1 while the model's session is loaded "
+                                    "in this worker.", mv, registry=r)
+        self._models: dict[str, ModelSeries] = {}
         self.model_loads = counter("fractal_worker_model_loads", "ONNX Runtime sessions created.", n,
                                    registry=r).labels(node)
         self.model_load_seconds = histogram("fractal_worker_model_load_seconds", "Time to create a session.",
@@ -122,6 +159,36 @@ class WorkerMetrics:
                                 n, registry=r).labels(node)
         self._bound: dict[tuple, tuple] = {}
 
+    def model_series(self, model: str) -> ModelSeries:
+        """The series of a model whose session was just loaded."""
+        series = self._models[model] = ModelSeries(self, (self.node, model, VERSION))
+        return series
+
+    def forget_model(self, model: str) -> None:
+        """Drop a model's series when its session leaves (users name models: names must not pile up)."""
+        if self._models.pop(model, None) is None:
+            return
+        for metric in (self.inference_seconds, self.batch_rows, self.model_queue_wait, self.model_requests,
+                       self.model_resident):
+            try:
+                metric.remove(self.node, model, VERSION)
+            except KeyError:
+                pass
+        if isinstance(self.model_failures, Counter):  # NOTE: _metrics (label values -> child) is stable API-wise
+            for labels in [ls for ls in self.model_failures._metrics if ls[1] == model]:
+                self.model_failures.remove(*labels)
+
+    def model_done(self, model: object, reason: str | None) -> None:
+        """Count a prediction for `model` (its file name, or the bare name) if this worker loaded it."""
+        series = self._models.get(model) if type(model) is str else None
+        if series is None:
+            series = self._models.get(f"{model}.onnx") if type(model) is str else None
+            if series is None:
+                return  # never loaded here: an unknown name never becomes a series
+        series.requests.inc()
+        if reason is not None:
+            series.failed(reason)
+
     def request_done(self, op: str, outcome: str, seconds: float) -> None:
         bound = self._bound.get((op, outcome))
         if bound is None:
@@ -129,6 +196,50 @@ class WorkerMetrics:
                                                   self.request_seconds.labels(self.node, op))
         bound[0].inc()
         bound[1].observe(seconds)
+
+
+class CallerModelMetrics:
+    """A frontend's (REST or gRPC) per-model series. A model becomes a series only once it has answered
+    through this process, so a caller's made-up names never do; its failures count from then on."""
+
+    MAX_MODELS = 1000  # NOTE: a pool of more models than this stops adding series, rather than grow
+
+    def __init__(self, prefix: str, registry: CollectorRegistry | None, enabled: bool = True):
+        counter, _gauge, histogram = _kinds(enabled)
+        r, mv = registry, ["model", "version"]
+        self.requests = counter(f"{prefix}_model_requests", "Predictions answered or failed, by model (once "
+                                "it has answered here).", mv, registry=r)
+        self.failures = counter(f"{prefix}_model_failures", "Predictions that failed, by model and reason (the "
+                                "error type).", [*mv, "reason"], registry=r)
+        self.queue = histogram(f"{prefix}_model_queue_wait_seconds", "From sending a prediction to its worker "
+                               "taking it up, and back: client, broker queue and network (Server-Timing's "
+                               "queue), by model.", mv, buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = histogram(f"{prefix}_model_inference_seconds", "InferenceSession.run time the worker "
+                                   "reported, by model.", mv, buckets=LATENCY_BUCKETS, registry=r)
+        self._known: dict[str, tuple] = {}
+
+    def answered(self, model: str, timing: dict) -> None:
+        """A prediction answered; `timing` holds call_ms and the worker's worker_ms and inference_ms."""
+        bound = self._known.get(model)
+        if bound is None:
+            if len(self._known) >= self.MAX_MODELS:
+                return
+            labels = (model, VERSION)
+            bound = self._known[model] = (self.requests.labels(*labels), self.queue.labels(*labels),
+                                          self.inference.labels(*labels))
+        bound[0].inc()
+        worker_ms, inference_ms = timing.get("worker_ms"), timing.get("inference_ms")
+        if type(worker_ms) is float:
+            bound[1].observe(max(timing.get("call_ms", 0.0) - worker_ms, 0.0) / 1e3)
+        if type(inference_ms) is float:
+            bound[2].observe(inference_ms / 1e3)
+
+    def failed(self, model: str, reason: str) -> None:
+        bound = self._known.get(model)
+        if bound is None:
+            return  # never answered here: perhaps no such model, so no series
+        bound[0].inc()
+        self.failures.labels(model, VERSION, reason).inc()
 
 
 class FrontendMetrics:
@@ -143,6 +254,7 @@ class FrontendMetrics:
                                   ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = gauge("fractal_frontend_requests_in_flight", "HTTP requests being handled.",
                                registry=r, multiprocess_mode="livesum")
+        self.models = CallerModelMetrics("fractal_frontend", registry, enabled)
 
 
 class GrpcMetrics:
@@ -156,6 +268,7 @@ class GrpcMetrics:
         self.duration = histogram("fractal_grpc_request_duration_seconds", "gRPC call latency, by RPC.", ["rpc"],
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = gauge("fractal_grpc_requests_in_flight", "gRPC calls being handled.", registry=r)
+        self.models = CallerModelMetrics("fractal_grpc", registry, enabled)
         self._bound: dict[tuple, tuple] = {}
 
     def call_done(self, rpc: str, code: str, seconds: float) -> None:

@@ -1,8 +1,11 @@
 """Prometheus metrics of every component, checked with promtool and a real Prometheus; status page."""
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import struct
+import uuid
 import shutil
 import signal
 import subprocess
@@ -10,7 +13,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
+from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 
 from .conftest import (REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for,
                        wait_workers)
@@ -27,12 +32,13 @@ def promtool() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = free_ports(3)
+    base = free_ports(4)  # broker, 2 workers, then the gRPC frontend
     served = Served(tmp_path_factory.mktemp("metrics"), {"FRACTAL_BROKER_STATUS_INTERVAL_S": "0.5"},
                     "--metrics-port", str(base))
     served.metrics_urls = {"frontend": f"{served.base}/metrics", "broker": f"http://127.0.0.1:{base}/metrics",
                            "worker-1": f"http://127.0.0.1:{base + 1}/metrics",
-                           "worker-2": f"http://127.0.0.1:{base + 2}/metrics"}
+                           "worker-2": f"http://127.0.0.1:{base + 2}/metrics",
+                           "grpc": f"http://127.0.0.1:{base + 3}/metrics"}
     yield served
     assert served.stop() == 0
 
@@ -116,8 +122,8 @@ def test_a_real_prometheus_scrapes_every_target(server, promtool, tmp_path):
             return []
 
     try:
-        wait_for(lambda: len(query("up")) == 4 and all(r["value"][1] == "1" for r in query("up")), 40,
-                 "Prometheus to scrape all four targets")
+        wait_for(lambda: len(query("up")) == len(targets) and all(r["value"][1] == "1" for r in query("up")), 40,
+                 "Prometheus to scrape every target")
         expr = f'sum(fractal_frontend_requests_total{{route="{PREDICTION_ROUTE}"}})'
         wait_for(lambda: bool(query(expr)), 20, "the request counter in Prometheus")
         start = float(query(expr)[0]["value"][1])
@@ -163,10 +169,11 @@ def test_status_says_when_the_broker_is_down(procs):
 
 
 def test_dashboard_queries_only_metrics_that_exist(server):
-    predict(server)
+    use_iris(server, "nope.onnx")  # NOTE: the frontend's multiprocess files declare a metric with its first sample
     exposed = "\n".join(get(url) for url in server.metrics_urls.values())
     dashboard = json.loads((REPO / "deploy" / "grafana" / "fractal-ml-server.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]  # a row has none
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     names = {n for e in exprs for n in re.findall(r"\bfractal_[a-z_]+", e)}
     assert len(names) >= 10
     def family(name: str) -> str:
@@ -212,3 +219,71 @@ def test_services_invented_by_peers_leave_no_series(server):
         wait_for(lambda: "ghost-service" in get(server.metrics_urls["broker"]), 5, "the ghost service's series")
         sock.send_multipart([b"MDPW02", b"\x06"])  # DISCONNECT
         wait_for(lambda: "ghost-service" not in get(server.metrics_urls["broker"]), 5, "its series to go")
+
+
+def use_iris(server: Served, unknown: str, rounds: int = 1) -> None:
+    """Per round, on one connection (so one gunicorn process, where iris answers before its failure is
+    counted): a seed prediction, a bad one, one of an unknown model, a v2 one."""
+    for _ in range(rounds):
+        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+        for path, body, status in [("/api/v1/models/iris.onnx/prediction", b'{"values": [2, 5, 1, 4]}', 200),
+                                   ("/api/v1/models/iris.onnx/prediction", b'{"values": [[1, 2]]}', 400),
+                                   (f"/api/v1/models/{unknown}/prediction", b'{"values": [2, 5, 1, 4]}', 404),
+                                   ("/v2/models/iris/infer", json.dumps({"inputs": [{
+                                       "name": "float_input", "shape": [1, 4], "datatype": "FP32",
+                                       "data": [2, 5, 1, 4]}]}).encode(), 200)]:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == status, path
+        conn.close()
+
+
+IRIS = {"model": "iris.onnx", "version": "1"}
+PER_MODEL = [("worker", "fractal_worker_model_requests_total", {}),
+             ("worker", "fractal_worker_model_failures_total", {"reason": "BadInput"}),
+             ("worker", "fractal_worker_batch_rows_count", {}),
+             ("worker", "fractal_worker_inference_seconds_count", {}),
+             ("frontend", "fractal_frontend_model_requests_total", {}),
+             ("frontend", "fractal_frontend_model_failures_total", {"reason": "BadInput"}),
+             ("frontend", "fractal_frontend_model_queue_wait_seconds_count", {}),
+             ("frontend", "fractal_frontend_model_inference_seconds_count", {}),
+             ("grpc", "fractal_grpc_model_requests_total", {}),
+             ("grpc", "fractal_grpc_model_queue_wait_seconds_count", {}),
+             ("grpc", "fractal_grpc_model_inference_seconds_count", {})]
+
+
+def per_model_counts(server: Served) -> dict[str, float]:
+    texts = {name: get(url) for name, url in server.metrics_urls.items()}
+    texts["worker"] = texts["worker-1"] + texts["worker-2"]
+    return {name: sample_sum(texts[tier], name, **IRIS, **labels) for tier, name, labels in PER_MODEL}
+
+
+def test_per_model_series_for_used_models_only(server):
+    """Every tier labels a model it served, by model and version; a made-up name becomes no series."""
+    unknown = f"made-up-{uuid.uuid4().hex[:8]}"
+    before = per_model_counts(server)
+    use_iris(server, unknown, rounds=5)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for model in ("iris.onnx", unknown):
+            request = pb.ModelInferRequest(model_name=model)
+            request.inputs.add(name="float_input", datatype="FP32", shape=[1, 4])
+            request.raw_input_contents.append(struct.pack("<4f", 2, 5, 1, 4))
+            try:
+                stub.ModelInfer(request, timeout=10)
+            except grpc.RpcError as err:
+                assert model == unknown and err.code() == grpc.StatusCode.NOT_FOUND
+    after = per_model_counts(server)
+    grew = {name: after[name] - before[name] for name in after}
+    assert grew == {
+        "fractal_worker_model_requests_total": 16,  # 5 x (seed, bad, v2) + 1 gRPC, the unknown ones not
+        "fractal_worker_model_failures_total": 5, "fractal_worker_batch_rows_count": 11,
+        "fractal_worker_inference_seconds_count": 11,
+        "fractal_frontend_model_requests_total": 15, "fractal_frontend_model_failures_total": 5,
+        "fractal_frontend_model_queue_wait_seconds_count": 10, "fractal_frontend_model_inference_seconds_count": 10,
+        "fractal_grpc_model_requests_total": 1, "fractal_grpc_model_queue_wait_seconds_count": 1,
+        "fractal_grpc_model_inference_seconds_count": 1}
+    workers = get(server.metrics_urls["worker-1"]) + get(server.metrics_urls["worker-2"])
+    assert sample_sum(workers, "fractal_worker_model_resident", **IRIS) >= 1
+    assert all(unknown not in get(url) for url in server.metrics_urls.values())

@@ -140,9 +140,13 @@ def run_batch(batch: list[Pending]) -> None:
             _run_alone(pending)
         return
     ran = time.perf_counter_ns()
+    total = sum(p.rows for p in batch)
     if model.timer is not None:
         model.timer.observe((ran - started) / 1e9)
-    total = sum(p.rows for p in batch)
+    if model.series is not None:
+        model.series.batch_rows.observe(total)
+        for pending in batch:
+            model.series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
     if any(not isinstance(v, np.ndarray) or v.ndim == 0 or v.shape[0] != total for v in values):
         for pending in batch:  # an output that is not per row: the model is not batchable after all
             _run_alone(pending)
@@ -153,7 +157,8 @@ def run_batch(batch: list[Pending]) -> None:
         end = offset + pending.rows
         replying = time.perf_counter_ns()
         outputs = {n: v[offset:end] for n, v in zip(names, values)}
-        pending.reply({"outputs": outputs if pending.wanted is None else {n: outputs[n] for n in pending.wanted}})
+        pending.reply({"outputs": outputs if pending.wanted is None else {n: outputs[n] for n in pending.wanted},
+                       "timing": {"inference_ms": (ran - started) / 1e6}})  # the batch's run, shared
         done = time.perf_counter_ns()
         pending.model.stats.succeeded(pending.rows, done - pending.queued_ns + pending.input_ns,
                                       run_start - pending.queued_ns, pending.input_ns + started - run_start,
@@ -163,10 +168,12 @@ def run_batch(batch: list[Pending]) -> None:
 
 def _run_alone(pending: Pending) -> None:
     run_start = time.perf_counter_ns()
+    if pending.model.series is not None:
+        pending.model.series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
     infer_ns = output_ns = 0
     try:
         outputs, infer_ns, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
-        outcome: dict | FractalError = {"outputs": outputs}
+        outcome: dict | FractalError = {"outputs": outputs, "timing": {"inference_ms": infer_ns / 1e6}}
     except FractalError as exc:
         outcome = exc
     except Exception:

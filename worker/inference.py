@@ -95,8 +95,9 @@ def check_outputs(model: LoadedModel, wanted: list[str] | None) -> list[str]:
     return names
 
 
-def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, Any]:
-    """Run the model; returns {output name: value} in the model's output order (or `wanted`'s).
+def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> tuple[dict[str, Any], int]:
+    """Run the model; returns {output name: value} in the model's output order (or `wanted`'s), and
+    the nanoseconds InferenceSession.run took (the reply's timing, docs/protocol.md).
 
     Counts the request, failed or not, in the model's statistics (worker/stats.py).
     """
@@ -110,7 +111,7 @@ def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> dict[str, 
         raise
     model.stats.succeeded(rows_of(feeds), time.perf_counter_ns() - started, 0, converted - started, infer_ns,
                           output_ns)
-    return outputs
+    return outputs, infer_ns
 
 
 def run_feeds(model: LoadedModel, feeds: dict[str, np.ndarray], wanted: list[str] | None) -> dict[str, Any]:
@@ -132,6 +133,8 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
     model.stats.executed()
     if model.timer is not None:
         model.timer.observe((ran - started) / 1e9)
+    if model.series is not None:
+        model.series.batch_rows.observe(rows_of(feeds))
     outputs = {name: _plain(value) for name, value in zip(names, values)}
     return outputs, ran - started, time.perf_counter_ns() - ran
 
@@ -145,3 +148,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def worker_time(outcome: Any, started: float) -> None:
+    """Add the worker's own time (ms since `started`, a perf_counter) to a result that carries a
+    timing map (docs/protocol.md, "Timing"); only durations cross the wire, never clock readings."""
+    if type(outcome) is dict:
+        timing = outcome.get("timing")
+        if type(timing) is dict:
+            timing["worker_ms"] = (time.perf_counter() - started) * 1e3

@@ -29,8 +29,9 @@ from metrics import WorkerMetrics, new_registry, serve_metrics
 
 from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
+from broker.logs import set_node
 from broker.protocol import MDPW
-from broker.settings import setting
+from broker.settings import log_format_setting, setting
 from broker.curve import PeerKeys
 from broker.protocol import model_file_name
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
@@ -38,12 +39,15 @@ from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
+from .inference import worker_time
 from .ops import OPS, rss_bytes
 from .packs import run_pack
 from .pool import ModelPool
 from .sessions import SessionCache, SessionFactory
 
 log = logging.getLogger(__name__)
+
+PREDICT_OPS = frozenset({"predict", "predict_image"})  # counted per model (metrics.ModelSeries)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class WorkerSettings:
     metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
     metrics_port: int = setting(9151, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
+    log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
@@ -93,6 +98,7 @@ class ModelHost:
                  registry: CollectorRegistry | None = None):
         self.settings = settings
         self.node = make_node_id(settings.node_name)
+        set_node(self.node)  # JSON log records name the node id, as replies and metrics do
         self.registry = registry if registry is not None else new_registry("fractal_worker")
         self.metrics = WorkerMetrics(self.registry, self.node, enabled=settings.metrics_port != 0)
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics, settings.model_dir),
@@ -246,6 +252,8 @@ class ModelHost:
 
         def reply(outcome: dict | FractalError) -> None:
             ok = not isinstance(outcome, FractalError)
+            if ok:
+                worker_time(outcome, arrived)
             try:
                 body = p.ok_body(rid, self.node, outcome) if ok else p.error_body(rid, self.node, outcome)
             except Exception:
@@ -254,11 +262,16 @@ class ModelHost:
                 body = p.error_body(rid, self.node, outcome)
             self._outbox.append((conn, generation, client, body))
             self.metrics.request_done("predict", "ok" if ok else "error", time.perf_counter() - arrived)
+            self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
             if not ok:
-                log.info("request %s: predict failed: %s: %s", trace, outcome.__class__.__name__, outcome)
+                log.info("request %s: predict failed: %s: %s", trace, outcome.__class__.__name__, outcome,
+                         extra={"request_id": trace, "op": "predict", "model": model,
+                                "error": outcome.__class__.__name__})
             elif self._log_requests:
-                log.info("request %s: predict %s ok (batched) in %.2f ms", trace, model,
-                         (time.perf_counter() - arrived) * 1e3)
+                elapsed_ms = (time.perf_counter() - arrived) * 1e3
+                log.info("request %s: predict %s ok (batched) in %.2f ms", trace, model, elapsed_ms,
+                         extra={"request_id": trace, "op": "predict", "model": model, "batched": True,
+                                "latency_ms": round(elapsed_ms, 3)})
         return reply
 
     def _run_due_batches(self) -> None:
@@ -353,6 +366,7 @@ class ModelHost:
         except Exception:
             log.exception("request %s: %s failed unexpectedly", trace, op_name)
             outcome = InternalError(f"unexpected failure on {self.node} (request id {trace})")
+        worker_time(outcome, started)
         self.request_done(op_name, trace, request.get("model", "") if isinstance(request, dict) else "",
                           outcome, started)
         return rid, outcome
@@ -363,11 +377,16 @@ class ModelHost:
         elapsed = time.perf_counter() - started
         ok = not isinstance(outcome, FractalError)
         self.metrics.request_done(op_name if op_name in OPS else "unknown", "ok" if ok else "error", elapsed)
+        if op_name in PREDICT_OPS:
+            self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
         if not ok:
+            fields = {"request_id": trace, "op": op_name, "model": model or None, "error": outcome.__class__.__name__}
             if isinstance(outcome, ProtocolError):
-                log.warning("request %s: bad body: %s", trace, outcome)
+                log.warning("request %s: bad body: %s", trace, outcome, extra=fields)
             elif not isinstance(outcome, InternalError):
-                log.info("request %s: %s failed: %s: %s", trace, op_name, outcome.__class__.__name__, outcome)
+                log.info("request %s: %s failed: %s: %s", trace, op_name, outcome.__class__.__name__, outcome,
+                         extra=fields)
         elif self._log_requests and op_name != "status":  # the broker asks for status every few s
             log.info("request %s: %s %s ok%s in %.2f ms", trace, op_name, model, " (batched)" if batched else "",
-                     elapsed * 1e3)
+                     elapsed * 1e3, extra={"request_id": trace, "op": op_name, "model": model or None,
+                                           "batched": batched, "latency_ms": round(elapsed * 1e3, 3)})

@@ -34,7 +34,8 @@ def predict(pool: ModelPool, body: dict, node: str) -> dict:
     wanted = _wanted(body)
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
-    return {"outputs": inference.run(pool.load(body.get("model")), body["inputs"], wanted)}  # load() checks the name
+    outputs, infer_ns = inference.run(pool.load(body.get("model")), body["inputs"], wanted)  # load() checks the name
+    return {"outputs": outputs, "timing": {"inference_ms": infer_ns / 1e6}}
 
 
 def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
@@ -49,7 +50,8 @@ def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
     options = pool.sidecar(name).get("image") or {}
     tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
                               options if isinstance(options, dict) else {})
-    return {"outputs": inference.run(model, {model.inputs[0].name: tensor}, wanted)}
+    outputs, infer_ns = inference.run(model, {model.inputs[0].name: tensor}, wanted)
+    return {"outputs": outputs, "timing": {"inference_ms": infer_ns / 1e6}}
 
 
 def models(pool: ModelPool, body: dict, node: str) -> dict:

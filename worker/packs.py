@@ -18,6 +18,7 @@ from broker.errors import BadInput, FractalError
 from broker.protocol import model_file_name
 
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
+from .inference import worker_time
 
 if TYPE_CHECKING:
     from .modelhost import ModelHost
@@ -86,6 +87,7 @@ def _replier(host: "ModelHost", sub: dict, index: int, outcomes: list, model: st
     rid, trace = sub.get("id"), sub.get("request_id")
 
     def reply(outcome: Any) -> None:
+        worker_time(outcome, started)  # NOTE: from the pack's arrival: its rows waited for the run together
         outcomes[index] = (rid, outcome)
         host.request_done("predict", trace, model, outcome, started, batched=True)
     return reply

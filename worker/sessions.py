@@ -51,6 +51,7 @@ class LoadedModel:
     size_bytes: int
     mtime: float
     timer: Any = None          # histogram child observing InferenceSession.run, set by the pool
+    series: Any = None         # metrics.ModelSeries: the model's label children, set by the cache
     stats: Counters = field(default_factory=Counters)  # the name's counters, set by the cache
     output_names: list[str] = field(init=False)
     input_names: frozenset[str] = field(init=False)
@@ -131,7 +132,8 @@ class SessionCache:
     def put(self, model: LoadedModel) -> None:
         model.stats = self.stats.of(model.name)
         if self._metrics:
-            model.timer = self._metrics.inference_seconds.labels(self._metrics.node, model.name)
+            model.series = self._metrics.model_series(model.name)
+            model.timer = model.series.inference
         self._entries[model.name] = model
         self._entries.move_to_end(model.name)
         while len(self._entries) > self.capacity:
@@ -153,10 +155,7 @@ class SessionCache:
     def _forget_series(self, name: str) -> None:
         # NOTE: users name models; a model's series leave with its session, so names cannot pile up.
         if self._metrics:
-            try:
-                self._metrics.inference_seconds.remove(self._metrics.node, name)
-            except KeyError:
-                pass
+            self._metrics.forget_model(name)
 
     def _resident_changed(self) -> None:
         if self._metrics:

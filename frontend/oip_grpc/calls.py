@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -19,6 +19,8 @@ import grpc
 from broker.errors import (BadInput, FractalError, Forbidden, ModelNotFound, PayloadTooLarge, RetryLater, Timeout,
                            Unauthorized, UnsupportedMediaType)
 from metrics import GrpcMetrics
+
+from ..timing import count, server_timing
 
 log = logging.getLogger("frontend.grpc.access")
 
@@ -42,6 +44,7 @@ def status_code(exc: FractalError) -> grpc.StatusCode:
 class Call:
     request_id: str
     timeout_s: float   # what is left of the caller's deadline, capped by the frontend's timeout_s
+    timing: dict = field(default_factory=dict)  # a ModelInfer's times (frontend/timing.py)
 
 
 def _matches(presented: str, token: str) -> bool:
@@ -79,7 +82,7 @@ class Calls:
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
         trailing = (("x-request-id", request_id),)
         context.set_trailing_metadata(trailing)
-        code = grpc.StatusCode.OK
+        code, call = grpc.StatusCode.OK, None
         self.metrics.in_flight.inc()
         try:
             self.authorize(access, str(metadata.get("authorization", "")))
@@ -87,8 +90,16 @@ class Calls:
             timeout_s = self.timeout_s if remaining is None else min(self.timeout_s, remaining)
             if timeout_s <= 0:
                 raise Timeout("the call's deadline passed before it started")
-            return await method(servicer, request, Call(request_id, timeout_s))
+            call = Call(request_id, timeout_s)
+            result = await method(servicer, request, call)
+            if "call_ms" in call.timing:  # a prediction: the split of its time, as REST's Server-Timing
+                context.set_trailing_metadata((*trailing, ("server-timing", server_timing(
+                    (time.perf_counter() - started) * 1e3, call.timing))))
+                count(self.metrics.models, call.timing)
+            return result
         except FractalError as exc:
+            if call is not None:
+                count(self.metrics.models, call.timing)
             code = status_code(exc)
             message = str(exc) if code is not grpc.StatusCode.INTERNAL else f"{exc} (request id {request_id})"
             await context.abort(code, message, trailing)
@@ -108,7 +119,9 @@ class Calls:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             self.metrics.call_done(name, code.name, elapsed)
-            log.info("%s %s %.2fms %s", name, code.name, elapsed * 1e3, request_id)
+            log.info("%s %s %.2fms %s", name, code.name, elapsed * 1e3, request_id, extra={
+                "request_id": request_id, "rpc": name, "code": code.name, "latency_ms": round(elapsed * 1e3, 3),
+                "model": getattr(request, "name", None) or getattr(request, "model_name", None) or None})
 
 
 def rpc(name: str, access: str = API) -> Callable:

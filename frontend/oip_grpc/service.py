@@ -15,6 +15,7 @@ from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable
 from broker.protocol import check_model_name
 
 from .. import oip
+from ..timing import timed
 from ..v2_tensors import datatype_of
 from .calls import ADMIN, OPEN, Call, Calls, rpc
 from .proto import grpc_service_pb2 as pb
@@ -97,8 +98,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelInfer")
     async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
         model = pool_name(request.model_name, request.model_version)
-        outputs = await self.client.predict(model, decode_inputs(request), requested_outputs(request),
-                                            timeout_s=call.timeout_s, request_id=call.request_id)
+        inputs, wanted = decode_inputs(request), requested_outputs(request)
+        outputs = await timed(call.timing, model, lambda timing: self.client.predict(
+            model, inputs, wanted, timeout_s=call.timeout_s, request_id=call.request_id, timing=timing))
         return encode_response(request, outputs)
 
     @rpc("ModelConfig")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.settings import setting
+from broker.settings import log_format_setting, setting
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class GrpcSettings:
     metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
     metrics_port: int = setting(9149, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
+    log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_message_bytes <= 0:

@@ -1,0 +1,94 @@
+"""The `Server-Timing` header of a prediction: where its time went, split without comparing clocks.
+
+The frontend times the whole request and its wait for the broker's reply; the worker reports its own
+time and its InferenceSession.run's in the reply (docs/protocol.md, "Timing"). So, in ms:
+
+    frontend  = total - the wait for the reply     (reading, checking and encoding, here)
+    queue     = the wait - the worker's time        (client, broker queue and wire both ways)
+    worker    = the worker's time - inference       (decoding inputs, batch wait, collecting outputs)
+    inference = InferenceSession.run                 (a batched request: its batch's run)
+
+Each part is rounded down and the total up, to the µs, so the parts never add up to more than it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Awaitable, Callable
+
+import falcon.asgi
+
+from broker.errors import FractalError
+from metrics import CallerModelMetrics
+
+HEADER = "Server-Timing"
+
+
+def server_timing(total_ms: float, timing: dict) -> str:
+    """The header's value from the request's total and the timing map filled by `timed`."""
+    call = min(max(float(timing.get("call_ms", 0.0)), 0.0), total_ms)
+    worker = min(max(_number(timing.get("worker_ms")), 0.0), call)
+    inference = min(max(_number(timing.get("inference_ms")), 0.0), worker)
+    parts = (("frontend", total_ms - call), ("queue", call - worker), ("worker", worker - inference),
+             ("inference", inference))
+    return ", ".join([*(f"{name};dur={math.floor(ms * 1e3) / 1e3:.3f}" for name, ms in parts),
+                      f"total;dur={math.ceil(total_ms * 1e3) / 1e3:.3f}"])
+
+
+def _number(value: Any) -> float:
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else 0.0
+
+
+async def timed(timing: dict | None, model: str, call: Callable[[dict | None], Awaitable[Any]]) -> Any:
+    """Await `call(timing)` (a client predict of `model` that fills `timing` with the worker's times),
+    adding the wait as call_ms, or the error's type as error; with `timing` None (neither Server-Timing
+    nor per-model metrics wanted) just await it."""
+    if timing is None:
+        return await call(None)
+    timing["model"] = model
+    started = time.perf_counter()
+    try:
+        result = await call(timing)
+    except FractalError as exc:
+        timing["error"] = exc.__class__.__name__
+        raise
+    timing["call_ms"] = (time.perf_counter() - started) * 1e3
+    return result
+
+
+def request_timing(req: falcon.asgi.Request) -> dict | None:
+    """The timing map of this request, or None when nothing here wants it."""
+    return getattr(req.context, "timing", None)
+
+
+def count(models: CallerModelMetrics | None, timing: dict) -> None:
+    """A prediction's per-model series, from the map `timed` filled (nothing for other calls)."""
+    if models is None:
+        return
+    if "call_ms" in timing:
+        models.answered(timing["model"], timing)
+    elif "error" in timing:
+        models.failed(timing["model"], timing["error"])
+
+
+class RequestTiming:
+    """Middleware: a prediction that got its answer gets a Server-Timing header (`header`), and every
+    prediction counts in its model's series (`models`). First in the chain, so that its total spans
+    every other middleware's work."""
+
+    def __init__(self, header: bool, models: CallerModelMetrics | None):
+        self.header, self.models = header, models
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        req.context.timing_started = time.perf_counter()
+        req.context.timing = {}
+
+    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               req_succeeded: bool) -> None:
+        timing = getattr(req.context, "timing", None)
+        if not timing:
+            return
+        count(self.models, timing)
+        if self.header and "call_ms" in timing and req_succeeded:
+            total_ms = (time.perf_counter() - req.context.timing_started) * 1e3
+            resp.set_header(HEADER, server_timing(total_ms, timing))
