@@ -1,12 +1,14 @@
 """Broker chaos under load: the broker SIGKILLed every few seconds while steady load goes through the frontend.
 
-    python bench/broker_chaos.py [--duration-s 60] [--rate 50] [--kill-every-s 10]
+    python bench/broker_chaos.py [--duration-s 60] [--rate 50] [--kill-every-s 10] [--heartbeat-s 0.3]
 
 Starts fractal serve (2 workers; its supervisor restarts the killed broker, the workers re-register
 and the frontend re-sends the predictions the dead broker held), sends --rate requests/s to
 POST /api/v1/models/iris.onnx/prediction for --duration-s with deploy/lab/load.py's schedule, and
 kills the broker with SIGKILL every --kill-every-s. Prints requests, failures, p50/p99 and the
 longest stall: the longest time in which no request was answered. Target: 0 failed requests.
+A restarted broker learns of each worker at that worker's next heartbeat (--heartbeat-s, as in
+bench/chaos.py; the default of the components is 2.5 s), which bounds the stall.
 Everything on 127.0.0.1; bounded in time.
 """
 from __future__ import annotations
@@ -34,13 +36,15 @@ def longest_stall_s(rows: list[dict]) -> float:
     return max(gaps, default=0.0)
 
 
-def run_broker_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s: float) -> dict:
+def run_broker_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s: float,
+                     heartbeat_s: float = float(FAST_HEARTBEATS["FRACTAL_WORKER_HEARTBEAT_INTERVAL_S"])) -> dict:
     port = free_port()
     log = open(workdir / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
                               str(free_port()), "--model-dir", str(workdir / "models"), "--metrics-port", "0",
                               "--grpc-port", "0"],
-                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **FAST_HEARTBEATS))
+                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, **{name: str(heartbeat_s) for name in FAST_HEARTBEATS}))
     try:
         deadline = time.monotonic() + 60
         while b"ready:" not in (workdir / "serve.log").read_bytes():
@@ -71,7 +75,7 @@ def run_broker_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s
         serve.wait(timeout=30)
         log.close()
     latencies = sorted(r["ms"] for r in rows)
-    return {"requests": len(rows), "failed": sum(r["status"] != 200 for r in rows), "kills": kills,
+    return {"heartbeat_s": heartbeat_s, "requests": len(rows), "failed": sum(r["status"] != 200 for r in rows), "kills": kills,
             "brokers_killed": len(brokers), "server_alive": alive,
             "p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(len(latencies) * 0.99)],
             "max_ms": latencies[-1], "longest_stall_s": round(longest_stall_s(rows), 3)}
@@ -82,9 +86,10 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=60)
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--kill-every-s", type=float, default=10)
+    parser.add_argument("--heartbeat-s", type=float, default=0.3, help="broker and worker heartbeat interval")
     args = parser.parse_args()
     result = run_broker_chaos(Path(tempfile.mkdtemp(prefix="fractal-broker-chaos-")), args.duration_s, args.rate,
-                              args.kill_every_s)
+                              args.kill_every_s, args.heartbeat_s)
     print(json.dumps(result, indent=2))
     print(f"target: 0 failed requests -> {result['failed']} failed of {result['requests']} with "
           f"{result['kills']} broker kills; longest stall {result['longest_stall_s']:.2f} s")
