@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=60)
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--kill-every-s", type=float, default=10)
-    parser.add_argument("--heartbeat-s", type=float, default=0.3, help="broker and worker heartbeat interval")
+    parser.add_argument("--heartbeat-s", type=float, default=0.3,
+                        help="broker and worker heartbeat interval")
     args = parser.parse_args()
     result = run_broker_chaos(Path(tempfile.mkdtemp(prefix="fractal-broker-chaos-")), args.duration_s, args.rate,
                               args.kill_every_s, args.heartbeat_s)

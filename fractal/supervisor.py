@@ -75,6 +75,11 @@ class Supervisor:
                 log.error("%s exited with code %s", child.name, child.proc.returncode if child.proc else None)
                 return child.name
             if child.restart_at is None:
+                # NOTE: what the dead child started (gunicorn's workers) would hold its port: end it too.
+                try:
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
                 quick = now - child.started_at < STABLE_S
                 child.backoff_s = min(max(child.backoff_s * 2, 0.2), MAX_BACKOFF_S) if quick else 0.0
                 child.restart_at = now + child.backoff_s

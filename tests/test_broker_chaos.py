@@ -1,5 +1,6 @@
 """`fractal serve` restarts a killed broker: steady load through the frontend loses no prediction, and
-an upload or delete inside the dead broker answers 503 + Retry-After at once, never hangs."""
+an upload or delete inside the dead broker answers 503 + Retry-After at once, never hangs. Killed
+frontends are started again too."""
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.broker_chaos import run_broker_chaos
-from bench.chaos import FAST_HEARTBEATS
+from bench.chaos import FAST_HEARTBEATS, child_pids
 from broker.client import Client
 
-from .conftest import REPO, Served, wait_busy, wait_for
+from .conftest import REPO, Served, tcp_open, wait_busy, wait_for
 from .onnx_models import slow_expected, slow_model, slow_steps
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
@@ -95,3 +96,27 @@ def test_upload_and_delete_inside_a_killed_broker_answer_503_and_predictions_the
         assert "restarting" in served.log() and served.proc.poll() is None
     finally:
         served.stop()
+
+
+def test_killed_frontends_are_started_again(tmp_path: Path) -> None:
+    served = Served(tmp_path, FAST_HEARTBEATS)
+    try:
+        models = f"{served.base}/api/v1/models"
+        (gunicorn,) = child_pids(served.proc.pid, b"gunicorn")
+        (grpc,) = child_pids(served.proc.pid, b"frontend.oip_grpc")
+        os.kill(gunicorn, signal.SIGKILL)  # NOTE: its uvicorn workers too are ended before the restart
+        os.kill(grpc, signal.SIGKILL)
+        wait_for(lambda: child_pids(served.proc.pid, b"gunicorn") not in ([], [gunicorn])
+                 and child_pids(served.proc.pid, b"frontend.oip_grpc") not in ([], [grpc]), 30, "new frontends")
+        wait_for(lambda: answers(models), 60, "the REST API to answer again")
+        wait_for(lambda: tcp_open(f"tcp://{served.grpc_target}"), 60, "the gRPC port to listen again")
+        assert served.proc.poll() is None
+    finally:
+        served.stop()
+
+
+def answers(url: str) -> bool:
+    try:
+        return http("GET", url)[0] == 200
+    except OSError:
+        return False
