@@ -75,7 +75,8 @@ def run_broker_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s
         serve.wait(timeout=30)
         log.close()
     latencies = sorted(r["ms"] for r in rows)
-    return {"heartbeat_s": heartbeat_s, "requests": len(rows), "failed": sum(r["status"] != 200 for r in rows), "kills": kills,
+    return {"heartbeat_s": heartbeat_s, "requests": len(rows), "failed": sum(r["status"] != 200 for r in rows),
+            "kills": kills,
             "brokers_killed": len(brokers), "server_alive": alive,
             "p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(len(latencies) * 0.99)],
             "max_ms": latencies[-1], "longest_stall_s": round(longest_stall_s(rows), 3)}
