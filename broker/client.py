@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import zmq
