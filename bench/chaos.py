@@ -32,6 +32,11 @@ def free_port() -> int:
 
 def worker_pids(root: int) -> list[int]:
     """Live `python -m worker` processes under `root` (fractal serve)."""
+    return child_pids(root, b"worker")
+
+
+def child_pids(root: int, module: bytes) -> list[int]:
+    """Live `python -m <module>` processes under `root` (fractal serve)."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -39,7 +44,7 @@ def worker_pids(root: int) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(stat[1]) == root and b"worker" in cmdline[:3] and stat[0] != "Z":
+        if int(stat[1]) == root and module in cmdline[:3] and stat[0] != "Z":
             found.append(int(proc.name))
     return sorted(found)
 

@@ -37,6 +37,10 @@ class BrokerSettings:
     majortomo_busy_timeout_s: float = setting(
         900.0, "how long a majortomo-dialect worker may compute silently (it sends no heartbeats while busy)")
     status_interval_s: float = setting(5.0, "how often idle workers are asked for their status")
+    startup_grace_s: float = setting(0.0, "for this long after start, a request for a service with no worker "
+                                          "waits in the queue for workers to (re)register instead of "
+                                          "'NoWorkerAvailable': a restarted broker's workers return within "
+                                          "one of their heartbeats")
     curve_secret_key: str = setting("", "CURVE: the broker's .key_secret file (empty: no CURVE)")
     curve_allow_dir: str = setting("", "CURVE: directory of the .key files of admitted workers and clients")
     metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
@@ -49,6 +53,8 @@ class BrokerSettings:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
         if self.max_queue < 0 or self.queue_timeout_s <= 0 or self.status_interval_s <= 0:
             raise ValueError("max_queue must be >= 0; queue_timeout_s and status_interval_s > 0")
+        if self.startup_grace_s < 0:
+            raise ValueError("startup_grace_s must be >= 0")
 
 
 class Request:
@@ -119,6 +125,7 @@ class Broker:
         self._workers: dict[bytes, Worker] = {}
         self._stopping = False
         self._expiry_s = settings.heartbeat_interval_s * settings.heartbeat_liveness
+        self._grace_until = time.monotonic() + settings.startup_grace_s  # see _end_grace
         self.registry = registry if registry is not None else new_registry("fractal_broker")
         self.metrics = BrokerMetrics(self.registry, enabled=settings.metrics_port != 0)
         self._board = StatusBoard(settings.status_interval_s)
@@ -159,6 +166,8 @@ class Broker:
                     next_tick = now + tick_s
                     self._purge_workers(now)
                     self._expire_requests(now)
+                    if self._grace_until and now >= self._grace_until:
+                        self._end_grace()
                     self._poll_status(now)
                     self._update_gauges()
                 if now >= next_heartbeat:
@@ -227,10 +236,12 @@ class Broker:
         request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s,
                           p.request_count(body[0]) if body else 1)
         service = self._services.get(service_name)
+        if service is None and body and now < self._grace_until:  # workers may be on their way back
+            service = self._services[service_name] = Service(service_name, self.metrics)
         if not body:
             self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"),
                               "bad_request")
-        elif service is None or service.workers == 0:
+        elif service is None or (service.workers == 0 and now >= self._grace_until):
             self._reply_error(request, NoWorkerAvailable(
                 f"no worker is registered for service {service_name.decode(errors='replace')!r}"), "no_worker")
         elif service.idle:
@@ -396,6 +407,18 @@ class Broker:
                     worker.request = Request(STATUS_CLIENT, Dialect.RFC, service.name, STATUS_BODY, now,
                                              float("inf"))
                     self._send_worker(worker, MDPW.REQUEST, STATUS_CLIENT, b"", *STATUS_BODY)
+
+    def _end_grace(self) -> None:
+        """The start-up grace is over: what waits for a service that still has no worker fails now,
+        and such services leave no state behind (any client may name any service)."""
+        self._grace_until = 0.0
+        for service in [s for s in self._services.values() if s.workers == 0]:
+            while service.requests:
+                self._reply_error(service.dequeue(), NoWorkerAvailable(
+                    f"no worker registered within the broker's {self.settings.startup_grace_s:g} s start-up grace"),
+                    "no_worker")
+            del self._services[service.name]
+            self.metrics.forget_service(service.name.decode(errors="replace"))
 
     def _update_gauges(self) -> None:
         m = self.metrics

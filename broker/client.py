@@ -5,6 +5,11 @@ first call), so gunicorn threads never share a socket and no call pays a thread 
 `AsyncClient` keeps any number of requests in flight on one socket. Both match replies to calls by
 the request id in the msgpack body, so a late reply to a call that timed out is dropped, never
 mistaken for the answer to the next call.
+
+When the connection to the broker drops (it died and `fractal serve` restarts it), a monitor on the
+socket says so: calls in flight whose operation is safe to repeat (protocol.REPEATABLE_OPS) are sent
+again, under the same id, once the connection is back; the others fail at once with BrokerLost (503),
+since they may have been carried out. Each call's own timeout still bounds it.
 """
 from __future__ import annotations
 
@@ -14,20 +19,23 @@ import secrets
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import zmq
+from zmq.backend import zmq_poll
 
 from . import protocol as p
 from .curve import PeerKeys
-from .errors import BadInput, FractalError, NoWorkerAvailable, ProtocolError, Timeout
-from .sockets import NOBLOCK, POLLOUT, readable, recv_frames, recv_within, send_frames, wait
+from .errors import BadInput, BrokerLost, FractalError, NoWorkerAvailable, ProtocolError, Timeout
+from .sockets import NOBLOCK, POLLIN, POLLOUT, readable, recv_frames, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
 CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the broker to come up
 SEND_RETRY_S = 0.005  # AsyncClient: how often a send the broker's connection refused is tried again
 MAX_DRAIN = 256       # AsyncClient: replies handled per wake-up before other callbacks get a turn
+RECONNECT_WAIT_S = 15.0  # after the broker connection drops, how long repeatable calls wait for it
+LINK_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 Inputs = Mapping[str, Any] | Sequence[Any]
 
@@ -139,6 +147,8 @@ def _traced(fields: dict, request_id: str | None) -> dict:
 
 
 _ids = itertools.count(1)
+_link_ids = itertools.count(1)  # monitor endpoints, unique in the process
+_LINK_PREFIX = secrets.token_hex(4)
 # Request ids for calls whose caller gave none: unique per process without a uuid per call.
 _REQUEST_ID_PREFIX = f"client-{secrets.token_hex(4)}"
 _request_ids = itertools.count(1)
@@ -149,6 +159,21 @@ def _with_request_id(fields: dict) -> dict:
     if fields.get("request_id"):
         return fields
     return {**fields, "request_id": f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"}
+
+
+class _Link:
+    """One thread's DEALER to the broker, and the monitor that says when its connection drops and
+    when it is back (EVENT_DISCONNECTED, EVENT_HANDSHAKE_SUCCEEDED)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, curve: PeerKeys | None):
+        self.sock, self.monitor = _connect(context.socket(zmq.DEALER), endpoint, curve)
+        self.lost_at: float | None = None           # when the connection dropped; None while it is up
+        self.failed: dict[int, FractalError] = {}   # calls in flight that end without a reply
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 class Client(_Operations):
@@ -162,7 +187,7 @@ class Client(_Operations):
         self.curve = curve
         self._context = context or zmq.Context.instance()
         self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._links: list[_Link] = []
         self._lock = threading.Lock()
 
     def __enter__(self) -> "Client":
@@ -173,19 +198,19 @@ class Client(_Operations):
 
     def close(self) -> None:
         with self._lock:
-            for sock in self._sockets:
-                sock.close(linger=0)
-            self._sockets.clear()
+            for link in self._links:
+                link.close()
+            self._links.clear()
             self._local = threading.local()
 
-    def _socket(self) -> zmq.Socket:
-        sock = getattr(self._local, "socket", None)
-        if sock is None:
-            sock = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
+    def _link(self) -> _Link:
+        link = getattr(self._local, "link", None)
+        if link is None:
+            link = _Link(self._context, self.endpoint, self.curve)
             with self._lock:
-                self._sockets.append(sock)
-            self._local.socket = sock
-        return sock
+                self._links.append(link)
+            self._local.link = link
+        return link
 
     def _do(self, op, fields, post, timeout_s):
         result = self.call(op, fields, timeout_s)
@@ -193,12 +218,16 @@ class Client(_Operations):
 
     def call(self, op: str, fields: dict | None = None, timeout_s: float | None = None) -> Any:
         """Send one request and wait for its reply; returns the result or raises its FractalError."""
-        sock = self._socket()
+        link = self._link()
+        link.failed.clear()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         rid = next(_ids)
-        _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                     *p.request_body(rid, op, _with_request_id(fields or {}))], deadline, self.endpoint)
-        outcome = self._receive(sock, (rid,), deadline)[1]
+        frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
+                  *p.request_body(rid, op, _with_request_id(fields or {}))]
+        pending = {}
+        self._send_call(link, pending, op, frames, deadline)
+        pending[rid] = (0, op, frames)
+        outcome = self._receive(link, pending, deadline)[1]
         if isinstance(outcome, FractalError):
             raise outcome
         return outcome
@@ -210,9 +239,10 @@ class Client(_Operations):
         With return_exceptions, a failed call's FractalError takes its place in the list instead of
         being raised. `timeout_s` bounds the whole batch.
         """
-        sock = self._socket()
+        link = self._link()
+        link.failed.clear()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        pending: dict[int, int] = {}
+        pending: dict[int, tuple[int, str, list]] = {}  # id -> (index in results, op, frames)
         results: list = []
         calls = iter(calls)
         exhausted = False
@@ -223,28 +253,77 @@ class Client(_Operations):
                     exhausted = True
                     break
                 rid = next(_ids)
-                pending[rid] = len(results)
+                frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
+                          *p.request_body(rid, call[0], _with_request_id(call[1]))]
+                self._send_call(link, pending, call[0], frames, deadline)
+                pending[rid] = (len(results), call[0], frames)
                 results.append(None)
-                _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                             *p.request_body(rid, call[0], _with_request_id(call[1]))], deadline, self.endpoint)
             if not pending:
                 return results
-            rid, outcome = self._receive(sock, pending, deadline)
-            index = pending.pop(rid)
+            rid, outcome = self._receive(link, pending, deadline)
+            index = pending.pop(rid)[0]
             if isinstance(outcome, FractalError) and not return_exceptions:
                 raise outcome
             results[index] = outcome
 
-    def _receive(self, sock: zmq.Socket, pending: Collection[int], deadline: float) -> tuple[int, Any]:
+    def _send_call(self, link: _Link, pending: dict, op: str, frames: list, deadline: float) -> None:
+        """Send one request; while the broker is known to be away, a repeatable one waits for it (up
+        to RECONNECT_WAIT_S after the drop) and any other fails at once."""
+        self._watch(link, pending, deadline)
+        wait_s = CONNECT_WAIT_S
+        if link.lost_at is not None:
+            if op not in p.REPEATABLE_OPS:
+                raise NoWorkerAvailable(f"the connection to the broker at {self.endpoint} is down; retry later")
+            wait_s = link.lost_at + RECONNECT_WAIT_S - time.monotonic()
+        _send(link.sock, frames, deadline, self.endpoint, wait_s)
+
+    def _watch(self, link: _Link, pending: Mapping[int, tuple[int, str, list]], deadline: float) -> None:
+        """Handle the link's connection events: on a drop, the non-repeatable calls in flight fail with
+        BrokerLost; once the connection is back, the others are sent again under their ids."""
+        monitor = link.monitor
+        while readable(monitor):
+            event = _event_of(recv_frames(monitor, NOBLOCK))
+            if event == zmq.EVENT_DISCONNECTED:
+                link.lost_at = time.monotonic()
+                for rid, (_index, op, _frames) in pending.items():
+                    if op not in p.REPEATABLE_OPS:
+                        link.failed[rid] = _broker_lost(op, self.endpoint)
+            elif link.lost_at is not None:  # handshake succeeded: the broker is back
+                link.lost_at = None
+                for rid, (_index, _op, frames) in pending.items():
+                    if rid not in link.failed:
+                        try:
+                            _send(link.sock, frames, deadline, self.endpoint)
+                        except NoWorkerAvailable as exc:
+                            link.failed[rid] = exc
+
+    def _receive(self, link: _Link, pending: Mapping[int, tuple[int, str, list]],
+                 deadline: float) -> tuple[int, Any]:
+        sock, polled = link.sock, [(link.sock, POLLIN), (link.monitor, POLLIN)]
         while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            try:
-                if remaining_ms <= 0:
-                    raise zmq.Again()
-                frames = recv_within(sock, remaining_ms)
-            except zmq.Again:
+            if link.failed:
+                for rid in pending:
+                    if rid in link.failed:
+                        return rid, link.failed.pop(rid)
+            now = time.monotonic()
+            remaining_ms = int((deadline - now) * 1000)
+            if remaining_ms <= 0:
                 raise Timeout(f"no reply from the broker at {self.endpoint} in time "
-                              f"({len(pending)} requests outstanding)") from None
+                              f"({len(pending)} requests outstanding)")
+            if link.lost_at is not None:
+                if now >= link.lost_at + RECONNECT_WAIT_S:
+                    link.lost_at = None
+                    for rid in pending:
+                        link.failed.setdefault(rid, NoWorkerAvailable(
+                            f"the broker at {self.endpoint} has not come back within {RECONNECT_WAIT_S:g} s"))
+                    continue
+                remaining_ms = min(remaining_ms, int((link.lost_at + RECONNECT_WAIT_S - now) * 1000) + 1)
+            if not zmq_poll(polled, remaining_ms):
+                continue
+            self._watch(link, pending, deadline)
+            if not readable(sock):
+                continue
+            frames = recv_frames(sock, NOBLOCK)
             try:
                 _command, _service, body = p.parse_client_reply(frames)
                 reply = p.unpack_body(body)
@@ -267,8 +346,10 @@ class Client(_Operations):
         return p.unpack(reply) if reply else None
 
     def _mmi(self, service: bytes, body: bytes, timeout_s: float) -> bytes | None:
-        sock = self._socket()
+        link = self._link()
+        sock = link.sock
         deadline = time.monotonic() + timeout_s
+        self._watch(link, {}, deadline)  # NOTE: consume connection events, so a later call sees only new ones
         try:
             _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body], deadline, self.endpoint)
         except NoWorkerAvailable:
@@ -282,24 +363,42 @@ class Client(_Operations):
         return None
 
 
-def _connect(sock: zmq.Socket, endpoint: str, curve: PeerKeys | None = None) -> zmq.Socket:
+def _event_of(frames: list) -> int:
+    """The event number of a socket monitor message (its first frame: uint16 event, uint32 value)."""
+    return int.from_bytes(frames[0][:2], "little")
+
+
+def _broker_lost(op: str, endpoint: str) -> BrokerLost:
+    return BrokerLost(f"the connection to the broker at {endpoint} dropped with this {op} in flight; it may "
+                      f"or may not have been done: check, then retry")
+
+
+def _connect(sock: zmq.Socket, endpoint: str, curve: PeerKeys | None = None) -> tuple[zmq.Socket, zmq.Socket]:
+    """`sock` connected to the broker, and a monitor socket that reports LINK_EVENTS of it."""
     sock.linger = 0
     if curve is not None:
         curve.apply(sock)
     # NOTE: IMMEDIATE makes a send fail fast while the broker is unreachable instead of queueing
     # requests that would only time out; the caller turns that into NoWorkerAvailable (503).
     sock.setsockopt(zmq.IMMEDIATE, 1)
+    # NOTE: not get_monitor_socket(): it names the inproc endpoint after the socket's file descriptor,
+    # which a socket closed a moment ago may still hold, so the new monitor would hear the old one.
+    address = f"inproc://fractal-link-{_LINK_PREFIX}-{next(_link_ids)}"
+    sock.monitor(address, LINK_EVENTS)  # NOTE: before connect, so no event is missed
+    monitor = sock.context.socket(zmq.PAIR)
+    monitor.linger = 0
+    monitor.connect(address)
     sock.connect(endpoint)
-    return sock
+    return sock, monitor
 
 
-def _send(sock: zmq.Socket, frames: list, deadline: float, endpoint: str) -> None:
+def _send(sock: zmq.Socket, frames: list, deadline: float, endpoint: str, wait_s: float = CONNECT_WAIT_S) -> None:
     try:
         send_frames(sock, frames, NOBLOCK)
         return
     except zmq.Again:
         pass
-    wait_ms = int(min(CONNECT_WAIT_S, deadline - time.monotonic()) * 1000)
+    wait_ms = int(min(wait_s, deadline - time.monotonic()) * 1000)
     if wait_ms > 0 and wait(sock, wait_ms, POLLOUT):
         try:
             send_frames(sock, frames, NOBLOCK)
@@ -318,6 +417,10 @@ class AsyncClient(_Operations):
     There is no timer: a lone call is sent at once, as an ordinary request. Each call still gets its
     own result or error and its own timeout; an error the broker gives a whole pack (Overloaded,
     Timeout, NoWorkerAvailable, WorkerLost) is raised by every call in it.
+
+    When the connection to the broker drops, the repeatable calls in flight go back to the front of
+    the outbox and leave again (re-packed, under their own ids) once it is back; the others fail with
+    BrokerLost. Meanwhile repeatable calls wait (up to RECONNECT_WAIT_S), others fail at once.
     """
 
     def __init__(self, endpoint: str, service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
@@ -330,6 +433,10 @@ class AsyncClient(_Operations):
         # cost more than the whole rest of a call. An asyncio context is shadowed, not required.
         self._context = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._lost_at: float | None = None  # when the connection to the broker dropped; None while up
+        self._not_back: asyncio.TimerHandle | None = None
+        self._inflight: dict[int, tuple[int, str, dict, asyncio.Future, float]] = {}  # sent, not answered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._pending: dict[int, asyncio.Future] = {}
@@ -355,8 +462,16 @@ class AsyncClient(_Operations):
             self._sender = None
         if self._socket is not None:
             self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(self._monitor.getsockopt(zmq.FD))
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
-            self._socket = None
+            self._socket = self._monitor = None
+        if self._not_back is not None:
+            self._not_back.cancel()
+            self._not_back = None
+        self._lost_at = None
+        self._inflight.clear()
         for future in [*self._pending.values(), *(f for q in self._mmi_waiters.values() for f in q)]:
             if not future.done():
                 future.set_exception(NoWorkerAvailable("client closed"))
@@ -374,6 +489,8 @@ class AsyncClient(_Operations):
         """Send one request and await its reply; returns the result or raises its FractalError."""
         if self._socket is None:
             self._open()
+        if self._lost_at is not None and op not in p.REPEATABLE_OPS:
+            raise NoWorkerAvailable(f"the connection to the broker at {self.endpoint} is down; retry later")
         loop = self._loop
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         rid = next(_ids)
@@ -389,12 +506,15 @@ class AsyncClient(_Operations):
         finally:
             timer.cancel()
             self._pending.pop(rid, None)
+            self._inflight.pop(rid, None)
 
     def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._socket = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
+        self._socket, self._monitor = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
         self._fd = self._socket.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._on_readable)
+        self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._on_link_event)
+        self._loop.call_soon(self._on_link_event)  # NOTE: edge-triggered FD: take what came before
 
     def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
         if not future.done():
@@ -413,6 +533,9 @@ class AsyncClient(_Operations):
     def _flush(self) -> None:
         """Send the outbox as packs; called once per loop turn in which calls were made."""
         if self._socket is None:  # closed meanwhile
+            return
+        if self._lost_at is not None:  # the broker is away: _on_link_event flushes once it is back
+            self._flushing = False
             return
         while self._outbox:
             message = self._next_message()
@@ -455,6 +578,9 @@ class AsyncClient(_Operations):
         return [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *writer.request(pack_id)], calls, pack_id
 
     def _sent(self, calls: list, pack_id: int | None) -> None:
+        inflight = self._inflight
+        for call in calls:
+            inflight[call[0]] = call
         if pack_id is not None:
             self._packs[pack_id] = ([c[0] for c in calls], max(c[4] for c in calls))
 
@@ -469,6 +595,11 @@ class AsyncClient(_Operations):
             except zmq.Again:
                 if all(c[3].done() for c in calls):
                     break
+                if self._lost_at is not None:  # the broker is away: these leave again once it is back
+                    self._outbox.extendleft(reversed(calls))
+                    self._sender = None
+                    self._flushing = False
+                    return
                 if self._loop.time() >= give_up:
                     # NOTE: every call queued behind this one fails too: the broker is unreachable now,
                     # and waiting CONNECT_WAIT_S once per pack would add up.
@@ -480,6 +611,68 @@ class AsyncClient(_Operations):
                     break
         self._sender = None
         self._flush()
+
+    # -- the connection to the broker ------------------------------------------------------------
+
+    def _on_link_event(self) -> None:
+        monitor = self._monitor
+        while monitor is not None and readable(monitor):
+            event = _event_of(recv_frames(monitor, NOBLOCK))
+            if event == zmq.EVENT_DISCONNECTED:
+                self._dropped()
+            elif self._lost_at is not None:  # handshake succeeded: the broker is back
+                self._returned()
+
+    def _dropped(self) -> None:
+        """The connection to the broker dropped: whatever it held is gone. Repeatable calls wait at the
+        front of the outbox to be sent again; the others fail (BrokerLost if they had left)."""
+        loop = self._loop
+        self._lost_at = loop.time()
+        self._packs.clear()
+        held = []
+        for call in self._inflight.values():
+            future = call[3]
+            if future.done():
+                continue
+            if call[1] in p.REPEATABLE_OPS:
+                held.append(call)
+            else:
+                future.set_exception(_broker_lost(call[1], self.endpoint))
+        self._inflight.clear()
+        for call in self._outbox:
+            if call[1] in p.REPEATABLE_OPS:
+                held.append(call)
+            elif not call[3].done():
+                call[3].set_exception(NoWorkerAvailable(f"the connection to the broker at {self.endpoint} "
+                                                        f"is down; retry later"))
+        self._outbox.clear()
+        self._outbox.extend(held)
+        if self._not_back is not None:
+            self._not_back.cancel()
+        self._not_back = loop.call_later(RECONNECT_WAIT_S, self._give_up)
+
+    def _returned(self) -> None:
+        self._lost_at = None
+        if self._not_back is not None:
+            self._not_back.cancel()
+            self._not_back = None
+        if self._outbox and not self._flushing:
+            self._flushing = True
+            self._loop.call_soon(self._flush)
+
+    def _give_up(self) -> None:
+        """The broker has not come back within RECONNECT_WAIT_S: what waits for it fails, and later
+        calls try (and fail) as they do before the first connection."""
+        self._not_back = None
+        if self._lost_at is None:
+            return
+        self._lost_at = None
+        waiting = list(self._outbox)
+        self._outbox.clear()
+        for call in waiting:
+            if not call[3].done():
+                call[3].set_exception(NoWorkerAvailable(
+                    f"the broker at {self.endpoint} has not come back within {RECONNECT_WAIT_S:g} s"))
 
     # -- receiving -----------------------------------------------------------------------------
 

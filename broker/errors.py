@@ -74,6 +74,11 @@ class WorkerLost(RetryLater):
     """The workers handling the request died twice in a row."""
 
 
+class BrokerLost(RetryLater):
+    """The connection to the broker dropped while the request was in flight, and the request is not
+    safe to repeat (protocol.REPEATABLE_OPS): it may or may not have been carried out."""
+
+
 class Timeout(FractalError):
     """The request's deadline passed before a reply came."""
     http_status = 504

@@ -257,6 +257,14 @@ def unpack_request(frames: list) -> dict:
 # Bodies (schema in docs/protocol.md)
 
 
+# Operations a client may send again, under the same id, when its connection to the broker dropped
+# while they were in flight (the broker restarted): they change nothing, so running one twice is
+# harmless, and the client keeps only the first reply to an id. Every other operation (upload,
+# describe, delete, load, unload) fails at once with BrokerLost (503) instead: it may have happened.
+REPEATABLE_OPS = frozenset({"predict", "predict_image", "models", "information", "info", "repository",
+                            "config", "echo", "status"})
+
+
 def request_body(rid: int, op: str, fields: dict) -> list:
     """Body frames of a request (one frame unless it carries large tensors); raises BadInput for
     values msgpack cannot carry (integers beyond 64 bits, arbitrary objects)."""

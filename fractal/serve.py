@@ -30,6 +30,10 @@ from .supervisor import Child, Supervisor
 log = logging.getLogger("fractal.serve")
 
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5555  # also the defaults of the client commands (fractal predict)
+CHECK_INTERVAL_S = 0.1  # how often the supervisor looks for dead children: a dead broker stalls every call
+# NOTE: a restarted broker knows no worker until each sends its next heartbeat (then READY): meanwhile
+# requests wait for them rather than fail. Covers the workers' default heartbeat with room to spare.
+BROKER_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ def _children(s: ServeSettings) -> list[Child]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     common = ["--log-level", s.log_level, "--log-format", s.log_format]
     children = [Child("broker", [sys.executable, "-m", "broker", "--bind", broker_url, *common,
-                                 "--metrics-port", str(s.metrics_port)], env)]
+                                 "--metrics-port", str(s.metrics_port),
+                                 "--startup-grace-s", str(BROKER_GRACE_S)], env)]
     for i in range(s.workers):
         children.append(Child(f"worker-{i + 1}", [
             sys.executable, "-m", "worker", "--connect", connect_url, "--model-dir", s.model_dir,
@@ -251,12 +256,8 @@ def serve(s: ServeSettings) -> int:
             log.info(banner)
         else:
             print(banner, flush=True)
-        while not stopping.wait(0.5):
-            dead = supervisor.check()
-            if dead is not None:
-                log.error("%s is down: stopping FRACTAL ML Server", dead)
-                code = 1
-                break
+        while not stopping.wait(CHECK_INTERVAL_S):
+            supervisor.check(restart_all=True)
         return code
     finally:
         log.info("stopping")

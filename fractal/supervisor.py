@@ -1,4 +1,4 @@
-"""Child processes of `fractal serve`: start, wait until ready, restart crashed workers, stop in order."""
+"""Child processes of `fractal serve`: start, wait until ready, restart crashed ones, stop in order."""
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-STABLE_S = 3.0        # a worker that lived this long had started and served: not a crash loop
+STABLE_S = 3.0        # a child that lived this long had started and served: not a crash loop
 MAX_BACKOFF_S = 10.0
 
 
@@ -56,21 +56,30 @@ class Supervisor:
         self.children.append(child)
         return child
 
-    def check(self) -> str | None:
-        """Restart crashed workers; returns the name of a vital child (broker, frontend) that died.
+    def check(self, restart_all: bool = False) -> str | None:
+        """Restart crashed children; returns the name of a vital one that died and is not restarted.
 
-        A worker is always restarted: the others serve meanwhile, and the broker re-sends what the
-        dead one held. Restarts wait a back-off that doubles (up to MAX_BACKOFF_S) while a worker dies
-        within STABLE_S of starting, so a crash loop cannot spin, and resets once it runs longer.
+        A worker (`restart`) is always restarted: the others serve meanwhile, and the broker re-sends
+        what the dead one held. The vital children (broker, frontends) are restarted too once the
+        server is up (`restart_all`): workers and frontends reconnect to a returning broker, and the
+        clients re-send what was inside it (docs/protocol.md). Before that, a vital child that dies
+        means the server cannot start, which its caller reports. Restarts wait a back-off that doubles
+        (up to MAX_BACKOFF_S) while a child dies within STABLE_S of starting, so a crash loop cannot
+        spin, and resets once it runs longer.
         """
         now = time.monotonic()
         for child in self.children:
             if child.alive():
                 continue
-            if not child.restart:
+            if not (child.restart or restart_all):
                 log.error("%s exited with code %s", child.name, child.proc.returncode if child.proc else None)
                 return child.name
             if child.restart_at is None:
+                # NOTE: what the dead child started (gunicorn's workers) would hold its port: end it too.
+                try:
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
                 quick = now - child.started_at < STABLE_S
                 child.backoff_s = min(max(child.backoff_s * 2, 0.2), MAX_BACKOFF_S) if quick else 0.0
                 child.restart_at = now + child.backoff_s
