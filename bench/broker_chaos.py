@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/broker_chaos.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.chaos import FAST_HEARTBEATS, REPO, child_pids, free_port  # noqa: E402
+from bench.chaos import FAST_HEARTBEATS, child_pids, start_load, start_serve  # noqa: E402
 
 
 def longest_stall_s(rows: list[dict]) -> float:
@@ -38,23 +38,11 @@ def longest_stall_s(rows: list[dict]) -> float:
 
 def run_broker_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s: float,
                      heartbeat_s: float = float(FAST_HEARTBEATS["FRACTAL_WORKER_HEARTBEAT_INTERVAL_S"])) -> dict:
-    port = free_port()
     log = open(workdir / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
-                              str(free_port()), "--model-dir", str(workdir / "models"), "--metrics-port", "0",
-                              "--grpc-port", "0"],
-                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             env=dict(os.environ, **{name: str(heartbeat_s) for name in FAST_HEARTBEATS}))
+    serve, port = start_serve(workdir, {name: str(heartbeat_s) for name in FAST_HEARTBEATS}, log)
     try:
-        deadline = time.monotonic() + 60
-        while b"ready:" not in (workdir / "serve.log").read_bytes():
-            if serve.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("fractal serve did not come up")
-            time.sleep(0.1)
         out = workdir / "load.jsonl"
-        load = subprocess.Popen([sys.executable, str(REPO / "deploy" / "lab" / "load.py"),
-                                 f"http://127.0.0.1:{port}/api/v1/models/iris.onnx/prediction", "--rate", str(rate),
-                                 "--duration-s", str(duration_s), "--out", str(out)], cwd=REPO)
+        load = start_load(port, rate, duration_s, out)
         kills, started, brokers = 0, time.monotonic(), set()
         while load.poll() is None and time.monotonic() - started < duration_s - kill_every_s / 2:
             try:

@@ -49,23 +49,35 @@ def child_pids(root: int, module: bytes) -> list[int]:
     return sorted(found)
 
 
-def run_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s: float) -> dict:
+def start_serve(workdir: Path, env: dict[str, str], log) -> tuple[subprocess.Popen, int]:
+    """fractal serve on free ports (no metrics, no gRPC) logging to `log`; returns once it is ready."""
     port = free_port()
-    log = open(workdir / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
                               str(free_port()), "--model-dir", str(workdir / "models"), "--metrics-port", "0",
                               "--grpc-port", "0"],
-                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **FAST_HEARTBEATS))
+                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **env))
+    deadline = time.monotonic() + 60
+    while b"ready:" not in (workdir / "serve.log").read_bytes():
+        if serve.poll() is not None or time.monotonic() > deadline:
+            serve.kill()
+            raise RuntimeError("fractal serve did not come up")
+        time.sleep(0.1)
+    return serve, port
+
+
+def start_load(port: int, rate: float, duration_s: float, out: Path) -> subprocess.Popen:
+    """deploy/lab/load.py's steady schedule of seed predictions against the server on `port`."""
+    return subprocess.Popen([sys.executable, str(REPO / "deploy" / "lab" / "load.py"),
+                             f"http://127.0.0.1:{port}/api/v1/models/iris.onnx/prediction", "--rate", str(rate),
+                             "--duration-s", str(duration_s), "--out", str(out)], cwd=REPO)
+
+
+def run_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s: float) -> dict:
+    log = open(workdir / "serve.log", "wb")
+    serve, port = start_serve(workdir, FAST_HEARTBEATS, log)
     try:
-        deadline = time.monotonic() + 60
-        while b"ready:" not in (workdir / "serve.log").read_bytes():
-            if serve.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("fractal serve did not come up")
-            time.sleep(0.1)
         out = workdir / "load.jsonl"
-        load = subprocess.Popen([sys.executable, str(REPO / "deploy" / "lab" / "load.py"),
-                                 f"http://127.0.0.1:{port}/api/v1/models/iris.onnx/prediction", "--rate", str(rate),
-                                 "--duration-s", str(duration_s), "--out", str(out)], cwd=REPO)
+        load = start_load(port, rate, duration_s, out)
         kills, started = 0, time.monotonic()
         while load.poll() is None and time.monotonic() - started < duration_s - kill_every_s:
             time.sleep(kill_every_s)
