@@ -42,8 +42,11 @@ def slow_model() -> bytes:
         [numpy_helper.from_array(_orthogonal(SLOW_N), "w"), numpy_helper.from_array(np.array([0], np.int64), "axes")])
 
 
+SLOW_ATOL = 0.05  # float32 products drift from the float64 reference by about 1e-3 over thousands of steps
+
+
 def slow_expected(k: int) -> float:
-    """What slow_model() answers for k, computed without ONNX Runtime."""
+    """What slow_model() answers for k, computed without ONNX Runtime (compare within SLOW_ATOL)."""
     return float(np.linalg.matrix_power(_orthogonal(SLOW_N).astype(np.float64), k + 1).sum())
 
 

@@ -19,7 +19,7 @@ from bench.chaos import FAST_HEARTBEATS, child_pids
 from broker.client import Client
 
 from .conftest import REPO, Served, tcp_open, wait_busy, wait_for
-from .onnx_models import slow_expected, slow_model, slow_steps
+from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import load  # noqa: E402
@@ -90,7 +90,7 @@ def test_upload_and_delete_inside_a_killed_broker_answer_503_and_predictions_the
             for t in busy:
                 t.join(timeout=90)
         for i, k in enumerate(steps):
-            np.testing.assert_allclose(answers[i]["y"], [[slow_expected(k)]], rtol=1e-3)
+            np.testing.assert_allclose(answers[i]["y"], [[slow_expected(k)]], atol=SLOW_ATOL)
         names = http("GET", models)[2]
         assert "iris.onnx" in json.dumps(names) and "late.onnx" not in json.dumps(names)  # neither happened
         assert "restarting" in served.log() and served.proc.poll() is None

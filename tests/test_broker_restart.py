@@ -14,7 +14,7 @@ from broker.client import AsyncClient, Client
 from broker.errors import BrokerLost, RetryLater
 
 from .conftest import Processes, free_port, wait_busy, wait_for, wait_workers
-from .onnx_models import slow_expected, slow_model, slow_steps
+from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
 
 SLOW = "slow.onnx"
 GRACE = ["--startup-grace-s", "20"]  # as fractal serve runs it: a restarted broker waits for its workers
@@ -55,7 +55,7 @@ def ks(count: int) -> list[int]:
 
 
 def check_slow(result: dict, k: int) -> None:
-    np.testing.assert_allclose(result["y"], [[slow_expected(k)]], rtol=1e-3)
+    np.testing.assert_allclose(result["y"], [[slow_expected(k)]], atol=SLOW_ATOL)
 
 
 def test_client_calls_in_flight_survive_a_broker_restart(procs: Processes, restartable: dict) -> None:

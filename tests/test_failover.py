@@ -11,7 +11,7 @@ from broker.client import AsyncClient, Client
 from broker.errors import NoWorkerAvailable, WorkerLost
 
 from .conftest import LIVENESS_WINDOW_S, wait_busy, wait_for, wait_workers
-from .onnx_models import slow_expected, slow_input, slow_model
+from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 
 
 def pid_of(node: str) -> int:
@@ -38,7 +38,7 @@ def test_killing_the_busy_worker_redispatches_to_the_other(client, cluster):
             return await slow
 
     outputs = asyncio.run(scenario())
-    assert abs(outputs["y"].item() - slow_expected(int(feed["k"][0]))) < 0.05
+    assert abs(outputs["y"].item() - slow_expected(int(feed["k"][0]))) < SLOW_ATOL
 
 
 def test_killing_both_workers_gives_an_error_not_silence(client, cluster):
@@ -88,6 +88,6 @@ def test_requests_longer_than_the_liveness_window_keep_workers_registered(client
     feed = slow_input(2 * LIVENESS_WINDOW_S)  # the broker hears no FINAL for twice its liveness window
     for _ in range(2):
         assert abs(client.predict("slow.onnx", feed, timeout_s=60)["y"].item()
-                   - slow_expected(int(feed["k"][0]))) < 0.05
+                   - slow_expected(int(feed["k"][0]))) < SLOW_ATOL
     nodes = [client.echo(i)["node"] for i in range(4)]  # no WorkerLost, no stale identity
     assert len(set(nodes)) == 2

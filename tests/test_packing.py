@@ -21,7 +21,7 @@ from broker.client import AsyncClient, Client
 from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Overloaded, ProtocolError, Timeout
 
 from .conftest import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
-from .onnx_models import slow_expected, slow_input, slow_model
+from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 from .test_metrics import sample_sum
 
 RNG = np.random.default_rng(13)
@@ -203,7 +203,7 @@ def test_a_deadline_times_out_one_call_of_a_pack_and_no_other(procs, broker_url,
     rows, out, after = asyncio.run(run())
     (timed_out_s, timed_out), (slow_s, slow) = out[10], out[11]
     assert isinstance(timed_out, Timeout), (slow_s, timed_out)
-    assert isinstance(slow, dict) and abs(slow["y"].item() - slow_expected(int(slow_x["k"][0]))) < 0.05
+    assert isinstance(slow, dict) and abs(slow["y"].item() - slow_expected(int(slow_x["k"][0]))) < SLOW_ATOL
     assert timed_out_s < slow_s  # it did not wait for its pack's reply
     iris = session("iris.onnx")
     for row, (_s, result) in zip(rows, out[:10]):
