@@ -5,6 +5,9 @@ they write a hidden temp file, validate it, fsync and rename. Every read checks 
 (inode, size, mtime), so a worker never serves a model that was replaced or deleted before the call
 that changed it returned. Mutations take an flock so concurrent describe/upload/delete calls from any
 worker serialize on the same directory.
+
+With repository polling on (worker/watch.py), a changed file is served only once a ledger entry
+(`.validated/NAME`) vouches for its exact identity; until then the previous session keeps answering.
 """
 from __future__ import annotations
 
@@ -20,21 +23,23 @@ from pathlib import Path
 from typing import Iterator
 
 from broker import jsonbody
-from broker.errors import BadInput, ModelNotFound, ModelUnloaded, PayloadTooLarge
+from broker.errors import BadInput, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
 from broker.protocol import check_model_name
 
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 
 SIDECAR = ".json"      # iris.onnx -> iris.onnx.json, holding {"description": ...}
 LOCK_FILE = ".fractal.lock"
 UNLOADED_DIR = ".unloaded"  # an empty file per unloaded model: every worker sees it with one stat
+LEDGER_DIR = ".validated"   # per model, the identity of the file version last validated (poll mode)
 
 
 class ModelPool:
     def __init__(self, directory: str | os.PathLike, factory: SessionFactory, cache: SessionCache,
-                 max_model_bytes: int, max_image_pixels: int = 25_000_000):
+                 max_model_bytes: int, max_image_pixels: int = 25_000_000, poll: bool = False):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._prefix = os.path.join(str(self.directory), "")
@@ -44,6 +49,9 @@ class ModelPool:
         self.max_model_bytes = max_model_bytes
         self.max_image_pixels = max_image_pixels
         self._sidecars: dict[str, tuple[tuple, dict]] = {}  # name -> (file key, parsed JSON)
+        self._ledger_prefix = os.path.join(str(self.directory), LEDGER_DIR, "")
+        self._watch = Watch(str(self.directory), factory, cache, self._vouched, self._vouch,
+                            lambda name: os.path.exists(self._marker(name))) if poll else None
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -65,18 +73,36 @@ class ModelPool:
         if os.access(self._unloaded_prefix + name, os.F_OK):
             self._drop_unloaded(name)
             raise ModelUnloaded(f"model {name} is unloaded; load it (POST /v2/repository/models/{name}/load)")
-        cached = self._cache.get(name, file_key(st))
+        key = file_key(st)
+        cached = self._cache.get(name, key)
         if cached is not None:
             return cached
+        if self._watch is not None and not self._vouched(name, key):
+            return self._previous(name, key)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())  # NOTE: key and bytes come from the same open file
                 data = f.read()
         except FileNotFoundError:
             raise self._not_found(name) from None
+        if self._watch is not None and file_key(st) != key and not self._vouched(name, file_key(st)):
+            return self._previous(name, file_key(st))  # NOTE: it changed again between stat and open
         model = self._factory.build(name, data, st)
         self._cache.put(model)
         return model
+
+    def _previous(self, name: str, key: tuple) -> LoadedModel:
+        """Poll mode, file not vouched for: the session of the version before it, else ModelNotReady."""
+        previous = self._cache.peek(name)
+        if previous is not None:
+            return previous
+        raise ModelNotReady(f"model {name} is not ready: {self._watch.state(name, key)[1]} (repository "
+                            f"polling validates a file before serving it)")
+
+    def scan(self) -> None:
+        """Poll mode: notice and validate files changed by other means (a no-op in explicit mode)."""
+        if self._watch is not None:
+            self._watch.scan()
 
     def sidecar(self, name: str) -> dict:
         """The model's sidecar JSON ({"description", "image", "dynamic_batching"}), {} when absent.
@@ -128,10 +154,19 @@ class ModelPool:
         return self._cache.names()
 
     def states(self) -> list[dict]:
-        """The repository index: every model with READY or UNAVAILABLE (unloaded)."""
-        return [{"name": n, "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
-                if os.path.exists(self._marker(n)) else {"name": n, "version": "1", "state": "READY", "reason": ""}
-                for n in self.names()]
+        """The repository index: every model with READY or UNAVAILABLE and why (docs/protocol.md)."""
+        found = []
+        for n in self.names():
+            state, reason = "READY", ""
+            if os.path.exists(self._marker(n)):
+                state, reason = "UNAVAILABLE", "unloaded"
+            elif self._watch is not None:
+                try:
+                    state, reason = self._watch.state(n, file_key(os.stat(self._prefix + n)))
+                except FileNotFoundError:
+                    continue
+            found.append({"name": n, "version": "1", "state": state, "reason": reason})
+        return found
 
     def evict_unloaded(self) -> None:
         """Drop sessions of models another worker unloaded (called on the worker's heartbeat tick)."""
@@ -158,8 +193,12 @@ class ModelPool:
             raise PayloadTooLarge(f"model is {len(data)} bytes; the limit is {self.max_model_bytes}")
         tmp = self._write_temp(name, data)
         try:
-            model = self._factory.build(name, data, os.stat(tmp))  # raises BadInput: pool unchanged
+            st = os.stat(tmp)
+            model = self._factory.build(name, data, st)  # raises BadInput: pool unchanged
             with self._locked():
+                # NOTE: vouched before the rename (which keeps the key): no worker polling the pool
+                # ever sees this file unvouched and keeps serving the old one after we return.
+                self._write_ledger(name, file_key(st))
                 os.replace(tmp, self._path(name))
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._marker(name))  # a new upload is served
@@ -196,7 +235,7 @@ class ModelPool:
                 os.unlink(self._path(name))
             except FileNotFoundError:
                 raise self._not_found(name) from None
-            for path in (self._path(name + SIDECAR), self._marker(name)):
+            for path in (self._path(name + SIDECAR), self._marker(name), self._ledger_prefix + name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             self._sync_dir()
@@ -219,6 +258,25 @@ class ModelPool:
 
     def _marker(self, name: str) -> Path:
         return self.directory / UNLOADED_DIR / name
+
+    def _vouched(self, name: str, key: tuple) -> bool:
+        """True when the ledger says this exact file version was validated (by an upload or a poll)."""
+        try:
+            with open(self._ledger_prefix + name, "rb") as f:
+                return f.read() == _key_text(key)
+        except FileNotFoundError:
+            return False
+
+    def _vouch(self, name: str, key: tuple) -> None:
+        with self._locked():
+            self._write_ledger(name, key)
+
+    def _write_ledger(self, name: str, key: tuple) -> None:
+        os.makedirs(self._ledger_prefix, exist_ok=True)
+        tmp = f"{self._ledger_prefix}.{name}.{secrets.token_hex(6)}.tmp"
+        with open(tmp, "xb") as f:
+            f.write(_key_text(key))
+        os.replace(tmp, self._ledger_prefix + name)
 
     def _write_temp(self, name: str, data: bytes) -> Path:
         tmp = self.directory / f".{name}.{secrets.token_hex(6)}.tmp"
@@ -249,3 +307,7 @@ class ModelPool:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _key_text(key: tuple) -> bytes:
+    return " ".join(map(str, key)).encode()

@@ -128,6 +128,10 @@ class SessionCache:
             self._metrics.cache_hits.inc()
         return entry
 
+    def peek(self, name: str) -> LoadedModel | None:
+        """The resident session of `name` whatever its file key, without counting a hit or a miss."""
+        return self._entries.get(name)
+
     def put(self, model: LoadedModel) -> None:
         model.stats = self.stats.of(model.name)
         if self._metrics:
