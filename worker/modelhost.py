@@ -232,7 +232,8 @@ class ModelHost:
         """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
         try:
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
-            model = self._run_busy(self.pool.load, model_file_name(request.get("model")))
+            model = self._run_busy(lambda r: self.pool.load(model_file_name(r.get("model")), r.get("version")),
+                                   request)
             policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
         except Exception:
             return False  # reply_to() answers it, with the same error

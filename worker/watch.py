@@ -18,6 +18,7 @@ from typing import Callable
 from broker.errors import BadInput
 
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
+from .versions import SUFFIX, on_disk, path_of
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Watch:
     def validate(self, name: str, key: tuple) -> LoadedModel | None:
         """Load the file if it still has `key` and vouch for it; None when it changed; raises BadInput."""
         try:
-            with open(self._prefix + name, "rb") as f:
+            with open(path_of(self._prefix, name), "rb") as f:
                 st = os.fstat(f.fileno())
                 if file_key(st) != key:
                     return None
@@ -111,13 +112,18 @@ class Watch:
         return "UNAVAILABLE", what
 
     def _files(self) -> dict[str, tuple]:
+        """{entry: file key} of every version of every model in the pool (worker/versions.py)."""
         found = {}
-        with os.scandir(self._prefix) as entries:
-            for e in entries:
-                if e.name.endswith(".onnx") and not e.name.startswith("."):
-                    try:
-                        if e.is_file():
-                            found[e.name] = file_key(e.stat())
-                    except FileNotFoundError:
-                        pass
+        with os.scandir(self._prefix) as items:
+            for e in items:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    if e.name.endswith(SUFFIX) and e.is_file():
+                        found[e.name] = file_key(e.stat())
+                    elif e.is_dir():
+                        for entry in on_disk(self._prefix, e.name + SUFFIX).values():
+                            found[entry] = file_key(os.stat(path_of(self._prefix, entry)))
+                except FileNotFoundError:
+                    pass
         return found

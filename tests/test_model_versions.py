@@ -1,0 +1,143 @@
+"""Model versions in the pool (NAME/VERSION/model.onnx beside flat NAME.onnx), through the direct client."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.client import Client
+from broker.errors import BadInput, ModelNotFound, ModelUnloaded
+
+from .conftest import wait_for, wait_workers
+from .onnx_models import constant_model
+
+X = {"x": np.zeros((1, 1), np.float32)}
+
+
+def _put(pool: Path, name: str, version: int, value: float) -> None:
+    target = pool / name / str(version) / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / ".model.onnx.part"
+    tmp.write_bytes(constant_model(value))
+    os.replace(tmp, target)
+
+
+def _policy(pool: Path, name: str, policy: dict) -> None:
+    tmp = pool / f".{name}.onnx.json.part"
+    tmp.write_text(json.dumps({"version_policy": policy}))
+    os.replace(tmp, pool / f"{name}.onnx.json")
+
+
+def _value(client: Client, name: str, version=None) -> float:
+    return float(client.predict(name, X, version=version)["y"][0, 0])
+
+
+def _both(client: Client, name: str, version=None) -> set:
+    return {_value(client, name, version) for _ in range(2)}  # NOTE: two calls: both workers answer
+
+
+@pytest.fixture
+def versioned(cluster, client):
+    pool = cluster["model_dir"]
+    for v in (1, 2, 3):
+        _put(pool, "m", v, float(v))
+    return pool
+
+
+def test_the_newest_version_serves_by_default_and_others_are_404(versioned, client):
+    assert "m.onnx" in client.models()
+    assert _both(client, "m") == {3.0} and _both(client, "m", 3) == {3.0}
+    for version in (1, 2, 4, "0", "abc", "-1"):
+        with pytest.raises(ModelNotFound, match="version"):
+            client.predict("m", X, version=version)
+    index = {(m["name"], m["version"]): (m["state"], m["reason"]) for m in client.repository()}
+    assert index[("m.onnx", "3")] == ("READY", "")
+    assert index[("m.onnx", "1")] == ("UNAVAILABLE", "not served by the model's version_policy")
+    assert index[("iris.onnx", "1")] == ("READY", "")
+    info = client.model_info("m")
+    assert info["version"] == "3" and info["versions"] == ["3"]
+
+
+@pytest.mark.parametrize("policy, served", [
+    ({"all": {}}, [1, 2, 3]),
+    ({"latest": {"num_versions": 2}}, [2, 3]),
+    ({"specific": {"versions": [1, 3]}}, [1, 3]),
+    ({"specific": {"versions": [1]}}, [1]),
+])
+def test_the_sidecar_version_policy_picks_the_versions_served(versioned, client, policy, served):
+    _policy(versioned, "m", policy)
+    for v in (1, 2, 3):
+        if v in served:
+            assert _both(client, "m", v) == {float(v)}
+        else:
+            with pytest.raises(ModelNotFound, match=f"no version {v}"):
+                client.predict("m", X, version=v)
+    assert _both(client, "m") == {float(served[-1])}
+    assert client.model_info("m", version=served[0])["versions"] == [str(v) for v in served]
+
+
+def test_a_flat_file_is_version_1_beside_a_directory(cluster, client):
+    pool = cluster["model_dir"]
+    (pool / "f.onnx").write_bytes(constant_model(1.0))
+    assert _both(client, "f") == {1.0} and _both(client, "f", 1) == {1.0}
+    with pytest.raises(ModelNotFound, match="no version 2"):
+        client.predict("f", X, version=2)
+    _put(pool, "f", 2, 2.0)
+    _policy(pool, "f", {"all": {}})
+    assert _both(client, "f") == {2.0} and _both(client, "f", 1) == {1.0}
+    row = [np.array([[2, 5, 1, 4]], np.float32)]
+    assert client.predict("iris", row, version=1)["label"].tolist() == client.predict("iris", row)["label"].tolist()
+    with pytest.raises(ModelNotFound):
+        client.predict("iris", row, version=7)
+
+
+def test_upload_unload_load_and_delete_take_a_version(cluster, client):
+    pool = cluster["model_dir"]
+    client.upload("u", constant_model(1.0))
+    assert (pool / "u.onnx").is_file()
+    stored = client.upload("u", constant_model(2.0), "two versions", version=2)
+    assert stored["version"] == "2" and (pool / "u" / "2" / "model.onnx").is_file()
+    assert _both(client, "u") == {2.0}  # the default policy serves the newest
+    _policy(pool, "u", {"all": {}})
+    assert _both(client, "u", 1) == {1.0} and _both(client, "u", 2) == {2.0}
+    with pytest.raises(BadInput, match="name the version"):
+        client.upload("u", constant_model(9.0))
+    client.unload("u", version=2)
+    with pytest.raises(ModelUnloaded):
+        client.predict("u", X, version=2)
+    assert _both(client, "u", 1) == {1.0}
+    index = {(m["name"], m["version"]): m["state"] for m in client.repository()}
+    assert index[("u.onnx", "2")] == "UNAVAILABLE" and index[("u.onnx", "1")] == "READY"
+    client.load("u", version=2)
+    assert _both(client, "u", 2) == {2.0}
+    with pytest.raises(ModelNotFound, match="no version 5"):
+        client.unload("u", version=5)
+    client.delete("u", version=2)
+    assert not (pool / "u").exists()
+    assert _both(client, "u") == {1.0}
+    client.delete("u")
+    assert not (pool / "u.onnx").exists() and not (pool / "u.onnx.json").exists()
+    with pytest.raises(ModelNotFound):
+        client.predict("u", X)
+
+
+def test_polling_serves_a_version_directory_copied_in(procs, broker_url, tmp_path):
+    pool = tmp_path / "pool"
+    _put(pool, "p", 1, 1.0)
+    for _ in range(2):
+        procs.worker(broker_url, pool, "--poll-s", "0.2")
+    wait_workers(broker_url, 2)
+
+    def answers() -> set:
+        seen = set()
+        with Client(broker_url, timeout_s=10) as c:
+            for outcome in c.call_many([("predict", {"model": "p.onnx", "inputs": X})] * 2, return_exceptions=True):
+                seen.add(type(outcome).__name__ if isinstance(outcome, Exception) else float(outcome["outputs"]["y"][0, 0]))
+        return seen
+
+    wait_for(lambda: answers() == {1.0}, 30, "version 1 to be served")
+    _put(pool, "p", 2, 2.0)
+    wait_for(lambda: answers() == {2.0}, 30, "version 2 to be served")
