@@ -59,6 +59,14 @@ class _Operations:
             fields["outputs"] = list(outputs)
         return self._do("predict", _traced(fields, request_id), _outputs, timeout_s)
 
+    def infer(self, model: str, inputs: Inputs, outputs: Sequence[str] | None = None, *,
+              version: int | str | None = None, timeout_s: float | None = None, request_id: str | None = None):
+        """As predict, but returns ({output name: array}, the version that answered: "1" for a flat file)."""
+        fields: dict[str, Any] = _versioned({"model": p.model_file_name(model), "inputs": inputs}, version)
+        if outputs is not None:
+            fields["outputs"] = list(outputs)
+        return self._do("predict", _traced(fields, request_id), _versioned_outputs, timeout_s)
+
     def predict_image(self, model: str, image: bytes, outputs: Sequence[str] | None = None, *,
                       version: int | str | None = None, timeout_s: float | None = None, request_id: str | None = None):
         """Run a one-input image model on an encoded image (JPEG, PNG, ...); the worker decodes it,
@@ -127,6 +135,10 @@ class _Operations:
     def echo(self, data: Any, *, timeout_s: float | None = None, request_id: str | None = None):
         """Send `data` to a worker and back; returns {"data", "node"}: which worker answered."""
         return self._do("echo", _traced({"data": data}, request_id), None, timeout_s)
+
+
+def _versioned_outputs(result: dict) -> tuple[dict, str]:
+    return result["outputs"], str(result.get("version", "1"))
 
 
 def _versioned(fields: dict, version: int | str | None) -> dict:

@@ -11,7 +11,7 @@ import pytest
 from broker.client import Client
 from broker.errors import BadInput, ModelNotFound, ModelUnloaded
 
-from .conftest import wait_for, wait_workers
+from .conftest import Served, wait_for, wait_workers
 from .onnx_models import constant_model
 
 X = {"x": np.zeros((1, 1), np.float32)}
@@ -141,3 +141,59 @@ def test_polling_serves_a_version_directory_copied_in(procs, broker_url, tmp_pat
     wait_for(lambda: answers() == {1.0}, 30, "version 1 to be served")
     _put(pool, "p", 2, 2.0)
     wait_for(lambda: answers() == {2.0}, 30, "version 2 to be served")
+
+
+def test_versions_over_tritonclient_http_and_grpc(tmp_path):
+    """/versions/V on infer, metadata, ready, config and stats, REST and gRPC, as Triton's clients send it."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    pool = tmp_path / "pool"
+    for v in (1, 2, 3):
+        _put(pool, "m", v, float(v))
+    _policy(pool, "m", {"latest": {"num_versions": 2}})
+    served = Served(tmp_path, {"FRACTAL_BROKER_STATUS_INTERVAL_S": "0.2"})
+    rest, rpc = th.InferenceServerClient(f"127.0.0.1:{served.http_port}"), tg.InferenceServerClient(
+        served.grpc_target)
+    try:
+        def infer(module, client, version: str = ""):
+            given = module.InferInput("x", [1, 1], "FP32")
+            given.set_data_from_numpy(X["x"])
+            result = client.infer("m", [given], model_version=version)
+            answered = result.get_response()
+            answered = answered["model_version"] if isinstance(answered, dict) else answered.model_version
+            return float(result.as_numpy("y")[0, 0]), answered
+
+        for module, client in ((th, rest), (tg, rpc)):
+            assert infer(module, client) == (3.0, "3")
+            assert infer(module, client, "2") == (2.0, "2")
+            for unknown in ("1", "7", "x"):
+                with pytest.raises(InferenceServerException, match="version"):
+                    infer(module, client, unknown)
+            assert client.is_model_ready("m", "2") and not client.is_model_ready("m", "1")
+            assert not client.is_model_ready("m", "9")
+        assert rest.get_model_metadata("m", "2")["versions"] == ["2", "3"]
+        assert list(rpc.get_model_metadata("m", "3").versions) == ["2", "3"]
+        assert rest.get_model_config("m", "2")["name"] == "m"
+        assert rpc.get_model_config("m", "2", as_json=True)["config"]["name"] == "m"
+        with pytest.raises(InferenceServerException, match="version"):
+            rest.get_model_config("m", "1")
+        with pytest.raises(InferenceServerException) as caught:
+            rpc.get_model_config("m", "7")
+        assert caught.value.status() == "StatusCode.NOT_FOUND"
+
+        def counts(version: str) -> int:
+            stats = rest.get_inference_statistics("m", version)["model_stats"]
+            assert [s["version"] for s in stats] == [version]
+            return stats[0]["inference_count"]
+
+        wait_for(lambda: counts("2") >= 2 and counts("3") >= 2, 30, "per-version statistics")
+        grpc_stats = rpc.get_inference_statistics("m", "2", as_json=True)["model_stats"]
+        assert grpc_stats[0]["version"] == "2" and int(grpc_stats[0]["inference_count"]) >= 2
+        every = {(s["name"], s["version"]) for s in rest.get_inference_statistics()["model_stats"]}
+        assert {("m.onnx", "2"), ("m.onnx", "3")} <= every
+    finally:
+        rest.close()
+        rpc.close()
+        assert served.stop() == 0

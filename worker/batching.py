@@ -153,7 +153,8 @@ def run_batch(batch: list[Pending]) -> None:
         end = offset + pending.rows
         replying = time.perf_counter_ns()
         outputs = {n: v[offset:end] for n, v in zip(names, values)}
-        pending.reply({"outputs": outputs if pending.wanted is None else {n: outputs[n] for n in pending.wanted}})
+        pending.reply(inference.result(pending.model, outputs if pending.wanted is None
+                                       else {n: outputs[n] for n in pending.wanted}))
         done = time.perf_counter_ns()
         pending.model.stats.succeeded(pending.rows, done - pending.queued_ns + pending.input_ns,
                                       run_start - pending.queued_ns, pending.input_ns + started - run_start,
@@ -166,7 +167,7 @@ def _run_alone(pending: Pending) -> None:
     infer_ns = output_ns = 0
     try:
         outputs, infer_ns, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
-        outcome: dict | FractalError = {"outputs": outputs}
+        outcome: dict | FractalError = inference.result(pending.model, outputs)
     except FractalError as exc:
         outcome = exc
     except Exception:

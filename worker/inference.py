@@ -145,3 +145,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def result(model: LoadedModel, outputs: dict) -> dict:
+    """A predict's result: its outputs, and the version that ran them when it is a version directory's."""
+    return {"outputs": outputs} if model.version is None else {"outputs": outputs, "version": model.version}

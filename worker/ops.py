@@ -35,8 +35,8 @@ def predict(pool: ModelPool, body: dict, node: str) -> dict:
     wanted = _wanted(body)
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
-    return {"outputs": inference.run(pool.load(body.get("model"), body.get("version")), body["inputs"],
-                                     wanted)}  # load() checks the name
+    model = pool.load(body.get("model"), body.get("version"))  # load() checks the name
+    return inference.result(model, inference.run(model, body["inputs"], wanted))
 
 
 def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
@@ -51,7 +51,7 @@ def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
     options = pool.sidecar(name).get("image") or {}
     tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
                               options if isinstance(options, dict) else {})
-    return {"outputs": inference.run(model, {model.inputs[0].name: tensor}, wanted)}
+    return inference.result(model, inference.run(model, {model.inputs[0].name: tensor}, wanted))
 
 
 def models(pool: ModelPool, body: dict, node: str) -> dict:

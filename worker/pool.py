@@ -187,8 +187,13 @@ class ModelPool:
         }
 
     def statistics(self) -> dict[str, dict]:
-        """Inference statistics of every model this worker ran since it started (worker/stats.py)."""
-        return self._cache.stats.snapshot()
+        """Inference statistics of every model version this worker ran since it started
+        (worker/stats.py), keyed NAME for version 1 and NAME@VERSION for the others."""
+        found = {}
+        for entry, stats in self._cache.stats.snapshot().items():
+            name, version = split(entry)
+            found[name if version in (None, 1) else f"{name}@{version}"] = stats
+        return found
 
     def resident(self) -> list[str]:
         return self._cache.names()
