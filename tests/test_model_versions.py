@@ -11,7 +11,7 @@ import pytest
 from broker.client import Client
 from broker.errors import BadInput, ModelNotFound, ModelUnloaded
 
-from .conftest import Served, wait_for, wait_workers
+from .conftest import Served, start_frontend, wait_for, wait_workers
 from .onnx_models import constant_model
 
 X = {"x": np.zeros((1, 1), np.float32)}
@@ -197,3 +197,37 @@ def test_versions_over_tritonclient_http_and_grpc(tmp_path):
         rest.close()
         rpc.close()
         assert served.stop() == 0
+
+
+def test_the_seed_api_takes_a_version_parameter(cluster, procs):
+    import urllib.error
+    import urllib.request
+
+    base = start_frontend(procs, cluster["url"])
+
+    def call(method: str, path: str, data: bytes | None = None, kind: str = "application/json"):
+        req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": kind})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    octet = "application/octet-stream"
+    assert call("PUT", "/api/v1/models/s.onnx?version=2", constant_model(2.0), octet)[0] == 200
+    assert call("PUT", "/api/v1/models/s.onnx?version=5", constant_model(5.0), octet)[0] == 200
+    assert (cluster["model_dir"] / "s" / "5" / "model.onnx").is_file()
+    row = json.dumps({"values": [[0.0]]}).encode()
+    status, body = call("POST", "/api/v1/models/s.onnx/prediction", row)
+    assert status == 200 and body["values"] == [[5.0]]
+    status, body = call("POST", "/api/v1/models/s.onnx/prediction?version=2", row)
+    assert status == 404 and "no version 2" in body["http_status"]["description"]
+    _policy(cluster["model_dir"], "s", {"all": {}})
+    assert call("POST", "/api/v1/models/s.onnx/prediction?version=2", row)[1]["values"] == [[2.0]]
+    status, body = call("GET", "/api/v1/models/s.onnx?version=2")
+    assert status == 200 and body["version"] == "2" and body["versions"] == ["2", "5"]
+    assert call("GET", "/api/v1/models/s.onnx?version=3")[0] == 404
+    assert call("DELETE", "/api/v1/models/s.onnx?version=5")[0] == 200
+    assert call("POST", "/api/v1/models/s.onnx/prediction", row)[1]["values"] == [[2.0]]
+    assert call("DELETE", "/api/v1/models/s.onnx")[0] == 200
+    assert call("POST", "/api/v1/models/s.onnx/prediction", row)[0] == 404
