@@ -12,7 +12,8 @@ import falcon.asgi
 import orjson
 
 from broker.client import AsyncClient
-from broker.errors import NoWorkerAvailable
+from broker import jsonbody
+from broker.errors import BadInput, NoWorkerAvailable
 from broker.protocol import model_file_name
 
 from . import bodies, oip
@@ -130,13 +131,31 @@ class RepositoryIndex(V2Resource):
         _json(resp, await self.client.repository(request_id=req.context.request_id))
 
 
+async def _repository_version(req: falcon.asgi.Request, max_body_bytes: int) -> str | None:
+    """The version a load or unload names in its body's parameters ({"parameters": {"version": "2"}});
+    None (every version) for an empty body or none named."""
+    data = await bodies.raw(req, max_body_bytes)
+    if not data.strip():
+        return None
+    body = jsonbody.loads(data, "the request body")
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    if parameters is not None and not isinstance(parameters, dict):
+        raise BadInput('"parameters" must be an object, e.g. {"parameters": {"version": "2"}}')
+    version = (parameters or {}).get("version")
+    if version is not None and not isinstance(version, (str, int)):
+        raise BadInput('"parameters.version" must be a string such as "2"')
+    return str(version) if version is not None else None
+
+
 class RepositoryLoad(V2Resource):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        await self.client.load(model_name(name), request_id=req.context.request_id)
+        version = await _repository_version(req, self.max_body_bytes)
+        await self.client.load(model_name(name), version=version, request_id=req.context.request_id)
         _json(resp, {})
 
 
 class RepositoryUnload(V2Resource):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        await self.client.unload(model_name(name), request_id=req.context.request_id)
+        version = await _repository_version(req, self.max_body_bytes)
+        await self.client.unload(model_name(name), version=version, request_id=req.context.request_id)
         _json(resp, {})

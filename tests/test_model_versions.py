@@ -231,3 +231,60 @@ def test_the_seed_api_takes_a_version_parameter(cluster, procs):
     assert call("POST", "/api/v1/models/s.onnx/prediction", row)[1]["values"] == [[2.0]]
     assert call("DELETE", "/api/v1/models/s.onnx")[0] == 200
     assert call("POST", "/api/v1/models/s.onnx/prediction", row)[0] == 404
+
+
+def test_v2_load_and_unload_take_a_version_over_rest_and_grpc(tmp_path):
+    """A version in the load/unload parameters ({"parameters": {"version": "2"}}); none: every version."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.utils import InferenceServerException
+
+    pool = tmp_path / "pool"
+    for v in (1, 2):
+        _put(pool, "m", v, float(v))
+    _policy(pool, "m", {"all": {}})
+    served = Served(tmp_path)
+    rest, rpc = th.InferenceServerClient(f"127.0.0.1:{served.http_port}"), tg.InferenceServerClient(
+        served.grpc_target)
+
+    def states() -> dict:
+        return {m["version"]: m["state"] for m in rest.get_model_repository_index() if m["name"] == "m.onnx"}
+
+    def post(action: str, version: str) -> int:  # NOTE: tritonclient's http load/unload send no parameters
+        import urllib.error
+        import urllib.request
+        body = json.dumps({"parameters": {"version": version}}).encode()
+        req = urllib.request.Request(f"{served.base}/v2/repository/models/m/{action}", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            assert "no version" in json.loads(err.read())["error"]
+            return err.code
+
+    try:
+        assert post("unload", "2") == 200
+        assert states() == {"1": "READY", "2": "UNAVAILABLE"}
+        assert rest.is_model_ready("m", "1") and not rest.is_model_ready("m", "2")
+        assert post("load", "2") == 200
+        assert states() == {"1": "READY", "2": "READY"}
+        rpc._client_stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(
+            model_name="m", parameters={"version": pb.ModelRepositoryParameter(string_param="1")}))
+        assert states() == {"1": "UNAVAILABLE", "2": "READY"}
+        rpc._client_stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(
+            model_name="m", parameters={"version": pb.ModelRepositoryParameter(int64_param=1)}))
+        assert states() == {"1": "READY", "2": "READY"}
+        rpc.unload_model("m")  # no version: every version
+        assert states() == {"1": "UNAVAILABLE", "2": "UNAVAILABLE"}
+        rest.load_model("m")
+        assert states() == {"1": "READY", "2": "READY"}
+        assert post("unload", "7") == 404
+        with pytest.raises(InferenceServerException) as caught:
+            rpc.load_model("m", config='{"max_batch_size": 8}')
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert states() == {"1": "READY", "2": "READY"}
+    finally:
+        rest.close()
+        rpc.close()
+        assert served.stop() == 0

@@ -34,6 +34,21 @@ def pool_name(name: str) -> str:
     return check_model_name(name if name.endswith(".onnx") else name + ".onnx")
 
 
+def _version_parameter(parameters, what: str) -> str | None:
+    """A load's or unload's one parameter, "version" (string_param or int64_param); None: every version."""
+    # NOTE: tritonclient's unload always sends unload_dependents; a model here has no dependents
+    if set(parameters) - {"version", *(("unload_dependents",) if what == "unload" else ())}:
+        raise BadInput(f"{what} takes one parameter here, 'version' (no config override, no files): upload a "
+                       f"model with PUT /api/v1/models/NAME, then load it")
+    if "version" not in parameters:
+        return None
+    param = parameters["version"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("string_param", "int64_param"):
+        raise BadInput(f"{what}: the 'version' parameter must be a string or an integer")
+    return str(getattr(param, kind))
+
+
 def _tensor_metadata(spec: dict) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=spec["name"], datatype=datatype_of(spec["dtype"]), shape=[-1 if d is None else d for d in spec["shape"]])
@@ -133,15 +148,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("RepositoryModelLoad", ADMIN)
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   call: Call) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise BadInput("load takes no parameters here (no config override, no files): upload a model with "
-                           "PUT /api/v1/models/NAME, then load it")
-        await self.client.load(pool_name(request.model_name), timeout_s=call.timeout_s, request_id=call.request_id)
+        await self.client.load(pool_name(request.model_name), version=_version_parameter(request.parameters, "load"),
+                               timeout_s=call.timeout_s, request_id=call.request_id)
         return pb.RepositoryModelLoadResponse()
 
     @rpc("RepositoryModelUnload", ADMIN)
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     call: Call) -> pb.RepositoryModelUnloadResponse:
-        await self.client.unload(pool_name(request.model_name), timeout_s=call.timeout_s,
+        await self.client.unload(pool_name(request.model_name),
+                                 version=_version_parameter(request.parameters, "unload"), timeout_s=call.timeout_s,
                                  request_id=call.request_id)
         return pb.RepositoryModelUnloadResponse()
