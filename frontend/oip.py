@@ -43,7 +43,7 @@ def model_config(name: str, config: dict) -> dict:
     batch = int(config.get("max_batch_size") or 0)
     result: dict[str, Any] = {
         "name": name, "platform": PLATFORM, "backend": BACKEND,
-        "version_policy": {"latest": {"num_versions": 1}}, "max_batch_size": batch,
+        "version_policy": config.get("version_policy") or {"latest": {"num_versions": 1}}, "max_batch_size": batch,
         "input": [_config_tensor(t, batch > 0) for t in config["inputs"]],
         "output": [_config_tensor(t, batch > 0) for t in config["outputs"]],
     }

@@ -176,7 +176,9 @@ def test_versions_over_tritonclient_http_and_grpc(tmp_path):
         assert rest.get_model_metadata("m", "2")["versions"] == ["2", "3"]
         assert list(rpc.get_model_metadata("m", "3").versions) == ["2", "3"]
         assert rest.get_model_config("m", "2")["name"] == "m"
-        assert rpc.get_model_config("m", "2", as_json=True)["config"]["name"] == "m"
+        assert rest.get_model_config("m", "2")["version_policy"] == {"latest": {"num_versions": 2}}
+        grpc_config = rpc.get_model_config("m", "2", as_json=True)["config"]
+        assert grpc_config["name"] == "m" and grpc_config["version_policy"] == {"latest": {"num_versions": 2}}
         with pytest.raises(InferenceServerException, match="version"):
             rest.get_model_config("m", "1")
         with pytest.raises(InferenceServerException) as caught:
@@ -288,3 +290,19 @@ def test_v2_load_and_unload_take_a_version_over_rest_and_grpc(tmp_path):
         rest.close()
         rpc.close()
         assert served.stop() == 0
+
+
+def test_fractal_predict_takes_a_version(versioned, cluster):
+    import subprocess
+    import sys
+
+    _policy(versioned, "m", {"specific": {"versions": [1, 3]}})
+
+    def predict(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fractal", "predict", "--broker", cluster["url"], "m", "0",
+                               *flags], capture_output=True, text=True, timeout=60)
+
+    assert json.loads(predict().stdout) == {"y": [[3.0]]}
+    assert json.loads(predict("--version", "1").stdout) == {"y": [[1.0]]}
+    failed = predict("--version", "2")
+    assert failed.returncode == 1 and "no version 2" in failed.stderr

@@ -10,7 +10,7 @@ from broker.protocol import model_file_name
 from . import images, inference
 from .batching import BatchPolicy, batchable
 from .pool import ModelPool
-from .versions import split
+from .versions import policy_of, split
 
 
 def _model(body: dict) -> str:
@@ -73,7 +73,9 @@ def config(pool: ModelPool, body: dict, node: str, policy: BatchPolicy = BatchPo
     model = pool.load(name, body.get("version"))
     policy = policy.override(pool.sidecar(name).get("dynamic_batching"))
     on = policy.enabled and batchable(model)
-    return {"model": name, "version": str(split(model.name)[1] or 1), "inputs": [i.describe() for i in model.inputs],
+    return {"model": name, "version": str(split(model.name)[1] or 1),
+            "version_policy": policy_of(pool.sidecar(name).get("version_policy")),
+            "inputs": [i.describe() for i in model.inputs],
             "outputs": [o.describe() for o in model.outputs],
             "max_batch_size": policy.max_batch_size if on else 0,
             "dynamic_batching": {"max_queue_delay_us": policy.max_queue_delay_us,

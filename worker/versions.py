@@ -70,6 +70,26 @@ def on_disk(prefix: str, name: str) -> dict[int, str]:
     return found
 
 
+def policy_of(policy: Any) -> dict:
+    """The version_policy to show in a model configuration: the sidecar's when valid, else latest 1."""
+    return policy if _valid(policy) else {"latest": {"num_versions": 1}}
+
+
+def _valid(policy: Any) -> bool:
+    if not (isinstance(policy, dict) and len(policy) == 1):
+        return False
+    (kind, args), = policy.items()
+    args = args if isinstance(args, dict) else {}
+    if kind == "all":
+        return True
+    if kind == "latest":
+        return type(args.get("num_versions", 1)) is int and args.get("num_versions", 1) >= 1
+    if kind == "specific":
+        wanted = args.get("versions")
+        return isinstance(wanted, list) and all(type(v) is int for v in wanted)
+    return False
+
+
 def served(versions: list[int], policy: Any, name: str = "") -> list[int]:
     """The versions (sorted) a version_policy serves out of `versions` (sorted)."""
     if policy is None:
