@@ -78,8 +78,9 @@ class ModelPool:
         policy serves) means; raises ModelNotFound for a version the model does not serve."""
         check_model_name(name)
         v = parse_version(name, version)
-        # NOTE: the common case, a flat file and no directory, costs one stat more than before versions.
-        if v in (None, 1) and not os.path.isdir(self._prefix + name[:-5]):
+        # NOTE: the common case, a flat file and no directory, costs one access() more than before
+        # versions; access() answers "absent" without raising, which os.path.isdir would do inside.
+        if v in (None, 1) and not os.access(self._prefix + name[:-5], os.F_OK):
             return name
         found = on_disk(self._prefix, name)
         if not found:
@@ -99,7 +100,7 @@ class ModelPool:
         # NOTE: on every predict: plain strings, not pathlib (whose joins cost more than the two
         # syscalls), and os.access, which answers "no marker" without raising an exception.
         name = self.entry(name, version)
-        path = path_of(self._prefix, name)
+        path = self._prefix + name if "@" not in name else path_of(self._prefix, name)
         try:
             st = os.stat(path)
         except FileNotFoundError:
