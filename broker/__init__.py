@@ -8,8 +8,8 @@ from importlib import import_module
 _WHERE = {
     "Broker": ".broker", "BrokerSettings": ".broker", "AsyncClient": ".client", "Client": ".client",
     **dict.fromkeys(["BadInput", "ConfigError", "FractalError", "InternalError", "ModelNotFound",
-                     "ModelUnloaded", "NoWorkerAvailable", "Overloaded", "PayloadTooLarge", "ProtocolError",
-                     "RetryLater", "Timeout", "UnsupportedMediaType", "WorkerLost"], ".errors"),
+                     "ModelNotReady", "ModelUnloaded", "NoWorkerAvailable", "Overloaded", "PayloadTooLarge",
+                     "ProtocolError", "RetryLater", "Timeout", "UnsupportedMediaType", "WorkerLost"], ".errors"),
 }
 __all__ = sorted(_WHERE)
 

@@ -68,23 +68,35 @@ class _Operations:
         raise NotImplementedError
 
     def predict(self, model: str, inputs: Inputs, outputs: Sequence[str] | None = None, *,
-                timeout_s: float | None = None, request_id: str | None = None, timing: dict | None = None):
+                version: int | str | None = None, timeout_s: float | None = None, request_id: str | None = None,
+                timing: dict | None = None):
         """Run `model` on `inputs` (by input name, or positional); returns {output name: array}.
         A `timing` dict receives the worker's own times in ms (worker_ms, inference_ms).
 
-        Raises ModelNotFound, BadInput (wrong names, dtypes or shapes: the message says what the
-        model expects), Timeout, Overloaded or NoWorkerAvailable.
+        `version` picks one of the model's versions (default: the newest its version_policy serves).
+        Raises ModelNotFound (also for a version it does not serve), BadInput (wrong names, dtypes or
+        shapes: the message says what the model expects), Timeout, Overloaded or NoWorkerAvailable.
         """
-        fields: dict[str, Any] = {"model": p.model_file_name(model), "inputs": inputs}
+        fields: dict[str, Any] = _versioned({"model": p.model_file_name(model), "inputs": inputs}, version)
         if outputs is not None:
             fields["outputs"] = list(outputs)
         return self._do("predict", _traced(fields, request_id), _outputs_timed(timing), timeout_s)
 
+    def infer(self, model: str, inputs: Inputs, outputs: Sequence[str] | None = None, *,
+              version: int | str | None = None, timeout_s: float | None = None, request_id: str | None = None,
+              timing: dict | None = None):
+        """As predict, but returns ({output name: array}, the version that answered: "1" for a flat file)."""
+        fields: dict[str, Any] = _versioned({"model": p.model_file_name(model), "inputs": inputs}, version)
+        if outputs is not None:
+            fields["outputs"] = list(outputs)
+        return self._do("predict", _traced(fields, request_id), _versioned_outputs(timing), timeout_s)
+
     def predict_image(self, model: str, image: bytes, outputs: Sequence[str] | None = None, *,
-                      timeout_s: float | None = None, request_id: str | None = None, timing: dict | None = None):
+                      version: int | str | None = None, timeout_s: float | None = None, request_id: str | None = None,
+                      timing: dict | None = None):
         """Run a one-input image model on an encoded image (JPEG, PNG, ...); the worker decodes it,
         matches the model's channels, layout and size and scales pixels to [0, 1]. `timing`: as predict's."""
-        fields: dict[str, Any] = {"model": p.model_file_name(model), "image": image}
+        fields: dict[str, Any] = _versioned({"model": p.model_file_name(model), "image": image}, version)
         if outputs is not None:
             fields["outputs"] = list(outputs)
         return self._do("predict_image", _traced(fields, request_id), _outputs_timed(timing), timeout_s)
@@ -97,13 +109,16 @@ class _Operations:
         """[{"model", "description"}] for every model, sorted by name."""
         return self._do("information", _traced({}, request_id), _model_list, timeout_s)
 
-    def model_info(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
-        """Description, inputs, outputs, size and last change of one model."""
-        return self._do("info", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
+    def model_info(self, model: str, *, version: int | str | None = None, timeout_s: float | None = None,
+                   request_id: str | None = None):
+        """Description, inputs, outputs, size, last change, version and served versions of one model."""
+        fields = _versioned({"model": p.model_file_name(model)}, version)
+        return self._do("info", _traced(fields, request_id), None, timeout_s)
 
-    def model_config(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
+    def model_config(self, model: str, *, version: int | str | None = None, timeout_s: float | None = None,
+                     request_id: str | None = None):
         """Inputs, outputs, max_batch_size and dynamic_batching of one model, as a worker serves it."""
-        return self._do("config", _traced({"model": model}, request_id), None, timeout_s)
+        return self._do("config", _traced(_versioned({"model": model}, version), request_id), None, timeout_s)
 
     def describe(self, model: str, description: str, *, timeout_s: float | None = None,
                  request_id: str | None = None):
@@ -112,24 +127,31 @@ class _Operations:
         return self._do("describe", _traced(fields, request_id), None, timeout_s)
 
     def upload(self, model: str, data: bytes, description: str | None = None, *,
-               timeout_s: float | None = None, request_id: str | None = None):
-        """Add or atomically replace a model; it is validated in ONNX Runtime before it is visible."""
-        fields: dict[str, Any] = {"model": p.model_file_name(model), "data": data}
+               version: int | str | None = None, timeout_s: float | None = None, request_id: str | None = None):
+        """Add or atomically replace a model (a version: NAME/VERSION/model.onnx; none: the flat file);
+        it is validated in ONNX Runtime before it is visible."""
+        fields: dict[str, Any] = _versioned({"model": p.model_file_name(model), "data": data}, version)
         if description is not None:
             fields["description"] = description
         return self._do("upload", _traced(fields, request_id), None, timeout_s)
 
-    def delete(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
+    def delete(self, model: str, *, version: int | str | None = None, timeout_s: float | None = None,
+               request_id: str | None = None):
         """Remove a model and its description from the pool."""
-        return self._do("delete", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
+        fields = _versioned({"model": p.model_file_name(model)}, version)
+        return self._do("delete", _traced(fields, request_id), None, timeout_s)
 
-    def load(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
+    def load(self, model: str, *, version: int | str | None = None, timeout_s: float | None = None,
+             request_id: str | None = None):
         """Serve a model again after unload, and warm it on the worker that answers."""
-        return self._do("load", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
+        fields = _versioned({"model": p.model_file_name(model)}, version)
+        return self._do("load", _traced(fields, request_id), None, timeout_s)
 
-    def unload(self, model: str, *, timeout_s: float | None = None, request_id: str | None = None):
+    def unload(self, model: str, *, version: int | str | None = None, timeout_s: float | None = None,
+               request_id: str | None = None):
         """Stop serving a model (its file stays); workers drop its session within a heartbeat."""
-        return self._do("unload", _traced({"model": p.model_file_name(model)}, request_id), None, timeout_s)
+        fields = _versioned({"model": p.model_file_name(model)}, version)
+        return self._do("unload", _traced(fields, request_id), None, timeout_s)
 
     def repository(self, *, timeout_s: float | None = None, request_id: str | None = None):
         """[{"name", "version", "state": READY | UNAVAILABLE, "reason"}] for every model."""
@@ -138,6 +160,22 @@ class _Operations:
     def echo(self, data: Any, *, timeout_s: float | None = None, request_id: str | None = None):
         """Send `data` to a worker and back; returns {"data", "node"}: which worker answered."""
         return self._do("echo", _traced({"data": data}, request_id), None, timeout_s)
+
+
+def _versioned_outputs(timing: dict | None) -> Callable[[dict], tuple[dict, str]]:
+    """(outputs, the version that answered) of a predict's result, its timing copied as _outputs_timed's."""
+    outputs = _outputs_timed(timing)
+
+    def post(result: dict) -> tuple[dict, str]:
+        return outputs(result), str(result.get("version", "1"))
+    return post
+
+
+def _versioned(fields: dict, version: int | str | None) -> dict:
+    """`fields` with the model version asked for, if any (docs/protocol.md: a string, "3")."""
+    if version is not None:
+        fields["version"] = str(version)
+    return fields
 
 
 def _traced(fields: dict, request_id: str | None) -> dict:

@@ -70,6 +70,10 @@ class NoWorkerAvailable(RetryLater):
     """No live worker is registered for the service."""
 
 
+class ModelNotReady(RetryLater):
+    """Repository polling has not yet validated any version of the model's file on this worker."""
+
+
 class WorkerLost(RetryLater):
     """The workers handling the request died twice in a row."""
 

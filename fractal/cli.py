@@ -138,11 +138,12 @@ def _predict(argv: list[str]) -> int:
     def positional(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", help="model name, e.g. iris or iris.onnx")
         parser.add_argument("values", nargs="+", type=float, help="the row, e.g. 2 5 1 4")
+        parser.add_argument("--version", default=None, help="the model version (default: the newest served)")
     args, settings = _client_args("fractal predict", "One prediction on one row of numbers, printed as JSON.",
                                   argv, positional)
     try:
         with settings.client() as client:
-            outputs = client.predict(args.model, [np.array(args.values)])
+            outputs = client.predict(args.model, [np.array(args.values)], version=args.version)
     except FractalError as exc:
         print(f"fractal predict: {_explain(exc, settings)}", file=sys.stderr)
         return 1

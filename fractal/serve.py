@@ -46,6 +46,8 @@ class ServeSettings:
     workers: int = setting(2, "worker processes (each serves the models over the broker)")
     model_dir: str = setting("./models", "model pool; created with the bundled models if missing")
     threads: int = setting(0, "ONNX Runtime threads per worker; 0 = cores / workers")
+    poll_s: float = setting(0.0, "repository polling: each worker rescans the pool every poll_s seconds "
+                                 "for models copied in, changed or removed by other means; 0 = off")
     http_workers: int = setting(2, "gunicorn worker processes, each an event loop with any number of requests")
     http_worker_class: str = setting(WORKER_CLASS, "gunicorn worker class; an ASGI one (uvicorn_worker."
                                                    "UvicornWorker, or UvicornH11Worker without uvloop)")
@@ -55,8 +57,8 @@ class ServeSettings:
     log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.http_workers < 1 or self.threads < 0:
-            raise ValueError("workers and http_workers must be >= 1; threads >= 0")
+        if self.workers < 1 or self.http_workers < 1 or self.threads < 0 or self.poll_s < 0:
+            raise ValueError("workers and http_workers must be >= 1; threads and poll_s >= 0")
         if not 0 <= self.grpc_port < 65536:
             raise ValueError("grpc_port must be a TCP port number, or 0 for no gRPC frontend")
 
@@ -143,7 +145,7 @@ def _children(s: ServeSettings) -> list[Child]:
     for i in range(s.workers):
         children.append(Child(f"worker-{i + 1}", [
             sys.executable, "-m", "worker", "--connect", connect_url, "--model-dir", s.model_dir,
-            "--node-name", f"worker-{i + 1}",
+            "--node-name", f"worker-{i + 1}", "--poll-s", str(s.poll_s),
             "--threads", str(threads), "--metrics-port", str(s.metrics_port and s.metrics_port + 1 + i),
             *common], env, restart=True))
     public = env_name("frontend", "public_url")  # /help's examples name this server, unless the user set it

@@ -12,7 +12,7 @@ from .v2_tensors import datatype_of
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-VERSION = "1"  # every model has one version (issue 16 item 3 brings more)
+VERSION = "1"  # a flat NAME.onnx file's version
 PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 _NO_CACHE = ("cache_hit", "cache_miss")  # Triton's response cache; we have none, so always 0
 
@@ -43,7 +43,7 @@ def model_config(name: str, config: dict) -> dict:
     batch = int(config.get("max_batch_size") or 0)
     result: dict[str, Any] = {
         "name": name, "platform": PLATFORM, "backend": BACKEND,
-        "version_policy": {"latest": {"num_versions": 1}}, "max_batch_size": batch,
+        "version_policy": config.get("version_policy") or {"latest": {"num_versions": 1}}, "max_batch_size": batch,
         "input": [_config_tensor(t, batch > 0) for t in config["inputs"]],
         "output": [_config_tensor(t, batch > 0) for t in config["outputs"]],
     }
@@ -89,7 +89,13 @@ def summed_stats(broker_status: dict | None) -> dict[str, dict]:
     return total
 
 
-def statistics(summed: dict[str, dict], models: list[tuple[str, str]]) -> dict:
-    """{"model_stats": [...]} for (name shown, pool name) pairs; a model never run has zeros."""
-    return {"model_stats": [{"name": shown, "version": VERSION, **summed.get(pool_name, _zero()),
-                             "batch_stats": []} for shown, pool_name in models]}
+def stats_key(pool_name: str, version: str) -> str:
+    """The key of one version's counters in a worker's status (worker/pool.py statistics())."""
+    return pool_name if version == VERSION else f"{pool_name}@{version}"
+
+
+def statistics(summed: dict[str, dict], models: list[tuple[str, str, str]]) -> dict:
+    """{"model_stats": [...]} for (name shown, pool name, version); a model never run has zeros."""
+    return {"model_stats": [{"name": shown, "version": version,
+                             **summed.get(stats_key(pool_name, version), _zero()), "batch_stats": []}
+                            for shown, pool_name, version in models]}

@@ -76,7 +76,8 @@ class Information(Resource):
 
 class Model(Resource):
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        ok(resp, **await self.client.model_info(model_file_name(name), request_id=req.context.request_id))
+        ok(resp, **await self.client.model_info(model_file_name(name), version=_version(req),
+                                                request_id=req.context.request_id))
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
         name = model_file_name(name)
@@ -98,12 +99,18 @@ class Model(Resource):
                                        f" or an application/octet-stream body, not {kind}")
         if not data:
             raise BadInput("the uploaded model is empty")
-        info = await self.client.upload(name, data, request_id=req.context.request_id)
+        info = await self.client.upload(name, data, version=_version(req), request_id=req.context.request_id)
         ok(resp, "Model uploaded", **info)
 
     async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
         name = model_file_name(name)
-        ok(resp, "Model deleted", **await self.client.delete(name, request_id=req.context.request_id))
+        ok(resp, "Model deleted", **await self.client.delete(name, version=_version(req),
+                                                             request_id=req.context.request_id))
+
+
+def _version(req: falcon.asgi.Request) -> str | None:
+    """The `?version=V` of a seed route (README, Model versions); None: the newest served."""
+    return req.get_param("version") or None
 
 
 class Prediction(Resource):
@@ -140,7 +147,7 @@ class Prediction(Resource):
         wanted = _wanted_outputs(body.get("outputs"))
         # NOTE: every output is computed, so that `values` is the model's first whatever was asked for.
         outputs = await timed(request_timing(req), name, lambda timing: self.client.predict(
-            name, inputs, request_id=req.context.request_id, timing=timing))
+            name, inputs, version=_version(req), request_id=req.context.request_id, timing=timing))
         _answer(resp, name, outputs, wanted)
 
     async def _image(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str, image: bytes,
@@ -148,7 +155,7 @@ class Prediction(Resource):
         if not image:
             raise BadInput("the image is empty")
         outputs = await timed(request_timing(req), name, lambda timing: self.client.predict_image(
-            name, image, request_id=req.context.request_id, timing=timing))
+            name, image, version=_version(req), request_id=req.context.request_id, timing=timing))
         _answer(resp, name, outputs, wanted)
 
 

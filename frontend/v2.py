@@ -1,7 +1,7 @@
 """Open Inference Protocol (KServe v2) REST resources, on the same client and workers as the seed API.
 
 Model names are the pool's file names; a bare name ("iris") also finds "iris.onnx". Each model has
-one version, "1".
+the versions of worker/versions.py.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import falcon.asgi
 import orjson
 
 from broker.client import AsyncClient
-from broker.errors import ModelNotFound, NoWorkerAvailable
+from broker import jsonbody
+from broker.errors import BadInput, NoWorkerAvailable
 from broker.protocol import model_file_name
 
 from . import bodies, oip
@@ -23,9 +24,8 @@ SERVER_NAME = "fractal-ml-server"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 
-def model_name(name: str, version: str | None = None) -> str:
-    if version not in (None, "", "1"):
-        raise ModelNotFound(f"model {name} has no version {version!r}; its only version is '1'")
+def model_name(name: str) -> str:
+    """The pool name of a route's model; its version goes to the worker as it came (None: the newest)."""
     return model_file_name(name)
 
 
@@ -66,8 +66,9 @@ class ServerMetadata(V2Resource):
 class ModelMetadata(V2Resource):
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
                      version: str | None = None) -> None:
-        info = await self.client.model_info(model_name(name, version), request_id=req.context.request_id)
-        _json(resp, {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+        info = await self.client.model_info(model_name(name), version=version or None,
+                                            request_id=req.context.request_id)
+        _json(resp, {"name": name, "versions": info["versions"], "platform": "onnxruntime_onnx",
                      "inputs": [_tensor_meta(i) for i in info["inputs"]],
                      "outputs": [_tensor_meta(o) for o in info["outputs"]]})
 
@@ -75,23 +76,24 @@ class ModelMetadata(V2Resource):
 class ModelReady(V2Resource):
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
                      version: str | None = None) -> None:
-        await self.client.model_info(model_name(name, version), request_id=req.context.request_id)
+        await self.client.model_info(model_name(name), version=version or None, request_id=req.context.request_id)
         _json(resp, {"name": name, "ready": True})
 
 
 class Infer(V2Resource):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
                       version: str | None = None) -> None:
-        model = model_name(name, version)
+        model = model_name(name)
         header = req.get_header(HEADER_LENGTH)
         try:
             header_length = int(header) if header is not None else None
         except ValueError:
             header_length = -1  # decode_request rejects it with the protocol's message
         request = decode_request(await bodies.raw(req, self.max_body_bytes), header_length)
-        outputs = await timed(request_timing(req), model, lambda timing: self.client.predict(
-            model, request.inputs, request.outputs, request_id=req.context.request_id, timing=timing))
-        body, json_length = encode_response(name, request, outputs)
+        outputs, served = await timed(request_timing(req), model, lambda timing: self.client.infer(
+            model, request.inputs, request.outputs, version=version or None, request_id=req.context.request_id,
+            timing=timing))
+        body, json_length = encode_response(name, request, outputs, served)
         resp.data = body
         if json_length is None:
             resp.content_type = falcon.MEDIA_JSON
@@ -103,7 +105,8 @@ class Infer(V2Resource):
 class ModelConfig(V2Resource):
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str,
                      version: str | None = None) -> None:
-        config = await self.client.model_config(model_name(name, version), request_id=req.context.request_id)
+        config = await self.client.model_config(model_name(name), version=version or None,
+                                                request_id=req.context.request_id)
         _json(resp, oip.model_config(name, config))
 
 
@@ -114,11 +117,11 @@ class ModelStatistics(V2Resource):
                      version: str | None = None) -> None:
         rid = req.context.request_id
         if name is None:
-            models = [(m["name"], m["name"]) for m in await self.client.repository(request_id=rid)
+            models = [(m["name"], m["name"], m["version"]) for m in await self.client.repository(request_id=rid)
                       if m["state"] == "READY"]
-        else:
-            models = [(name, model_name(name, version))]
-            await self.client.model_info(models[0][1], request_id=rid)  # an unknown model is a 404
+        else:  # an unknown model or version is a 404; none named is the newest served
+            info = await self.client.model_info(model_name(name), version=version or None, request_id=rid)
+            models = [(name, model_name(name), info.get("version", oip.VERSION))]
         status = await self.client.broker_status()
         if status is None:
             raise NoWorkerAvailable("the broker did not answer its status")
@@ -130,13 +133,31 @@ class RepositoryIndex(V2Resource):
         _json(resp, await self.client.repository(request_id=req.context.request_id))
 
 
+async def _repository_version(req: falcon.asgi.Request, max_body_bytes: int) -> str | None:
+    """The version a load or unload names in its body's parameters ({"parameters": {"version": "2"}});
+    None (every version) for an empty body or none named."""
+    data = await bodies.raw(req, max_body_bytes)
+    if not data.strip():
+        return None
+    body = jsonbody.loads(data, "the request body")
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    if parameters is not None and not isinstance(parameters, dict):
+        raise BadInput('"parameters" must be an object, e.g. {"parameters": {"version": "2"}}')
+    version = (parameters or {}).get("version")
+    if version is not None and not isinstance(version, (str, int)):
+        raise BadInput('"parameters.version" must be a string such as "2"')
+    return str(version) if version is not None else None
+
+
 class RepositoryLoad(V2Resource):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        await self.client.load(model_name(name), request_id=req.context.request_id)
+        version = await _repository_version(req, self.max_body_bytes)
+        await self.client.load(model_name(name), version=version, request_id=req.context.request_id)
         _json(resp, {})
 
 
 class RepositoryUnload(V2Resource):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        await self.client.unload(model_name(name), request_id=req.context.request_id)
+        version = await _repository_version(req, self.max_body_bytes)
+        await self.client.unload(model_name(name), version=version, request_id=req.context.request_id)
         _json(resp, {})

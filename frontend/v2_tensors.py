@@ -154,7 +154,8 @@ def _bytes_elements(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def encode_response(model: str, request: InferRequest, outputs: dict[str, Any]) -> tuple[bytes, int | None]:
+def encode_response(model: str, request: InferRequest, outputs: dict[str, Any],
+                    version: str = "1") -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header's length."""
     entries, chunks = [], []
     for name, value in outputs.items():
@@ -167,7 +168,7 @@ def encode_response(model: str, request: InferRequest, outputs: dict[str, Any]) 
         else:
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
-    response = {"model_name": model, "model_version": "1", "outputs": entries}
+    response = {"model_name": model, "model_version": version, "outputs": entries}
     if request.id is not None:
         response["id"] = request.id
     head = orjson.dumps(response, option=orjson.OPT_NON_STR_KEYS)  # ZipMap outputs have int keys

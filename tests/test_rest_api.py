@@ -53,7 +53,7 @@ def call(server: Served, method: str, path: str, body: bytes | None = None,
 
 
 def pool_files(server: Served) -> list[str]:
-    return sorted(p.name for p in server.pool.iterdir())
+    return sorted(p.name for p in server.pool.iterdir() if p.is_file())  # NOTE: not .unloaded/, .validated/
 
 
 # -- the seed README's commands -------------------------------------------------------------------

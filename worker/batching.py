@@ -157,8 +157,9 @@ def run_batch(batch: list[Pending]) -> None:
         end = offset + pending.rows
         replying = time.perf_counter_ns()
         outputs = {n: v[offset:end] for n, v in zip(names, values)}
-        pending.reply({"outputs": outputs if pending.wanted is None else {n: outputs[n] for n in pending.wanted},
-                       "timing": {"inference_ms": (ran - started) / 1e6}})  # the batch's run, shared
+        pending.reply(inference.result(pending.model, outputs if pending.wanted is None
+                                       else {n: outputs[n] for n in pending.wanted},
+                                       (ran - started) / 1e6))  # the batch's run, shared
         done = time.perf_counter_ns()
         pending.model.stats.succeeded(pending.rows, done - pending.queued_ns + pending.input_ns,
                                       run_start - pending.queued_ns, pending.input_ns + started - run_start,
@@ -173,7 +174,7 @@ def _run_alone(pending: Pending) -> None:
     infer_ns = output_ns = 0
     try:
         outputs, infer_ns, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
-        outcome: dict | FractalError = {"outputs": outputs, "timing": {"inference_ms": infer_ns / 1e6}}
+        outcome: dict | FractalError = inference.result(pending.model, outputs, infer_ns / 1e6)
     except FractalError as exc:
         outcome = exc
     except Exception:

@@ -157,3 +157,12 @@ def worker_time(outcome: Any, started: float) -> None:
         timing = outcome.get("timing")
         if type(timing) is dict:
             timing["worker_ms"] = (time.perf_counter() - started) * 1e3
+
+
+def result(model: LoadedModel, outputs: dict, inference_ms: float) -> dict:
+    """A predict's result: its outputs, its timing map (docs/protocol.md, "Timing"), and the version
+    that ran it when that is a version directory's."""
+    answer = {"outputs": outputs, "timing": {"inference_ms": inference_ms}}
+    if model.version is not None:
+        answer["version"] = model.version
+    return answer

@@ -63,6 +63,8 @@ class WorkerSettings:
     heartbeat_liveness: int = setting(3, "missed broker heartbeats before reconnecting")
     reconnect_max_s: float = setting(5.0, "longest back-off between reconnect attempts")
     max_model_bytes: int = setting(512 << 20, "largest model file accepted for upload")
+    poll_s: float = setting(0.0, "repository polling: seconds between scans of the pool for models added, "
+                                 "changed or removed by other means; 0 = off (explicit mode)")
     max_image_pixels: int = setting(25_000_000, "largest image (width x height) decoded for prediction")
     log_requests: bool = setting(True, "one INFO line per request with its request id and time")
     connections: int = setting(1, "MDP connections to the broker: requests this process may hold at "
@@ -82,6 +84,8 @@ class WorkerSettings:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
         if self.cache_size < 1 or self.threads < 1 or self.connections < 1:
             raise ValueError("cache_size, threads and connections must be >= 1")
+        if self.poll_s < 0:
+            raise ValueError("poll_s must be >= 0 (0 turns repository polling off)")
         if self.batch_max_size < 0 or self.batch_max_delay_us < 0:
             raise ValueError("batch_max_size and batch_max_delay_us must be >= 0")
 
@@ -103,7 +107,7 @@ class ModelHost:
         self.metrics = WorkerMetrics(self.registry, self.node, enabled=settings.metrics_port != 0)
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics, settings.model_dir),
                               SessionCache(settings.cache_size, self.metrics), settings.max_model_bytes,
-                              settings.max_image_pixels)
+                              settings.max_image_pixels, poll=settings.poll_s > 0)
         self.policy = BatchPolicy(settings.batch_max_size, settings.batch_max_delay_us,
                                   tuple(int(x) for x in settings.batch_preferred_sizes.split(",") if x.strip()))
         # NOTE: `config` answers with this worker's batching policy, which only the host knows.
@@ -140,6 +144,7 @@ class ModelHost:
         for conn in self._connections:
             conn.connect()
         next_evict = time.monotonic() + self.settings.heartbeat_interval_s
+        next_scan = time.monotonic()  # NOTE: poll mode scans at once: the first sight of every file
         try:
             while not self._stopping.is_set():
                 self._poll_once()
@@ -155,11 +160,20 @@ class ModelHost:
                     next_evict = now + self.settings.heartbeat_interval_s
                     self.pool.evict_unloaded()
                     self.metrics.memory_rss.set(rss_bytes())
+                if self.settings.poll_s and now >= next_scan:  # off the request path, like the tick above
+                    self._scan()
+                    next_scan = time.monotonic() + self.settings.poll_s
         finally:
             self._beater_done.set()
             for conn in self._connections:
                 conn.close()
             log.info("worker %s stopped", self.node)
+
+    def _scan(self) -> None:
+        try:
+            self._run_busy(lambda _: self.pool.scan(), None)  # NOTE: validating loads models: keep beating
+        except Exception:
+            log.exception("poll: the scan of %s failed; the next one will try again", self.pool.directory)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -224,7 +238,8 @@ class ModelHost:
         """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
         try:
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
-            model = self._run_busy(self.pool.load, model_file_name(request.get("model")))
+            model = self._run_busy(lambda r: self.pool.load(model_file_name(r.get("model")), r.get("version")),
+                                   request)
             policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
         except Exception:
             return False  # reply_to() answers it, with the same error

@@ -10,6 +10,7 @@ from broker.protocol import model_file_name
 from . import images, inference
 from .batching import BatchPolicy, batchable
 from .pool import ModelPool
+from .versions import policy_of, split
 
 
 def _model(body: dict) -> str:
@@ -34,8 +35,9 @@ def predict(pool: ModelPool, body: dict, node: str) -> dict:
     wanted = _wanted(body)
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
-    outputs, infer_ns = inference.run(pool.load(body.get("model")), body["inputs"], wanted)  # load() checks the name
-    return {"outputs": outputs, "timing": {"inference_ms": infer_ns / 1e6}}
+    model = pool.load(body.get("model"), body.get("version"))  # load() checks the name
+    outputs, infer_ns = inference.run(model, body["inputs"], wanted)
+    return inference.result(model, outputs, infer_ns / 1e6)
 
 
 def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
@@ -43,7 +45,7 @@ def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
     if not isinstance(image, (bytes, bytearray)):
         raise BadInput("'image' must be the image file's bytes")
     name = _model(body)
-    model = pool.load(name)
+    model = pool.load(name, body.get("version"))
     if len(model.inputs) != 1:
         raise BadInput(f"{name} takes {len(model.inputs)} inputs; an image fills a model with one")
     images.check_image_model(name, model.inputs[0])
@@ -51,7 +53,7 @@ def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
     tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
                               options if isinstance(options, dict) else {})
     outputs, infer_ns = inference.run(model, {model.inputs[0].name: tensor}, wanted)
-    return {"outputs": outputs, "timing": {"inference_ms": infer_ns / 1e6}}
+    return inference.result(model, outputs, infer_ns / 1e6)
 
 
 def models(pool: ModelPool, body: dict, node: str) -> dict:
@@ -63,17 +65,19 @@ def information(pool: ModelPool, body: dict, node: str) -> dict:
 
 
 def info(pool: ModelPool, body: dict, node: str) -> dict:
-    return pool.info(_model(body))
+    return pool.info(_model(body), body.get("version"))
 
 
 def config(pool: ModelPool, body: dict, node: str, policy: BatchPolicy = BatchPolicy()) -> dict:
     """What a model configuration needs: inputs, outputs and the batching this worker applies to it
     (`policy` is the worker's default, overridden by the model's sidecar)."""
     name = _model(body)
-    model = pool.load(name)
+    model = pool.load(name, body.get("version"))
     policy = policy.override(pool.sidecar(name).get("dynamic_batching"))
     on = policy.enabled and batchable(model)
-    return {"model": name, "inputs": [i.describe() for i in model.inputs],
+    return {"model": name, "version": str(split(model.name)[1] or 1),
+            "version_policy": policy_of(pool.sidecar(name).get("version_policy")),
+            "inputs": [i.describe() for i in model.inputs],
             "outputs": [o.describe() for o in model.outputs],
             "max_batch_size": policy.max_batch_size if on else 0,
             "dynamic_batching": {"max_queue_delay_us": policy.max_queue_delay_us,
@@ -93,25 +97,25 @@ def upload(pool: ModelPool, body: dict, node: str) -> dict:
     description = body.get("description")
     if description is not None and not isinstance(description, str):
         raise BadInput("'description' must be a string")
-    pool.upload(name, bytes(data), description)
-    return pool.info(name)
+    pool.upload(name, bytes(data), description, body.get("version"))
+    return pool.info(name, body.get("version"))
 
 
 def delete(pool: ModelPool, body: dict, node: str) -> dict:
     name = _model(body)
-    pool.delete(name)
+    pool.delete(name, body.get("version"))
     return {"model": name}
 
 
 def load(pool: ModelPool, body: dict, node: str) -> dict:
     name = _model(body)
-    pool.load_model(name)
+    pool.load_model(name, body.get("version"))
     return {"model": name, "state": "READY"}
 
 
 def unload(pool: ModelPool, body: dict, node: str) -> dict:
     name = _model(body)
-    pool.unload(name)
+    pool.unload(name, body.get("version"))
     return {"model": name, "state": "UNAVAILABLE"}
 
 

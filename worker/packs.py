@@ -53,11 +53,12 @@ def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dic
     """Queue a predict for a batchable model (True), or leave the sub-request to run alone (False)."""
     if not isinstance(sub, dict) or sub.get("op") != "predict":
         return False
-    name = sub.get("model")
-    found = models.get(name) if isinstance(name, str) else None
+    name, version = sub.get("model"), sub.get("version")
+    key = (name, version) if isinstance(name, str) and isinstance(version, (str, int, type(None))) else None
+    found = models.get(key) if key is not None else None
     if found is None:
         try:
-            model = host.pool.load(model_file_name(name))
+            model = host.pool.load(model_file_name(name), version)
             options = host.pool.sidecar(model.name).get("dynamic_batching")
         except Exception:
             return False  # answer() gives it the same error, alone
@@ -66,7 +67,7 @@ def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dic
             policy = None
         elif not policy.enabled:
             policy = BatchPolicy(PACK_MAX_ROWS, 0)
-        found = models[name] = (model, policy)
+        found = models[key] = (model, policy)
     model, policy = found
     if policy is None:
         return False

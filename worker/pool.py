@@ -5,6 +5,9 @@ they write a hidden temp file, validate it, fsync and rename. Every read checks 
 (inode, size, mtime), so a worker never serves a model that was replaced or deleted before the call
 that changed it returned. Mutations take an flock so concurrent describe/upload/delete calls from any
 worker serialize on the same directory.
+
+With repository polling on (worker/watch.py), a changed file is served only once a ledger entry
+(`.validated/NAME`) vouches for its exact identity; until then the previous session keeps answering.
 """
 from __future__ import annotations
 
@@ -20,21 +23,24 @@ from pathlib import Path
 from typing import Iterator
 
 from broker import jsonbody
-from broker.errors import BadInput, ModelNotFound, ModelUnloaded, PayloadTooLarge
+from broker.errors import BadInput, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
 from broker.protocol import check_model_name
 
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
+from .versions import on_disk, parse_version, path_of, served, split
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 
 SIDECAR = ".json"      # iris.onnx -> iris.onnx.json, holding {"description": ...}
 LOCK_FILE = ".fractal.lock"
 UNLOADED_DIR = ".unloaded"  # an empty file per unloaded model: every worker sees it with one stat
+LEDGER_DIR = ".validated"   # per model, the identity of the file version last validated (poll mode)
 
 
 class ModelPool:
     def __init__(self, directory: str | os.PathLike, factory: SessionFactory, cache: SessionCache,
-                 max_model_bytes: int, max_image_pixels: int = 25_000_000):
+                 max_model_bytes: int, max_image_pixels: int = 25_000_000, poll: bool = False):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._prefix = os.path.join(str(self.directory), "")
@@ -44,46 +50,105 @@ class ModelPool:
         self.max_model_bytes = max_model_bytes
         self.max_image_pixels = max_image_pixels
         self._sidecars: dict[str, tuple[tuple, dict]] = {}  # name -> (file key, parsed JSON)
+        self._ledger_prefix = os.path.join(str(self.directory), LEDGER_DIR, "")
+        self._watch = Watch(self._prefix, factory, cache, self._vouched, self._vouch,
+                            lambda name: os.path.exists(self._marker(name))) if poll else None
 
     # -- reads ---------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(e.name for e in os.scandir(self.directory)
-                      if e.name.endswith(".onnx") and not e.name.startswith(".") and e.is_file())
+        """Every model: flat NAME.onnx files and NAME/ directories holding versions (worker/versions.py)."""
+        found = set()
+        for e in os.scandir(self.directory):
+            if e.name.startswith("."):
+                continue
+            if e.name.endswith(".onnx") and e.is_file():
+                found.add(e.name)
+            elif e.is_dir() and _plain(e.name + ".onnx") and on_disk(self._prefix, e.name + ".onnx"):
+                found.add(e.name + ".onnx")
+        return sorted(found)
 
-    def load(self, name: str) -> LoadedModel:
-        """The current session for `name`, (re)loading when the file changed; raises ModelNotFound."""
+    def versions(self, name: str) -> list[int]:
+        """The versions of `name` its version_policy serves, oldest first ([] when there is none)."""
+        check_model_name(name)
+        return served(sorted(on_disk(self._prefix, name)), self.sidecar(name).get("version_policy"), name)
+
+    def entry(self, name: str, version: object = None) -> str:
+        """The entry (worker/versions.py) a request for `name` and `version` (None: the newest the
+        policy serves) means; raises ModelNotFound for a version the model does not serve."""
+        check_model_name(name)
+        v = parse_version(name, version)
+        # NOTE: the common case, a flat file and no directory, costs one access() more than before
+        # versions; access() answers "absent" without raising, which os.path.isdir would do inside.
+        if v in (None, 1) and not os.access(self._prefix + name[:-5], os.F_OK):
+            return name
+        found = on_disk(self._prefix, name)
+        if not found:
+            raise self._not_found(name)
+        allowed = served(sorted(found), self.sidecar(name).get("version_policy"), name)
+        if v is None and allowed:
+            v = allowed[-1]
+        if v not in allowed:
+            raise ModelNotFound(f"model {name} has no version {v if v is not None else ''} served; it serves "
+                                f"{', '.join(map(str, allowed)) or 'none'} (its versions: "
+                                f"{', '.join(map(str, sorted(found)))}; see version_policy)")
+        return found[v]
+
+    def load(self, name: str, version: object = None) -> LoadedModel:
+        """The current session for `name` (at `version`), (re)loading when the file changed; raises
+        ModelNotFound."""
         # NOTE: on every predict: plain strings, not pathlib (whose joins cost more than the two
         # syscalls), and os.access, which answers "no marker" without raising an exception.
-        check_model_name(name)
-        path = self._prefix + name
+        name = self.entry(name, version)
+        path = self._prefix + name if "@" not in name else path_of(self._prefix, name)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             self._cache.drop(name)
-            raise self._not_found(name) from None
+            raise self._not_found(split(name)[0]) from None
         if os.access(self._unloaded_prefix + name, os.F_OK):
             self._drop_unloaded(name)
-            raise ModelUnloaded(f"model {name} is unloaded; load it (POST /v2/repository/models/{name}/load)")
-        cached = self._cache.get(name, file_key(st))
+            model, v = split(name)
+            raise ModelUnloaded(f"model {model}{f' version {v}' if v else ''} is unloaded; load it "
+                                f"(POST /v2/repository/models/{model}/load)")
+        key = file_key(st)
+        cached = self._cache.get(name, key)
         if cached is not None:
             return cached
+        if self._watch is not None and not self._vouched(name, key):
+            return self._previous(name, key)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())  # NOTE: key and bytes come from the same open file
                 data = f.read()
         except FileNotFoundError:
-            raise self._not_found(name) from None
+            raise self._not_found(split(name)[0]) from None
+        if self._watch is not None and file_key(st) != key and not self._vouched(name, file_key(st)):
+            return self._previous(name, file_key(st))  # NOTE: it changed again between stat and open
         model = self._factory.build(name, data, st)
         self._cache.put(model)
         return model
+
+    def _previous(self, name: str, key: tuple) -> LoadedModel:
+        """Poll mode, file not vouched for: the session of the version before it, else ModelNotReady."""
+        previous = self._cache.peek(name)
+        if previous is not None:
+            return previous
+        raise ModelNotReady(f"model {name} is not ready: {self._watch.state(name, key)[1]} (repository "
+                            f"polling validates a file before serving it)")
+
+    def scan(self) -> None:
+        """Poll mode: notice and validate files changed by other means (a no-op in explicit mode)."""
+        if self._watch is not None:
+            self._watch.scan()
 
     def sidecar(self, name: str) -> dict:
         """The model's sidecar JSON ({"description", "image", "dynamic_batching"}), {} when absent.
 
         Parsed once per version of the file: a call costs one stat, and a rename by any worker
-        (every write is one) is seen at once.
+        (every write is one) is seen at once. `name` may be an entry: every version shares the sidecar.
         """
+        name = split(name)[0]
         path = self._path(name + SIDECAR)
         try:
             key = file_key(os.stat(path))
@@ -108,10 +173,12 @@ class ModelPool:
     def description(self, name: str) -> str:
         return str(self.sidecar(name).get("description", ""))
 
-    def info(self, name: str) -> dict:
-        model = self.load(name)
+    def info(self, name: str, version: object = None) -> dict:
+        model = self.load(name, version)
         return {
             "model": name,
+            "version": str(split(model.name)[1] or 1),
+            "versions": [str(v) for v in self.versions(name)],
             "description": self.description(name),
             "inputs": [i.describe() for i in model.inputs],
             "outputs": [o.describe() for o in model.outputs],
@@ -121,17 +188,37 @@ class ModelPool:
         }
 
     def statistics(self) -> dict[str, dict]:
-        """Inference statistics of every model this worker ran since it started (worker/stats.py)."""
-        return self._cache.stats.snapshot()
+        """Inference statistics of every model version this worker ran since it started
+        (worker/stats.py), keyed NAME for version 1 and NAME@VERSION for the others."""
+        found = {}
+        for entry, stats in self._cache.stats.snapshot().items():
+            name, version = split(entry)
+            found[name if version in (None, 1) else f"{name}@{version}"] = stats
+        return found
 
     def resident(self) -> list[str]:
         return self._cache.names()
 
     def states(self) -> list[dict]:
-        """The repository index: every model with READY or UNAVAILABLE (unloaded)."""
-        return [{"name": n, "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
-                if os.path.exists(self._marker(n)) else {"name": n, "version": "1", "state": "READY", "reason": ""}
-                for n in self.names()]
+        """The repository index: every version of every model, READY or UNAVAILABLE and why
+        (README, Repository polling; versions the policy does not serve are UNAVAILABLE)."""
+        found = []
+        for n in self.names():
+            versions = on_disk(self._prefix, n)
+            allowed = set(served(sorted(versions), self.sidecar(n).get("version_policy"), n))
+            for v, entry in sorted(versions.items()):
+                state, reason = "READY", ""
+                if v not in allowed:
+                    state, reason = "UNAVAILABLE", "not served by the model's version_policy"
+                elif os.path.exists(self._marker(entry)):
+                    state, reason = "UNAVAILABLE", "unloaded"
+                elif self._watch is not None:
+                    try:
+                        state, reason = self._watch.state(entry, file_key(os.stat(path_of(self._prefix, entry))))
+                    except FileNotFoundError:
+                        continue
+                found.append({"name": n, "version": str(v), "state": state, "reason": reason})
+        return found
 
     def evict_unloaded(self) -> None:
         """Drop sessions of models another worker unloaded (called on the worker's heartbeat tick)."""
@@ -146,23 +233,31 @@ class ModelPool:
     # -- writes --------------------------------------------------------------------------------
 
     def describe(self, name: str, description: str) -> None:
+        check_model_name(name)
         with self._locked():
-            if not self._path(name).is_file():
+            if not on_disk(self._prefix, name):
                 raise self._not_found(name)
             self._write_sidecar(name, description)
 
-    def upload(self, name: str, data: bytes, description: str | None = None) -> None:
-        """Validate `data` in ONNX Runtime, then make it `name` atomically (replacing any old one)."""
-        check_model_name(name)
+    def upload(self, name: str, data: bytes, description: str | None = None, version: object = None) -> None:
+        """Validate `data` in ONNX Runtime, then make it `name` (at `version`; None: the flat file,
+        version 1) atomically, replacing any old one."""
+        entry = self._upload_entry(name, version)
         if len(data) > self.max_model_bytes:
             raise PayloadTooLarge(f"model is {len(data)} bytes; the limit is {self.max_model_bytes}")
         tmp = self._write_temp(name, data)
         try:
-            model = self._factory.build(name, data, os.stat(tmp))  # raises BadInput: pool unchanged
+            st = os.stat(tmp)
+            model = self._factory.build(entry, data, st)  # raises BadInput: pool unchanged
             with self._locked():
-                os.replace(tmp, self._path(name))
+                # NOTE: vouched before the rename (which keeps the key): no worker polling the pool
+                # ever sees this file unvouched and keeps serving the old one after we return.
+                self._write_ledger(entry, file_key(st))
+                target = path_of(self._prefix, entry)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(tmp, target)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._marker(name))  # a new upload is served
+                    os.unlink(self._marker(entry))  # a new upload is served
                 if description is not None:
                     self._write_sidecar(name, description)
                 self._sync_dir()
@@ -170,39 +265,75 @@ class ModelPool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         self._cache.put(model)  # same inode as the renamed file: the first predict needs no reload
-        log.info("stored model %s (%d bytes)", name, len(data))
+        log.info("stored model %s (%d bytes)", entry, len(data))
 
-    def unload(self, name: str) -> None:
-        """Stop serving `name` on every worker (the file stays); this worker drops its session now."""
-        with self._locked():
-            if not self._path(name).is_file():
-                raise self._not_found(name)
-            marker = self._marker(name)
-            marker.parent.mkdir(exist_ok=True)
-            marker.touch()
-        log.info("unloaded model %s", name)
-        self._drop_unloaded(name)
+    def _upload_entry(self, name: str, version: object) -> str:
+        check_model_name(name)
+        v = parse_version(name, version)
+        has_dir = os.path.isdir(self._prefix + name[:-5])
+        if v is None and has_dir:
+            raise BadInput(f"model {name} has versions ({name[:-5]}/N/model.onnx): name the version to upload")
+        if v is None or (v == 1 and not os.path.isdir(os.path.join(self._prefix + name[:-5], "1"))
+                         and (not has_dir or os.path.isfile(self._prefix + name))):
+            return name
+        return f"{name}@{v}"
 
-    def load_model(self, name: str) -> LoadedModel:
-        """Serve `name` again and warm its session on this worker."""
-        with self._locked():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._marker(name))
-        return self.load(name)
+    def _entries(self, name: str, version: object) -> list[str]:
+        """The entries on disk an unload, load or delete of `name` at `version` (None: all) means."""
+        check_model_name(name)
+        v = parse_version(name, version)
+        found = on_disk(self._prefix, name)
+        if not found:
+            raise self._not_found(name)
+        if v is None:
+            return list(found.values())
+        if v not in found:
+            raise ModelNotFound(f"model {name} has no version {v}; its versions: "
+                                f"{', '.join(map(str, sorted(found)))}")
+        return [found[v]]
 
-    def delete(self, name: str) -> None:
+    def unload(self, name: str, version: object = None) -> None:
+        """Stop serving `name` (one version, or all) on every worker (the files stay); this worker
+        drops the sessions now."""
         with self._locked():
-            try:
-                os.unlink(self._path(name))
-            except FileNotFoundError:
-                raise self._not_found(name) from None
-            for path in (self._path(name + SIDECAR), self._marker(name)):
+            entries = self._entries(name, version)
+            os.makedirs(self._unloaded_prefix, exist_ok=True)
+            for entry in entries:
+                self._marker(entry).touch()
+        log.info("unloaded model %s", ", ".join(entries))
+        for entry in entries:
+            self._drop_unloaded(entry)
+
+    def load_model(self, name: str, version: object = None) -> LoadedModel:
+        """Serve `name` again (one version, or all) and warm its served session on this worker."""
+        with self._locked():
+            for entry in self._entries(name, version):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    os.unlink(self._marker(entry))
+        return self.load(name, version)
+
+    def delete(self, name: str, version: object = None) -> None:
+        """Remove `name` (one version; None: every version and the sidecar) from the pool."""
+        with self._locked():
+            entries = self._entries(name, version)
+            for entry in entries:
+                path = path_of(self._prefix, entry)
+                os.unlink(path)
+                if split(entry)[1] is not None:  # NOTE: a version directory goes when it is empty
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.dirname(path))
+                        os.rmdir(os.path.dirname(os.path.dirname(path)))
+                for other in (self._marker(entry), self._ledger_prefix + entry):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(other)
+            if not on_disk(self._prefix, name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(name + SIDECAR))
             self._sync_dir()
-        self._cache.drop(name)
-        self._cache.stats.forget(name)  # NOTE: names come from users: a deleted one leaves no trace
-        log.info("deleted model %s", name)
+        for entry in entries:
+            self._cache.drop(entry)
+            self._cache.stats.forget(entry)  # NOTE: names come from users: a deleted one leaves no trace
+        log.info("deleted model %s", ", ".join(entries))
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -219,6 +350,25 @@ class ModelPool:
 
     def _marker(self, name: str) -> Path:
         return self.directory / UNLOADED_DIR / name
+
+    def _vouched(self, name: str, key: tuple) -> bool:
+        """True when the ledger says this exact file version was validated (by an upload or a poll)."""
+        try:
+            with open(self._ledger_prefix + name, "rb") as f:
+                return f.read() == _key_text(key)
+        except FileNotFoundError:
+            return False
+
+    def _vouch(self, name: str, key: tuple) -> None:
+        with self._locked():
+            self._write_ledger(name, key)
+
+    def _write_ledger(self, name: str, key: tuple) -> None:
+        os.makedirs(self._ledger_prefix, exist_ok=True)
+        tmp = f"{self._ledger_prefix}.{name}.{secrets.token_hex(6)}.tmp"
+        with open(tmp, "xb") as f:
+            f.write(_key_text(key))
+        os.replace(tmp, self._ledger_prefix + name)
 
     def _write_temp(self, name: str, data: bytes) -> Path:
         tmp = self.directory / f".{name}.{secrets.token_hex(6)}.tmp"
@@ -249,3 +399,15 @@ class ModelPool:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _key_text(key: tuple) -> bytes:
+    return " ".join(map(str, key)).encode()
+
+
+def _plain(name: str) -> bool:
+    try:
+        check_model_name(name)
+        return True
+    except BadInput:
+        return False

@@ -14,6 +14,7 @@ import onnxruntime as ort
 from broker.errors import BadInput
 
 from .stats import Counters, ModelStats
+from .versions import split
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,13 @@ class LoadedModel:
     timer: Any = None          # histogram child observing InferenceSession.run, set by the pool
     series: Any = None         # metrics.ModelSeries: the model's label children, set by the cache
     stats: Counters = field(default_factory=Counters)  # the name's counters, set by the cache
+    version: str | None = None  # a version directory's number (worker/versions.py); None: a flat file
     output_names: list[str] = field(init=False)
     input_names: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
+        version = split(self.name)[1]
+        self.version = str(version) if version is not None else None
         self.output_names = [o.name for o in self.outputs]
         self.input_names = frozenset(i.name for i in self.inputs)
 
@@ -128,6 +132,10 @@ class SessionCache:
         if self._metrics:
             self._metrics.cache_hits.inc()
         return entry
+
+    def peek(self, name: str) -> LoadedModel | None:
+        """The resident session of `name` whatever its file key, without counting a hit or a miss."""
+        return self._entries.get(name)
 
     def put(self, model: LoadedModel) -> None:
         model.stats = self.stats.of(model.name)

@@ -28,13 +28,26 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "
 MMI_TIMEOUT_S = 2.0
 
 
-def pool_name(name: str, version: str = "") -> str:
-    """The pool's file name for a model name ("iris" finds "iris.onnx"); only version "1" exists."""
-    if version not in ("", oip.VERSION):
-        raise ModelNotFound(f"model {name} has no version {version!r}; its only version is '1'")
+def pool_name(name: str) -> str:
+    """The pool's file name for a model name ("iris" finds "iris.onnx"); versions go to the worker."""
     if not name:
         raise BadInput("a model name is required")
     return check_model_name(name if name.endswith(".onnx") else name + ".onnx")
+
+
+def _version_parameter(parameters, what: str) -> str | None:
+    """A load's or unload's one parameter, "version" (string_param or int64_param); None: every version."""
+    # NOTE: tritonclient's unload always sends unload_dependents; a model here has no dependents
+    if set(parameters) - {"version", *(("unload_dependents",) if what == "unload" else ())}:
+        raise BadInput(f"{what} takes one parameter here, 'version' (no config override, no files): upload a "
+                       f"model with PUT /api/v1/models/NAME, then load it")
+    if "version" not in parameters:
+        return None
+    param = parameters["version"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("string_param", "int64_param"):
+        raise BadInput(f"{what}: the 'version' parameter must be a string or an integer")
+    return str(getattr(param, kind))
 
 
 def _tensor_metadata(spec: dict) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -81,31 +94,32 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, call: Call) -> pb.ModelReadyResponse:
         """Ready or not, as Triton answers: an unknown or unloaded model is not ready (no error)."""
         try:
-            await self.client.model_info(pool_name(request.name, request.version), timeout_s=call.timeout_s,
-                                         request_id=call.request_id)
+            await self.client.model_info(pool_name(request.name), version=request.version or None,
+                                         timeout_s=call.timeout_s, request_id=call.request_id)
         except ModelNotFound:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     @rpc("ModelMetadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, call: Call) -> pb.ModelMetadataResponse:
-        info = await self.client.model_info(pool_name(request.name, request.version), timeout_s=call.timeout_s,
-                                            request_id=call.request_id)
-        return pb.ModelMetadataResponse(name=request.name, versions=[oip.VERSION], platform=oip.PLATFORM,
+        info = await self.client.model_info(pool_name(request.name), version=request.version or None,
+                                            timeout_s=call.timeout_s, request_id=call.request_id)
+        return pb.ModelMetadataResponse(name=request.name, versions=info["versions"], platform=oip.PLATFORM,
                                         inputs=[_tensor_metadata(t) for t in info["inputs"]],
                                         outputs=[_tensor_metadata(t) for t in info["outputs"]])
 
     @rpc("ModelInfer")
     async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
-        model = pool_name(request.model_name, request.model_version)
+        model = pool_name(request.model_name)
         inputs, wanted = decode_inputs(request), requested_outputs(request)
-        outputs = await timed(call.timing, model, lambda timing: self.client.predict(
-            model, inputs, wanted, timeout_s=call.timeout_s, request_id=call.request_id, timing=timing))
-        return encode_response(request, outputs)
+        outputs, served = await timed(call.timing, model, lambda timing: self.client.infer(
+            model, inputs, wanted, version=request.model_version or None, timeout_s=call.timeout_s,
+            request_id=call.request_id, timing=timing))
+        return encode_response(request, outputs, served)
 
     @rpc("ModelConfig")
     async def ModelConfig(self, request: pb.ModelConfigRequest, call: Call) -> pb.ModelConfigResponse:
-        config = await self.client.model_config(pool_name(request.name, request.version),
+        config = await self.client.model_config(pool_name(request.name), version=request.version or None,
                                                 timeout_s=call.timeout_s, request_id=call.request_id)
         message = json_format.ParseDict(oip.model_config(request.name, config), model_config_pb2.ModelConfig())
         return pb.ModelConfigResponse(config=message)
@@ -114,11 +128,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: Call) -> pb.ModelStatisticsResponse:
         """Summed over workers from the broker's status table: as fresh as its status_interval_s."""
         if request.name:
-            models = [(request.name, pool_name(request.name, request.version))]
-            await self.client.model_info(models[0][1], timeout_s=call.timeout_s, request_id=call.request_id)
+            info = await self.client.model_info(pool_name(request.name), version=request.version or None,
+                                                timeout_s=call.timeout_s, request_id=call.request_id)
+            models = [(request.name, pool_name(request.name), info.get("version", oip.VERSION))]
         else:
             index = await self.client.repository(timeout_s=call.timeout_s, request_id=call.request_id)
-            models = [(m["name"], m["name"]) for m in index if m["state"] == "READY"]
+            models = [(m["name"], m["name"], m["version"]) for m in index if m["state"] == "READY"]
         status = await asyncio.to_thread(self.mmi.broker_status, timeout_s=min(MMI_TIMEOUT_S, call.timeout_s))
         if status is None:
             raise NoWorkerAvailable("the broker did not answer its status")
@@ -135,15 +150,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("RepositoryModelLoad", ADMIN)
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   call: Call) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise BadInput("load takes no parameters here (no config override, no files): upload a model with "
-                           "PUT /api/v1/models/NAME, then load it")
-        await self.client.load(pool_name(request.model_name), timeout_s=call.timeout_s, request_id=call.request_id)
+        await self.client.load(pool_name(request.model_name), version=_version_parameter(request.parameters, "load"),
+                               timeout_s=call.timeout_s, request_id=call.request_id)
         return pb.RepositoryModelLoadResponse()
 
     @rpc("RepositoryModelUnload", ADMIN)
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     call: Call) -> pb.RepositoryModelUnloadResponse:
-        await self.client.unload(pool_name(request.model_name), timeout_s=call.timeout_s,
+        await self.client.unload(pool_name(request.model_name),
+                                 version=_version_parameter(request.parameters, "unload"), timeout_s=call.timeout_s,
                                  request_id=call.request_id)
         return pb.RepositoryModelUnloadResponse()

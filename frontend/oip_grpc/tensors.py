@@ -77,9 +77,10 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str] | None:
     return [o.name for o in request.outputs] or None
 
 
-def encode_response(request: pb.ModelInferRequest, outputs: dict[str, Any]) -> pb.ModelInferResponse:
+def encode_response(request: pb.ModelInferRequest, outputs: dict[str, Any],
+                    version: str = "1") -> pb.ModelInferResponse:
     """Every output in raw_output_contents, as Triton answers."""
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
     for name, value in outputs.items():
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
         if array.dtype.kind in "OV":
