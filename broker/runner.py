@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import signal
 import sys
@@ -10,6 +11,21 @@ from typing import Callable, Protocol, Sequence
 from .errors import ConfigError
 from .logs import setup_logging
 from .settings import add_arguments, load
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to send this process SIGTERM when its parent dies (Linux; elsewhere a no-op).
+
+    For children whose parent may be SIGKILLed and so cannot stop them: `fractal serve`'s children,
+    and gunicorn's uvicorn workers, which do not notice that their master is gone.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 class Runnable(Protocol):

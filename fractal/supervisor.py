@@ -1,7 +1,6 @@
 """Child processes of `fractal serve`: start, wait until ready, restart crashed ones, stop in order."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -9,19 +8,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from broker.runner import die_with_parent
+
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 STABLE_S = 3.0        # a child that lived this long had started and served: not a crash loop
 MAX_BACKOFF_S = 10.0
-
-
-def _die_with_parent() -> None:
-    # NOTE: if `fractal serve` itself is SIGKILLed, the kernel still takes its children down.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -36,8 +28,8 @@ class Child:
     restart_at: float | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent,
-                                     start_new_session=True)
+        # NOTE: die_with_parent: if `fractal serve` itself is SIGKILLed, the kernel still ends its children.
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent, start_new_session=True)
         self.started_at, self.restart_at = time.monotonic(), None
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 from broker.logs import formatter, setup_logging
+from broker.runner import die_with_parent
 from broker.settings import load
 
 from frontend.settings import FrontendSettings
@@ -44,6 +45,8 @@ if _settings.log_format == "json":
 
 
 def post_fork(server: object, worker: object) -> None:
+    # NOTE: uvicorn workers do not notice a SIGKILLed master and would keep serving its port unseen.
+    die_with_parent()
     # NOTE: gunicorn configures only its own loggers; the app's request lines need a root handler.
     setup_logging("frontend", _settings.log_level, _settings.log_format)
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import Served, wait_for
+from .conftest import Served, start_frontend, wait_for
 
 WELCOME = {"http_status": {
     "code": 200, "name": "OK",
@@ -80,3 +81,22 @@ def http_refused(base: str) -> bool:
     except urllib.error.URLError as err:
         return isinstance(err.reason, ConnectionRefusedError)
     return False
+
+
+def test_a_killed_gunicorn_master_takes_its_uvicorn_workers_with_it(procs, broker_url):
+    """uvicorn workers do not notice that their master died; the kernel tells them (PDEATHSIG)."""
+    base = start_frontend(procs, broker_url)
+    master = procs.procs[-1].pid  # `fractal frontend` execs gunicorn in place
+    workers = descendants(master)
+    assert workers, "gunicorn started no workers"
+    os.kill(master, signal.SIGKILL)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in workers), 30,
+             "the orphaned workers to exit")
+    wait_for(lambda: http_refused(base), 10, "the HTTP port to close")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
