@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.rest import free_port, lua_for, pool_model, transport_cases  # noqa: E402
+from bench.rest import free_port, lua_for, pool_model, transport_cases, wrk  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fractal-bench"
@@ -171,24 +171,6 @@ def wait_ready(url: str, body: bytes, proc: subprocess.Popen, timeout_s: float =
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
-
-
-# -- wrk -------------------------------------------------------------------------------------------
-
-def wrk(url: str, connections: int, duration_s: float, script: Path) -> dict:
-    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
-                          f"{max(1, round(duration_s))}s", "--timeout", "10s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-
-    def ms(label: str) -> float:
-        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
-        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50"), "p99": ms("99"),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "errors": (int(errors.group(1)) if errors else 0)
-            + (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0)}
 
 
 def measure(server: Server, conns: list[int], duration_s: float, cpu_requests: int,

@@ -115,16 +115,21 @@ def wait_http(url: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def wrk(url: str, connections: int, duration_s: int, script: Path) -> dict:
-    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{duration_s}s",
-                          "--latency", "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+def wrk(url: str, connections: int, duration_s: float, script: Path) -> dict:
+    """One wrk cell: req/s, p50 and p99 in ms, requests, and errors (non-2xx and socket errors)."""
+    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
+                          f"{max(1, round(duration_s))}s", "--timeout", "10s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True, timeout=duration_s + 60).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-    return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "errors": int(errors.group(1)) if errors else 0}
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50"), "p99": ms("99"),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "errors": (int(errors.group(1)) if errors else 0)
+            + (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0)}
 
 
 def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
