@@ -51,6 +51,11 @@ class PayloadTooLarge(FractalError):
     http_status = 413
 
 
+class ModelTooLarge(PayloadTooLarge):
+    """The model needs more memory than the worker's memory budget can ever give it (worker/sessions.py)."""
+    http_status = 507  # Insufficient Storage: no retry helps until the budget or the pins change
+
+
 class UnsupportedMediaType(FractalError):
     """A content or image type the server does not read."""
     http_status = 415

@@ -206,6 +206,7 @@ def _responses(e: Endpoint) -> dict:
     if e.path.startswith("/api/"):
         codes.update({"413": "body, model or image too large", "415": "unsupported content or image type",
                       "503": "overloaded or no live worker (see Retry-After)", "504": "deadline passed",
+                      "507": "model larger than the workers' memory budget",
                       "500": "unexpected failure (with a request id)"})
     responses = {"200": {"description": "OK", "content": {"application/json": {"schema": ok}}}}
     responses.update({code: {**error, "description": text} for code, text in codes.items()})

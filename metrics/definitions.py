@@ -102,7 +102,8 @@ class BrokerMetrics:
 class ModelSeries:
     """One loaded model's label children in a worker, bound once when its session is loaded."""
 
-    __slots__ = ("inference", "batch_rows", "queue_wait", "requests", "resident", "_failures", "_failed")
+    __slots__ = ("inference", "batch_rows", "queue_wait", "requests", "resident", "resident_bytes", "_failures",
+                 "_failed")
 
     def __init__(self, m: "WorkerMetrics", labels: tuple[str, str, str]):
         self.inference = m.inference_seconds.labels(*labels)
@@ -110,6 +111,7 @@ class ModelSeries:
         self.queue_wait = m.model_queue_wait.labels(*labels)
         self.requests = m.model_requests.labels(*labels)
         self.resident = m.model_resident.labels(*labels)
+        self.resident_bytes = m.model_resident_bytes.labels(*labels)
         self._failures, self._failed = m.model_failures, labels
         self.resident.set(1)
 
@@ -142,6 +144,9 @@ class WorkerMetrics:
                                       "reason (the error type).", [*mv, "reason"], registry=r)
         self.model_resident = gauge("fractal_worker_model_resident", "1 while the model's session is loaded "
                                     "in this worker.", mv, registry=r)
+        self.model_resident_bytes = gauge("fractal_worker_model_resident_bytes", "Memory the model's session "
+                                          "holds, measured when it loaded (what the memory budget counts).", mv,
+                                          registry=r)
         self._models: dict[str, ModelSeries] = {}
         self.model_loads = counter("fractal_worker_model_loads", "ONNX Runtime sessions created.", n,
                                    registry=r).labels(node)
@@ -155,6 +160,13 @@ class WorkerMetrics:
                                        n, registry=r).labels(node)
         self.models_resident = gauge("fractal_worker_models_resident", "Sessions loaded in this worker.", n,
                                      registry=r).labels(node)
+        self.cold_loads = counter("fractal_worker_cold_loads", "Sessions loaded because a request needed a "
+                                  "model that was not resident.", n, registry=r).labels(node)
+        self.resident_bytes = gauge("fractal_worker_resident_bytes", "Memory the resident sessions hold, "
+                                    "measured at load; at most fractal_worker_memory_budget_bytes.", n,
+                                    registry=r).labels(node)
+        self.memory_budget = gauge("fractal_worker_memory_budget_bytes", "The sessions' memory budget; 0: "
+                                   "unlimited.", n, registry=r).labels(node)
         self.memory_rss = gauge("fractal_worker_memory_rss_bytes", "Resident memory of the worker process.",
                                 n, registry=r).labels(node)
         self._bound: dict[tuple, tuple] = {}
@@ -169,7 +181,7 @@ class WorkerMetrics:
         if self._models.pop(model, None) is None:
             return
         for metric in (self.inference_seconds, self.batch_rows, self.model_queue_wait, self.model_requests,
-                       self.model_resident):
+                       self.model_resident, self.model_resident_bytes):
             try:
                 metric.remove(self.node, model, VERSION)
             except KeyError:

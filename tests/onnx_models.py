@@ -124,3 +124,22 @@ def external_data_model(location: str, length: int = 16) -> bytes:
         entry.key, entry.value = key, value
     return _model([helper.make_node("Identity", ["w"], ["y"])], [],
                   [helper.make_tensor_value_info("y", TensorProto.UINT8, [length])], [w])
+
+
+SIZED_COLUMNS = 4
+
+
+def sized_table(nbytes: int, seed: int) -> np.ndarray:
+    """The float32 table of sized_model(nbytes, seed): nbytes // 16 rows of SIZED_COLUMNS."""
+    rows = max(1, nbytes // (4 * SIZED_COLUMNS))
+    return np.random.default_rng(seed).standard_normal((rows, SIZED_COLUMNS)).astype(np.float32)
+
+
+def sized_model(nbytes: int, seed: int = 0) -> bytes:
+    """y = table[i]: a model whose file and session weigh about `nbytes` (one float32 initializer,
+    held once by ONNX Runtime: Gather neither prepacks nor folds it), answering rows of its table, so
+    a caller can tell the model and check the answer (sized_table). Input i: int64 [N]; y: [N, 4]."""
+    return _model([helper.make_node("Gather", ["table", "i"], ["y"], axis=0)],
+                  [helper.make_tensor_value_info("i", TensorProto.INT64, [None])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, SIZED_COLUMNS])],
+                  [numpy_helper.from_array(sized_table(nbytes, seed), "table")])

@@ -40,7 +40,8 @@ from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
 from .inference import worker_time
-from .ops import OPS, rss_bytes
+from .memory import rss_bytes
+from .ops import OPS
 from .packs import run_pack
 from .pool import ModelPool
 from .sessions import SessionCache, SessionFactory
@@ -58,6 +59,8 @@ class WorkerSettings:
     service: str = setting("modelhost", "MDP service name to register for")
     model_dir: str = setting("./models", "the shared model pool directory")
     cache_size: int = setting(32, "ONNX Runtime sessions kept loaded (least recently used evicted)")
+    memory_budget_bytes: int = setting(2 << 30, "memory the loaded sessions may hold, measured at load (least "
+                                                "recently used evicted; pinned never); 0 = unlimited")
     threads: int = setting(1, "ONNX Runtime intra-op threads; 1 suits N workers on N cores")
     heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to the broker")
     heartbeat_liveness: int = setting(3, "missed broker heartbeats before reconnecting")
@@ -84,6 +87,8 @@ class WorkerSettings:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
         if self.cache_size < 1 or self.threads < 1 or self.connections < 1:
             raise ValueError("cache_size, threads and connections must be >= 1")
+        if self.memory_budget_bytes < 0:
+            raise ValueError("memory_budget_bytes must be >= 0 (0: unlimited)")
         if self.poll_s < 0:
             raise ValueError("poll_s must be >= 0 (0 turns repository polling off)")
         if self.batch_max_size < 0 or self.batch_max_delay_us < 0:
@@ -106,7 +111,8 @@ class ModelHost:
         self.registry = registry if registry is not None else new_registry("fractal_worker")
         self.metrics = WorkerMetrics(self.registry, self.node, enabled=settings.metrics_port != 0)
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics, settings.model_dir),
-                              SessionCache(settings.cache_size, self.metrics), settings.max_model_bytes,
+                              SessionCache(settings.cache_size, self.metrics, settings.memory_budget_bytes),
+                              settings.max_model_bytes,
                               settings.max_image_pixels, poll=settings.poll_s > 0)
         self.policy = BatchPolicy(settings.batch_max_size, settings.batch_max_delay_us,
                                   tuple(int(x) for x in settings.batch_preferred_sizes.split(",") if x.strip()))
@@ -139,6 +145,7 @@ class ModelHost:
                         "/api/v1/models/NAME), or start from the bundled ones (fractal serve creates its pool "
                         "with them)", self.pool.directory)
         serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "worker")
+        self.pool.pin()  # NOTE: before registering: the broker sends nothing until pinned models are warm
         beater = threading.Thread(target=self._beat_while_busy, name="busy-heartbeat", daemon=True)
         beater.start()
         for conn in self._connections:

@@ -9,6 +9,7 @@ from broker.protocol import model_file_name
 
 from . import images, inference
 from .batching import BatchPolicy, batchable
+from .memory import rss_bytes
 from .pool import ModelPool
 from .versions import policy_of, split
 
@@ -124,17 +125,8 @@ def repository(pool: ModelPool, body: dict, node: str) -> dict:
 
 
 def status(pool: ModelPool, body: dict, node: str) -> dict:
-    return {"node": node, "pid": os.getpid(), "models_resident": pool.resident(),
+    return {"node": node, "pid": os.getpid(), "models_resident": pool.resident(), **pool.residency(),
             "memory_rss_bytes": rss_bytes(), "model_stats": pool.statistics()}
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def echo(pool: ModelPool, body: dict, node: str) -> dict:

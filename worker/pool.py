@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Iterator
 
 from broker import jsonbody
-from broker.errors import BadInput, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
+from broker.errors import BadInput, FractalError, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
 from broker.protocol import check_model_name
 
+from .pinning import replicas_of, warm
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
 from .versions import on_disk, parse_version, path_of, served, split
 from .watch import Watch
@@ -94,9 +95,10 @@ class ModelPool:
                                 f"{', '.join(map(str, sorted(found)))}; see version_policy)")
         return found[v]
 
-    def load(self, name: str, version: object = None) -> LoadedModel:
+    def load(self, name: str, version: object = None, cold: bool = True) -> LoadedModel:
         """The current session for `name` (at `version`), (re)loading when the file changed; raises
-        ModelNotFound."""
+        ModelNotFound, or ModelTooLarge when the file alone exceeds the memory budget (nothing is
+        loaded then). `cold`: a request waits for a load (counted in the cold-load metric)."""
         # NOTE: on every predict: plain strings, not pathlib (whose joins cost more than the two
         # syscalls), and os.access, which answers "no marker" without raising an exception.
         name = self.entry(name, version)
@@ -117,6 +119,7 @@ class ModelPool:
             return cached
         if self._watch is not None and not self._vouched(name, key):
             return self._previous(name, key)
+        self._cache.admit(name, st.st_size)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())  # NOTE: key and bytes come from the same open file
@@ -126,7 +129,8 @@ class ModelPool:
         if self._watch is not None and file_key(st) != key and not self._vouched(name, file_key(st)):
             return self._previous(name, file_key(st))  # NOTE: it changed again between stat and open
         model = self._factory.build(name, data, st)
-        self._cache.put(model)
+        del data  # NOTE: before the put, which may evict and trim: the file's bytes need not stay
+        self._cache.put(model, cold)
         return model
 
     def _previous(self, name: str, key: tuple) -> LoadedModel:
@@ -199,6 +203,27 @@ class ModelPool:
     def resident(self) -> list[str]:
         return self._cache.names()
 
+    def residency(self) -> dict:
+        """What the status reply says about memory: sessions' measured bytes, the budget, the pins."""
+        sizes = self._cache.sizes()
+        return {"resident_bytes": {"total": sum(sizes.values()), "models": sizes},
+                "memory_budget_bytes": self._cache.budget_bytes, "models_pinned": sorted(self._cache.pinned)}
+
+    def pin(self) -> list[str]:
+        """Load, pin and warm every model whose sidecar asks for `replicas.min` >= 1 (worker/pinning.py);
+        the entries pinned. A model that cannot load or fit is logged and left unpinned."""
+        for name in self.names():
+            if replicas_of(self.sidecar(name), name).min < 1:
+                continue
+            try:
+                model = self.load(name, cold=False)
+            except FractalError as exc:
+                log.error("pinned model %s not loaded: %s", name, exc)
+                continue
+            self._cache.pin(model.name)
+            warm(model)
+        return sorted(self._cache.pinned)
+
     def states(self) -> list[dict]:
         """The repository index: every version of every model, READY or UNAVAILABLE and why
         (README, Repository polling; versions the policy does not serve are UNAVAILABLE)."""
@@ -245,10 +270,12 @@ class ModelPool:
         entry = self._upload_entry(name, version)
         if len(data) > self.max_model_bytes:
             raise PayloadTooLarge(f"model is {len(data)} bytes; the limit is {self.max_model_bytes}")
+        self._cache.admit(entry, len(data))  # NOTE: a model no worker of this budget could hold is refused
         tmp = self._write_temp(name, data)
         try:
             st = os.stat(tmp)
             model = self._factory.build(entry, data, st)  # raises BadInput: pool unchanged
+            self._cache.admit(entry, model.cost_bytes)    # raises ModelTooLarge: pool unchanged
             with self._locked():
                 # NOTE: vouched before the rename (which keeps the key): no worker polling the pool
                 # ever sees this file unvouched and keeps serving the old one after we return.
@@ -264,7 +291,7 @@ class ModelPool:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        self._cache.put(model)  # same inode as the renamed file: the first predict needs no reload
+        self._cache.offer(model)  # same inode as the renamed file: the first predict needs no reload
         log.info("stored model %s (%d bytes)", entry, len(data))
 
     def _upload_entry(self, name: str, version: object) -> str:
@@ -332,6 +359,7 @@ class ModelPool:
             self._sync_dir()
         for entry in entries:
             self._cache.drop(entry)
+            self._cache.unpin(entry)
             self._cache.stats.forget(entry)  # NOTE: names come from users: a deleted one leaves no trace
         log.info("deleted model %s", ", ".join(entries))
 

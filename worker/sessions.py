@@ -1,4 +1,10 @@
-"""ONNX Runtime sessions, loaded once and cached (LRU) under a key that changes whenever the file does."""
+"""ONNX Runtime sessions, loaded once and cached (LRU) under a key that changes whenever the file does.
+
+The cache holds sessions within a memory budget in bytes: each session's cost is measured when it
+loads (worker/memory.py: the RSS it added, never less than its file), the least recently used
+unpinned sessions make room for a new one, and a model that cannot fit beside the pinned ones is
+refused with ModelTooLarge before anything is evicted.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,13 +12,15 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from broker.errors import BadInput
+from broker.errors import BadInput, ModelTooLarge
 
+from .memory import measured, trim
 from .stats import Counters, ModelStats
 from .versions import split
 
@@ -55,6 +63,7 @@ class LoadedModel:
     series: Any = None         # metrics.ModelSeries: the model's label children, set by the cache
     stats: Counters = field(default_factory=Counters)  # the name's counters, set by the cache
     version: str | None = None  # a version directory's number (worker/versions.py); None: a flat file
+    cost_bytes: int = 0        # memory the session holds, measured at load: what the budget counts
     output_names: list[str] = field(init=False)
     input_names: frozenset[str] = field(init=False)
 
@@ -91,21 +100,39 @@ class SessionFactory:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # ONNX Runtime's own warnings would flood worker logs
         self.options = options
+        self._settle()
+
+    def _settle(self) -> None:
+        """Pay ONNX Runtime's one-time set-up (about 9.5 MiB of process-wide state, made with the first
+        session) with a throwaway session of the bundled iris model, so no model's measured cost carries it."""
+        try:
+            data = (Path(__file__).with_name("models") / "iris.onnx").read_bytes()
+            ort.InferenceSession(data, self.options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # NOTE: an install without the bundled models: the first model pays it
+            log.debug("ONNX Runtime not settled before the first model: %s", exc)
 
     def build(self, name: str, data: bytes, st: os.stat_result) -> LoadedModel:
-        """Load a model from its bytes; raises BadInput when ONNX Runtime cannot load it."""
+        """Load a model from its bytes and measure what it holds; raises BadInput when ONNX Runtime
+        cannot load it.
+
+        The cost is the RSS growth across creating the session, not the file size alone: ONNX
+        Runtime copies initializers out of the file, prepacks weights and may fold constants into
+        bigger tensors, which the file does not show. The file size is the floor, since growth reads
+        low when the session reuses pages an evicted one left mapped.
+        """
         started = time.perf_counter()
         try:
-            session = ort.InferenceSession(data, self.options, providers=["CPUExecutionProvider"])
+            session, cost = measured(
+                lambda: ort.InferenceSession(data, self.options, providers=["CPUExecutionProvider"]), st.st_size)
         except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
             raise BadInput(f"{name} is not a model ONNX Runtime can load: {_first_line(exc)}") from None
         elapsed = time.perf_counter() - started
-        log.info("loaded %s (%d bytes) in %.1f ms", name, st.st_size, elapsed * 1e3)
+        log.info("loaded %s (%d bytes, %d resident) in %.1f ms", name, st.st_size, cost, elapsed * 1e3)
         if self._metrics:
             self._metrics.model_loads.inc()
             self._metrics.model_load_seconds.observe(elapsed)
         return LoadedModel(name, file_key(st), session, _specs(session.get_inputs()),
-                           _specs(session.get_outputs()), st.st_size, st.st_mtime)
+                           _specs(session.get_outputs()), st.st_size, st.st_mtime, cost_bytes=cost)
 
 
 def _first_line(exc: Exception) -> str:
@@ -114,13 +141,20 @@ def _first_line(exc: Exception) -> str:
 
 
 class SessionCache:
-    """LRU of LoadedModel by name; an entry is only valid while its file key still matches."""
+    """LRU of LoadedModel by name, within `budget_bytes` of measured cost (0: unlimited) and
+    `capacity` sessions; pinned names are never evicted. An entry is only valid while its file key
+    still matches."""
 
-    def __init__(self, capacity: int, metrics: Any = None):
+    def __init__(self, capacity: int, metrics: Any = None, budget_bytes: int = 0):
         self.capacity = capacity
+        self.budget_bytes = budget_bytes
+        self.resident_bytes = 0    # sum of the entries' cost_bytes
+        self.pinned: set[str] = set()
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._metrics = metrics  # metrics.WorkerMetrics, or None
         self.stats = ModelStats()  # NOTE: by name, beside the entries: an eviction keeps the counts
+        if metrics:
+            metrics.memory_budget.set(budget_bytes)
 
     def get(self, name: str, key: tuple) -> LoadedModel | None:
         entry = self._entries.get(name)
@@ -137,30 +171,87 @@ class SessionCache:
         """The resident session of `name` whatever its file key, without counting a hit or a miss."""
         return self._entries.get(name)
 
-    def put(self, model: LoadedModel) -> None:
-        model.stats = self.stats.of(model.name)
-        if self._metrics:
-            model.series = self._metrics.model_series(model.name)
-            model.timer = model.series.inference
-        self._entries[model.name] = model
-        self._entries.move_to_end(model.name)
-        while len(self._entries) > self.capacity:
-            evicted, _ = self._entries.popitem(last=False)
-            log.info("evicted %s from the session cache", evicted)
-            self._forget_series(evicted)
+    def admit(self, name: str, cost_bytes: int) -> None:
+        """Raise ModelTooLarge when a session of `name` costing `cost_bytes` (or a file of that size,
+        whose session costs at least as much) can never fit beside the pinned sessions. Called
+        before a load, so a model larger than the budget is refused, never loaded."""
+        if not self.budget_bytes:
+            return
+        pinned = sum(m.cost_bytes for n, m in self._entries.items() if n in self.pinned and n != name)
+        if cost_bytes > self.budget_bytes - pinned:
+            held = f", of which pinned models hold {pinned}" if pinned else ""
+            raise ModelTooLarge(f"model {split(name)[0]} needs at least {cost_bytes} bytes of memory; this "
+                                f"worker's memory budget (FRACTAL_WORKER_MEMORY_BUDGET_BYTES) is "
+                                f"{self.budget_bytes} bytes{held}")
+
+    def put(self, model: LoadedModel, cold: bool = False) -> None:
+        """Keep `model`, evicting least recently used unpinned sessions until the budget and the
+        count hold; raises ModelTooLarge, evicting nothing, when it cannot fit. `cold`: a request
+        is waiting for this load (counted as a cold load)."""
+        self.admit(model.name, model.cost_bytes)
+        self._insert(model)
+        if cold and self._metrics:
+            self._metrics.cold_loads.inc()
+        evicted = False
+        while len(self._entries) > self.capacity or (self.budget_bytes and self.resident_bytes > self.budget_bytes):
+            victim = next((n for n in self._entries if n not in self.pinned and n != model.name), None)
+            if victim is None:
+                break  # NOTE: only pins left beside it; admit() already kept the budget
+            self._remove(victim)
+            evicted = True
+            log.info("evicted %s from the session cache (%d of %d bytes resident)", victim,
+                     self.resident_bytes, self.budget_bytes)
             if self._metrics:
                 self._metrics.cache_evictions.inc()
+        if evicted:
+            trim()  # NOTE: the evicted session's pages go back to the OS, so the budget bounds RSS
         self._resident_changed()
+
+    def offer(self, model: LoadedModel) -> bool:
+        """Keep `model` (a session made to validate a file) only if it fits without evicting any
+        other; True when kept."""
+        old = self._entries.get(model.name)
+        room = self.budget_bytes - self.resident_bytes + (old.cost_bytes if old else 0)
+        if (self.budget_bytes and model.cost_bytes > room) or (old is None and len(self._entries) >= self.capacity):
+            return False
+        self._insert(model)
+        self._resident_changed()
+        return True
 
     def drop(self, name: str) -> bool:
         """Forget `name`; True when it was resident."""
-        dropped = self._entries.pop(name, None) is not None
+        dropped = name in self._entries
         if dropped:
-            self._forget_series(name)
+            self._remove(name)
+            trim()
         self._resident_changed()
         return dropped
 
-    def _forget_series(self, name: str) -> None:
+    def pin(self, name: str) -> None:
+        """Never evict `name` (it stays pinned if a new file version replaces its session)."""
+        self.pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        self.pinned.discard(name)
+
+    def sizes(self) -> dict[str, int]:
+        """{name: measured cost in bytes} of every resident session, least recently used first."""
+        return {name: m.cost_bytes for name, m in self._entries.items()}
+
+    def _insert(self, model: LoadedModel) -> None:
+        model.stats = self.stats.of(model.name)
+        old = self._entries.pop(model.name, None)
+        if old is not None:
+            self.resident_bytes -= old.cost_bytes
+        if self._metrics:
+            model.series = self._metrics.model_series(model.name)
+            model.timer = model.series.inference
+            model.series.resident_bytes.set(model.cost_bytes)
+        self._entries[model.name] = model
+        self.resident_bytes += model.cost_bytes
+
+    def _remove(self, name: str) -> None:
+        self.resident_bytes -= self._entries.pop(name).cost_bytes
         # NOTE: users name models; a model's series leave with its session, so names cannot pile up.
         if self._metrics:
             self._metrics.forget_model(name)
@@ -168,6 +259,7 @@ class SessionCache:
     def _resident_changed(self) -> None:
         if self._metrics:
             self._metrics.models_resident.set(len(self._entries))
+            self._metrics.resident_bytes.set(self.resident_bytes)
 
     def names(self) -> list[str]:
         return list(self._entries)

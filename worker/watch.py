@@ -81,7 +81,7 @@ class Watch:
         if model is None:  # changed while we opened it
             self.pending[name] = Pending(key)
             return
-        self._cache.put(model)
+        self._cache.offer(model)  # NOTE: a request loads it when it does not fit: a scan never evicts
         self.pending.pop(name, None)
         log.info("poll: serving the new file for %s (%d bytes)", name, model.size_bytes)
 
