@@ -136,3 +136,28 @@ def test_a_model_larger_than_the_budget_is_a_clear_error_and_the_worker_stays_up
         with pytest.raises(ModelTooLarge):
             client.upload("m8.onnx", f.read())
     assert not (pool / "m8.onnx").exists()
+
+
+def test_status_shows_where_each_model_is_resident(procs: Processes, tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    names = write_models(pool, 3)
+    (pool / "m0.onnx.json").write_text(json.dumps({"replicas": {"min": 1}}))
+    url, _, base = start(procs, pool, 2, "--memory-budget-bytes", str(BUDGET))
+    for name in names[1:]:
+        predict_row(base, name, 0)
+
+    def view() -> dict:
+        return json.loads(get(f"{base}/api/v1/status"))
+
+    def complete() -> bool:
+        where = view()["residency"]
+        return len(where.get("m0.onnx", [])) == 2 and all(where.get(n) for n in names[1:])
+    wait_for(complete, 20, "both workers' residency in the status")
+    status = view()
+    nodes = {w["node"] for w in status["workers"]}
+    assert {e["node"] for e in status["residency"]["m0.onnx"]} == nodes
+    assert all(e["pinned"] and e["bytes"] >= SIZE for e in status["residency"]["m0.onnx"])
+    for w in status["workers"]:
+        assert w["memory_budget_bytes"] == BUDGET and w["resident_bytes"]["total"] <= BUDGET
+    page = get(f"{base}/status")
+    assert "Models resident" in page and "(pinned)" in page and all(n in page for n in names)
