@@ -10,6 +10,7 @@ import pytest
 
 from broker.errors import ConfigError, ModelTooLarge, PayloadTooLarge
 from broker.settings import load
+from worker.memory import rss_bytes, trim
 from worker.modelhost import WorkerSettings
 from worker.pinning import Replicas, replicas_of, sample_feed, warm
 from worker.sessions import LoadedModel, SessionCache, SessionFactory, TensorSpec
@@ -100,6 +101,19 @@ def test_a_load_measures_at_least_the_file_and_about_its_tensor(factory: Session
     assert model.cost_bytes < 2 * model.size_bytes    # the table is held once, not per copy
     y = model.session.run(None, {"i": np.array([3], np.int64)})[0]
     np.testing.assert_array_equal(y, sized_table(8 * MIB, 1)[[3]])
+
+
+def test_a_session_does_not_keep_a_second_copy_of_its_model(factory: SessionFactory, tmp_path: Path) -> None:
+    """ONNX Runtime's Python wrapper would keep the model's bytes beside its tensors: twice the memory."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(sized_model(8 * MIB, seed=2))
+    trim()
+    before = rss_bytes()
+    kept = [factory.build(f"m{i}.onnx", path.read_bytes(), os.stat(path)) for i in range(3)]  # bytes dropped
+    trim()
+    grown = rss_bytes() - before
+    assert 3 * 8 * MIB * 0.9 < grown < 3 * 8 * MIB * 1.4, grown / MIB
+    assert sum(m.cost_bytes for m in kept) >= 3 * 8 * MIB
 
 
 def test_replicas_policy_of_the_sidecar() -> None:

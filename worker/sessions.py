@@ -102,6 +102,17 @@ class SessionFactory:
         self.options = options
         self._settle()
 
+    def _session(self, data: bytes) -> ort.InferenceSession:
+        session = ort.InferenceSession(data, self.options, providers=["CPUExecutionProvider"])
+        # NOTE: ONNX Runtime's Python wrapper keeps the model's bytes to re-create the session on a
+        # provider fallback (its own source calls this "bad as we're holding the memory
+        # indefinitely"): a second copy of every model. We run on the CPU provider alone, so there is
+        # nothing to fall back to: turn fallback off and let the bytes go (measured: 40 -> 20 MB of
+        # RSS per 20 MB model).
+        session.disable_fallback()
+        session._model_bytes = None
+        return session
+
     def _settle(self) -> None:
         """Pay ONNX Runtime's one-time set-up (about 9.5 MiB of process-wide state, made with the first
         session) with a throwaway session of the bundled iris model, so no model's measured cost carries it."""
@@ -122,8 +133,7 @@ class SessionFactory:
         """
         started = time.perf_counter()
         try:
-            session, cost = measured(
-                lambda: ort.InferenceSession(data, self.options, providers=["CPUExecutionProvider"]), st.st_size)
+            session, cost = measured(lambda: self._session(data), st.st_size)
         except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
             raise BadInput(f"{name} is not a model ONNX Runtime can load: {_first_line(exc)}") from None
         elapsed = time.perf_counter() - started
