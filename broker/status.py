@@ -63,7 +63,7 @@ class StatusBoard:
                 "requests_served": w.served, "models_resident": status.get("models_resident"),
                 "resident_bytes": status.get("resident_bytes"),
                 "memory_budget_bytes": status.get("memory_budget_bytes"),
-                "models_pinned": status.get("models_pinned"),
+                "models_pinned": status.get("models_pinned"), "model_replicas": status.get("model_replicas"),
                 "pid": status.get("pid"), "memory_rss_bytes": status.get("memory_rss_bytes"),
                 "model_stats": status.get("model_stats"),
                 "status_age_s": None if when is None else round(now - when, 3),

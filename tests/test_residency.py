@@ -98,6 +98,7 @@ def test_pinned_models_are_loaded_and_warm_at_start_and_never_evicted(procs: Pro
     url, [metrics], base = start(procs, pool, 1, "--memory-budget-bytes", str(BUDGET))
     status = worker_status(url)
     assert status["models_resident"] == ["m0.onnx"] and status["models_pinned"] == ["m0.onnx"]
+    assert status["model_replicas"] == {"m0.onnx": {"min": 1, "max": 2}}
     text = get(metrics)
     assert sample_sum(text, "fractal_worker_model_loads_total") == 1
     assert sample_sum(text, "fractal_worker_cold_loads_total") == 0
@@ -113,6 +114,16 @@ def test_pinned_models_are_loaded_and_warm_at_start_and_never_evicted(procs: Pro
     assert sample_sum(get(metrics), "fractal_worker_session_cache_evictions_total") >= 3
     log = Path(procs.procs[1].log_path).read_text()
     assert "pinned m0.onnx: loaded and warmed" in log
+
+
+def test_in_poll_mode_a_pinned_model_loads_once_its_file_is_validated(procs: Processes, tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    write_models(pool, 2)
+    (pool / "m1.onnx.json").write_text(json.dumps({"replicas": {"min": 2}}))
+    url, [metrics], _ = start(procs, pool, 1, "--poll-s", "0.2")
+    wait_for(lambda: worker_status(url)["models_pinned"] == ["m1.onnx"], 20, "m1 pinned after two scans")
+    assert "m1.onnx" in worker_status(url)["models_resident"]
+    assert sample_sum(get(metrics), "fractal_worker_cold_loads_total") == 0
 
 
 def test_a_model_larger_than_the_budget_is_a_clear_error_and_the_worker_stays_up(procs: Processes,
@@ -159,5 +170,6 @@ def test_status_shows_where_each_model_is_resident(procs: Processes, tmp_path: P
     assert all(e["pinned"] and e["bytes"] >= SIZE for e in status["residency"]["m0.onnx"])
     for w in status["workers"]:
         assert w["memory_budget_bytes"] == BUDGET and w["resident_bytes"]["total"] <= BUDGET
+        assert w["models_pinned"] == ["m0.onnx"] and w["model_replicas"] == {"m0.onnx": {"min": 1, "max": 0}}
     page = get(f"{base}/status")
     assert "Models resident" in page and "(pinned)" in page and all(n in page for n in names)

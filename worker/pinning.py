@@ -3,8 +3,10 @@
 A model's sidecar may say `"replicas": {"min": 1, "max": 2}`. A worker cannot know the others
 (the broker hands it requests, not a census), so it honours `min` the one way it can alone: every
 worker pins every model whose `min` is at least 1, which gives `min` replicas whenever `min` workers
-run. Pinned models load and are warmed at worker start, before it registers with the broker, and are
-never evicted. `max` is checked and advertised for the broker's routing; a worker cannot enforce it.
+run. Pinned models load and are warmed at worker start, before it registers with the broker (with
+repository polling, also once a scan has validated their file), and are never evicted. `max` is
+checked and advertised in the status reply (`model_replicas`) for the broker's routing; a worker
+alone cannot enforce it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 from .sessions import LoadedModel, TensorSpec
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()  # (model, replicas) already logged as malformed
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,10 @@ def replicas_of(sidecar: dict, name: str) -> Replicas:
     hi = options.get("max", 0) if isinstance(options, dict) else None
     if (type(lo) is not int or type(hi) is not int or lo < 0 or hi < 0 or (hi and hi < lo)
             or set(options) - {"min", "max"}):
-        log.warning("ignoring replicas %r in the sidecar of %s: expected {\"min\": N, \"max\": M} with "
-                    "0 <= N <= M (M 0: no limit)", options, name)
+        if (name, repr(options)) not in _WARNED:  # NOTE: poll mode asks on every scan: say it once
+            _WARNED.add((name, repr(options)))
+            log.warning("ignoring replicas %r in the sidecar of %s: expected {\"min\": N, \"max\": M} with "
+                        "0 <= N <= M (M 0: no limit)", options, name)
         return Replicas()
     return Replicas(lo, hi)
 

@@ -26,7 +26,7 @@ from broker import jsonbody
 from broker.errors import BadInput, FractalError, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
 from broker.protocol import check_model_name
 
-from .pinning import replicas_of, warm
+from .pinning import Replicas, replicas_of, warm
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
 from .versions import on_disk, parse_version, path_of, served, split
 from .watch import Watch
@@ -52,6 +52,8 @@ class ModelPool:
         self.max_image_pixels = max_image_pixels
         self._sidecars: dict[str, tuple[tuple, dict]] = {}  # name -> (file key, parsed JSON)
         self._ledger_prefix = os.path.join(str(self.directory), LEDGER_DIR, "")
+        self._pin_failures: dict[str, str] = {}  # name -> why pinning failed, logged once per reason
+        self._replicas: dict[str, dict] = {}      # name -> its sidecar's replicas, as of the last pin()
         self._watch = Watch(self._prefix, factory, cache, self._vouched, self._vouch,
                             lambda name: os.path.exists(self._marker(name))) if poll else None
 
@@ -145,6 +147,7 @@ class ModelPool:
         """Poll mode: notice and validate files changed by other means (a no-op in explicit mode)."""
         if self._watch is not None:
             self._watch.scan()
+            self.pin()
 
     def sidecar(self, name: str) -> dict:
         """The model's sidecar JSON ({"description", "image", "dynamic_batching"}), {} when absent.
@@ -207,21 +210,36 @@ class ModelPool:
         """What the status reply says about memory: sessions' measured bytes, the budget, the pins."""
         sizes = self._cache.sizes()
         return {"resident_bytes": {"total": sum(sizes.values()), "models": sizes},
-                "memory_budget_bytes": self._cache.budget_bytes, "models_pinned": sorted(self._cache.pinned)}
+                "memory_budget_bytes": self._cache.budget_bytes, "models_pinned": sorted(self._cache.pinned),
+                "model_replicas": self._replicas}
 
     def pin(self) -> list[str]:
-        """Load, pin and warm every model whose sidecar asks for `replicas.min` >= 1 (worker/pinning.py);
-        the entries pinned. A model that cannot load or fit is logged and left unpinned."""
+        """Load, pin and warm every model whose sidecar asks for `replicas.min` >= 1 (worker/pinning.py)
+        and is not pinned and resident yet; the entries pinned. Called at worker start and, in poll
+        mode, after every scan (a file is served once validated). A model that cannot load or fit is
+        logged once per reason and left unpinned."""
+        replicas = {}
         for name in self.names():
-            if replicas_of(self.sidecar(name), name).min < 1:
+            policy = replicas_of(self.sidecar(name), name)
+            if policy != Replicas():
+                replicas[name] = {"min": policy.min, "max": policy.max}
+            if policy.min < 1:
                 continue
             try:
+                entry = self.entry(name)
+                if entry in self._cache.pinned and self._cache.peek(entry) is not None:
+                    continue
                 model = self.load(name, cold=False)
             except FractalError as exc:
-                log.error("pinned model %s not loaded: %s", name, exc)
+                if self._pin_failures.get(name) != str(exc):
+                    self._pin_failures[name] = str(exc)
+                    log.log(logging.INFO if isinstance(exc, ModelNotReady) else logging.ERROR,
+                            "pinned model %s not loaded: %s", name, exc)
                 continue
+            self._pin_failures.pop(name, None)
             self._cache.pin(model.name)
             warm(model)
+        self._replicas = replicas
         return sorted(self._cache.pinned)
 
     def states(self) -> list[dict]:
