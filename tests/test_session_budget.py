@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from broker.errors import ConfigError, ModelTooLarge, PayloadTooLarge
 from broker.settings import load
+from frontend.oip_grpc.calls import status_code
 from worker.memory import rss_bytes, trim
 from worker.modelhost import WorkerSettings
 from worker.pinning import Replicas, replicas_of, sample_feed, warm
@@ -56,6 +58,7 @@ def test_a_model_larger_than_the_budget_is_refused_and_nothing_is_evicted(tiny: 
     with pytest.raises(ModelTooLarge, match=r"big needs at least 101 bytes.*budget.*is 100 bytes") as info:
         cache.put(sized(tiny, "big", 101))
     assert info.value.http_status == 507 and isinstance(info.value, PayloadTooLarge)
+    assert status_code(info.value) == grpc.StatusCode.RESOURCE_EXHAUSTED  # what gRPC callers see
     assert cache.names() == ["a"]
     with pytest.raises(ModelTooLarge):
         cache.admit("big", 101)   # what the pool asks with the file size, before loading anything
