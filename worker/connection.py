@@ -1,7 +1,9 @@
-"""One MDP/0.2 worker connection to the broker: its DEALER socket, READY, heartbeat timers, reconnect.
+"""One MDP/0.2 worker connection to a broker: its DEALER socket, READY, heartbeat timers, reconnect.
 
-A worker process holds one or more of these; each is a worker to the broker, so with N connections
-the broker's LRU may hand the process up to N requests at once (which is what lets it batch).
+A worker process holds one or more of these per broker; each is a worker to its broker, so with N
+connections a broker's LRU may hand the process up to N requests at once (which is what lets it batch).
+With several brokers (docs/protocol.md, "Two brokers") each broker gets its own connections, and a
+request from one waits while the process answers another's: the loop takes them in turn.
 """
 from __future__ import annotations
 
@@ -62,10 +64,12 @@ class Connection:
             pass
         self.socket.close(linger=int(self.interval_s * 1000))
         self.socket = None
-        if self.backoff_s:
-            self._stopping.wait(self.backoff_s)
+        backoff_s = self.backoff_s
         self.backoff_s = min(max(self.backoff_s * 2, 0.1), self._reconnect_max_s)
         self.connect()
+        # NOTE: the back-off delays the next attempt instead of sleeping before this one: the loop
+        # also serves the connections to the other brokers, which a sleep here would stall.
+        self.broker_expires += backoff_s
 
     def close(self) -> None:
         if self.socket is not None:
