@@ -14,11 +14,25 @@ import numpy as np
 import pytest
 
 from broker.client import AsyncClient, Client
-from broker.errors import BrokerLost
+from broker.errors import BrokerLost, ConfigError
+from broker.settings import endpoint_list, load
+from worker.modelhost import WorkerSettings
 
 from .conftest import LIVENESS_WINDOW_S, Processes, free_port, start_frontend, wait_workers
 
 IRIS = "iris.onnx"
+
+
+def test_a_broker_setting_takes_a_comma_separated_list_and_one_endpoint_stays_one():
+    assert endpoint_list("tcp://a:5555") == ("tcp://a:5555",)
+    assert endpoint_list(" tcp://a:5555 , tcp://b:5555,") == ("tcp://a:5555", "tcp://b:5555")
+    assert endpoint_list(["tcp://a:5555", "tcp://a:5555"]) == ("tcp://a:5555",)  # one broker, one connection
+    with pytest.raises(ConfigError, match="no broker endpoint"):
+        endpoint_list(" , ")
+    with pytest.raises(ConfigError, match="no broker endpoint"):
+        load(WorkerSettings, "worker", env={"FRACTAL_WORKER_CONNECT": ","})
+    with pytest.raises(ConfigError):
+        Client("")
 
 
 @pytest.fixture
