@@ -744,8 +744,8 @@ class AsyncClient(_Operations):
             self._up[index] = event != zmq.EVENT_DISCONNECTED
             if event == zmq.EVENT_DISCONNECTED:
                 if index == self._current:
-                    self._dropped()
                     spare = next((i for i, up in enumerate(self._up) if up), None)
+                    self._dropped(spare is not None)
                     if spare is not None:  # fail over: the held calls leave for the spare at once
                         self._switch(spare)
                         self._returned()
@@ -771,9 +771,10 @@ class AsyncClient(_Operations):
         self._current = index
         self._socket, self._monitor = self._links[index]
 
-    def _dropped(self) -> None:
+    def _dropped(self, spare: bool = False) -> None:
         """The connection to the broker dropped: whatever it held is gone. Repeatable calls wait at the
-        front of the outbox to be sent again; the others fail (BrokerLost if they had left)."""
+        front of the outbox to be sent again; the others fail (BrokerLost if they had left). With a
+        `spare` broker up, calls that had not left yet all stay: they go there, once."""
         loop = self._loop
         self._lost_at = loop.time()
         self._packs.clear()
@@ -788,7 +789,7 @@ class AsyncClient(_Operations):
                 future.set_exception(_broker_lost(call[1], self.endpoint))
         self._inflight.clear()
         for call in self._outbox:
-            if call[1] in p.REPEATABLE_OPS:
+            if spare or call[1] in p.REPEATABLE_OPS:
                 held.append(call)
             elif not call[3].done():
                 call[3].set_exception(NoWorkerAvailable(f"the connection to the broker at {self.endpoint} "
