@@ -242,3 +242,26 @@ def test_the_frontend_fails_over_between_two_brokers(procs: Processes, pair: dic
     finally:
         load.stop()
     check_answers(load, kills)
+
+
+def test_a_batching_worker_does_not_wait_for_the_broker_no_client_uses(procs: Processes, model_dir: Path) -> None:
+    """A batch runs at once when every connection that requests come on holds one: the connection to
+    the second broker, idle while clients use the first, is no reason to wait for more rows."""
+    urls = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    for url in urls:
+        procs.broker(url)
+    delay_s = 3.0
+    procs.worker(",".join(urls), model_dir, "--batch-max-size", "8", "--batch-max-delay-us", str(int(delay_s * 1e6)))
+    for url in urls:
+        wait_workers(url, 1)
+    row = {"float_input": np.array([[2, 5, 1, 4]], np.float32)}
+    with Client(urls, timeout_s=30) as client:
+        client.predict(IRIS, row)  # loads the model
+        started = time.monotonic()
+        client.echo("one round trip")
+        round_trip_s = time.monotonic() - started
+        started = time.monotonic()
+        assert client.predict(IRIS, row)["label"].tolist() == [1]
+        batched_s = time.monotonic() - started
+    assert batched_s < round_trip_s + delay_s / 2, (batched_s, round_trip_s)
+

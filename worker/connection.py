@@ -39,6 +39,7 @@ class Connection:
         self.broker_expires = 0.0
         self.backoff_s = 0.0
         self.held = 0        # requests received and not yet answered
+        self.used = False    # a batchable predict came on this socket: clients send to its broker
         self.generation = 0  # bumped per socket: a reply for an older one is stale (the broker re-sent it)
 
     def connect(self) -> None:
@@ -49,6 +50,7 @@ class Connection:
         sock.connect(self._endpoint)
         self.socket = sock
         self.held = 0
+        self.used = False
         self.generation += 1
         self.send(MDPW.READY, self._service)
         self.broker_expires = time.monotonic() + self._silence_s

@@ -122,6 +122,7 @@ class ModelHost:
         self._log_requests = settings.log_requests
         curve = PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key)
         endpoints = endpoint_list(settings.connect)
+        self._several_brokers = len(endpoints) > 1
         self._connections = [
             Connection(self._context, endpoint, settings.service.encode(), settings.heartbeat_interval_s,
                        settings.heartbeat_interval_s * settings.heartbeat_liveness, settings.reconnect_max_s,
@@ -249,6 +250,7 @@ class ModelHost:
             return False  # reply_to() answers it, with the same error
         if not policy.enabled or not batchable(model):
             return False
+        conn.used = True
         reply = self._replier(conn, client, request, model.name)
         try:
             pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
@@ -296,7 +298,9 @@ class ModelHost:
     def _run_due_batches(self) -> None:
         now = time.monotonic()
         # NOTE: when every connection holds a request, nothing more can arrive: waiting is pointless.
-        full = all(c.held for c in self._connections)
+        # With several brokers, a connection no batchable predict has come on since it connected is to
+        # a broker no client sends to now (its status polls and health checks do not count).
+        full = all(c.held for c in self._connections if c.used or not self._several_brokers)
         for name in list(self._queues):
             queue = self._queues[name]
             while queue.items and (full or queue.due(now)):
