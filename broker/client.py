@@ -778,6 +778,7 @@ class AsyncClient(_Operations):
         loop = self._loop
         self._lost_at = loop.time()
         self._packs.clear()
+        lost = self.endpoints[self._current]
         held = []
         for call in self._inflight.values():
             future = call[3]
@@ -786,13 +787,13 @@ class AsyncClient(_Operations):
             if call[1] in p.REPEATABLE_OPS:
                 held.append(call)
             else:
-                future.set_exception(_broker_lost(call[1], self.endpoint))
+                future.set_exception(_broker_lost(call[1], lost))
         self._inflight.clear()
         for call in self._outbox:
             if spare or call[1] in p.REPEATABLE_OPS:
                 held.append(call)
             elif not call[3].done():
-                call[3].set_exception(NoWorkerAvailable(f"the connection to the broker at {self.endpoint} "
+                call[3].set_exception(NoWorkerAvailable(f"the connection to the broker at {lost} "
                                                         f"is down; retry later"))
         self._outbox.clear()
         self._outbox.extend(held)
