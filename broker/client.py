@@ -10,6 +10,13 @@ When the connection to the broker drops (it died and `fractal serve` restarts it
 socket says so: calls in flight whose operation is safe to repeat (protocol.REPEATABLE_OPS) are sent
 again, under the same id, once the connection is back; the others fail at once with BrokerLost (503),
 since they may have been carried out. Each call's own timeout still bounds it.
+
+Given several broker endpoints (a list, or "tcp://a:5555,tcp://b:5555"), a client connects to all of
+them and sends every request to one, its current broker. When that connection drops (or, for a host
+cut off the network, falls silent for LINK_TIMEOUT_S), the client fails over to the next broker that
+is up, with the same rule: repeatable calls go again under their ids (the first reply per id wins,
+so no caller sees two), the others fail with BrokerLost; no call is ever sent to two brokers but
+those. A broker that comes back is a spare until the current one is lost (docs/protocol.md, "Two brokers").
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from zmq.backend import zmq_poll
 from . import protocol as p
 from .curve import PeerKeys
 from .errors import BadInput, BrokerLost, FractalError, NoWorkerAvailable, ProtocolError, Timeout
+from .settings import endpoint_list
 from .sockets import NOBLOCK, POLLIN, POLLOUT, readable, recv_frames, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
@@ -36,6 +44,13 @@ SEND_RETRY_S = 0.005  # AsyncClient: how often a send the broker's connection re
 MAX_DRAIN = 256       # AsyncClient: replies handled per wake-up before other callbacks get a turn
 RECONNECT_WAIT_S = 15.0  # after the broker connection drops, how long repeatable calls wait for it
 LINK_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+# With several brokers: ZMTP heartbeats find a broker whose host is cut off (no FIN, no RST) within
+# LINK_TIMEOUT_S + LINK_PING_S; libzmq's I/O thread answers them, so a busy broker is not mistaken for one.
+LINK_PING_S = 0.25
+LINK_TIMEOUT_S = 1.0
+# A new client waits this long for the first broker of its list before it takes a later one that is up
+# first: all clients on one broker keep each worker to one request at a time (docs/protocol.md).
+FIRST_CHOICE_WAIT_S = 0.25
 
 Inputs = Mapping[str, Any] | Sequence[Any]
 
@@ -200,26 +215,38 @@ def _with_request_id(fields: dict) -> dict:
 
 
 class _Link:
-    """One thread's DEALER to the broker, and the monitor that says when its connection drops and
-    when it is back (EVENT_DISCONNECTED, EVENT_HANDSHAKE_SUCCEEDED)."""
+    """One thread's DEALER to each broker, and the monitors that say when a connection drops and
+    when it is back (EVENT_DISCONNECTED, EVENT_HANDSHAKE_SUCCEEDED); requests go to the current one."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, curve: PeerKeys | None):
-        self.sock, self.monitor = _connect(context.socket(zmq.DEALER), endpoint, curve)
+    def __init__(self, context: zmq.Context, endpoints: Sequence[str], curve: PeerKeys | None):
+        pairs = [_connect(context.socket(zmq.DEALER), e, curve, len(endpoints) > 1) for e in endpoints]
+        self.socks = [sock for sock, _ in pairs]
+        self.monitors = [monitor for _, monitor in pairs]
+        self.up = [False] * len(pairs)               # handshake done and not dropped since, per broker
+        self.current = 0                             # the broker requests go to
+        self.first_choice_until = time.monotonic() + FIRST_CHOICE_WAIT_S
         self.lost_at: float | None = None           # when the connection dropped; None while it is up
         self.failed: dict[int, FractalError] = {}   # calls in flight that end without a reply
 
+    @property
+    def sock(self) -> zmq.Socket:
+        return self.socks[self.current]
+
     def close(self) -> None:
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        for sock, monitor in zip(self.socks, self.monitors, strict=True):
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
 
 
 class Client(_Operations):
-    """Synchronous client; use as a context manager or call close()."""
+    """Synchronous client; use as a context manager or call close(). `endpoint`: one broker, or
+    several (a list or comma-separated) to fail over between."""
 
-    def __init__(self, endpoint: str, service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
+    def __init__(self, endpoint: str | Sequence[str], service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
                  context: zmq.Context | None = None, curve: PeerKeys | None = None):
-        self.endpoint = endpoint
+        self.endpoints = endpoint_list(endpoint)
+        self.endpoint = ",".join(self.endpoints)
         self.service = service.encode()
         self.timeout_s = timeout_s
         self.curve = curve
@@ -244,7 +271,7 @@ class Client(_Operations):
     def _link(self) -> _Link:
         link = getattr(self._local, "link", None)
         if link is None:
-            link = _Link(self._context, self.endpoint, self.curve)
+            link = _Link(self._context, self.endpoints, self.curve)
             with self._lock:
                 self._links.append(link)
             self._local.link = link
@@ -313,31 +340,65 @@ class Client(_Operations):
             if op not in p.REPEATABLE_OPS:
                 raise NoWorkerAvailable(f"the connection to the broker at {self.endpoint} is down; retry later")
             wait_s = link.lost_at + RECONNECT_WAIT_S - time.monotonic()
-        _send(link.sock, frames, deadline, self.endpoint, wait_s)
+        if len(link.socks) == 1:
+            _send(link.sock, frames, deadline, self.endpoint, wait_s)
+            return
+        end = min(deadline, time.monotonic() + wait_s)
+        while True:  # NOTE: IMMEDIATE: a socket takes a send only while its broker's connection is up
+            try:
+                send_frames(link.sock, frames, NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            now = time.monotonic()
+            remaining_ms = int((end - now) * 1000)
+            if remaining_ms <= 0:
+                raise NoWorkerAvailable(f"cannot reach any broker at {self.endpoint}")
+            if now < link.first_choice_until:
+                remaining_ms = min(remaining_ms, int((link.first_choice_until - now) * 1000) + 1)
+            zmq_poll([(link.sock, POLLOUT), *((m, POLLIN) for m in link.monitors)], remaining_ms)
+            self._watch(link, pending, deadline)
 
     def _watch(self, link: _Link, pending: Mapping[int, tuple[int, str, list]], deadline: float) -> None:
-        """Handle the link's connection events: on a drop, the non-repeatable calls in flight fail with
-        BrokerLost; once the connection is back, the others are sent again under their ids."""
-        monitor = link.monitor
-        while readable(monitor):
-            event = _event_of(recv_frames(monitor, NOBLOCK))
-            if event == zmq.EVENT_DISCONNECTED:
-                link.lost_at = time.monotonic()
-                for rid, (_index, op, _frames) in pending.items():
-                    if op not in p.REPEATABLE_OPS:
-                        link.failed[rid] = _broker_lost(op, self.endpoint)
-            elif link.lost_at is not None:  # handshake succeeded: the broker is back
-                link.lost_at = None
-                for rid, (_index, _op, frames) in pending.items():
-                    if rid not in link.failed:
-                        try:
-                            _send(link.sock, frames, deadline, self.endpoint)
-                        except NoWorkerAvailable as exc:
-                            link.failed[rid] = exc
+        """Handle the link's connection events: when the current broker's connection drops, the
+        non-repeatable calls in flight fail with BrokerLost; once it (or, with several brokers, another
+        one) is up, the others are sent to it again under their ids."""
+        for index, monitor in enumerate(link.monitors):
+            while readable(monitor):
+                event = _event_of(recv_frames(monitor, NOBLOCK))
+                link.up[index] = event != zmq.EVENT_DISCONNECTED
+                if event == zmq.EVENT_DISCONNECTED and index == link.current:
+                    link.lost_at = time.monotonic()
+                    for rid, (_index, op, _frames) in pending.items():
+                        if op not in p.REPEATABLE_OPS:
+                            link.failed[rid] = _broker_lost(op, self.endpoints[index])
+                    spare = next((i for i, up in enumerate(link.up) if up), None)
+                    if spare is not None:
+                        self._resend(link, spare, pending, deadline)
+                elif event != zmq.EVENT_DISCONNECTED and (index == link.current or link.lost_at is not None):
+                    self._resend(link, index, pending, deadline)  # the current broker is back, or a spare is up
+        if (len(link.socks) > 1 and not link.up[link.current] and link.lost_at is None
+                and time.monotonic() >= link.first_choice_until):
+            spare = next((i for i, up in enumerate(link.up) if up), None)
+            if spare is not None:  # the first broker has not come up: take a later one that has
+                link.current = spare
+
+    def _resend(self, link: _Link, index: int, pending: Mapping[int, tuple[int, str, list]], deadline: float) -> None:
+        """Make broker `index` the current one; after a drop, send it the calls that did not fail."""
+        link.current = index
+        if link.lost_at is None:
+            return
+        link.lost_at = None
+        for rid, (_index, _op, frames) in pending.items():
+            if rid not in link.failed:
+                try:
+                    _send(link.sock, frames, deadline, self.endpoint)
+                except NoWorkerAvailable as exc:
+                    link.failed[rid] = exc
 
     def _receive(self, link: _Link, pending: Mapping[int, tuple[int, str, list]],
                  deadline: float) -> tuple[int, Any]:
-        sock, polled = link.sock, [(link.sock, POLLIN), (link.monitor, POLLIN)]
+        polled = [(sock, POLLIN) for sock in (*link.socks, *link.monitors)]
         while True:
             if link.failed:
                 for rid in pending:
@@ -359,7 +420,8 @@ class Client(_Operations):
             if not zmq_poll(polled, remaining_ms):
                 continue
             self._watch(link, pending, deadline)
-            if not readable(sock):
+            sock = next((s for s in link.socks if readable(s)), None)  # NOTE: a late reply of a lost broker counts
+            if sock is None:
                 continue
             frames = recv_frames(sock, NOBLOCK)
             try:
@@ -385,13 +447,17 @@ class Client(_Operations):
 
     def _mmi(self, service: bytes, body: bytes, timeout_s: float) -> bytes | None:
         link = self._link()
-        sock = link.sock
         deadline = time.monotonic() + timeout_s
         self._watch(link, {}, deadline)  # NOTE: consume connection events, so a later call sees only new ones
+        frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body]
         try:
-            _send(sock, [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body], deadline, self.endpoint)
+            if len(link.socks) == 1:
+                _send(link.sock, frames, deadline, self.endpoint)
+            else:  # the current broker, or the first one up
+                self._send_call(link, {}, "mmi", frames, deadline)
         except NoWorkerAvailable:
             return None
+        sock = link.sock
         while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
             if not wait(sock, remaining_ms):
                 break
@@ -411,11 +477,19 @@ def _broker_lost(op: str, endpoint: str) -> BrokerLost:
                       f"or may not have been done: check, then retry")
 
 
-def _connect(sock: zmq.Socket, endpoint: str, curve: PeerKeys | None = None) -> tuple[zmq.Socket, zmq.Socket]:
-    """`sock` connected to the broker, and a monitor socket that reports LINK_EVENTS of it."""
+def _connect(sock: zmq.Socket, endpoint: str, curve: PeerKeys | None = None,
+             spare: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
+    """`sock` connected to the broker, and a monitor socket that reports LINK_EVENTS of it. With
+    `spare` (there are other brokers to fail over to), a silent connection counts as dropped."""
     sock.linger = 0
     if curve is not None:
         curve.apply(sock)
+    if spare:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(LINK_PING_S * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LINK_TIMEOUT_S * 1000))
+        # NOTE: a connect to a host that is cut off waits for the kernel's SYN retries; a bound
+        # attempt lets a returning broker be seen within a second.
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, int(LINK_TIMEOUT_S * 1000))
     # NOTE: IMMEDIATE makes a send fail fast while the broker is unreachable instead of queueing
     # requests that would only time out; the caller turns that into NoWorkerAvailable (503).
     sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -461,22 +535,26 @@ class AsyncClient(_Operations):
     BrokerLost. Meanwhile repeatable calls wait (up to RECONNECT_WAIT_S), others fail at once.
     """
 
-    def __init__(self, endpoint: str, service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
+    def __init__(self, endpoint: str | Sequence[str], service: str = DEFAULT_SERVICE, timeout_s: float = 30.0,
                  context: zmq.Context | None = None, curve: PeerKeys | None = None):
-        self.endpoint = endpoint
+        self.endpoints = endpoint_list(endpoint)
+        self.endpoint = ",".join(self.endpoints)
         self.service = service.encode()
         self.timeout_s = timeout_s
         self.curve = curve
         # NOTE: a plain socket driven by loop.add_reader: zmq.asyncio's per-call futures and polls
         # cost more than the whole rest of a call. An asyncio context is shadowed, not required.
         self._context = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+        self._socket: zmq.Socket | None = None   # the current broker's socket, and its monitor
         self._monitor: zmq.Socket | None = None
+        self._links: list[tuple[zmq.Socket, zmq.Socket]] = []  # (socket, monitor) per broker
+        self._up: list[bool] = []  # per broker: handshake done and not dropped since
+        self._current = 0
+        self._first_choice_until = 0.0
         self._lost_at: float | None = None  # when the connection to the broker dropped; None while up
         self._not_back: asyncio.TimerHandle | None = None
         self._inflight: dict[int, tuple[int, str, dict, asyncio.Future, float]] = {}  # sent, not answered
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._fd = -1
         self._pending: dict[int, asyncio.Future] = {}
         self._packs: dict[int, tuple[list[int], float]] = {}  # pack id -> (its calls' ids, latest deadline)
         self._outbox: deque[tuple[int, str, dict, asyncio.Future, float]] = deque()
@@ -499,11 +577,13 @@ class AsyncClient(_Operations):
                 pass
             self._sender = None
         if self._socket is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_reader(self._monitor.getsockopt(zmq.FD))
-            self._socket.disable_monitor()
-            self._monitor.close(linger=0)
-            self._socket.close(linger=0)
+            for sock, monitor in self._links:
+                self._loop.remove_reader(sock.getsockopt(zmq.FD))
+                self._loop.remove_reader(monitor.getsockopt(zmq.FD))
+                sock.disable_monitor()
+                monitor.close(linger=0)
+                sock.close(linger=0)
+            self._links, self._up, self._current = [], [], 0
             self._socket = self._monitor = None
         if self._not_back is not None:
             self._not_back.cancel()
@@ -548,11 +628,16 @@ class AsyncClient(_Operations):
 
     def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._socket, self._monitor = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
-        self._fd = self._socket.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._on_readable)
-        self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._on_link_event)
-        self._loop.call_soon(self._on_link_event)  # NOTE: edge-triggered FD: take what came before
+        spare = len(self.endpoints) > 1
+        self._links = [_connect(self._context.socket(zmq.DEALER), e, self.curve, spare) for e in self.endpoints]
+        self._up = [False] * len(self._links)
+        self._current = 0
+        self._socket, self._monitor = self._links[0]
+        self._first_choice_until = self._loop.time() + FIRST_CHOICE_WAIT_S
+        for index, (sock, monitor) in enumerate(self._links):
+            self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable, sock)
+            self._loop.add_reader(monitor.getsockopt(zmq.FD), self._on_link_event, index)
+            self._loop.call_soon(self._on_link_event, index)  # NOTE: edge-triggered FD: take what came before
 
     def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
         if not future.done():
@@ -652,21 +737,48 @@ class AsyncClient(_Operations):
 
     # -- the connection to the broker ------------------------------------------------------------
 
-    def _on_link_event(self) -> None:
-        monitor = self._monitor
-        while monitor is not None and readable(monitor):
-            event = _event_of(recv_frames(monitor, NOBLOCK))
+    def _on_link_event(self, index: int = 0) -> None:
+        links = self._links
+        while index < len(links) and self._links is links and readable(links[index][1]):
+            event = _event_of(recv_frames(links[index][1], NOBLOCK))
+            self._up[index] = event != zmq.EVENT_DISCONNECTED
             if event == zmq.EVENT_DISCONNECTED:
-                self._dropped()
-            elif self._lost_at is not None:  # handshake succeeded: the broker is back
+                if index == self._current:
+                    spare = next((i for i, up in enumerate(self._up) if up), None)
+                    self._dropped(spare is not None)
+                    if spare is not None:  # fail over: the held calls leave for the spare at once
+                        self._switch(spare)
+                        self._returned()
+            elif index == self._current:
+                if self._lost_at is not None:  # handshake succeeded: the broker is back
+                    self._returned()
+            elif self._lost_at is not None:  # the current broker is away: use this one
+                self._switch(index)
                 self._returned()
+            elif not self._up[self._current]:  # the first broker has not come up (yet): wait a little for it
+                self._loop.call_at(self._first_choice_until, self._take_spare, links)
 
-    def _dropped(self) -> None:
+    def _take_spare(self, links: list) -> None:
+        """The first broker has not come up in FIRST_CHOICE_WAIT_S: send to the first spare that has."""
+        if self._links is not links or self._up[self._current] or self._lost_at is not None:
+            return
+        spare = next((i for i, up in enumerate(self._up) if up), None)
+        if spare is not None:
+            self._switch(spare)
+
+    def _switch(self, index: int) -> None:
+        """Make broker `index` the one requests go to; a send waiting for the old one uses it too."""
+        self._current = index
+        self._socket, self._monitor = self._links[index]
+
+    def _dropped(self, spare: bool = False) -> None:
         """The connection to the broker dropped: whatever it held is gone. Repeatable calls wait at the
-        front of the outbox to be sent again; the others fail (BrokerLost if they had left)."""
+        front of the outbox to be sent again; the others fail (BrokerLost if they had left). With a
+        `spare` broker up, calls that had not left yet all stay: they go there, once."""
         loop = self._loop
         self._lost_at = loop.time()
         self._packs.clear()
+        lost = self.endpoints[self._current]
         held = []
         for call in self._inflight.values():
             future = call[3]
@@ -675,13 +787,13 @@ class AsyncClient(_Operations):
             if call[1] in p.REPEATABLE_OPS:
                 held.append(call)
             else:
-                future.set_exception(_broker_lost(call[1], self.endpoint))
+                future.set_exception(_broker_lost(call[1], lost))
         self._inflight.clear()
         for call in self._outbox:
-            if call[1] in p.REPEATABLE_OPS:
+            if spare or call[1] in p.REPEATABLE_OPS:
                 held.append(call)
             elif not call[3].done():
-                call[3].set_exception(NoWorkerAvailable(f"the connection to the broker at {self.endpoint} "
+                call[3].set_exception(NoWorkerAvailable(f"the connection to the broker at {lost} "
                                                         f"is down; retry later"))
         self._outbox.clear()
         self._outbox.extend(held)
@@ -714,9 +826,11 @@ class AsyncClient(_Operations):
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        sock = self._socket
-        if sock is None:
+    def _on_readable(self, sock: zmq.Socket | None = None) -> None:
+        """Handle the replies waiting on `sock` (default: the current broker's; a late reply from a
+        lost broker counts too: the first reply per id wins)."""
+        sock = sock or self._socket
+        if sock is None or sock.closed:
             return
         for _ in range(MAX_DRAIN):
             if not readable(sock):
@@ -729,7 +843,7 @@ class AsyncClient(_Operations):
                 self._on_reply(frames)
             except ProtocolError:
                 pass  # not ours, or garbage: nothing to match it to
-        self._loop.call_soon(self._on_readable)  # more waiting: let the callers run first
+        self._loop.call_soon(self._on_readable, sock)  # more waiting: let the callers run first
 
     def _on_reply(self, frames: list) -> None:
         _command, service, body = p.parse_client_reply(frames)

@@ -107,3 +107,14 @@ def log_format_setting() -> Any:
     """Every component's `log_format`: one variable, FRACTAL_LOG_FORMAT, for all of them (broker/logs.py)."""
     return setting("text", "log lines as text, or json: one object per line", env="FRACTAL_LOG_FORMAT",
                    choices=("text", "json"))
+
+
+def endpoint_list(value: str | typing.Sequence[str]) -> tuple[str, ...]:
+    """The broker endpoints a comma-separated setting (or a list) names, in order, e.g.
+    "tcp://a:5555,tcp://b:5555"; raises ConfigError when it names none. One endpoint is one broker;
+    several are brokers that share nothing, which clients fail over between and workers serve all of."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    endpoints = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
+    if not endpoints:
+        raise ConfigError(f"no broker endpoint in {value!r}")
+    return endpoints

@@ -8,7 +8,8 @@ from broker.settings import log_format_setting, setting
 
 @dataclass(frozen=True)
 class FrontendSettings:
-    broker: str = setting("tcp://127.0.0.1:5555", "broker endpoint the frontend's client connects to")
+    broker: str = setting("tcp://127.0.0.1:5555", "broker endpoint the frontend's client connects to; "
+                                                  "several, comma-separated: fail over between them")
     service: str = setting("modelhost", "MDP service the models are served under")
     timeout_s: float = setting(30.0, "deadline of one request through the broker (504 past it)")
     max_body_bytes: int = setting(64 << 20, "largest request body accepted (413 past it)")

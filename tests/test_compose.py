@@ -36,7 +36,7 @@ from .conftest import BUNDLED, REPO, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(900)  # a cold build (Debian packages, base image) takes minutes
 
-SERVICES = ("broker", "worker", "frontend", "prometheus")
+SERVICES = ("broker", "broker2", "worker", "frontend", "prometheus")
 TICK_S = 2.0
 UP_TIMEOUT_S = 240
 IRIS_ROW = {"values": [2, 5, 1, 4]}
@@ -234,8 +234,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 def test_every_service_comes_up_healthy(stack):
     names = sorted(c["name"] for c in stack.containers())
     p = stack.project
-    assert names == sorted([f"{p}_broker_1", f"{p}_frontend_1", f"{p}_prometheus_1", f"{p}_worker_1",
-                            f"{p}_worker_2"])
+    assert names == sorted([f"{p}_broker_1", f"{p}_broker2_1", f"{p}_frontend_1", f"{p}_prometheus_1",
+                            f"{p}_worker_1", f"{p}_worker_2"])
     assert stack.all_healthy(workers=2)
     user = stack.podman("exec", f"{p}_worker_1", "id", "-u").strip()
     assert user != "0"  # the image is non-root
@@ -268,8 +268,8 @@ def test_prometheus_in_the_stack_scrapes_every_component(stack):
     def all_up() -> bool:
         found = targets()
         jobs = sorted(t["labels"]["job"] for t in found)
-        return jobs == ["fractal-broker", "fractal-frontend", "fractal-worker", "fractal-worker",
-                        "prometheus"] and all(t["health"] == "up" for t in found)
+        return jobs == ["fractal-broker", "fractal-broker", "fractal-frontend", "fractal-worker",
+                        "fractal-worker", "prometheus"] and all(t["health"] == "up" for t in found)
 
     wait_for(tolerant(all_up), 60, "every Prometheus target up", interval_s=1)
     assert len(query(stack, "fractal_worker_memory_rss_bytes")) == 2  # one series per worker replica
@@ -348,6 +348,43 @@ def test_a_worker_killed_under_load_loses_no_request(stack):
     wait_for(tolerant(broker_saw_the_death), 30, "the broker counting the dead worker", interval_s=1)
     resent = query(stack, "sum(fractal_broker_requests_redispatched_total)")
     stack.figures["redispatched"] = float(resent[0]["value"][1]) if resent else 0.0
+
+
+def test_the_first_broker_killed_under_load_loses_no_request(stack):
+    """The frontend's current broker SIGKILLed: it fails over to broker2, where the workers are registered."""
+    stop, results, lock = threading.Event(), {"ok": 0, "failed": []}, threading.Lock()
+
+    def load() -> None:
+        for _ in range(5000):  # bounded in count, and in time by `stop`
+            if stop.is_set():
+                return
+            try:
+                outcome = request(stack, "POST", "/api/v1/models/iris.onnx/prediction",
+                                  json.dumps(IRIS_ROW).encode())
+            except OSError as exc:
+                outcome = (0, {"error": repr(exc)})
+            with lock:
+                if outcome[0] == 200 and outcome[1].get("values") == [1]:
+                    results["ok"] += 1
+                else:
+                    results["failed"].append(outcome)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        with lock:
+            before_kill = results["ok"]
+        stack.podman("kill", "--signal", "KILL", f"{stack.project}_broker_1")
+        time.sleep(5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    stack.figures.update(broker_kill_requests=results["ok"] + len(results["failed"]))
+    assert results["failed"] == []
+    assert before_kill > 0 and results["ok"] > before_kill  # answered through broker2 after the kill
 
 
 def test_down_removes_every_container_and_volume(stack):

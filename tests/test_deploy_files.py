@@ -63,12 +63,16 @@ def test_every_fractal_variable_is_a_setting_with_a_valid_value(path):
 @pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
 def test_services_ports_and_the_shared_pool_line_up(path):
     s = services(path)
-    assert set(s) == {"frontend", "broker", "worker", "prometheus"}
+    assert set(s) == {"frontend", "broker", "broker2", "worker", "prometheus"}
     assert [with_defaults(p) for p in s["frontend"]["ports"]] == ["8002:8002"]
     assert [with_defaults(p) for p in s["prometheus"]["ports"]] == ["9091:9090"]
+    # Two brokers running the same thing; workers register with both, the frontend lists both.
+    assert {k: v for k, v in s["broker2"].items() if k != "deploy"} == \
+        {k: v for k, v in s["broker"].items() if k != "deploy"}
     bind_port = s["broker"]["environment"]["FRACTAL_BROKER_BIND"].rsplit(":", 1)[1]
-    assert s["worker"]["environment"]["FRACTAL_WORKER_CONNECT"] == f"tcp://broker:{bind_port}"
-    assert s["frontend"]["environment"]["FRACTAL_FRONTEND_BROKER"] == f"tcp://broker:{bind_port}"
+    both = f"tcp://broker:{bind_port},tcp://broker2:{bind_port}"
+    assert s["worker"]["environment"]["FRACTAL_WORKER_CONNECT"] == both
+    assert s["frontend"]["environment"]["FRACTAL_FRONTEND_BROKER"] == both
     pool = s["worker"]["environment"]["FRACTAL_WORKER_MODEL_DIR"]
     assert any(v.split(":")[1] == pool for v in s["worker"]["volumes"])
     assert s["worker"]["deploy"]["replicas"] == 2
@@ -77,13 +81,14 @@ def test_services_ports_and_the_shared_pool_line_up(path):
 
 def test_compose_starts_in_order_with_healthchecks():
     s = services(COMPOSE)
-    for name in ("broker", "worker", "frontend", "prometheus"):
+    for name in ("broker", "broker2", "worker", "frontend", "prometheus"):
         assert s[name]["healthcheck"]["test"][0] == "CMD"
     # prom/prometheus is busybox-based, so wget is there (the local image adds busybox for it)
     assert s["prometheus"]["healthcheck"]["test"][1] == "wget"
     assert "busybox" in (REPO / "deploy" / "prometheus.Dockerfile").read_text()
-    assert s["worker"]["depends_on"]["broker"]["condition"] == "service_healthy"
-    assert s["frontend"]["depends_on"]["broker"]["condition"] == "service_healthy"
+    for name in ("worker", "frontend"):
+        assert {b: d["condition"] for b, d in s[name]["depends_on"].items()} == {
+            "broker": "service_healthy", "broker2": "service_healthy"}
 
 
 def test_prometheus_scrapes_the_ports_the_services_export():
@@ -92,14 +97,14 @@ def test_prometheus_scrapes_the_ports_the_services_export():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["fractal-frontend"]["static_configs"][0]["targets"] == ["frontend:8002"]
     assert jobs["fractal-broker"]["static_configs"][0]["targets"] == [
-        f"broker:{s['broker']['environment']['FRACTAL_BROKER_METRICS_PORT']}"]
+        f"{b}:{s[b]['environment']['FRACTAL_BROKER_METRICS_PORT']}" for b in ("broker", "broker2")]
     assert jobs["fractal-worker"]["dns_sd_configs"][0]["port"] == int(
         s["worker"]["environment"]["FRACTAL_WORKER_METRICS_PORT"])
 
 
 def test_compose_images_and_host_ports_are_overridable_with_the_usual_defaults():
     s = services(COMPOSE)
-    for name in ("broker", "worker", "frontend"):
+    for name in ("broker", "broker2", "worker", "frontend"):
         assert s[name]["image"] == "${FRACTAL_IMAGE:-fractal-ml-server:latest}"
     assert s["prometheus"]["image"] == "${FRACTAL_PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"
     assert s["frontend"]["ports"] == ["${FRACTAL_HTTP_PORT:-8002}:8002"]

@@ -26,6 +26,7 @@ K8S = REPO / "deploy" / "k8s"
 # and a recent one.
 VERSIONS = ("1.27.0", "1.33.0")
 CORE_FILES = ("pool.yaml", "broker.yaml", "worker.yaml", "frontend.yaml")
+BROKERS = ("fractal-broker", "fractal-broker-2")  # two brokers that share nothing (docs/protocol.md)
 
 
 def documents(path: Path) -> list[dict]:
@@ -105,16 +106,18 @@ def test_every_fractal_variable_is_a_setting_with_a_valid_value():
 
 def test_ports_services_and_the_pool_line_up():
     r = core()
-    broker, worker, frontend = (container(r[("Deployment", f"fractal-{n}")]) for n in ("broker", "worker",
-                                                                                        "frontend"))
-    service = {p["name"]: p for p in r[("Service", "fractal-broker")]["spec"]["ports"]}
-    b = env(broker)
-    assert int(b["FRACTAL_BROKER_BIND"].rsplit(":", 1)[1]) == port(broker, "mdp")
-    assert int(b["FRACTAL_BROKER_METRICS_PORT"]) == port(broker, "metrics")
-    assert service["mdp"]["targetPort"] == "mdp" and service["metrics"]["targetPort"] == "metrics"
-    broker_url = f"tcp://fractal-broker:{service['mdp']['port']}"
-    assert env(worker)["FRACTAL_WORKER_CONNECT"] == broker_url
-    assert env(frontend)["FRACTAL_FRONTEND_BROKER"] == broker_url
+    worker, frontend = (container(r[("Deployment", f"fractal-{n}")]) for n in ("worker", "frontend"))
+    broker_urls = []
+    for name in BROKERS:
+        broker = container(r[("Deployment", name)])
+        service = {p["name"]: p for p in r[("Service", name)]["spec"]["ports"]}
+        b = env(broker)
+        assert int(b["FRACTAL_BROKER_BIND"].rsplit(":", 1)[1]) == port(broker, "mdp")
+        assert int(b["FRACTAL_BROKER_METRICS_PORT"]) == port(broker, "metrics")
+        assert service["mdp"]["targetPort"] == "mdp" and service["metrics"]["targetPort"] == "metrics"
+        broker_urls.append(f"tcp://{name}:{service['mdp']['port']}")
+    assert env(worker)["FRACTAL_WORKER_CONNECT"] == ",".join(broker_urls)  # workers register with both
+    assert env(frontend)["FRACTAL_FRONTEND_BROKER"] == ",".join(broker_urls)  # and frontends fail over
 
     w = env(worker)
     pod = r[("Deployment", "fractal-worker")]["spec"]["template"]
@@ -134,20 +137,25 @@ def test_ports_services_and_the_pool_line_up():
 
 def test_selectors_match_the_pods_they_mean():
     r = core()
-    for component in ("broker", "worker", "frontend"):
-        labels = r[("Deployment", f"fractal-{component}")]["spec"]["template"]["metadata"]["labels"]
-        selectors = [r[("Deployment", f"fractal-{component}")]["spec"]["selector"]["matchLabels"]]
+    deployments = {name: d for (kind, name), d in r.items() if kind == "Deployment"}
+    assert set(deployments) == {*BROKERS, "fractal-worker", "fractal-frontend"}
+    for deployment in deployments:
+        labels = deployments[deployment]["spec"]["template"]["metadata"]["labels"]
+        selectors = [deployments[deployment]["spec"]["selector"]["matchLabels"]]
         selectors += [d["spec"]["selector"] for (kind, name), d in r.items()
-                      if kind == "Service" and name == f"fractal-{component}"]
+                      if kind == "Service" and name == deployment]
         selectors += [d["spec"]["selector"]["matchLabels"] for (kind, name), d in r.items()
-                      if kind == "PodDisruptionBudget" and name == f"fractal-{component}"]
-        assert selectors and all(s.items() <= labels.items() for s in selectors), component
+                      if kind == "PodDisruptionBudget" and name == deployment]
+        assert selectors and all(s.items() <= labels.items() for s in selectors), deployment
+        for other in set(deployments) - {deployment}:  # no selector takes another Deployment's pods
+            theirs = deployments[other]["spec"]["template"]["metadata"]["labels"]
+            assert not any(s.items() <= theirs.items() for s in selectors), (deployment, other)
     assert {n for k, n in r if k == "PodDisruptionBudget"} == {"fractal-worker", "fractal-frontend"}
 
 
 def test_probes_use_fractal_health_for_each_role():
-    for role in ("broker", "worker"):
-        c = container(core()[("Deployment", f"fractal-{role}")])
+    for role, deployment in (("broker", BROKERS[0]), ("broker", BROKERS[1]), ("worker", "fractal-worker")):
+        c = container(core()[("Deployment", deployment)])
         for probe in ("readinessProbe", "livenessProbe"):
             assert c[probe]["exec"]["command"] == ["fractal", "health", role]
     for probe in ("readinessProbe", "livenessProbe"):
@@ -159,10 +167,10 @@ def test_the_worker_autoscaler_follows_the_brokers_queue_through_prometheus_adap
     hpa = r[("HorizontalPodAutoscaler", "fractal-worker")]["spec"]
     assert (hpa["scaleTargetRef"]["kind"], hpa["scaleTargetRef"]["name"]) == ("Deployment", "fractal-worker")
     assert 1 <= hpa["minReplicas"] < hpa["maxReplicas"]
-    (metric,) = hpa["metrics"]
-    described = metric["object"]["describedObject"]
-    assert (described["kind"], described["name"]) in {(k, n) for k, n in r}  # the broker's Service
-    name = metric["object"]["metric"]["name"]
+    # One metric per broker: the queue counts at whichever broker the frontends send to.
+    described = [m["object"]["describedObject"] for m in hpa["metrics"]]
+    assert [(d["kind"], d["name"]) for d in described] == [("Service", name) for name in BROKERS]
+    (name,) = {m["object"]["metric"]["name"] for m in hpa["metrics"]}
     registry = CollectorRegistry()
     BrokerMetrics(registry)
     assert name in {m.name for m in registry.collect()}  # a gauge the broker really exports
@@ -170,8 +178,19 @@ def test_the_worker_autoscaler_follows_the_brokers_queue_through_prometheus_adap
     (rule,) = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     assert rule["seriesQuery"].startswith(name + "{") and rule["name"]["as"] == name
     assert rule["resources"]["overrides"]["service"] == {"resource": "service"}
-    annotations = r[("Service", described["name"])]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"  # so Prometheus has the series to adapt
+    for d in described:
+        annotations = r[("Service", d["name"])]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"  # so Prometheus has the series to adapt
+
+
+def test_the_two_brokers_run_the_same_container_preferably_on_two_nodes():
+    r = core()
+    first, second = (r[("Deployment", name)]["spec"]["template"]["spec"] for name in BROKERS)
+    assert first["containers"] == second["containers"]
+    for spec in (first, second):
+        (term,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
 
 
 def test_the_kserve_serving_runtime_serves_onnx_over_v2_on_kserves_port():

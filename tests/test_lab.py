@@ -40,3 +40,20 @@ def test_cut_restore_and_scale_out_under_steady_load(tmp_path):
     assert result["reregistered_to_first_request_s"] <= result["heartbeat_s"] + seen
     assert result["third_host_registered_to_first_request_s"] <= result["heartbeat_s"] + seen
     assert lab.namespaces() == []  # torn down
+
+
+def test_two_brokers_cut_the_active_one_under_steady_load_and_restore_it(tmp_path):
+    import failover
+    import load
+    result = failover.scenario(tmp_path, rate=40, duration_s=20)
+    assert result["requests"] == sum(map(len, load.schedule(40, 20)))  # each sent once, each answered once
+    assert result["failures"] == 0, result["failed"]  # the frontend re-sent what the cut broker held
+    # Flowing again within 2 heartbeat windows, beyond the load's own usual longest gap on this machine.
+    assert result["cut_stall_s"] <= 2 * result["heartbeat_window_s"] + result["usual_longest_gap_s"], result
+    # The restored broker rejoins without interrupting anything: the frontend stays with the other one.
+    assert result["restore_longest_gap_s"] <= result["heartbeat_window_s"] + result["usual_longest_gap_s"], result
+    assert result["served_after_restore"]["broker2"] > 0, result
+    # Its workers register with it again: within a reconnect back-off, a silence window and a heartbeat,
+    # seen through status polls that each start a Python process.
+    assert result["restore_to_rejoined_s"] <= (result["reconnect_max_s"] + 2 * result["heartbeat_window_s"]
+                                               + 2 * result["slowest_status_s"]), result

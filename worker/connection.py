@@ -1,7 +1,9 @@
-"""One MDP/0.2 worker connection to the broker: its DEALER socket, READY, heartbeat timers, reconnect.
+"""One MDP/0.2 worker connection to a broker: its DEALER socket, READY, heartbeat timers, reconnect.
 
-A worker process holds one or more of these; each is a worker to the broker, so with N connections
-the broker's LRU may hand the process up to N requests at once (which is what lets it batch).
+A worker process holds one or more of these per broker; each is a worker to its broker, so with N
+connections a broker's LRU may hand the process up to N requests at once (which is what lets it batch).
+With several brokers (docs/protocol.md, "Two brokers") each broker gets its own connections, and a
+request from one waits while the process answers another's: the loop takes them in turn.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Connection:
         self.broker_expires = 0.0
         self.backoff_s = 0.0
         self.held = 0        # requests received and not yet answered
+        self.used = False    # a batchable predict came on this socket: clients send to its broker
         self.generation = 0  # bumped per socket: a reply for an older one is stale (the broker re-sent it)
 
     def connect(self) -> None:
@@ -47,6 +50,7 @@ class Connection:
         sock.connect(self._endpoint)
         self.socket = sock
         self.held = 0
+        self.used = False
         self.generation += 1
         self.send(MDPW.READY, self._service)
         self.broker_expires = time.monotonic() + self._silence_s
@@ -62,10 +66,12 @@ class Connection:
             pass
         self.socket.close(linger=int(self.interval_s * 1000))
         self.socket = None
-        if self.backoff_s:
-            self._stopping.wait(self.backoff_s)
+        backoff_s = self.backoff_s
         self.backoff_s = min(max(self.backoff_s * 2, 0.1), self._reconnect_max_s)
         self.connect()
+        # NOTE: the back-off delays the next attempt instead of sleeping before this one: the loop
+        # also serves the connections to the other brokers, which a sleep here would stall.
+        self.broker_expires += backoff_s
 
     def close(self) -> None:
         if self.socket is not None:

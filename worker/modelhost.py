@@ -31,7 +31,7 @@ from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.logs import set_node
 from broker.protocol import MDPW
-from broker.settings import log_format_setting, setting
+from broker.settings import endpoint_list, log_format_setting, setting
 from broker.curve import PeerKeys
 from broker.protocol import model_file_name
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
@@ -53,7 +53,8 @@ PREDICT_OPS = frozenset({"predict", "predict_image"})  # counted per model (metr
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    connect: str = setting("tcp://127.0.0.1:5555", "broker endpoint to connect to")
+    connect: str = setting("tcp://127.0.0.1:5555", "broker endpoint to connect to; several, comma-separated "
+                                                   "(tcp://a:5555,tcp://b:5555): register with every one")
     node_name: str = setting("", "start of this worker's node id and its log name (default: the host "
                                  "name); fractal serve passes worker-1, worker-2, ...")
     service: str = setting("modelhost", "MDP service name to register for")
@@ -93,6 +94,7 @@ class WorkerSettings:
             raise ValueError("poll_s must be >= 0 (0 turns repository polling off)")
         if self.batch_max_size < 0 or self.batch_max_delay_us < 0:
             raise ValueError("batch_max_size and batch_max_delay_us must be >= 0")
+        endpoint_list(self.connect)  # raises ConfigError when it names no endpoint
 
 
 def make_node_id(name: str = "") -> str:
@@ -125,10 +127,13 @@ class ModelHost:
         self._busy = False
         self._log_requests = settings.log_requests
         curve = PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key)
+        endpoints = endpoint_list(settings.connect)
+        self._several_brokers = len(endpoints) > 1
         self._connections = [
-            Connection(self._context, settings.connect, settings.service.encode(), settings.heartbeat_interval_s,
+            Connection(self._context, endpoint, settings.service.encode(), settings.heartbeat_interval_s,
                        settings.heartbeat_interval_s * settings.heartbeat_liveness, settings.reconnect_max_s,
-                       self._stopping, i, curve) for i in range(settings.connections)]
+                       self._stopping, i, curve)
+            for i, endpoint in enumerate(e for e in endpoints for _ in range(settings.connections))]
         self._queues: dict[str, Queue] = {}
         self._outbox: list[tuple[Connection, int, bytes, list]] = []  # FINALs computed while busy
 
@@ -252,6 +257,7 @@ class ModelHost:
             return False  # reply_to() answers it, with the same error
         if not policy.enabled or not batchable(model):
             return False
+        conn.used = True
         reply = self._replier(conn, client, request, model.name)
         try:
             pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
@@ -299,7 +305,9 @@ class ModelHost:
     def _run_due_batches(self) -> None:
         now = time.monotonic()
         # NOTE: when every connection holds a request, nothing more can arrive: waiting is pointless.
-        full = all(c.held for c in self._connections)
+        # With several brokers, a connection no batchable predict has come on since it connected is to
+        # a broker no client sends to now (its status polls and health checks do not count).
+        full = all(c.held for c in self._connections if c.used or not self._several_brokers)
         for name in list(self._queues):
             queue = self._queues[name]
             while queue.items and (full or queue.due(now)):

@@ -1,6 +1,7 @@
 """Multi-host lab: Linux network namespaces as hosts on a private bridge, the real processes over TCP.
 
     sudo python deploy/lab/lab.py scenario   # cut a worker host's link under load, restore it, add a host
+    sudo python deploy/lab/lab.py failover   # two brokers: cut the active one's host under load, restore it
     sudo python deploy/lab/lab.py bench      # throughput with 1, 2 and 3 worker hosts, CPU-pinned
 
 Hosts (namespaces "frlab<pid>-<name>") sit on 10.77.0.0/24 behind a bridge that lives in a namespace of its
@@ -25,10 +26,11 @@ FAMILY = "frlab"                      # every lab namespace starts with it (`cle
 PREFIX = f"{FAMILY}{os.getpid()}"     # this run's own, so two runs on one machine never collide
 NET = f"{PREFIX}-net"
 SUBNET = "10.77.0"
-ADDRESSES = {"broker": 1, "front": 2, "w1": 11, "w2": 12, "w3": 13}
+ADDRESSES = {"broker": 1, "front": 2, "broker2": 3, "w1": 11, "w2": 12, "w3": 13}
 HEARTBEAT_S, LIVENESS = 0.5, 3
 RECONNECT_MAX_S = 1.0
 BROKER_URL = f"tcp://{SUBNET}.1:5555"
+BROKER2_URL = f"tcp://{SUBNET}.3:5555"  # the second broker of the failover scenario, on host "broker2"
 FRONT_URL = f"http://{SUBNET}.2:8002"
 
 
@@ -118,25 +120,25 @@ class Lab:
 
     # -- the parts ----------------------------------------------------------------------------------
 
-    def start_broker(self) -> None:
-        self.add_host("broker")
-        self.run("broker", "broker", [sys.executable, "-m", "broker", "--bind", f"tcp://{SUBNET}.1:5555",
+    def start_broker(self, host: str = "broker") -> None:
+        self.add_host(host)
+        self.run(host, host, [sys.executable, "-m", "broker", "--bind", f"tcp://{SUBNET}.{ADDRESSES[host]}:5555",
                                       "--heartbeat-interval-s", str(HEARTBEAT_S), "--heartbeat-liveness",
                                       str(LIVENESS), "--status-interval-s", "0.5", "--metrics-port", "0"])
 
-    def start_worker(self, host: str, cpu: int | None = None) -> None:
+    def start_worker(self, host: str, cpu: int | None = None, brokers: str = BROKER_URL) -> None:
         if f"{PREFIX}-{host}" not in namespaces():
             self.add_host(host)
         self.run(host, f"worker-{host}", [
-            sys.executable, "-m", "worker", "--connect", BROKER_URL, "--model-dir", str(self.model_dir),
+            sys.executable, "-m", "worker", "--connect", brokers, "--model-dir", str(self.model_dir),
             "--heartbeat-interval-s", str(HEARTBEAT_S), "--heartbeat-liveness", str(LIVENESS),
             "--reconnect-max-s", str(RECONNECT_MAX_S), "--metrics-port", "0", "--no-log-requests"], cpu=cpu)
 
-    def start_frontend(self) -> None:
+    def start_frontend(self, brokers: str = BROKER_URL) -> None:
         self.add_host("front")
         self.run("front", "frontend", [sys.executable, "-m", "fractal", "frontend", "--bind", f"{SUBNET}.2:8002",
                                        "--workers", "1", "--worker-class", "uvicorn_worker.UvicornWorker"],
-                 env={"FRACTAL_FRONTEND_BROKER": BROKER_URL, "FRACTAL_FRONTEND_LOG_LEVEL": "WARNING",
+                 env={"FRACTAL_FRONTEND_BROKER": brokers, "FRACTAL_FRONTEND_LOG_LEVEL": "WARNING",
                       "FRACTAL_FRONTEND_TIMEOUT_S": "10"})
 
     def status(self) -> dict:
@@ -302,7 +304,7 @@ def bench(workdir: Path, seconds: float = 10) -> dict[int, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["scenario", "bench", "clean"])
+    parser.add_argument("command", choices=["scenario", "failover", "bench", "clean"])
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -314,6 +316,9 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fractal-lab-"))
     if args.command == "scenario":
         print(json.dumps(scenario(workdir), indent=2))
+    elif args.command == "failover":
+        import failover  # NOTE: it imports this module: load it only when asked
+        print(json.dumps(failover.scenario(workdir), indent=2))
     else:
         results = bench(workdir)
         for hosts, rps in results.items():

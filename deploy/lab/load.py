@@ -2,7 +2,8 @@
 
     python deploy/lab/load.py URL --rate 50 --duration-s 20 --out results.jsonl
 
-Each line of the output is one request: {"t": seconds since start, "status": code or 0, "ms": latency}.
+Each line of the output is one request: {"t": seconds since start, "status": code or 0, "ms": latency,
+"at": time.monotonic() when it was sent, the machine-wide clock the lab's own timings use}.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def run(url: str, rate: float, duration_s: float, threads: int, out_path: str) -
                 conn.close()
                 conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
             with lock:
-                results.append({"t": round(t0 - started, 4), "status": status,
+                results.append({"t": round(t0 - started, 4), "at": round(t0, 4), "status": status,
                                 "ms": round((time.monotonic() - t0) * 1e3, 2)})
 
     workers = [threading.Thread(target=client, args=(times,)) for times in schedule(rate, duration_s, threads)]

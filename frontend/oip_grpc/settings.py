@@ -10,7 +10,8 @@ from broker.settings import log_format_setting, setting
 class GrpcSettings:
     host: str = setting("127.0.0.1", "address the gRPC server listens on (0.0.0.0 for all)")
     port: int = setting(8001, "gRPC port (Triton's convention)")
-    broker: str = setting("tcp://127.0.0.1:5555", "broker endpoint the frontend's client connects to")
+    broker: str = setting("tcp://127.0.0.1:5555", "broker endpoint the frontend's client connects to; "
+                                                  "several, comma-separated: fail over between them")
     service: str = setting("modelhost", "MDP service the models are served under")
     timeout_s: float = setting(30.0, "longest a call may take through the broker; a shorter gRPC deadline "
                                      "wins (DEADLINE_EXCEEDED past it)")
