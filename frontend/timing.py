@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import falcon.asgi
 
 from broker.errors import FractalError
-from metrics import CallerModelMetrics
+from metrics import CallerModelMetrics, tracing
 
 HEADER = "Server-Timing"
 
@@ -42,9 +42,18 @@ def _number(value: Any) -> float:
 async def timed(timing: dict | None, model: str, call: Callable[[dict | None], Awaitable[Any]]) -> Any:
     """Await `call(timing)` (a client predict of `model` that fills `timing` with the worker's times),
     adding the wait as call_ms, or the error's type as error; with `timing` None (neither Server-Timing
-    nor per-model metrics wanted) just await it."""
+    nor per-model metrics wanted) just await it. With tracing on, the call is a span of its own, whose
+    traceparent the request carries to the worker."""
+    if tracing.ENABLED:
+        timing = {} if timing is None else timing
+        with tracing.broker_call("predict", model, timing):
+            return await _timed(timing, model, call)
     if timing is None:
         return await call(None)
+    return await _timed(timing, model, call)
+
+
+async def _timed(timing: dict, model: str, call: Callable[[dict | None], Awaitable[Any]]) -> Any:
     timing["model"] = model
     started = time.perf_counter()
     try:
