@@ -250,7 +250,7 @@ class Record:
 
 def received(request: dict, now_ns: int) -> None:
     """Attach a record to a decoded request (and to each request of a pack); ENABLED only. Sampled-out
-    callers (traceparent flags 00) get none, so they cost nothing more."""
+    callers (traceparent flags without the sampled bit, 00 or 02) get none, so they cost nothing more."""
     begin()
     request[RECORD] = _record(request, now_ns)
     if request.get("op") == "pack" and isinstance(request.get("requests"), list):
@@ -259,9 +259,12 @@ def received(request: dict, now_ns: int) -> None:
                 sub[RECORD] = _record(sub, now_ns)
 
 
+_NOT_SAMPLED = frozenset("02468ace")  # the last hex digit of a traceparent whose sampled bit is 0
+
+
 def _record(request: dict, now_ns: int) -> Record | None:
     traceparent = request.get(TRACEPARENT)
-    if isinstance(traceparent, str) and traceparent.endswith("-00"):
+    if isinstance(traceparent, str) and traceparent[-1:] in _NOT_SAMPLED:  # the flags' low bit, "sampled"
         return None
     return Record(extract(traceparent), now_ns)
 
