@@ -44,24 +44,22 @@ async def timed(timing: dict | None, model: str, call: Callable[[dict | None], A
     adding the wait as call_ms, or the error's type as error; with `timing` None (neither Server-Timing
     nor per-model metrics wanted) just await it. With tracing on, the call is a span of its own, whose
     traceparent the request carries to the worker."""
-    if tracing.ENABLED:
-        timing = {} if timing is None else timing
-        with tracing.broker_call("predict", model, timing):
-            return await _timed(timing, model, call)
+    span = tracing.BrokerCall("predict", model) if tracing.ENABLED else None
     if timing is None:
-        return await call(None)
-    return await _timed(timing, model, call)
-
-
-async def _timed(timing: dict, model: str, call: Callable[[dict | None], Awaitable[Any]]) -> Any:
+        if span is None:
+            return await call(None)
+        timing = {}
     timing["model"] = model
     started = time.perf_counter()
     try:
         result = await call(timing)
+        timing["call_ms"] = (time.perf_counter() - started) * 1e3
     except FractalError as exc:
         timing["error"] = exc.__class__.__name__
         raise
-    timing["call_ms"] = (time.perf_counter() - started) * 1e3
+    finally:
+        if span is not None:
+            span.end(timing)
     return result
 
 

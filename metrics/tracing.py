@@ -18,11 +18,10 @@ spans are recorded). Dynamic batches and packs get a span of their own, linked f
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -192,24 +191,25 @@ class ServerSpan:
         span.end()
 
 
-@contextlib.contextmanager
-def broker_call(op: str, model: str, timing: dict) -> Iterator[None]:
-    """The client span of one call through the broker (current while it runs, so its traceparent
-    travels in the request), and its "broker queue" child, drawn from `timing` (frontend/timing.py:
-    call_ms, the worker's worker_ms) once the reply is in: the time the call spent outside the worker
-    (client, broker queue and wire both ways), placed from the call's start."""
-    from opentelemetry import context as otel_context
-    from opentelemetry.trace import SpanKind, set_span_in_context
-    span = tracer().start_span(f"broker {op}", kind=SpanKind.CLIENT, attributes={MODEL: model, OP: op})
-    started = time.time_ns()
-    token = otel_context.attach(set_span_in_context(span))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
-        if span.is_recording():
-            _call_done(span, started, timing)
-        span.end()
+class BrokerCall:
+    """The client span of one call through the broker, current until `end` (so its traceparent travels
+    in the request), and its "broker queue" child, drawn from `timing` (frontend/timing.py: call_ms,
+    the worker's worker_ms) once the reply is in: the time the call spent outside the worker (client,
+    broker queue and wire both ways), placed from the call's start."""
+
+    def __init__(self, op: str, model: str):
+        from opentelemetry import context as otel_context
+        from opentelemetry.trace import SpanKind, set_span_in_context
+        self.span = tracer().start_span(f"broker {op}", kind=SpanKind.CLIENT, attributes={MODEL: model, OP: op})
+        self.started = time.time_ns()
+        self._token = otel_context.attach(set_span_in_context(self.span))
+
+    def end(self, timing: dict) -> None:
+        from opentelemetry import context as otel_context
+        otel_context.detach(self._token)
+        if self.span.is_recording():
+            _call_done(self.span, self.started, timing)
+        self.span.end()
 
 
 def _call_done(span: "Span", started_ns: int, timing: dict) -> None:

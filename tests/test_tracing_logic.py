@@ -138,10 +138,9 @@ def test_each_request_of_a_pack_links_to_the_pack(spans):
 
 
 def test_the_broker_queue_span_is_the_calls_wait_beyond_the_workers_time(spans):
-    timing: dict = {}
-    with tracing.broker_call("predict", "iris.onnx", timing):
-        time.sleep(0.01)
-        timing.update(call_ms=10.0, worker_ms=4.0)
+    call = tracing.BrokerCall("predict", "iris.onnx")
+    time.sleep(0.01)
+    call.end({"call_ms": 10.0, "worker_ms": 4.0})
     finished = {s.name: s for s in spans.get_finished_spans()}
     call, queue = finished["broker predict"], finished["broker queue"]
     assert call.kind is trace.SpanKind.CLIENT and queue.parent.span_id == call.context.span_id
@@ -151,8 +150,7 @@ def test_the_broker_queue_span_is_the_calls_wait_beyond_the_workers_time(spans):
 
 
 def test_a_failed_broker_call_says_why(spans):
-    with tracing.broker_call("predict", "iris.onnx", {"error": "Timeout"}):
-        pass
+    tracing.BrokerCall("predict", "iris.onnx").end({"error": "Timeout"})
     (call,) = spans.get_finished_spans()  # no reply, no worker time: no queue span
     assert call.attributes["fractal.outcome"] == "Timeout" and not call.status.is_ok
 
@@ -163,9 +161,10 @@ def test_the_sampler_comes_from_the_sdk_variables(monkeypatch):
     exporter = InMemorySpanExporter()
     try:
         assert tracing.configure("test", True, exporter=exporter, env={})
-        with tracing.broker_call("predict", "iris.onnx", {"call_ms": 1.0, "worker_ms": 0.5}):
-            sent = tracing.with_traceparent({})["traceparent"]
-            assert int(sent[-2:], 16) & 1 == 0  # not sampled: the worker records nothing
+        call = tracing.BrokerCall("predict", "iris.onnx")
+        sent = tracing.with_traceparent({})["traceparent"]
+        call.end({"call_ms": 1.0, "worker_ms": 0.5})
+        assert int(sent[-2:], 16) & 1 == 0  # not sampled: the worker records nothing
         assert exporter.get_finished_spans() == ()
     finally:
         tracing.shutdown()
