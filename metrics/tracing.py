@@ -47,6 +47,11 @@ RUN: tuple[int, int, int, int, Any] | None = None
 _provider: "TracerProvider | None" = None
 _tracer: "Tracer | None" = None
 _node = ""
+# opentelemetry.trace and opentelemetry.context, and the W3C propagator, bound once by `configure`:
+# an import statement in a function costs a lookup on every call.
+_trace: Any = None
+_context: Any = None
+_propagator: Any = None
 
 
 def configure(component: str, enabled: bool, node: str = "", exporter: "SpanExporter | None" = None,
@@ -56,7 +61,7 @@ def configure(component: str, enabled: bool, node: str = "", exporter: "SpanExpo
     `exporter` replaces the one OTEL_TRACES_EXPORTER names (tests pass an InMemorySpanExporter, and
     then spans are exported as they end). Call it once per process, after any fork.
     """
-    global ENABLED, _provider, _tracer, _node
+    global ENABLED, _provider, _tracer, _node, _trace, _context, _propagator
     env = os.environ if env is None else env
     shutdown()
     if not enabled:
@@ -68,9 +73,12 @@ def configure(component: str, enabled: bool, node: str = "", exporter: "SpanExpo
     if exporter is None and kind == "none":
         return False
     try:
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace as otel_trace
         from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     except ImportError:
         log.warning("tracing: FRACTAL_TRACING is on but OpenTelemetry is not installed (pip install "
                     "'fractal-ml-server[otel]'); tracing stays off")
@@ -89,6 +97,7 @@ def configure(component: str, enabled: bool, node: str = "", exporter: "SpanExpo
     _provider.add_span_processor(processor)
     _tracer = _provider.get_tracer("fractal")
     _node = node
+    _trace, _context, _propagator = otel_trace, otel_context, TraceContextTextMapPropagator()
     ENABLED = True
     log.info("tracing on: %s spans exported by %s", component, exporter.__class__.__name__)
     return True
@@ -114,7 +123,7 @@ def _exporter(kind: str) -> "SpanExporter | None":
 def shutdown() -> None:
     """Export what is buffered and switch tracing off (a stopping process, or `configure` again)."""
     global ENABLED, _provider, _tracer, RUN
-    ENABLED, RUN = False, None
+    ENABLED, RUN = False, None  # NOTE: _trace and _context stay bound: a request in flight may still end
     if _provider is not None:
         _provider.shutdown()
     _provider = _tracer = None
@@ -133,14 +142,12 @@ def tracer() -> "Tracer":
 def extract(traceparent: Any, tracestate: Any = None) -> Any:
     """The OpenTelemetry Context a caller's traceparent (and tracestate) names; an empty one for none or
     a malformed one (then a new trace starts, as the W3C spec says)."""
-    from opentelemetry.context import Context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     if not isinstance(traceparent, str) or not traceparent:
-        return Context()
+        return _context.Context()
     carrier = {TRACEPARENT: traceparent}
     if isinstance(tracestate, str) and tracestate:
         carrier["tracestate"] = tracestate
-    return TraceContextTextMapPropagator().extract(carrier)
+    return _propagator.extract(carrier)
 
 
 def traceparent_of(context: "SpanContext") -> str:
@@ -151,8 +158,7 @@ def traceparent_of(context: "SpanContext") -> str:
 def with_traceparent(fields: dict) -> dict:
     """`fields` with the current span's traceparent (the client's outgoing request map), when there
     is a span; called by broker/client.py while ENABLED."""
-    from opentelemetry import trace
-    context = trace.get_current_span().get_span_context()
+    context = _trace.get_current_span().get_span_context()
     if not context.is_valid:
         return fields
     return {**fields, TRACEPARENT: traceparent_of(context)}
@@ -166,18 +172,15 @@ class ServerSpan:
     """A frontend request's span, current (so the client's calls are its children) until `end`."""
 
     def __init__(self, name: str, traceparent: Any, tracestate: Any = None, attributes: dict | None = None):
-        from opentelemetry import context as otel_context
-        from opentelemetry.trace import SpanKind, set_span_in_context
-        self.span = tracer().start_span(name, extract(traceparent, tracestate), kind=SpanKind.SERVER,
+        self.span = tracer().start_span(name, extract(traceparent, tracestate), kind=_trace.SpanKind.SERVER,
                                         attributes=attributes)
-        self._token: Any = otel_context.attach(set_span_in_context(self.span))
+        self._token: Any = _context.attach(_trace.set_span_in_context(self.span))
 
     def end(self, outcome: str, attributes: dict | None = None) -> None:
-        from opentelemetry import context as otel_context
         if self._token is None:
             return
         try:
-            otel_context.detach(self._token)
+            _context.detach(self._token)
         except Exception:  # NOTE: ended from another task (a cancelled request): nothing to restore there
             pass
         self._token = None
@@ -195,18 +198,22 @@ class BrokerCall:
     """The client span of one call through the broker, current until `end` (so its traceparent travels
     in the request), and its "broker queue" child, drawn from `timing` (frontend/timing.py: call_ms,
     the worker's worker_ms) once the reply is in: the time the call spent outside the worker (client,
-    broker queue and wire both ways), placed from the call's start."""
+    broker queue and wire both ways), placed from the call's start. Under a sampled-out request, none:
+    the request's own context, current already, travels instead, and says "not sampled" as well."""
 
     def __init__(self, op: str, model: str):
-        from opentelemetry import context as otel_context
-        from opentelemetry.trace import SpanKind, set_span_in_context
-        self.span = tracer().start_span(f"broker {op}", kind=SpanKind.CLIENT, attributes={MODEL: model, OP: op})
+        self.span: Any = None
+        parent = _trace.get_current_span().get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            return
+        self.span = tracer().start_span(f"broker {op}", kind=_trace.SpanKind.CLIENT, attributes={MODEL: model, OP: op})
         self.started = time.time_ns()
-        self._token = otel_context.attach(set_span_in_context(self.span))
+        self._token = _context.attach(_trace.set_span_in_context(self.span))
 
     def end(self, timing: dict) -> None:
-        from opentelemetry import context as otel_context
-        otel_context.detach(self._token)
+        if self.span is None:
+            return
+        _context.detach(self._token)
         if self.span.is_recording():
             _call_done(self.span, self.started, timing)
         self.span.end()
@@ -217,19 +224,17 @@ def _call_done(span: "Span", started_ns: int, timing: dict) -> None:
     span.set_attribute(OUTCOME, error or ("ok" if "call_ms" in timing else "cancelled"))
     if error:
         _error_status(span, error)
-    if "version" in timing:
-        span.set_attribute(VERSION, str(timing["version"]))
     call_ms, worker_ms = timing.get("call_ms"), timing.get("worker_ms")
-    if isinstance(call_ms, float) and isinstance(worker_ms, (int, float)) and 0 <= worker_ms <= call_ms:
-        from opentelemetry.trace import set_span_in_context
-        queue = tracer().start_span("broker queue", set_span_in_context(span), start_time=started_ns,
-                                    attributes={"fractal.includes": "client, broker queue, network both ways"})
+    if _tracer is None or not isinstance(call_ms, float) or not isinstance(worker_ms, (int, float)):
+        return  # no reply (an error, a cancelled call), or tracing stopped meanwhile
+    if 0 <= worker_ms <= call_ms:
+        queue = _tracer.start_span("broker queue", _trace.set_span_in_context(span), start_time=started_ns,
+                                   attributes={"fractal.includes": "client, broker queue, network both ways"})
         queue.end(end_time=started_ns + int((call_ms - worker_ms) * 1e6))
 
 
 def _error_status(span: "Span", outcome: str) -> None:
-    from opentelemetry.trace import Status, StatusCode
-    span.set_status(Status(StatusCode.ERROR, outcome))
+    span.set_status(_trace.Status(_trace.StatusCode.ERROR, outcome))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +298,7 @@ def finish(request: Any, node: str) -> None:
     record = request.get(RECORD) if isinstance(request, dict) else None
     if record is None or not record.answered:
         return
-    from opentelemetry.trace import Link, SpanKind, set_span_in_context
+    link, set_span_in_context = _trace.Link, _trace.set_span_in_context
     offset = time.time_ns() - time.perf_counter_ns()  # NOTE: span times are wall clock, ours monotonic
     encoded = time.perf_counter_ns()
     run = record.run
@@ -304,9 +309,9 @@ def finish(request: Any, node: str) -> None:
         attributes[VERSION] = str(request["version"])
     if run is not None:
         attributes[BATCH_SIZE] = run[3]
-    links = [Link(ctx) for ctx in (record.pack, run[4] if run else None) if ctx is not None]
+    links = [link(ctx) for ctx in (record.pack, run[4] if run else None) if ctx is not None]
     tracer_ = tracer()
-    span = tracer_.start_span(f"worker {op}", record.parent, kind=SpanKind.SERVER, attributes=attributes,
+    span = tracer_.start_span(f"worker {op}", record.parent, kind=_trace.SpanKind.SERVER, attributes=attributes,
                               links=links, start_time=record.received + offset)
     if span.is_recording():
         if record.outcome != "ok":
@@ -321,7 +326,7 @@ def finish(request: Any, node: str) -> None:
         phases.append(("encode", run[2] if run else record.answered, encoded))
         for name, start, end in phases:
             child = tracer_.start_span(name, parent, start_time=start + offset,
-                                       links=[Link(run[4])] if name == "inference" and run and run[4] else None)
+                                       links=[link(run[4])] if name == "inference" and run and run[4] else None)
             child.end(end_time=max(start, end) + offset)
     span.end(end_time=encoded + offset)
 
@@ -355,5 +360,4 @@ def pack_done(request: dict, subs: list, node: str) -> None:
 
 
 def _root() -> Any:
-    from opentelemetry.context import Context
-    return Context()
+    return _context.Context()

@@ -168,3 +168,13 @@ def test_the_sampler_comes_from_the_sdk_variables(monkeypatch):
         assert exporter.get_finished_spans() == ()
     finally:
         tracing.shutdown()
+
+
+def test_under_a_sampled_out_request_the_call_makes_no_span_and_passes_the_decision_on(spans):
+    server = tracing.ServerSpan("POST /x", PARENT[:-2] + "00")
+    call = tracing.BrokerCall("predict", "iris.onnx")
+    sent = tracing.with_traceparent({})["traceparent"]
+    call.end({"call_ms": 1.0, "worker_ms": 0.5})
+    server.end("ok")
+    assert call.span is None and sent.startswith("00-0af7651916cd43dd8448eb211c80319c-") and sent.endswith("-00")
+    assert spans.get_finished_spans() == ()
