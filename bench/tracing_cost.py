@@ -14,7 +14,8 @@ the same work in every row: how much it moves is this machine's noise.
 
 "Off" costs one check of a module global at each hook; it is also measured in process (the hooks a
 request passes with tracing off, timed alone), since an end-to-end difference that small is below the
-noise of any shared machine.
+noise of any shared machine. So is the tracing work of a request with tracing on, kept or dropped by
+the sampler, without the export.
 """
 from __future__ import annotations
 
@@ -132,6 +133,53 @@ def off_hooks_us(n: int = 1_000_000) -> float:
     return max(0.0, per_call(hooks) - per_call(loop_only))
 
 
+def in_process_us(n: int = 20_000) -> dict[str, float]:
+    """µs per request of the tracing work itself, in this process, spans dropped by a null exporter (so
+    without the OTLP encoding the end-to-end rows include): the frontend's for a request the sampler
+    keeps and for one it drops (1 %: 99 of 100), and the worker's for a kept one."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from metrics import tracing
+
+    class Null(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    def frontend(traceparent: str) -> None:
+        server = tracing.ServerSpan("POST", traceparent, None, {"http.request.method": "POST", "url.path": PATH})
+        server.span.update_name("POST /api/v1/models/{name}/prediction")
+        call = tracing.BrokerCall("predict", "iris.onnx")
+        tracing.with_traceparent({"op": "predict"})
+        call.end({"call_ms": 1.0, "worker_ms": 0.5})
+        server.end("ok", {"http.response.status_code": 200})
+
+    def worker() -> None:
+        request = {"op": "predict", "model": "iris.onnx", "traceparent": KEPT, "request_id": "r"}
+        now = time.perf_counter_ns()
+        tracing.received(request, now)
+        tracing.RUN = (0, now + 1000, now + 2000, 1, None)
+        tracing.answered(request, {})
+        tracing.finish(request, "node")
+
+    def per_call(fn, *args: str) -> float:
+        for _ in range(n // 10):
+            fn(*args)
+        started = time.perf_counter()
+        for _ in range(n):
+            fn(*args)
+        return (time.perf_counter() - started) / n * 1e6
+
+    tracing.configure("bench", True, exporter=Null(), env={})
+    try:
+        return {"frontend, kept": per_call(frontend, KEPT), "frontend, dropped": per_call(frontend, KEPT[:-2] + "00"),
+                "worker, kept": per_call(worker)}
+    finally:
+        tracing.shutdown()
+
+
+KEPT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="predictions per frontend per round")
@@ -179,6 +227,8 @@ def main() -> None:
               f"{(total / off - 1) * 100:+7.1f}%")
     print(f"\nTracing off, the hooks alone (in process, {HOOKS_PER_REQUEST} checks of tracing.ENABLED): "
           f"{off_us * 1e3:.0f} ns per request, {off_us / off * 100:.3f} % of the path's {off:.0f} µs")
+    for label, us in in_process_us().items():
+        print(f"Tracing on, in process, {label}: {us:.1f} µs per request, {us / off * 100:.1f} % of the path")
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ class ModelHost:
             if received:
                 tracing.received(request, received)
             if not (self.policy.enabled and request["op"] == "predict"
-                      and self._queued(conn, frames[2], request)):
+                    and self._queued(conn, frames[2], request)):
                 self._final(conn, frames[2], self._run_busy(self.reply_to, request))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
