@@ -254,14 +254,21 @@ class Record:
 
 
 def received(request: dict, now_ns: int) -> None:
-    """Attach a record to a decoded request (and to each request of a pack); ENABLED only. Sampled-out
-    callers (traceparent flags without the sampled bit, 00 or 02) get none, so they cost nothing more."""
+    """Attach a record to a decoded request (and to each request of a pack, and the pack when one of them
+    has one); ENABLED only. Only requests with a sampled traceparent get one: a caller that does not
+    trace (the broker asking for status) or was sampled out (flags without the sampled bit, 00 or 02)
+    costs nothing more. Always written, so a map from the wire cannot bring its own."""
     begin()
-    request[RECORD] = _record(request, now_ns)
-    if request.get("op") == "pack" and isinstance(request.get("requests"), list):
-        for sub in request["requests"]:
-            if isinstance(sub, dict):
-                sub[RECORD] = _record(sub, now_ns)
+    subs = request.get("requests") if request.get("op") == "pack" else None
+    if not isinstance(subs, list):
+        request[RECORD] = _record(request, now_ns)
+        return
+    traced = False
+    for sub in subs:
+        if isinstance(sub, dict):
+            sub[RECORD] = _record(sub, now_ns)
+            traced = traced or sub[RECORD] is not None
+    request[RECORD] = Record(_context.Context(), now_ns) if traced else None
 
 
 _NOT_SAMPLED = frozenset("02468ace")  # the last hex digit of a traceparent whose sampled bit is 0
@@ -269,8 +276,8 @@ _NOT_SAMPLED = frozenset("02468ace")  # the last hex digit of a traceparent whos
 
 def _record(request: dict, now_ns: int) -> Record | None:
     traceparent = request.get(TRACEPARENT)
-    if isinstance(traceparent, str) and traceparent[-1:] in _NOT_SAMPLED:  # the flags' low bit, "sampled"
-        return None
+    if not isinstance(traceparent, str) or not traceparent or traceparent[-1:] in _NOT_SAMPLED:
+        return None  # NOTE: the last hex digit's low bit is the "sampled" flag
     return Record(extract(traceparent), now_ns)
 
 
@@ -285,7 +292,7 @@ def answered(request: Any, outcome: Any) -> None:
     global RUN
     record = request.get(RECORD) if isinstance(request, dict) else None
     run, RUN = RUN, None
-    if record is None:
+    if not isinstance(record, Record):
         return
     record.answered = time.perf_counter_ns()
     record.run = run
@@ -296,15 +303,16 @@ def answered(request: Any, outcome: Any) -> None:
 def finish(request: Any, node: str) -> None:
     """The request's reply is encoded: record its spans."""
     record = request.get(RECORD) if isinstance(request, dict) else None
-    if record is None or not record.answered:
+    if not isinstance(record, Record) or not record.answered:
         return
     link, set_span_in_context = _trace.Link, _trace.set_span_in_context
     offset = time.time_ns() - time.perf_counter_ns()  # NOTE: span times are wall clock, ours monotonic
     encoded = time.perf_counter_ns()
     run = record.run
     op = str(request.get("op"))
-    attributes = {OP: op, NODE: node, OUTCOME: record.outcome, MODEL: str(request.get("model", "")),
-                  REQUEST_ID: str(request.get("request_id", ""))}
+    attributes: dict[str, str | int] = {OP: op, NODE: node, OUTCOME: record.outcome,
+                                        MODEL: str(request.get("model", "")),
+                                        REQUEST_ID: str(request.get("request_id", ""))}
     if request.get("version") is not None:
         attributes[VERSION] = str(request["version"])
     if run is not None:
@@ -353,7 +361,7 @@ def pack_done(request: dict, subs: list, node: str) -> None:
         pack = span.get_span_context()
         for sub in subs:
             sub_record = sub.get(RECORD) if isinstance(sub, dict) else None
-            if sub_record is not None:
+            if isinstance(sub_record, Record):
                 sub_record.pack = pack
     for sub in subs:
         finish(sub, node)

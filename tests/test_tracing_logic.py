@@ -178,3 +178,14 @@ def test_under_a_sampled_out_request_the_call_makes_no_span_and_passes_the_decis
     server.end("ok")
     assert call.span is None and sent.startswith("00-0af7651916cd43dd8448eb211c80319c-") and sent.endswith("-00")
     assert spans.get_finished_spans() == ()
+
+
+def test_requests_without_a_traceparent_or_with_a_forged_record_record_nothing(spans):
+    status = {"op": "status"}  # the broker's own question: no caller, no trace
+    forged = {"op": "predict", tracing.RECORD: 42}  # a map from the wire may hold any key; never received()
+    tracing.received(status, time.perf_counter_ns())
+    for request in (status, forged):
+        tracing.answered(request, {})
+        tracing.finish(request, "node-1")
+    tracing.pack_done({"op": "pack", "requests": [forged], tracing.RECORD: "x"}, [forged], "node-1")
+    assert spans.get_finished_spans() == ()
