@@ -32,6 +32,8 @@ import numpy as np
 import zmq
 from zmq.backend import zmq_poll
 
+from metrics import tracing
+
 from . import protocol as p
 from .curve import PeerKeys
 from .errors import BadInput, BrokerLost, FractalError, NoWorkerAvailable, ProtocolError, Timeout
@@ -208,7 +210,10 @@ _request_ids = itertools.count(1)
 
 
 def _with_request_id(fields: dict) -> dict:
-    """`fields` with a request id, so every request can be followed through the worker's log."""
+    """`fields` with a request id, so every request can be followed through the worker's log; with
+    tracing on, also the current span's traceparent (metrics/tracing.py)."""
+    if tracing.ENABLED:
+        fields = tracing.with_traceparent(fields)
     if fields.get("request_id"):
         return fields
     return {**fields, "request_id": f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"}

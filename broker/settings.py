@@ -103,6 +103,12 @@ def setting(default: Any, help: str, env: str | None = None, secret: bool = Fals
                                                         "choices": choices})
 
 
+def tracing_setting() -> Any:
+    """Every component's `tracing`: one variable, FRACTAL_TRACING, for all of them (metrics/tracing.py)."""
+    return setting(False, "OpenTelemetry tracing (needs the otel extra); the OTEL_* variables configure it",
+                   env="FRACTAL_TRACING")
+
+
 def log_format_setting() -> Any:
     """Every component's `log_format`: one variable, FRACTAL_LOG_FORMAT, for all of them (broker/logs.py)."""
     return setting("text", "log lines as text, or json: one object per line", env="FRACTAL_LOG_FORMAT",

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from broker.client import AsyncClient
 from broker.curve import PeerKeys
 from broker.settings import load
-from metrics import FrontendMetrics, multiprocess
+from metrics import FrontendMetrics, multiprocess, tracing
 
 from . import api, errors
 from .auth import TokenAuth
@@ -25,6 +25,7 @@ from .resources import (Information, Model, Models, Prediction, SendToModelhost,
                         welcome_body)
 from .settings import FrontendSettings
 from .timing import RequestTiming
+from .traces import TraceRequests
 from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
                  RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
 
@@ -109,7 +110,9 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     metrics = FrontendMetrics(registry) if settings.metrics else None
     timing = ([RequestTiming(settings.server_timing, metrics.models if metrics else None)]
               if settings.server_timing or metrics else [])
-    middleware = [*timing, RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
+    # NOTE: here, after gunicorn's fork: the span exporter's thread must be this process's own
+    traces = [TraceRequests()] if tracing.configure("frontend", settings.tracing) else []
+    middleware = [*traces, *timing, RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
     if metrics:
         middleware.append(MetricsMiddleware(metrics))
     app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])
@@ -129,3 +132,4 @@ class Lifespan:
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
         await self.client.aclose()
+        tracing.shutdown()  # export the spans still buffered

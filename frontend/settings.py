@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.settings import log_format_setting, setting
+from broker.settings import log_format_setting, setting, tracing_setting
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class FrontendSettings:
                                   "fractal serve sets its own address")
     log_level: str = setting("INFO", "logging level")
     log_format: str = log_format_setting()
+    tracing: bool = tracing_setting()
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_body_bytes <= 0:

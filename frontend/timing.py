@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import falcon.asgi
 
 from broker.errors import FractalError
-from metrics import CallerModelMetrics
+from metrics import CallerModelMetrics, tracing
 
 HEADER = "Server-Timing"
 
@@ -42,17 +42,24 @@ def _number(value: Any) -> float:
 async def timed(timing: dict | None, model: str, call: Callable[[dict | None], Awaitable[Any]]) -> Any:
     """Await `call(timing)` (a client predict of `model` that fills `timing` with the worker's times),
     adding the wait as call_ms, or the error's type as error; with `timing` None (neither Server-Timing
-    nor per-model metrics wanted) just await it."""
+    nor per-model metrics wanted) just await it. With tracing on, the call is a span of its own, whose
+    traceparent the request carries to the worker."""
+    span = tracing.BrokerCall("predict", model) if tracing.ENABLED else None
     if timing is None:
-        return await call(None)
+        if span is None:
+            return await call(None)
+        timing = {}
     timing["model"] = model
     started = time.perf_counter()
     try:
         result = await call(timing)
+        timing["call_ms"] = (time.perf_counter() - started) * 1e3
     except FractalError as exc:
         timing["error"] = exc.__class__.__name__
         raise
-    timing["call_ms"] = (time.perf_counter() - started) * 1e3
+    finally:
+        if span is not None:
+            span.end(timing)
     return result
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from broker.errors import BadInput, FractalError, InternalError
+from metrics import tracing
 
 from . import inference
 from .sessions import LoadedModel
@@ -152,9 +153,12 @@ def run_batch(batch: list[Pending]) -> None:
             _run_alone(pending)
         return
     model.stats.executed()
+    batch_span = tracing.batch_span(model, started, ran, total, len(batch)) if tracing.ENABLED else None
     offset = 0
     for pending in batch:
         end = offset + pending.rows
+        if batch_span is not None:
+            tracing.RUN = (pending.queued_ns, started, ran, total, batch_span)
         replying = time.perf_counter_ns()
         outputs = {n: v[offset:end] for n, v in zip(names, values)}
         pending.reply(inference.result(pending.model, outputs if pending.wanted is None
@@ -180,6 +184,9 @@ def _run_alone(pending: Pending) -> None:
     except Exception:
         log.exception("a batched request failed unexpectedly")
         outcome = InternalError("unexpected failure while running the model")
+    run = tracing.RUN
+    if run is not None:  # set by inference.run_timed when tracing is on: add the wait for the batch
+        tracing.RUN = (pending.queued_ns, run[1], run[2], run[3], None)
     replying = time.perf_counter_ns()
     pending.reply(outcome)
     done = time.perf_counter_ns()

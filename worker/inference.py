@@ -16,6 +16,7 @@ import numpy as np
 
 from broker.casting import cast
 from broker.errors import BadInput
+from metrics import tracing
 
 from .sessions import LoadedModel, TensorSpec
 from .stats import rows_of
@@ -135,6 +136,8 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
         model.timer.observe((ran - started) / 1e9)
     if model.series is not None:
         model.series.batch_rows.observe(rows_of(feeds))
+    if tracing.ENABLED:
+        tracing.RUN = (0, started, ran, rows_of(feeds), None)
     outputs = {name: _plain(value) for name, value in zip(names, values)}
     return outputs, ran - started, time.perf_counter_ns() - ran
 

@@ -25,13 +25,13 @@ import zmq
 from zmq.backend import zmq_poll
 from prometheus_client import CollectorRegistry
 
-from metrics import WorkerMetrics, new_registry, serve_metrics
+from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 
 from broker import protocol as p
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.logs import set_node
 from broker.protocol import MDPW
-from broker.settings import endpoint_list, log_format_setting, setting
+from broker.settings import endpoint_list, log_format_setting, setting, tracing_setting
 from broker.curve import PeerKeys
 from broker.protocol import model_file_name
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
@@ -82,6 +82,7 @@ class WorkerSettings:
     metrics_port: int = setting(9151, "port of the /metrics endpoint; 0: no metrics at all")
     log_level: str = setting("INFO", "logging level")
     log_format: str = log_format_setting()
+    tracing: bool = tracing_setting()
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
@@ -150,6 +151,7 @@ class ModelHost:
                         "/api/v1/models/NAME), or start from the bundled ones (fractal serve creates its pool "
                         "with them)", self.pool.directory)
         serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "worker")
+        tracing.configure("worker", self.settings.tracing, self.node)
         self.pool.pin()  # NOTE: before registering: the broker sends nothing until pinned models are warm
         beater = threading.Thread(target=self._beat_while_busy, name="busy-heartbeat", daemon=True)
         beater.start()
@@ -179,6 +181,7 @@ class ModelHost:
             self._beater_done.set()
             for conn in self._connections:
                 conn.close()
+            tracing.shutdown()
             log.info("worker %s stopped", self.node)
 
     def _scan(self) -> None:
@@ -224,11 +227,15 @@ class ModelHost:
                 self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
                     "REQUEST without envelope and body")))
                 return
+            received = time.perf_counter_ns() if tracing.ENABLED else 0
             request = self._decode(frames[4:])
             if isinstance(request, ProtocolError):
                 self._final(conn, frames[2], p.error_body(None, self.node, request))
-            elif not (self.policy.enabled and request["op"] == "predict"
-                      and self._queued(conn, frames[2], request)):
+                return
+            if received:
+                tracing.received(request, received)
+            if not (self.policy.enabled and request["op"] == "predict"
+                    and self._queued(conn, frames[2], request)):
                 self._final(conn, frames[2], self._run_busy(self.reply_to, request))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
@@ -280,6 +287,8 @@ class ModelHost:
 
         def reply(outcome: dict | FractalError) -> None:
             ok = not isinstance(outcome, FractalError)
+            if tracing.ENABLED:
+                tracing.answered(request, outcome)
             if ok:
                 worker_time(outcome, arrived)
             try:
@@ -289,6 +298,8 @@ class ModelHost:
                 ok, outcome = False, InternalError(f"unexpected failure on {self.node} (request id {trace})")
                 body = p.error_body(rid, self.node, outcome)
             self._outbox.append((conn, generation, client, body))
+            if tracing.ENABLED:
+                tracing.finish(request, self.node)
             self.metrics.request_done("predict", "ok" if ok else "error", time.perf_counter() - arrived)
             self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
             if not ok:
@@ -370,19 +381,26 @@ class ModelHost:
                     self.metrics.request_done("unknown", "error", 0.0)
                 return p.error_body(request.get("id"), self.node, error)
         rid, outcome = self.answer(request)
+        body = None
         if not isinstance(outcome, FractalError):
             try:
-                return p.ok_body(rid, self.node, outcome)
+                body = p.ok_body(rid, self.node, outcome)
             except Exception:
                 log.exception("request %s: the reply could not be encoded", request.get("request_id"))
                 outcome = InternalError(f"unexpected failure on {self.node} (request id "
                                         f"{request.get('request_id')})")
-        return p.error_body(rid, self.node, outcome)
+        if body is None:
+            body = p.error_body(rid, self.node, outcome)
+        if tracing.ENABLED:
+            tracing.finish(request, self.node)
+        return body
 
     def answer(self, request: Any) -> tuple[Any, Any]:
         """(id, result or FractalError) of one decoded request; never raises; counted and logged."""
         started = time.perf_counter()
         rid = trace = op_name = None
+        if tracing.ENABLED:
+            tracing.begin()
         try:
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise ProtocolError("a request must be a map with a string 'op'")
@@ -397,6 +415,8 @@ class ModelHost:
             log.exception("request %s: %s failed unexpectedly", trace, op_name)
             outcome = InternalError(f"unexpected failure on {self.node} (request id {trace})")
         worker_time(outcome, started)
+        if tracing.ENABLED:
+            tracing.answered(request, outcome)
         self.request_done(op_name, trace, request.get("model", "") if isinstance(request, dict) else "",
                           outcome, started)
         return rid, outcome

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from broker import protocol as p
 from broker.errors import BadInput, FractalError
 from broker.protocol import model_file_name
+from metrics import tracing
 
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .inference import worker_time
@@ -45,7 +46,10 @@ def run_pack(host: "ModelHost", request: dict) -> list:
     writer = p.PackWriter()
     for rid, outcome in outcomes:
         writer.add_reply(rid, host.node, outcome)
-    return writer.reply(request.get("id"), host.node)
+    body = writer.reply(request.get("id"), host.node)
+    if tracing.ENABLED:
+        tracing.pack_done(request, subs, host.node)
+    return body
 
 
 def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dict, models: dict,
@@ -88,6 +92,8 @@ def _replier(host: "ModelHost", sub: dict, index: int, outcomes: list, model: st
     rid, trace = sub.get("id"), sub.get("request_id")
 
     def reply(outcome: Any) -> None:
+        if tracing.ENABLED:
+            tracing.answered(sub, outcome)
         worker_time(outcome, started)  # NOTE: from the pack's arrival: its rows waited for the run together
         outcomes[index] = (rid, outcome)
         host.request_done("predict", trace, model, outcome, started, batched=True)

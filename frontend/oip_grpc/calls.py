@@ -18,7 +18,7 @@ import grpc
 
 from broker.errors import (BadInput, FractalError, Forbidden, ModelNotFound, PayloadTooLarge, RetryLater, Timeout,
                            Unauthorized, UnsupportedMediaType)
-from metrics import GrpcMetrics
+from metrics import GrpcMetrics, tracing
 
 from ..timing import count, server_timing
 
@@ -83,6 +83,10 @@ class Calls:
         trailing = (("x-request-id", request_id),)
         context.set_trailing_metadata(trailing)
         code, call = grpc.StatusCode.OK, None
+        # NOTE: the span is current while the method runs, so its broker calls are its children
+        span = tracing.ServerSpan(f"grpc {name}", metadata.get(tracing.TRACEPARENT), metadata.get("tracestate"),
+                                  {"rpc.system": "grpc", "rpc.method": name, tracing.REQUEST_ID: request_id,
+                                   tracing.MODEL: _model_of(request)}) if tracing.ENABLED else None
         self.metrics.in_flight.inc()
         try:
             self.authorize(access, str(metadata.get("authorization", "")))
@@ -116,12 +120,18 @@ class Calls:
             log.exception("call %s: %s failed unexpectedly", request_id, name)
             await context.abort(code, f"internal error; request id {request_id}", trailing)
         finally:
+            if span is not None:
+                span.end("ok" if code is grpc.StatusCode.OK else code.name, {"rpc.grpc.status_code": code.value[0]})
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             self.metrics.call_done(name, code.name, elapsed)
             log.info("%s %s %.2fms %s", name, code.name, elapsed * 1e3, request_id, extra={
                 "request_id": request_id, "rpc": name, "code": code.name, "latency_ms": round(elapsed * 1e3, 3),
-                "model": getattr(request, "name", None) or getattr(request, "model_name", None) or None})
+                "model": _model_of(request) or None})
+
+
+def _model_of(request: Any) -> str:
+    return getattr(request, "name", None) or getattr(request, "model_name", None) or ""
 
 
 def rpc(name: str, access: str = API) -> Callable:

@@ -14,7 +14,7 @@ import grpc
 
 from broker.client import AsyncClient, Client
 from broker.curve import PeerKeys
-from metrics import GrpcMetrics, new_registry, serve_metrics
+from metrics import GrpcMetrics, new_registry, serve_metrics, tracing
 
 from .calls import Calls
 from .proto import grpc_service_pb2_grpc as pb_grpc
@@ -64,6 +64,7 @@ class GrpcServer:
         if self._stop_early:
             return
         serve_metrics(s.metrics_host, s.metrics_port, self.registry, "grpc")
+        tracing.configure("grpc", s.tracing)
         client = AsyncClient(s.broker, s.service, s.timeout_s, curve=self.curve)
         mmi = Client(s.broker, s.service, s.timeout_s, curve=self.curve)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", s.max_message_bytes),
@@ -88,4 +89,5 @@ class GrpcServer:
             await server.stop(STOP_GRACE_S)
             await client.aclose()
             mmi.close()
+            tracing.shutdown()
             log.info("stopped")
