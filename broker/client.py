@@ -45,6 +45,7 @@ CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the brok
 SEND_RETRY_S = 0.005  # AsyncClient: how often a send the broker's connection refused is tried again
 MAX_DRAIN = 256       # AsyncClient: replies handled per wake-up before other callbacks get a turn
 RECONNECT_WAIT_S = 15.0  # after the broker connection drops, how long repeatable calls wait for it
+SWEEP_GAP_S = 0.005  # AsyncClient: least time between two deadline sweeps (a timeout fires this late at most)
 LINK_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 # With several brokers: ZMTP heartbeats find a broker whose host is cut off (no FIN, no RST) within
 # LINK_TIMEOUT_S + LINK_PING_S; libzmq's I/O thread answers them, so a busy broker is not mistaken for one.
@@ -561,6 +562,9 @@ class AsyncClient(_Operations):
         self._inflight: dict[int, tuple[int, str, dict, asyncio.Future, float]] = {}  # sent, not answered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future] = {}
+        self._deadlines: dict[int, tuple[float, float]] = {}  # call id -> (its deadline, its timeout_s)
+        self._sweep: asyncio.TimerHandle | None = None  # the one timer that expires calls past their deadline
+        self._sweep_at = 0.0
         self._packs: dict[int, tuple[list[int], float]] = {}  # pack id -> (its calls' ids, latest deadline)
         self._outbox: deque[tuple[int, str, dict, asyncio.Future, float]] = deque()
         self._flushing = False  # a flush is scheduled or a send is waiting for the broker
@@ -599,6 +603,10 @@ class AsyncClient(_Operations):
             if not future.done():
                 future.set_exception(NoWorkerAvailable("client closed"))
         self._pending.clear()
+        self._deadlines.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self._packs.clear()
         self._outbox.clear()
         self._mmi_waiters.clear()
@@ -618,17 +626,20 @@ class AsyncClient(_Operations):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         rid = next(_ids)
         future = loop.create_future()
+        deadline = loop.time() + timeout_s
         self._pending[rid] = future
-        self._outbox.append((rid, op, _with_request_id(fields or {}), future, loop.time() + timeout_s))
+        self._deadlines[rid] = (deadline, timeout_s)
+        self._outbox.append((rid, op, _with_request_id(fields or {}), future, deadline))
         if not self._flushing:
             self._flushing = True
             loop.call_soon(self._flush)
-        timer = loop.call_later(timeout_s, self._expire, future, timeout_s)
+        if self._sweep is None or deadline < self._sweep_at:
+            self._arm_sweep(deadline)
         try:
             return await future
         finally:
-            timer.cancel()
             self._pending.pop(rid, None)
+            self._deadlines.pop(rid, None)
             self._inflight.pop(rid, None)
 
     def _open(self) -> None:
@@ -644,17 +655,42 @@ class AsyncClient(_Operations):
             self._loop.add_reader(monitor.getsockopt(zmq.FD), self._on_link_event, index)
             self._loop.call_soon(self._on_link_event, index)  # NOTE: edge-triggered FD: take what came before
 
-    def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
-        if not future.done():
-            future.set_exception(Timeout(f"no reply from the broker at {self.endpoint} within {timeout_s:g} s"))
+    def _arm_sweep(self, at: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep, self._sweep_at = self._loop.call_at(at, self._expire_due), at
+
+    def _expire_due(self) -> None:
+        """Fail the calls past their deadline with Timeout; then sleep until the next deadline.
+
+        NOTE: one timer for every call instead of one per call (a timer made and cancelled per call cost
+        more than the rest of a call's bookkeeping). It is armed at the earliest deadline of the calls
+        in flight (a call with an earlier one re-arms it), so it rarely fires while replies come back in
+        time; firing, it looks at the calls in flight only.
+        """
+        self._sweep = None
+        now, expired = self._loop.time(), []
+        earliest = None
+        for rid, (deadline, timeout_s) in self._deadlines.items():
+            if deadline <= now:
+                expired.append((rid, timeout_s))
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        for rid, timeout_s in expired:
+            del self._deadlines[rid]
+            future = self._pending.get(rid)
+            if future is not None and not future.done():
+                future.set_exception(Timeout(f"no reply from the broker at {self.endpoint} within {timeout_s:g} s"))
         # Forget packs whose every call is past its deadline (their reply is lost or late): oldest
         # first, stopping at a live one, so this costs nothing while replies come back.
-        packs, now = self._packs, self._loop.time()
+        packs = self._packs
         while packs:
             pack_id = next(iter(packs))
             if packs[pack_id][1] > now:
                 break
             del packs[pack_id]
+        if earliest is not None:
+            self._arm_sweep(max(earliest, now + SWEEP_GAP_S))
 
     # -- sending -----------------------------------------------------------------------------
 

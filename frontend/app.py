@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import time
-import uuid
 from importlib import metadata
 
 import falcon
@@ -18,52 +15,16 @@ from metrics import FrontendMetrics, multiprocess, tracing
 
 from . import api, errors
 from .auth import TokenAuth
-from .disconnect import REQUEST_KEY, CancelOnDisconnect
+from .disconnect import CancelOnDisconnect
 from .errors import status_body
-from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
+from .observability import Metrics, StatusJson, StatusPage
+from .observe import Observe
 from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
                         welcome_body)
 from .settings import FrontendSettings
-from .timing import RequestTiming
 from .traces import TraceRequests
 from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
                  RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
-
-log = logging.getLogger("frontend.access")
-
-
-class RequestLog:
-    """X-Request-ID in (or made) and out, and one log line per request."""
-
-    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        req.context.request_id = (req.get_header("X-Request-ID") or uuid.uuid4().hex)[:128]
-        req.context.started = time.perf_counter()
-        req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
-
-    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
-                               params: dict) -> None:
-        req.context.model = params.get("name")  # the model a route names, for the line's `model` field
-
-    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
-                               req_succeeded: bool) -> None:
-        request_id = getattr(req.context, "request_id", "-")
-        resp.set_header("X-Request-ID", request_id)
-        self._line(req, str(resp.status)[:3])
-
-    def process_cancel(self, req: falcon.asgi.Request) -> None:
-        """The client disconnected before its answer: logged as nginx's 499, client closed request."""
-        self._line(req, "499")
-
-    @staticmethod
-    def _line(req: falcon.asgi.Request, status: str) -> None:
-        started = getattr(req.context, "started", time.perf_counter())
-        if started is None:
-            return  # already logged (a client that left while its answer was being sent)
-        req.context.started = None
-        latency_ms, request_id = (time.perf_counter() - started) * 1e3, getattr(req.context, "request_id", "-")
-        log.info("%s %s %s %.2fms %s", req.method, req.path, status, latency_ms, request_id, extra={
-            "request_id": request_id, "method": req.method, "path": req.path, "status": int(status),
-            "latency_ms": round(latency_ms, 3), "model": getattr(req.context, "model", None)})
 
 
 def _version() -> str:
@@ -108,13 +69,10 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "metrics": Metrics(registry), "status": StatusJson(client), "status_page": StatusPage(client),
     }
     metrics = FrontendMetrics(registry) if settings.metrics else None
-    timing = ([RequestTiming(settings.server_timing, metrics.models if metrics else None)]
-              if settings.server_timing or metrics else [])
     # NOTE: here, after gunicorn's fork: the span exporter's thread must be this process's own
     traces = [TraceRequests()] if tracing.configure("frontend", settings.tracing) else []
-    middleware = [*traces, *timing, RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
-    if metrics:
-        middleware.append(MetricsMiddleware(metrics))
+    middleware = [*traces, Observe(settings.server_timing, metrics),
+                  TokenAuth(settings.admin_token, settings.api_token)]
     app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

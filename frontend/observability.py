@@ -2,53 +2,15 @@
 from __future__ import annotations
 
 import html
-import time
 
 import falcon
 import falcon.asgi
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from broker.client import AsyncClient
-from metrics import FrontendMetrics, exposition
+from metrics import exposition
 
 from .errors import status_body
-
-
-METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
-
-
-class MetricsMiddleware:
-    """Requests by route template, method and status; latency; requests in flight."""
-
-    def __init__(self, metrics: FrontendMetrics):
-        self.m = metrics
-        self._bound: dict[tuple, tuple] = {}  # (route, method, status) -> label children, made once
-
-    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        req.context.metrics_started = time.perf_counter()
-        self.m.in_flight.inc()
-
-    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
-                               req_succeeded: bool) -> None:
-        self._count(req, str(resp.status)[:3])
-
-    def process_cancel(self, req: falcon.asgi.Request) -> None:
-        """The client disconnected before its answer: counted as status 499 (client closed request)."""
-        self._count(req, "499")
-
-    def _count(self, req: falcon.asgi.Request, status: str) -> None:
-        started = getattr(req.context, "metrics_started", None)
-        if started is None:
-            return  # not started, or already counted
-        req.context.metrics_started = None
-        self.m.in_flight.dec()
-        method = req.method if req.method in METHODS else "OTHER"  # clients choose methods: bound them
-        key = (req.uri_template or "unmatched", method, status)
-        bound = self._bound.get(key)
-        if bound is None:
-            bound = self._bound[key] = (self.m.requests.labels(*key), self.m.duration.labels(*key[:2]))
-        bound[0].inc()
-        bound[1].observe(time.perf_counter() - started)
 
 
 class Metrics:

@@ -370,3 +370,40 @@ def test_counters_move_by_user_requests_packed_or_not(procs, broker_url, model_d
     assert delta["dispatched"] == delta["completed"] == delta["duration"] == delta["queue_wait"] == 537
     assert delta["worker_ok"] == 537 - errors and delta["worker_error"] == errors
     assert delta["worker_seconds"] == 537
+
+
+def test_each_call_times_out_at_its_own_deadline_whatever_order_they_came_in(procs):
+    """One timer expires every call (AsyncClient's deadline sweep): a call with a shorter timeout made
+    after a longer one still fails at its own deadline, never before it, and the longer one waits on."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url)
+    wait_for(lambda: _answers(url), 20, "the broker")
+    short_s = 0.3
+
+    async def run() -> tuple[list, bool]:
+        async with AsyncClient(url, timeout_s=60) as client:
+            worker = SilentWorker(url)  # takes every call and never answers
+            try:
+                wait_registered(url)
+                started = time.monotonic()
+
+                async def ended(timeout_s: float) -> tuple[float, object]:
+                    try:
+                        result: object = await client.echo(timeout_s, timeout_s=timeout_s)
+                    except Timeout as exc:
+                        result = exc
+                    return time.monotonic() - started, result
+                longest = asyncio.ensure_future(client.echo("long"))  # the client's 60 s
+                await asyncio.sleep(0)
+                ends = await asyncio.gather(ended(3 * short_s), ended(short_s), ended(2 * short_s))
+                still_waiting = not longest.done()
+                longest.cancel()
+                return ends, still_waiting
+            finally:
+                worker.stop()
+    ends, still_waiting = asyncio.run(run())
+    assert all(isinstance(result, Timeout) for _s, result in ends), ends
+    (third_s, _), (first_s, _), (second_s, _) = ends
+    assert short_s <= first_s < second_s < third_s, ends  # each at its own deadline, in deadline order
+    assert second_s >= 2 * short_s and third_s >= 3 * short_s, ends
+    assert still_waiting

@@ -45,12 +45,16 @@ def test_seed_welcome_and_prediction_then_clean_ctrl_c(served):
                         b'{"values": [[2, 5, 1, 4], [5.1, 3.5, 1.4, 0.2]]}')
     assert (status, body["values"]) == (200, [1, 0])
     ours = descendants(proc.pid)
-    assert len(ours) >= 6  # broker, two workers, gunicorn master and its two workers
+    assert len(ours) >= 5  # broker, two workers, gunicorn master and at least one uvicorn worker
     with urllib.request.urlopen(base + "/", timeout=10) as resp:
         assert resp.headers["Server"] == "uvicorn"  # the ASGI worker class is the default
     workers = [pid for pid in ours if "gunicorn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
     assert any("uvicorn_worker.UvicornWorker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
                for pid in workers)
+    masters = [pid for pid in workers if parent(pid) not in workers]
+    assert len(masters) == 1
+    # by default one HTTP process per two cores, at least one
+    assert len(workers) - 1 == max(1, (os.cpu_count() or 1) // 2), workers
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 0
@@ -73,6 +77,10 @@ def descendants(root: int) -> list[int]:
         found.extend(kids)
         frontier.extend(kids)
     return found
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def http_refused(base: str) -> bool:
