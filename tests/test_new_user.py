@@ -225,7 +225,9 @@ def test_node_ids_match_the_worker_names_and_every_request_has_an_id(server):
 # -- 2. a second server on taken ports -----------------------------------------------------------------
 
 def _serve_again(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
-    return fractal("serve", "--model-dir", str(cwd / "second-pool"), *flags, cwd=cwd)
+    # NOTE: a free gRPC port unless flags name one (a later flag wins): 8001 may be anyone's
+    return fractal("serve", "--model-dir", str(cwd / "second-pool"), "--grpc-port", str(free_port()), *flags,
+                   cwd=cwd)
 
 
 def test_a_second_serve_on_the_same_ports_exits_2_naming_the_port_and_how_to_change_it(server, tmp_path):
@@ -264,7 +266,8 @@ def test_ready_means_its_own_workers_answer_not_a_strangers(procs, model_dir, tm
     procs.worker(f"tcp://127.0.0.1:{broker_port}", model_dir, "--heartbeat-interval-s", "2.5")
     (tmp_path / "not-a-dir").write_text("")
     out = fractal("serve", "--http-port", str(free_port()), "--broker-port", str(broker_port), "--metrics-port", "0",
-                  "--model-dir", str(tmp_path / "not-a-dir"), "--ready-timeout-s", "8", cwd=tmp_path)
+                  "--grpc-port", str(free_port()), "--model-dir", str(tmp_path / "not-a-dir"),
+                  "--ready-timeout-s", "8", cwd=tmp_path)
     assert out.returncode == 1 and "ready:" not in out.stdout
     assert "did not come up within 8 s" in out.stderr
 
