@@ -36,6 +36,9 @@ class BrokerSettings:
     max_queue_per_model: int = setting(4096, "queued requests per model before 'QueueFull' (429) replies (a pack "
                                             "counts its requests; one message is always taken into an empty "
                                             "queue)")
+    reserve_workers: int = setting(0, "while a model's requests wait, it holds at most (workers - this, at least 1) "
+                                      "workers at once, so a flood on one model leaves that many free for "
+                                      "the others' next requests; 0: every worker takes whatever waits")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(
@@ -55,8 +58,8 @@ class BrokerSettings:
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
-        if self.max_queue < 0 or self.max_queue_per_model < 0:
-            raise ValueError("max_queue and max_queue_per_model must be >= 0")
+        if self.max_queue < 0 or self.max_queue_per_model < 0 or self.reserve_workers < 0:
+            raise ValueError("max_queue, max_queue_per_model and reserve_workers must be >= 0")
         if self.queue_timeout_s <= 0 or self.status_interval_s <= 0:
             raise ValueError("queue_timeout_s and status_interval_s must be > 0")
         if self.startup_grace_s < 0:
@@ -99,7 +102,7 @@ class Worker:
 
 class Service:
     """A service's workers and queue, with its metric children bound once."""
-    __slots__ = ("name", "idle", "requests", "workers", "m_dispatched", "m_completed", "m_duration",
+    __slots__ = ("name", "idle", "requests", "workers", "busy", "m_dispatched", "m_completed", "m_duration",
                  "m_queue_wait")
 
     def __init__(self, name: bytes, metrics: BrokerMetrics):
@@ -107,6 +110,7 @@ class Service:
         self.idle: deque[Worker] = deque()       # least recently used on the left
         self.requests: FairQueue[Request] = FairQueue()  # per model, served round-robin (broker/queues.py)
         self.workers = 0
+        self.busy: dict[bytes, int] = {}  # model -> workers running its requests now
         label = name.decode(errors="replace")
         self.m_dispatched = metrics.dispatched.labels(label)
         self.m_completed = metrics.completed.labels(label)
@@ -120,6 +124,16 @@ class Service:
 
     def enqueue(self, request: "Request", first: bool = False) -> None:
         self.requests.push(request, first)
+
+    def started(self, model: bytes) -> None:
+        self.busy[model] = self.busy.get(model, 0) + 1
+
+    def finished(self, model: bytes) -> None:
+        left = self.busy.get(model, 0) - 1
+        if left > 0:
+            self.busy[model] = left
+        else:
+            self.busy.pop(model, None)
 
     def dequeue(self) -> "Request":
         return self.requests.pop()
@@ -260,7 +274,7 @@ class Broker:
         elif deadline_ms == 0:
             self._reply_error(request, Timeout("the request's deadline had passed when it reached the broker"),
                               "deadline")
-        elif service.idle:
+        elif service.idle and self._may_run(service, model):
             self._dispatch(service.idle.popleft(), request, now)
         elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
             self._reply_error(request, QueueFull(
@@ -329,6 +343,7 @@ class Broker:
             observe_many(service.m_duration, time.monotonic() - request.received_at, request.count)
             worker.served += request.count
             worker.request = None
+            service.finished(request.model)
             self._worker_idle(worker)
 
     # -- workers -------------------------------------------------------------------------------
@@ -350,12 +365,22 @@ class Broker:
         if service.requests:
             now = time.monotonic()
             while service.requests:  # NOTE: round-robin over models (broker/queues.py)
-                request = service.dequeue()
+                if self.settings.reserve_workers:
+                    request = service.requests.pop_eligible(lambda model: self._may_run(service, model))
+                    if request is None:
+                        break  # every waiting model holds its share: this worker stays free for others
+                else:
+                    request = service.dequeue()
                 if request.expires_at > now:
                     self._dispatch(worker, request, now)
                     return
                 self._expired(request, now)
         service.idle.append(worker)
+
+    def _may_run(self, service: Service, model: bytes) -> bool:
+        """Whether `model` may take one more worker (BrokerSettings.reserve_workers)."""
+        reserve = self.settings.reserve_workers
+        return not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve)
 
     def _dispatch(self, worker: Worker, request: Request, now: float) -> None:
         request.attempts += 1
@@ -369,6 +394,7 @@ class Broker:
             body = [p.with_deadline(body[0], int((request.deadline_at - now) * 1000)), *body[1:]]
         self._send_worker(worker, MDPW.REQUEST, request.client, b"", *body)
         service = worker.service  # NOTE: metrics after the send: they are off the request's path
+        service.started(request.model)
         service.m_dispatched.inc(request.count)
         if request.attempts == 1:
             observe_many(service.m_queue_wait, now - request.received_at, request.count)
@@ -390,8 +416,10 @@ class Broker:
         except ValueError:
             pass
         request, worker.request = worker.request, None
-        if request is not None and redispatch and request.client != STATUS_CLIENT:
-            self._redispatch(request)
+        if request is not None and request.client != STATUS_CLIENT:
+            service.finished(request.model)
+            if redispatch:
+                self._redispatch(request)
         if service.workers == 0:
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable(

@@ -9,7 +9,7 @@ their queues are. The model is read from the routing header without decoding the
 from __future__ import annotations
 
 from collections import deque
-from typing import Generic, Protocol, TypeVar
+from typing import Callable, Generic, Protocol, TypeVar
 
 
 class Queued(Protocol):
@@ -84,6 +84,16 @@ class FairQueue(Generic[R]):
         self._messages -= 1
         self.queued -= request.count
         return request
+
+    def pop_eligible(self, eligible: Callable[[bytes], bool]) -> R | None:
+        """As pop, for the first model in turn that `eligible` accepts (a model it refuses goes to the
+        back of the turn); None when it accepts none."""
+        turn = self._turn
+        for _ in range(len(turn)):
+            if eligible(turn[0]):
+                return self.pop()
+            turn.rotate(-1)
+        return None
 
     def expire(self, now: float) -> list[R]:
         """Remove and return every request whose `expires_at` is before `now` (deadlines differ within

@@ -207,3 +207,18 @@ def test_a_model_behind_a_flood_is_served_in_its_turn(procs, model_dir):
     # round-robin: the running call, the slow model's next one, then iris; first come first served
     # would have put it last, behind all eight
     assert order.index(iris) <= 2, [c.ended for c in order]
+
+
+def test_reserve_workers_keeps_a_worker_free_for_the_next_model(procs, model_dir):
+    url, _broker_port, _worker_port = one_worker(procs, model_dir, broker_flags=("--reserve-workers", "1"))
+    procs.worker(url, model_dir, "--metrics-port", "0")
+    wait_workers(url, 2)
+    busy = Background(url, "slow.onnx", slow_input(1.0))
+    wait_busy(url)
+    flood = [Background(url, "slow.onnx", slow_input(0.2)) for _ in range(3)]
+    wait_for(lambda: queued(url) == 3, 20, "3 queued slow calls, the second worker kept free")
+    iris = Background(url, "iris.onnx", {"float_input": np.array([[2, 5, 1, 4]], np.float32)})
+    assert not isinstance(iris.join(), Exception), iris.outcome
+    for call in [busy, *flood]:
+        assert not isinstance(call.join(), Exception), call.outcome
+    assert iris.ended < busy.ended  # it did not wait for any slow call: the reserved worker took it

@@ -92,3 +92,12 @@ def test_expire_takes_every_expired_request_wherever_it_waits():
     assert sorted(r.tag for r in gone) == ["A-soon", "B-soon"]
     assert len(queue) == 1 and queue.queued == 1 and queue.models() == {b"A": 1}
     assert queue.pop().tag == "A-late" and not queue
+
+
+def test_pop_eligible_skips_models_that_hold_their_share_and_keeps_their_order():
+    queue: FairQueue[Req] = FairQueue()
+    for tag in ["A0", "A1", "B0", "C0"]:
+        queue.push(Req(tag[:1].encode(), tag=tag))
+    assert queue.pop_eligible(lambda model: model != b"A").tag == "B0"
+    assert queue.pop_eligible(lambda model: False) is None and len(queue) == 3
+    assert [queue.pop().tag for _ in range(3)] == ["C0", "A0", "A1"]
