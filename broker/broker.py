@@ -275,7 +275,7 @@ class Broker:
             self._reply_error(request, Timeout("the request's deadline had passed when it reached the broker"),
                               "deadline")
         elif service.idle and self._may_run(service, model):
-            self._dispatch(service.idle.popleft(), request, now)
+            self._dispatch(self._idle_worker(service, model), request, now)
         elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
             self._reply_error(request, QueueFull(
                 f"{len(service.requests)} messages ({service.queued} requests) already queued for this service; "
@@ -377,6 +377,20 @@ class Broker:
                 self._expired(request, now)
         service.idle.append(worker)
 
+    def _idle_worker(self, service: Service, model: bytes) -> Worker:
+        """Take the idle worker a request for `model` goes to (docs/protocol.md, "Placement"): one that
+        holds the model, else the least loaded; the least recently used when the model is b"" or only
+        one worker is idle, which costs nothing more than before."""
+        idle = service.idle
+        if not model or len(idle) == 1:
+            return idle.popleft()
+        index = self._board.pick(idle, model)
+        if index == 0:
+            return idle.popleft()
+        worker = idle[index]
+        del idle[index]
+        return worker
+
     def _may_run(self, service: Service, model: bytes) -> bool:
         """Whether `model` may take one more worker (BrokerSettings.reserve_workers)."""
         reserve = self.settings.reserve_workers
@@ -440,7 +454,7 @@ class Broker:
         if request.expires_at <= now:
             self._expired(request, now)
         elif service.idle:
-            self._dispatch(service.idle.popleft(), request, now)
+            self._dispatch(self._idle_worker(service, request.model), request, now)
         else:
             service.enqueue(request, first=True)
 
