@@ -370,10 +370,12 @@ def with_deadline(first_frame: bytes, deadline_ms: int) -> bytes:
     return b"".join((first_frame[:_DEADLINE_AT], value, first_frame[_MODEL_KEY_AT:]))
 
 
+_HEAD = struct.Struct(f">BH{len(_DEADLINE_KEY)}sI{len(_MODEL_KEY)}sB")  # everything before the model's bytes
+
+
 def _route_head(entries: int, model: bytes, deadline_ms: int) -> bytes:
-    return b"".join((b"\xde", entries.to_bytes(2, "big"), _DEADLINE_KEY,
-                     min(max(0, int(deadline_ms)), MAX_DEADLINE_MS).to_bytes(4, "big"), _MODEL_KEY,
-                     bytes((len(model),)), model))
+    ms = deadline_ms if 0 <= deadline_ms <= MAX_DEADLINE_MS else min(max(0, int(deadline_ms)), MAX_DEADLINE_MS)
+    return _HEAD.pack(0xDE, entries, _DEADLINE_KEY, ms, _MODEL_KEY, len(model)) + model
 
 
 def _routed_model(obj: dict) -> bytes | None:
@@ -392,14 +394,21 @@ def _routed_model(obj: dict) -> bytes | None:
 def routed_request(packer: msgpack.Packer, obj: dict, deadline_ms: int) -> bytes:
     """`obj` (a request map) encoded with the routing header first; without one when its model cannot
     go in a header (the worker then refuses the name as it would anyway)."""
+    return _routed(packer, obj, deadline_ms)[0]
+
+
+def _routed(packer: msgpack.Packer, obj: dict, deadline_ms: int) -> tuple[bytes, bytes | None]:
+    """routed_request's bytes, and the model in its header (None: sent without one)."""
     name = _routed_model(obj)
     if name is None:
-        return packer.pack(obj)
-    rest = {k: v for k, v in obj.items() if k != "model" and k != "deadline_ms"}
+        return packer.pack(obj), None
+    rest = obj.copy()
+    rest.pop("model", None)
+    rest.pop("deadline_ms", None)
     body = packer.pack(rest)
     head = body[0]  # NOTE: strip the map's own header: the routing header opens a larger map
     skip = 1 if head & 0xF0 == 0x80 else 3 if head == 0xDE else 5
-    return _route_head(len(rest) + 2, name, deadline_ms) + body[skip:]
+    return _route_head(len(rest) + 2, name, deadline_ms) + body[skip:], name
 
 
 def deadline_of(request: dict, received_at: float, shift_ms: int = 0) -> float:
@@ -433,7 +442,8 @@ class PackWriter:
         BadInput for a map msgpack cannot carry."""
         mark = len(self.frames)
         try:
-            part = self._packer.pack(obj) if deadline_ms is None else routed_request(self._packer, obj, deadline_ms)
+            part, name = (self._packer.pack(obj), None) if deadline_ms is None else \
+                _routed(self._packer, obj, deadline_ms)
         except (TypeError, ValueError, OverflowError) as exc:
             del self.frames[mark:]
             raise BadInput(f"cannot encode the request: {exc}") from None
@@ -444,7 +454,6 @@ class PackWriter:
         self.parts.append(part)
         self.size += size
         if deadline_ms is not None:
-            name = _routed_model(obj)
             self._model = name if self._model is None or self._model == name else b""
             self._deadline_ms = max(self._deadline_ms, deadline_ms)
         return True

@@ -101,3 +101,16 @@ def test_pop_eligible_skips_models_that_hold_their_share_and_keeps_their_order()
     assert queue.pop_eligible(lambda model: model != b"A").tag == "B0"
     assert queue.pop_eligible(lambda model: False) is None and len(queue) == 3
     assert [queue.pop().tag for _ in range(3)] == ["C0", "A0", "A1"]
+
+
+def test_queue_full_is_429_on_rest_and_resource_exhausted_on_grpc():
+    import grpc
+
+    from broker.errors import NoWorkerAvailable, Overloaded, QueueFull, error_from_wire
+    from frontend.oip_grpc.calls import status_code
+
+    error = error_from_wire("QueueFull", "3 requests already queued")  # as a client rebuilds it
+    assert isinstance(error, QueueFull) and isinstance(error, Overloaded)
+    assert error.http_status == 429 and error.retry_after_s == 1.0
+    assert status_code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_code(NoWorkerAvailable()) == grpc.StatusCode.UNAVAILABLE  # 503 stays "no worker"
