@@ -245,6 +245,6 @@ def test_a_request_goes_to_an_idle_worker_that_holds_its_model(procs, model_dir)
             client.predict("diabetes.onnx", np.zeros((1, 10), np.float32))
     after = [sample_sum(metrics(port), "fractal_worker_model_requests_total", model="diabetes.onnx")
              for port in ports]
-    gained = sorted(a - b for a, b in zip(after, served))
+    gained = sorted(a - b for a, b in zip(after, served, strict=True))
     # NOTE: a status poll takes an idle worker out for a moment; a call then may go to the other one
     assert gained[1] >= 9 and gained[0] <= 1, gained
