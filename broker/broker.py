@@ -39,6 +39,8 @@ class BrokerSettings:
     reserve_workers: int = setting(0, "while a model's requests wait, it holds at most (workers - this, at least 1) "
                                       "workers at once, so a flood on one model leaves that many free for "
                                       "the others' next requests; 0: every worker takes whatever waits")
+    placement: bool = setting(False, "send a request to an idle worker that holds its model, else the least "
+                                     "loaded one (docs/protocol.md, Placement); off: the least recently used")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(
@@ -378,11 +380,11 @@ class Broker:
         service.idle.append(worker)
 
     def _idle_worker(self, service: Service, model: bytes) -> Worker:
-        """Take the idle worker a request for `model` goes to (docs/protocol.md, "Placement"): one that
-        holds the model, else the least loaded; the least recently used when the model is b"" or only
-        one worker is idle, which costs nothing more than before."""
+        """Take the idle worker a request for `model` goes to: with `placement` (docs/protocol.md,
+        "Placement") one that holds the model, else the least loaded; the least recently used without
+        it, when the model is b"" or when only one worker is idle, which costs nothing more."""
         idle = service.idle
-        if not model or len(idle) == 1:
+        if not model or len(idle) == 1 or not self.settings.placement:
             return idle.popleft()
         index = self._board.pick(idle, model)
         if index == 0:
