@@ -9,7 +9,8 @@ _WHERE = {
     "Broker": ".broker", "BrokerSettings": ".broker", "AsyncClient": ".client", "Client": ".client",
     **dict.fromkeys(["BadInput", "ConfigError", "FractalError", "InternalError", "ModelNotFound",
                      "ModelNotReady", "ModelUnloaded", "NoWorkerAvailable", "Overloaded", "PayloadTooLarge",
-                     "ProtocolError", "RetryLater", "Timeout", "UnsupportedMediaType", "WorkerLost"], ".errors"),
+                     "ProtocolError", "QueueFull", "RetryLater", "Timeout", "UnsupportedMediaType", "WorkerLost"],
+                    ".errors"),
 }
 __all__ = sorted(_WHERE)
 

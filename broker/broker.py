@@ -13,8 +13,9 @@ from metrics import BrokerMetrics, new_registry, observe_many, serve_metrics
 
 from . import protocol as p
 from .curve import BrokerCurve
-from .errors import FractalError, NoWorkerAvailable, Overloaded, ProtocolError, Timeout, WorkerLost
+from .errors import FractalError, NoWorkerAvailable, ProtocolError, QueueFull, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
+from .queues import FairQueue
 from .settings import log_format_setting, setting
 from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
@@ -30,8 +31,16 @@ class BrokerSettings:
     bind: str = setting("tcp://127.0.0.1:5555", "endpoint clients and workers connect to")
     heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to workers")
     heartbeat_liveness: int = setting(3, "missed heartbeats before a worker is declared dead")
-    max_queue: int = setting(1024, "queued requests per service before 'Overloaded' replies (a pack of "
+    max_queue: int = setting(1024, "queued messages per service before 'QueueFull' (429) replies (a pack of "
                                    "requests takes one place)")
+    max_queue_per_model: int = setting(4096, "queued requests per model before 'QueueFull' (429) replies (a pack "
+                                            "counts its requests; one message is always taken into an empty "
+                                            "queue)")
+    reserve_workers: int = setting(0, "while a model's requests wait, it holds at most (workers - this, at least 1) "
+                                      "workers at once, so a flood on one model leaves that many free for "
+                                      "the others' next requests; 0: every worker takes whatever waits")
+    placement: bool = setting(False, "send a request to an idle worker that holds its model, else the least "
+                                     "loaded one (docs/protocol.md, Placement); off: the least recently used")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(
@@ -51,27 +60,34 @@ class BrokerSettings:
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
-        if self.max_queue < 0 or self.queue_timeout_s <= 0 or self.status_interval_s <= 0:
-            raise ValueError("max_queue must be >= 0; queue_timeout_s and status_interval_s > 0")
+        if self.max_queue < 0 or self.max_queue_per_model < 0 or self.reserve_workers < 0:
+            raise ValueError("max_queue, max_queue_per_model and reserve_workers must be >= 0")
+        if self.queue_timeout_s <= 0 or self.status_interval_s <= 0:
+            raise ValueError("queue_timeout_s and status_interval_s must be > 0")
         if self.startup_grace_s < 0:
             raise ValueError("startup_grace_s must be >= 0")
 
 
 class Request:
-    """One client message in the broker. `count` is the user requests it carries (a pack's n, read at a
-    fixed offset without decoding: protocol.request_count), and every counter moves by it."""
-    __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts", "count")
+    """One client message in the broker. `count` is the user requests it carries and `model` the model
+    they are for (read at fixed offsets without decoding: protocol.route_of), and every counter moves
+    by `count`. `deadline_at` is the caller's deadline on our clock (infinite without a routing
+    header); `expires_at` the earlier of it and the end of the longest wait in the queue."""
+    __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts", "count",
+                 "model", "deadline_at")
 
     def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, received_at: float,
-                 expires_at: float, count: int = 1):
+                 expires_at: float, count: int = 1, model: bytes = b"", deadline_at: float = float("inf")):
         self.client = client
         self.dialect = dialect
         self.service = service
         self.body = body
         self.received_at = received_at
-        self.expires_at = expires_at
+        self.expires_at = min(expires_at, deadline_at)
         self.attempts = 0
         self.count = count
+        self.model = model
+        self.deadline_at = deadline_at
 
 
 class Worker:
@@ -88,29 +104,41 @@ class Worker:
 
 class Service:
     """A service's workers and queue, with its metric children bound once."""
-    __slots__ = ("name", "idle", "requests", "queued", "workers", "m_dispatched", "m_completed", "m_duration",
+    __slots__ = ("name", "idle", "requests", "workers", "busy", "m_dispatched", "m_completed", "m_duration",
                  "m_queue_wait")
 
     def __init__(self, name: bytes, metrics: BrokerMetrics):
         self.name = name
         self.idle: deque[Worker] = deque()       # least recently used on the left
-        self.requests: deque[Request] = deque()
-        self.queued = 0  # user requests in `requests` (a pack counts its sub-requests)
+        self.requests: FairQueue[Request] = FairQueue()  # per model, served round-robin (broker/queues.py)
         self.workers = 0
+        self.busy: dict[bytes, int] = {}  # model -> workers running its requests now
         label = name.decode(errors="replace")
         self.m_dispatched = metrics.dispatched.labels(label)
         self.m_completed = metrics.completed.labels(label)
         self.m_duration = metrics.duration.labels(label)
         self.m_queue_wait = metrics.queue_wait.labels(label)
 
+    @property
+    def queued(self) -> int:
+        """User requests waiting (a pack counts its sub-requests)."""
+        return self.requests.queued
+
     def enqueue(self, request: "Request", first: bool = False) -> None:
-        (self.requests.appendleft if first else self.requests.append)(request)
-        self.queued += request.count
+        self.requests.push(request, first)
+
+    def started(self, model: bytes) -> None:
+        self.busy[model] = self.busy.get(model, 0) + 1
+
+    def finished(self, model: bytes) -> None:
+        left = self.busy.get(model, 0) - 1
+        if left > 0:
+            self.busy[model] = left
+        else:
+            self.busy.pop(model, None)
 
     def dequeue(self) -> "Request":
-        request = self.requests.popleft()
-        self.queued -= request.count
-        return request
+        return self.requests.pop()
 
 
 class Broker:
@@ -233,8 +261,9 @@ class Broker:
             self._mmi(client, dialect, service_name, body)
             return
         now = time.monotonic()
-        request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s,
-                          p.request_count(body[0]) if body else 1)
+        model, deadline_ms, count = p.route_of(body[0]) if body else (b"", None, 1)
+        request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s, count,
+                          model, float("inf") if deadline_ms is None else now + deadline_ms / 1000)
         service = self._services.get(service_name)
         if service is None and body and now < self._grace_until:  # workers may be on their way back
             service = self._services[service_name] = Service(service_name, self.metrics)
@@ -244,12 +273,19 @@ class Broker:
         elif service is None or (service.workers == 0 and now >= self._grace_until):
             self._reply_error(request, NoWorkerAvailable(
                 f"no worker is registered for service {service_name.decode(errors='replace')!r}"), "no_worker")
-        elif service.idle:
-            self._dispatch(service.idle.popleft(), request)
+        elif deadline_ms == 0:
+            self._reply_error(request, Timeout("the request's deadline had passed when it reached the broker"),
+                              "deadline")
+        elif service.idle and self._may_run(service, model):
+            self._dispatch(self._idle_worker(service, model), request, now)
         elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
-            self._reply_error(request, Overloaded(
+            self._reply_error(request, QueueFull(
                 f"{len(service.requests)} messages ({service.queued} requests) already queued for this service; "
                 f"retry later"), "overloaded")
+        elif (waiting := service.requests.queued_for(model)) and waiting + count > self.settings.max_queue_per_model:
+            self._reply_error(request, QueueFull(
+                f"{waiting} requests already queued for model {model.decode(errors='replace')!r} "
+                f"(max_queue_per_model {self.settings.max_queue_per_model}); retry later"), "queue_full")
         else:
             service.enqueue(request)
 
@@ -309,6 +345,7 @@ class Broker:
             observe_many(service.m_duration, time.monotonic() - request.received_at, request.count)
             worker.served += request.count
             worker.request = None
+            service.finished(request.model)
             self._worker_idle(worker)
 
     # -- workers -------------------------------------------------------------------------------
@@ -328,20 +365,55 @@ class Broker:
     def _worker_idle(self, worker: Worker) -> None:
         service = worker.service
         if service.requests:
-            self._dispatch(worker, service.dequeue())
-        else:
-            service.idle.append(worker)
+            now = time.monotonic()
+            while service.requests:  # NOTE: round-robin over models (broker/queues.py)
+                if self.settings.reserve_workers:
+                    request = service.requests.pop_eligible(lambda model: self._may_run(service, model))
+                    if request is None:
+                        break  # every waiting model holds its share: this worker stays free for others
+                else:
+                    request = service.dequeue()
+                if request.expires_at > now:
+                    self._dispatch(worker, request, now)
+                    return
+                self._expired(request, now)
+        service.idle.append(worker)
 
-    def _dispatch(self, worker: Worker, request: Request) -> None:
+    def _idle_worker(self, service: Service, model: bytes) -> Worker:
+        """Take the idle worker a request for `model` goes to: with `placement` (docs/protocol.md,
+        "Placement") one that holds the model, else the least loaded; the least recently used without
+        it, when the model is b"" or when only one worker is idle, which costs nothing more."""
+        idle = service.idle
+        if not model or len(idle) == 1 or not self.settings.placement:
+            return idle.popleft()
+        index = self._board.pick(idle, model)
+        if index == 0:
+            return idle.popleft()
+        worker = idle[index]
+        del idle[index]
+        return worker
+
+    def _may_run(self, service: Service, model: bytes) -> bool:
+        """Whether `model` may take one more worker (BrokerSettings.reserve_workers)."""
+        reserve = self.settings.reserve_workers
+        return not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve)
+
+    def _dispatch(self, worker: Worker, request: Request, now: float) -> None:
         request.attempts += 1
         worker.request = request
         if worker.dialect is Dialect.MAJORTOMO:
-            worker.expires_at = time.monotonic() + self.settings.majortomo_busy_timeout_s
-        self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
+            worker.expires_at = now + self.settings.majortomo_busy_timeout_s
+        body = request.body
+        if request.deadline_at != float("inf") and now - request.received_at >= 0.001:
+            # NOTE: the worker counts from its own receipt: tell it what is left after the queue (a copy
+            # of the first frame only; tensors of 64 KiB and more are frames of their own).
+            body = [p.with_deadline(body[0], int((request.deadline_at - now) * 1000)), *body[1:]]
+        self._send_worker(worker, MDPW.REQUEST, request.client, b"", *body)
         service = worker.service  # NOTE: metrics after the send: they are off the request's path
+        service.started(request.model)
         service.m_dispatched.inc(request.count)
         if request.attempts == 1:
-            observe_many(service.m_queue_wait, time.monotonic() - request.received_at, request.count)
+            observe_many(service.m_queue_wait, now - request.received_at, request.count)
 
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
         log.warning("disconnecting worker %s: %s", identity.hex(), why)
@@ -360,8 +432,10 @@ class Broker:
         except ValueError:
             pass
         request, worker.request = worker.request, None
-        if request is not None and redispatch and request.client != STATUS_CLIENT:
-            self._redispatch(request)
+        if request is not None and request.client != STATUS_CLIENT:
+            service.finished(request.model)
+            if redispatch:
+                self._redispatch(request)
         if service.workers == 0:
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable(
@@ -378,8 +452,11 @@ class Broker:
             return
         self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc(request.count)
         log.warning("re-dispatching a request of client %s after its worker died", request.client.hex())
-        if service.idle:
-            self._dispatch(service.idle.popleft(), request)
+        now = time.monotonic()
+        if request.expires_at <= now:
+            self._expired(request, now)
+        elif service.idle:
+            self._dispatch(self._idle_worker(service, request.model), request, now)
         else:
             service.enqueue(request, first=True)
 
@@ -432,11 +509,20 @@ class Broker:
 
     def _expire_requests(self, now: float) -> None:
         for service in self._services.values():
-            queue = service.requests
-            while queue and queue[0].expires_at < now:
-                self.metrics.expired.labels(service.name.decode(errors="replace")).inc(queue[0].count)
-                self._reply_error(service.dequeue(), Timeout(
-                    f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
+            if service.requests:
+                for request in service.requests.expire(now):
+                    self._expired(request, now)
+
+    def _expired(self, request: Request, now: float) -> None:
+        """Answer Timeout to a request that may not be dispatched any more: its caller's deadline passed
+        (rejected, reason "deadline": it costs no compute) or it waited `queue_timeout_s` (expired)."""
+        if request.deadline_at <= now:
+            self._reply_error(request, Timeout(
+                f"the request's deadline passed after {(now - request.received_at) * 1000:.0f} ms in the broker's "
+                f"queue; it was not run"), "deadline")
+            return
+        self.metrics.expired.labels(request.service.decode(errors="replace")).inc(request.count)
+        self._reply_error(request, Timeout(f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
     def _reply_error(self, request: Request, error: FractalError, reason: str | None) -> None:
         if reason is not None:

@@ -44,6 +44,7 @@ DEFAULT_SERVICE = "modelhost"
 CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the broker to come up
 SEND_RETRY_S = 0.005  # AsyncClient: how often a send the broker's connection refused is tried again
 MAX_DRAIN = 256       # AsyncClient: replies handled per wake-up before other callbacks get a turn
+PACK_LOOKAHEAD = 4 * 64  # AsyncClient: calls looked at for one pack's model (bounds the work per message)
 RECONNECT_WAIT_S = 15.0  # after the broker connection drops, how long repeatable calls wait for it
 SWEEP_GAP_S = 0.005  # AsyncClient: least time between two deadline sweeps (a timeout fires this late at most)
 LINK_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -291,10 +292,11 @@ class Client(_Operations):
         """Send one request and wait for its reply; returns the result or raises its FractalError."""
         link = self._link()
         link.failed.clear()
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         rid = next(_ids)
         frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                  *p.request_body(rid, op, _with_request_id(fields or {}))]
+                  *p.request_body(rid, op, _with_request_id(fields or {}), int(timeout_s * 1000))]
         pending = {}
         self._send_call(link, pending, op, frames, deadline)
         pending[rid] = (0, op, frames)
@@ -325,7 +327,8 @@ class Client(_Operations):
                     break
                 rid = next(_ids)
                 frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                          *p.request_body(rid, call[0], _with_request_id(call[1]))]
+                          *p.request_body(rid, call[0], _with_request_id(call[1]),
+                                          int((deadline - time.monotonic()) * 1000))]
                 self._send_call(link, pending, call[0], frames, deadline)
                 pending[rid] = (len(results), call[0], frames)
                 results.append(None)
@@ -718,24 +721,34 @@ class AsyncClient(_Operations):
             self._on_readable()
 
     def _next_message(self) -> tuple[list, list, int | None] | None:
-        """Frames of the next pack (or lone request) from the outbox, its calls, and the pack's id."""
-        outbox, writer, calls = self._outbox, p.PackWriter(), []
-        while outbox and len(calls) < p.PACK_MAX_REQUESTS:
-            call = outbox[0]
-            rid, op, fields, future, _deadline = call
+        """Frames of the next pack (or lone request) from the outbox, its calls, and the pack's id.
+
+        A pack holds calls for one model (the broker queues it as that model's: docs/protocol.md,
+        "Routing header"): calls for other models met on the way stay in the outbox, in their order,
+        looking at most PACK_LOOKAHEAD calls ahead. Each carries what is left of its deadline now."""
+        outbox, writer, calls, skipped = self._outbox, p.PackWriter(), [], []
+        now, model, looked = self._loop.time(), None, 0
+        while outbox and len(calls) < p.PACK_MAX_REQUESTS and looked < PACK_LOOKAHEAD:
+            looked += 1
+            call = outbox.popleft()
+            rid, op, fields, future, deadline = call
             if future.done():  # timed out or cancelled before it could leave
-                outbox.popleft()
+                continue
+            if model is None:
+                model = fields.get("model", "")
+            elif fields.get("model", "") != model:
+                skipped.append(call)
                 continue
             try:
-                if not writer.add({"id": rid, "op": op, **fields}, p.PACK_MAX_BYTES):
+                if not writer.add({"id": rid, "op": op, **fields}, p.PACK_MAX_BYTES, int((deadline - now) * 1000)):
+                    outbox.appendleft(call)
                     break
             except Exception as exc:  # this call alone cannot be sent; the others still go
                 future.set_exception(exc if isinstance(exc, FractalError)
                                      else BadInput(f"cannot encode the request: {exc!r}"))
-                outbox.popleft()
                 continue
-            outbox.popleft()
             calls.append(call)
+        outbox.extendleft(reversed(skipped))
         if not calls:
             return None
         pack_id = next(_ids) if len(calls) > 1 else None

@@ -71,6 +71,12 @@ class Overloaded(RetryLater):
     """The broker's queue for the service is full; retry later."""
 
 
+class QueueFull(Overloaded):
+    """The broker's queue for this model (or for the whole service) is full; retry after a moment.
+    429, not 503: the server is up and serving other models; this caller should slow down."""
+    http_status = 429
+
+
 class NoWorkerAvailable(RetryLater):
     """No live worker is registered for the service."""
 

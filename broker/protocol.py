@@ -265,11 +265,16 @@ REPEATABLE_OPS = frozenset({"predict", "predict_image", "models", "information",
                             "config", "echo", "status"})
 
 
-def request_body(rid: int, op: str, fields: dict) -> list:
-    """Body frames of a request (one frame unless it carries large tensors); raises BadInput for
-    values msgpack cannot carry (integers beyond 64 bits, arbitrary objects)."""
+def request_body(rid: int, op: str, fields: dict, deadline_ms: int | None = None) -> list:
+    """Body frames of a request (one frame unless it carries large tensors), led by the routing header
+    when `deadline_ms` (what is left of the caller's deadline) is given; raises BadInput for values
+    msgpack cannot carry (integers beyond 64 bits, arbitrary objects)."""
+    frames: list = [b""]
     try:
-        return pack_body({"id": rid, "op": op, **fields})
+        packer = msgpack.Packer(default=_out_of_band(frames), use_bin_type=True)
+        obj = {"id": rid, "op": op, **fields}
+        frames[0] = packer.pack(obj) if deadline_ms is None else routed_request(packer, obj, deadline_ms)
+        return frames
     except (TypeError, ValueError, OverflowError) as exc:
         raise BadInput(f"cannot encode the request: {exc}") from None
 
@@ -318,9 +323,102 @@ _ID_KEY, _REQUESTS_KEY, _REPLIES_KEY = b"\xa2id", b"\xa8requests", b"\xa7replies
 
 def request_count(first_frame: bytes) -> int:
     """User requests in a message whose first body frame is `first_frame`: a pack's n, else 1. O(1)."""
+    return route_of(first_frame)[2]
+
+
+def _unrouted_count(first_frame: bytes) -> int:
     if first_frame.startswith(PACK_PREFIX) and len(first_frame) > _COUNT_AT + 1:
         return max(1, int.from_bytes(first_frame[_COUNT_AT:_COUNT_AT + 2], "big"))
     return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The routing header (docs/protocol.md, "Routing header"): the first entries of every request map our
+# clients send, at fixed offsets, so the broker reads a message's model and deadline without decoding:
+#   de <u16 entries>                        the map, always in its 16-bit form
+#   ab "deadline_ms" ce <u32 big-endian>    milliseconds left of the caller's deadline when this hop sent it
+#   a5 "model" d9 <u8 length> <name>        the model (UTF-8; "" for an op that names none), always str8
+# then the map's other entries. A pack's map carries one too (its calls' one model, their latest
+# deadline), followed by the pack's keys `op`, `n` as in PACK_PREFIX. A body without it is model "".
+
+_DEADLINE_KEY = b"\xabdeadline_ms\xce"
+_DEADLINE_AT = 3 + len(_DEADLINE_KEY)
+_MODEL_KEY = b"\xa5model\xd9"
+_MODEL_KEY_AT = _DEADLINE_AT + 4
+_MODEL_AT = _MODEL_KEY_AT + len(_MODEL_KEY) + 1
+_PACK_KEYS = PACK_PREFIX[1:]  # "op": "pack", "n": uint16 follows, without PACK_PREFIX's map byte
+MAX_DEADLINE_MS = 0xFFFFFFFF
+MAX_ROUTED_NAME_BYTES = 0xFF
+
+
+def route_of(first_frame: bytes) -> tuple[bytes, int | None, int]:
+    """(model, milliseconds left of its deadline or None, user requests) of a message whose first body
+    frame is `first_frame`, read at fixed offsets: O(1). Without a routing header: (b"", None, 1)."""
+    if (first_frame[:1] != b"\xde" or first_frame[3:_DEADLINE_AT] != _DEADLINE_KEY
+            or first_frame[_MODEL_KEY_AT:_MODEL_AT - 1] != _MODEL_KEY or len(first_frame) < _MODEL_AT):
+        return b"", None, _unrouted_count(first_frame)
+    end = _MODEL_AT + first_frame[_MODEL_AT - 1]
+    count = 1
+    if first_frame[end:end + len(_PACK_KEYS)] == _PACK_KEYS:
+        count = max(1, int.from_bytes(first_frame[end + len(_PACK_KEYS):end + len(_PACK_KEYS) + 2], "big"))
+    return first_frame[_MODEL_AT:end], int.from_bytes(first_frame[_DEADLINE_AT:_MODEL_KEY_AT], "big"), count
+
+
+def with_deadline(first_frame: bytes, deadline_ms: int) -> bytes:
+    """`first_frame`, which route_of found a routing header in, with `deadline_ms` left (a copy)."""
+    value = min(max(0, deadline_ms), MAX_DEADLINE_MS).to_bytes(4, "big")
+    return b"".join((first_frame[:_DEADLINE_AT], value, first_frame[_MODEL_KEY_AT:]))
+
+
+_HEAD = struct.Struct(f">BH{len(_DEADLINE_KEY)}sI{len(_MODEL_KEY)}sB")  # everything before the model's bytes
+
+
+def _route_head(entries: int, model: bytes, deadline_ms: int) -> bytes:
+    ms = deadline_ms if 0 <= deadline_ms <= MAX_DEADLINE_MS else min(max(0, int(deadline_ms)), MAX_DEADLINE_MS)
+    return _HEAD.pack(0xDE, entries, _DEADLINE_KEY, ms, _MODEL_KEY, len(model)) + model
+
+
+def _routed_model(obj: dict) -> bytes | None:
+    """The header's model of a request map: its `model` as UTF-8 (b"" when it has none), or None when
+    that cannot go in a header (not a string, or too long: the request is sent without one)."""
+    model = obj.get("model", "")
+    if model.__class__ is not str:
+        return None
+    try:
+        name = model.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name if len(name) <= MAX_ROUTED_NAME_BYTES else None
+
+
+def routed_request(packer: msgpack.Packer, obj: dict, deadline_ms: int) -> bytes:
+    """`obj` (a request map) encoded with the routing header first; without one when its model cannot
+    go in a header (the worker then refuses the name as it would anyway)."""
+    return _routed(packer, obj, deadline_ms)[0]
+
+
+def _routed(packer: msgpack.Packer, obj: dict, deadline_ms: int) -> tuple[bytes, bytes | None]:
+    """routed_request's bytes, and the model in its header (None: sent without one)."""
+    name = _routed_model(obj)
+    if name is None:
+        return packer.pack(obj), None
+    rest = obj.copy()
+    rest.pop("model", None)
+    rest.pop("deadline_ms", None)
+    body = packer.pack(rest)
+    head = body[0]  # NOTE: strip the map's own header: the routing header opens a larger map
+    skip = 1 if head & 0xF0 == 0x80 else 3 if head == 0xDE else 5
+    return _route_head(len(rest) + 2, name, deadline_ms) + body[skip:], name
+
+
+def deadline_of(request: dict, received_at: float, shift_ms: int = 0) -> float:
+    """The monotonic time by which `request` (decoded, received at `received_at`) must be answered:
+    its `deadline_ms` less `shift_ms` (a pack's time in the broker's queue, for its sub-requests), or
+    infinity when it carries none."""
+    remaining = request.get("deadline_ms")
+    if remaining.__class__ is not int:
+        return float("inf")
+    return received_at + (remaining - shift_ms) / 1000
 
 
 class PackWriter:
@@ -335,13 +433,17 @@ class PackWriter:
         self.parts: list[bytes] = []
         self.size = 0
         self._packer = msgpack.Packer(default=_out_of_band(self.frames), use_bin_type=True)
+        self._model: bytes | None = None  # the routing header of the pack: its requests' one model,
+        self._deadline_ms = -1             # and their latest deadline; -1: no request with a header
 
-    def add(self, obj: dict, max_bytes: int | None = None) -> bool:
-        """Encode `obj` into the pack; False (and the pack as it was) when it would take a non-empty
-        pack past `max_bytes`. Raises BadInput for a map msgpack cannot carry."""
+    def add(self, obj: dict, max_bytes: int | None = None, deadline_ms: int | None = None) -> bool:
+        """Encode `obj` into the pack (a request led by the routing header when `deadline_ms` is given);
+        False (and the pack as it was) when it would take a non-empty pack past `max_bytes`. Raises
+        BadInput for a map msgpack cannot carry."""
         mark = len(self.frames)
         try:
-            part = self._packer.pack(obj)
+            part, name = (self._packer.pack(obj), None) if deadline_ms is None else \
+                _routed(self._packer, obj, deadline_ms)
         except (TypeError, ValueError, OverflowError) as exc:
             del self.frames[mark:]
             raise BadInput(f"cannot encode the request: {exc}") from None
@@ -351,16 +453,24 @@ class PackWriter:
             return False
         self.parts.append(part)
         self.size += size
+        if deadline_ms is not None:
+            self._model = name if self._model is None or self._model == name else b""
+            self._deadline_ms = max(self._deadline_ms, deadline_ms)
         return True
 
     def request(self, pack_id: int | None) -> list:
-        """Body frames of the pack request; a lone map is sent as it is, an ordinary request."""
+        """Body frames of the pack request; a lone map is sent as it is, an ordinary request. A pack of
+        requests with routing headers gets one of its own (their model when they share one, else "")."""
         if len(self.parts) == 1:
             self.frames[0] = self.parts[0]
+            return self.frames
+        count = len(self.parts).to_bytes(2, "big")
+        if self._deadline_ms >= 0:
+            head = b"".join((_route_head(6, self._model or b"", self._deadline_ms), _PACK_KEYS, count))
         else:
-            self.frames[0] = b"".join((PACK_PREFIX, len(self.parts).to_bytes(2, "big"), _ID_KEY,
-                                       self._packer.pack(pack_id), _REQUESTS_KEY,
-                                       self._packer.pack_array_header(len(self.parts)), *self.parts))
+            head = PACK_PREFIX + count
+        self.frames[0] = b"".join((head, _ID_KEY, self._packer.pack(pack_id), _REQUESTS_KEY,
+                                   self._packer.pack_array_header(len(self.parts)), *self.parts))
         return self.frames
 
     def reply(self, pack_id: Any, node: str) -> list:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from . import protocol as p
 
@@ -25,6 +25,8 @@ class StatusBoard:
         self.interval_s = interval_s
         self.started = time.time()
         self._status: dict[bytes, tuple[float, dict]] = {}   # identity -> (when, worker's status)
+        # identity -> (the models it holds, as the routing header names them; its load), for placement
+        self._placement: dict[bytes, tuple[frozenset[bytes], float]] = {}
 
     def due(self, identity: bytes, now: float) -> bool:
         entry = self._status.get(identity)
@@ -47,9 +49,25 @@ class StatusBoard:
             # NOTE: READY carries no name; this line ties the routing id in the broker's log to the node id.
             log.info("worker %s is node %s (pid %s)", identity.hex(), status["node"], status.get("pid"))
         self._status[identity] = (now, status)
+        self._placement[identity] = _placement(status)
 
     def forget(self, identity: bytes) -> None:
         self._status.pop(identity, None)
+        self._placement.pop(identity, None)
+
+    def pick(self, idle: Iterable[Any], model: bytes) -> int:
+        """The index in `idle` (workers, least recently used first) of the worker a request for `model`
+        goes to: the first that holds it (by its last status), else the least loaded one (resident
+        bytes when it reports them, else resident models; the least recently used among equals)."""
+        best, best_load = 0, float("inf")
+        unknown: tuple[frozenset[bytes], float] = (frozenset(), 0.0)
+        for index, worker in enumerate(idle):
+            holds, load = self._placement.get(worker.identity, unknown)
+            if model in holds:
+                return index
+            if load < best_load:
+                best, best_load = index, load
+        return best
 
     def report(self, workers: list, services: dict, now: float, expiry_s: float) -> dict[str, Any]:
         rows = []
@@ -73,3 +91,15 @@ class StatusBoard:
                                "workers": s.workers, "idle": len(s.idle), "queued": s.queued}
                                for s in services.values()}},
                 "workers": rows}
+
+
+def _placement(status: dict) -> tuple[frozenset[bytes], float]:
+    """(models held, load) from a worker's status answer; garbage counts as holding nothing."""
+    names = status.get("models_resident")
+    held: frozenset[bytes] = frozenset()
+    if isinstance(names, list):
+        held = frozenset(n.encode("utf-8", "replace") for n in names if isinstance(n, str))
+    resident = status.get("resident_bytes")
+    if isinstance(resident, (int, float)) and not isinstance(resident, bool):
+        return held, float(resident)
+    return held, float(len(held))

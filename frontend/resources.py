@@ -14,6 +14,7 @@ from broker.errors import BadInput, Timeout, UnsupportedMediaType
 from broker.protocol import model_file_name
 
 from . import bodies
+from .deadlines import header_timeout_s
 from .errors import status_body
 from .timing import request_timing, timed
 
@@ -146,16 +147,20 @@ class Prediction(Resource):
             raise BadInput('"inputs" must map input names to arrays')
         wanted = _wanted_outputs(body.get("outputs"))
         # NOTE: every output is computed, so that `values` is the model's first whatever was asked for.
+        timeout_s = header_timeout_s(req, self.client.timeout_s)
         outputs = await timed(request_timing(req), name, lambda timing: self.client.predict(
-            name, inputs, version=_version(req), request_id=req.context.request_id, timing=timing))
+            name, inputs, version=_version(req), request_id=req.context.request_id, timing=timing,
+            timeout_s=timeout_s))
         _answer(resp, name, outputs, wanted)
 
     async def _image(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str, image: bytes,
                      wanted: list[str] | bool) -> None:
         if not image:
             raise BadInput("the image is empty")
+        timeout_s = header_timeout_s(req, self.client.timeout_s)
         outputs = await timed(request_timing(req), name, lambda timing: self.client.predict_image(
-            name, image, version=_version(req), request_id=req.context.request_id, timing=timing))
+            name, image, version=_version(req), request_id=req.context.request_id, timing=timing,
+            timeout_s=timeout_s))
         _answer(resp, name, outputs, wanted)
 
 

@@ -17,6 +17,7 @@ from broker.errors import BadInput, NoWorkerAvailable
 from broker.protocol import model_file_name
 
 from . import bodies, oip
+from .deadlines import header_timeout_s, parameter_timeout_s
 from .timing import request_timing, timed
 from .v2_tensors import HEADER_LENGTH, datatype_of, decode_request, encode_response
 
@@ -89,10 +90,12 @@ class Infer(V2Resource):
             header_length = int(header) if header is not None else None
         except ValueError:
             header_length = -1  # decode_request rejects it with the protocol's message
+        timeout_s = header_timeout_s(req, self.client.timeout_s)
         request = decode_request(await bodies.raw(req, self.max_body_bytes), header_length)
+        timeout_s = parameter_timeout_s(request.timeout, timeout_s)
         outputs, served = await timed(request_timing(req), model, lambda timing: self.client.infer(
             model, request.inputs, request.outputs, version=version or None, request_id=req.context.request_id,
-            timing=timing))
+            timing=timing, timeout_s=timeout_s))
         body, json_length = encode_response(name, request, outputs, served)
         resp.data = body
         if json_length is None:

@@ -46,6 +46,7 @@ class InferRequest:
     outputs: list[str] | None          # None: every output
     binary: dict[str, bool]            # output name -> send as binary data
     binary_default: bool
+    timeout: Any = None                # parameters.timeout as sent (µs; frontend/deadlines.py checks it)
 
 
 def _decode_bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
@@ -131,7 +132,8 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         inputs[name] = array
     if offset != len(binary):
         raise BadInput(f"{len(binary) - offset} binary bytes in the body belong to no input")
-    binary_default = bool(_parameters(request, "the request").get("binary_data_output", False))
+    parameters = _parameters(request, "the request")
+    binary_default = bool(parameters.get("binary_data_output", False))
     outputs, flags = None, {}
     if request.get("outputs") is not None:
         if not isinstance(request["outputs"], list):
@@ -143,7 +145,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
             outputs.append(out["name"])
             parameters = _parameters(out, f"output {out['name']!r}")
             flags[out["name"]] = bool(parameters.get("binary_data", binary_default))
-    return InferRequest(request.get("id"), inputs, outputs, flags, binary_default)
+    return InferRequest(request.get("id"), inputs, outputs, flags, binary_default, parameters.get("timeout"))
 
 
 def _bytes_elements(array: np.ndarray) -> bytes:

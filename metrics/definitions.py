@@ -169,6 +169,10 @@ class WorkerMetrics:
                                    "unlimited.", n, registry=r).labels(node)
         self.memory_rss = gauge("fractal_worker_memory_rss_bytes", "Resident memory of the worker process.",
                                 n, registry=r).labels(node)
+        self.dropped = counter("fractal_worker_requests_dropped", "Requests answered without being run, by "
+                               "reason (deadline: the caller's deadline passed before its run).", ["node", "reason"],
+                               registry=r)
+        self.dropped_deadline = self.dropped.labels(node, "deadline")
         self._bound: dict[tuple, tuple] = {}
 
     def model_series(self, model: str) -> ModelSeries:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from broker.errors import BadInput, FractalError, InternalError
+from broker.errors import BadInput, FractalError, InternalError, Timeout
 from metrics import tracing
 
 from . import inference
@@ -71,6 +71,7 @@ class Pending:
     signature: tuple = ()                          # only requests with equal signatures share a run
     input_ns: int = 0                              # checking and converting its inputs (statistics)
     queued_ns: int = 0                             # perf_counter_ns() when it joined the queue
+    expires_at: float = float("inf")               # monotonic: the caller's deadline (protocol.deadline_of)
 
 
 @dataclass
@@ -122,6 +123,18 @@ def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, no
     signature = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(feeds.items()))
     queued = time.perf_counter_ns()
     return Pending(model, feeds, wanted, rows.pop(), now, reply, signature, queued - started, queued)
+
+
+def drop_expired(batch: list[Pending], now: float) -> list[Pending]:
+    """The requests of `batch` whose caller's deadline has not passed at `now`; the others are answered
+    Timeout here, without running: an abandoned request costs no compute."""
+    live = [pending for pending in batch if pending.expires_at > now]
+    if len(live) < len(batch):
+        for pending in batch:
+            if pending.expires_at <= now:
+                pending.reply(Timeout("the caller's deadline passed before the worker ran this request"))
+                pending.model.stats.failed(time.perf_counter_ns() - pending.queued_ns + pending.input_ns)
+    return live
 
 
 def run_batch(batch: list[Pending]) -> None:

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 
 from broker import protocol as p
-from broker.errors import BadInput, FractalError, InternalError, ProtocolError
+from broker.errors import BadInput, FractalError, InternalError, ProtocolError, Timeout
 from broker.logs import set_node
 from broker.protocol import MDPW
 from broker.settings import endpoint_list, log_format_setting, setting, tracing_setting
@@ -37,7 +37,7 @@ from broker.protocol import model_file_name
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 
 from . import ops
-from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
+from .batching import BatchPolicy, Pending, Queue, batchable, drop_expired, prepare, run_batch
 from .connection import Connection
 from .inference import worker_time
 from .memory import rss_bytes
@@ -227,16 +227,18 @@ class ModelHost:
                 self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
                     "REQUEST without envelope and body")))
                 return
-            received = time.perf_counter_ns() if tracing.ENABLED else 0
+            received = time.monotonic()  # NOTE: the request's deadline_ms counts from here
+            traced_at = time.perf_counter_ns() if tracing.ENABLED else 0
             request = self._decode(frames[4:])
             if isinstance(request, ProtocolError):
                 self._final(conn, frames[2], p.error_body(None, self.node, request))
                 return
-            if received:
-                tracing.received(request, received)
+            if traced_at:
+                tracing.received(request, traced_at)
             if not (self.policy.enabled and request["op"] == "predict"
-                    and self._queued(conn, frames[2], request)):
-                self._final(conn, frames[2], self._run_busy(self.reply_to, request))
+                    and self._queued(conn, frames[2], request, received)):
+                self._final(conn, frames[2], self._run_busy(functools.partial(self.reply_to, received_at=received),
+                                                            request))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
                 log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
@@ -253,7 +255,7 @@ class ModelHost:
             self.metrics.request_done("unknown", "error", 0.0)
             return exc
 
-    def _queued(self, conn: Connection, client: bytes, request: dict) -> bool:
+    def _queued(self, conn: Connection, client: bytes, request: dict, received: float) -> bool:
         """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
         try:
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
@@ -277,6 +279,7 @@ class ModelHost:
         if queue is None:
             queue = self._queues[model.name] = Queue(policy)
         queue.policy = policy  # NOTE: a changed sidecar applies from now on; queued requests stay
+        pending.expires_at = p.deadline_of(request, received)
         queue.items.append(pending)
         return True
 
@@ -322,7 +325,9 @@ class ModelHost:
         for name in list(self._queues):
             queue = self._queues[name]
             while queue.items and (full or queue.due(now)):
-                self._run_busy(run_batch, queue.take())
+                batch = self.live(queue.take())
+                if batch:
+                    self._run_busy(run_batch, batch)
                 self._flush()
             if not queue.items:
                 del self._queues[name]
@@ -368,11 +373,20 @@ class ModelHost:
             return p.error_body(None, self.node, request)
         return self.reply_to(request)
 
-    def reply_to(self, request: dict) -> list:
-        """Reply body frames for a decoded request or pack (worker/packs.py); never raises."""
+    def live(self, batch: list[Pending]) -> list[Pending]:
+        """The requests of a batch about to run whose deadline has not passed; the others are answered
+        Timeout and counted (fractal_worker_requests_dropped, reason "deadline")."""
+        live = drop_expired(batch, time.monotonic())
+        if len(live) < len(batch):
+            self.metrics.dropped_deadline.inc(len(batch) - len(live))
+        return live
+
+    def reply_to(self, request: dict, received_at: float | None = None) -> list:
+        """Reply body frames for a decoded request or pack (worker/packs.py); never raises. With
+        `received_at` (monotonic), a request whose deadline_ms has passed by its turn is not run."""
         if request["op"] == "pack":
             try:
-                return run_pack(self, request)
+                return run_pack(self, request, received_at)
             except Exception as exc:  # a malformed pack: one error for all of it, counted once per request
                 error = exc if isinstance(exc, FractalError) else InternalError(f"pack failed on {self.node}")
                 log.warning("a pack failed as a whole: %s", error)
@@ -380,7 +394,8 @@ class ModelHost:
                 for _ in range(count if type(count) is int and 1 <= count <= 0xFFFF else 1):
                     self.metrics.request_done("unknown", "error", 0.0)
                 return p.error_body(request.get("id"), self.node, error)
-        rid, outcome = self.answer(request)
+        expires_at = float("inf") if received_at is None else p.deadline_of(request, received_at)
+        rid, outcome = self.answer(request, expires_at)
         body = None
         if not isinstance(outcome, FractalError):
             try:
@@ -395,8 +410,9 @@ class ModelHost:
             tracing.finish(request, self.node)
         return body
 
-    def answer(self, request: Any) -> tuple[Any, Any]:
-        """(id, result or FractalError) of one decoded request; never raises; counted and logged."""
+    def answer(self, request: Any, expires_at: float = float("inf")) -> tuple[Any, Any]:
+        """(id, result or FractalError) of one decoded request; never raises; counted and logged.
+        Past `expires_at` (monotonic: the caller's deadline) it is answered Timeout without running."""
         started = time.perf_counter()
         rid = trace = op_name = None
         if tracing.ENABLED:
@@ -408,6 +424,9 @@ class ModelHost:
             op = self._ops.get(op_name)
             if op is None:
                 raise BadInput(f"unknown op {op_name!r}; known: {', '.join(sorted(OPS))}")
+            if expires_at <= time.monotonic():
+                self.metrics.dropped_deadline.inc()
+                raise Timeout("the caller's deadline passed before the worker ran this request")
             outcome = op(self.pool, request, self.node)
         except FractalError as exc:
             outcome = exc

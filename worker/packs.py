@@ -29,20 +29,24 @@ log = logging.getLogger(__name__)
 PACK_MAX_ROWS = 4096  # rows of one run when the worker's own batching is off (and sets no bound)
 
 
-def run_pack(host: "ModelHost", request: dict) -> list:
+def run_pack(host: "ModelHost", request: dict, received_at: float | None = None) -> list:
     """Reply body frames for a decoded pack request; raises ProtocolError when it is malformed (the
-    caller answers the whole pack with that error)."""
+    caller answers the whole pack with that error). With `received_at` (monotonic), a sub-request
+    whose deadline has passed by its turn is answered Timeout without running."""
     subs = p.unpack_pack(request)
     started = time.perf_counter()
     outcomes: list = [None] * len(subs)
     queues: dict[str, Queue] = {}
     models: dict[str, Any] = {}  # each model is checked once per pack: its calls arrived together
+    deadlines = _deadlines(request, subs, received_at)
     for index, sub in enumerate(subs):
-        if not _queued(host, sub, index, outcomes, queues, models, started):
-            outcomes[index] = host.answer(sub)
+        if not _queued(host, sub, index, outcomes, queues, models, started, deadlines[index]):
+            outcomes[index] = host.answer(sub, deadlines[index])
     for queue in queues.values():
         while queue.items:
-            run_batch(queue.take())
+            batch = host.live(queue.take())
+            if batch:
+                run_batch(batch)
     writer = p.PackWriter()
     for rid, outcome in outcomes:
         writer.add_reply(rid, host.node, outcome)
@@ -52,8 +56,20 @@ def run_pack(host: "ModelHost", request: dict) -> list:
     return body
 
 
+def _deadlines(request: dict, subs: list, received_at: float | None) -> list[float]:
+    """Each sub-request's deadline on our monotonic clock. A sub's deadline_ms was written when the
+    client sent the pack, the pack's (their latest) again when the broker dispatched it: the
+    difference is the time the pack spent on the way, which every sub has spent too."""
+    if received_at is None:
+        return [float("inf")] * len(subs)
+    sent = [s.get("deadline_ms") for s in subs if isinstance(s, dict) and s.get("deadline_ms").__class__ is int]
+    head = request.get("deadline_ms")
+    shift = max(0, max(sent) - head) if sent and head.__class__ is int else 0
+    return [p.deadline_of(s, received_at, shift) if isinstance(s, dict) else float("inf") for s in subs]
+
+
 def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dict, models: dict,
-            started: float) -> bool:
+            started: float, expires_at: float) -> bool:
     """Queue a predict for a batchable model (True), or leave the sub-request to run alone (False)."""
     if not isinstance(sub, dict) or sub.get("op") != "predict":
         return False
@@ -81,6 +97,7 @@ def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dic
     except Exception as exc:
         reply(exc if isinstance(exc, FractalError) else BadInput(f"cannot use this request: {exc}"))
         return True
+    pending.expires_at = expires_at
     queue = queues.get(model.name)
     if queue is None:
         queue = queues[model.name] = Queue(policy)

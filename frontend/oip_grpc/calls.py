@@ -16,8 +16,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from broker.errors import (BadInput, FractalError, Forbidden, ModelNotFound, PayloadTooLarge, RetryLater, Timeout,
-                           Unauthorized, UnsupportedMediaType)
+from broker.errors import (BadInput, Forbidden, FractalError, ModelNotFound, PayloadTooLarge, QueueFull, RetryLater,
+                           Timeout, Unauthorized, UnsupportedMediaType)
 from metrics import GrpcMetrics, tracing
 
 from ..timing import count, server_timing
@@ -26,11 +26,13 @@ log = logging.getLogger("frontend.grpc.access")
 
 OPEN, API, ADMIN = "open", "api", "admin"  # who may call: anyone, the API token, the admin token
 
-# Most specific first: ModelUnloaded is a ModelNotFound, Overloaded a RetryLater, ProtocolError a BadInput.
+# Most specific first: ModelUnloaded is a ModelNotFound, QueueFull (an Overloaded) a RetryLater, ProtocolError a
+# BadInput.
 CODES = [(Unauthorized, grpc.StatusCode.UNAUTHENTICATED), (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
          (BadInput, grpc.StatusCode.INVALID_ARGUMENT), (UnsupportedMediaType, grpc.StatusCode.INVALID_ARGUMENT),
          (ModelNotFound, grpc.StatusCode.NOT_FOUND), (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-         (RetryLater, grpc.StatusCode.UNAVAILABLE), (Timeout, grpc.StatusCode.DEADLINE_EXCEEDED)]
+         (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED), (RetryLater, grpc.StatusCode.UNAVAILABLE),
+         (Timeout, grpc.StatusCode.DEADLINE_EXCEEDED)]
 
 
 def status_code(exc: FractalError) -> grpc.StatusCode:
