@@ -25,11 +25,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.rest import tree_cpu_s  # noqa: E402
+
 ROW = np.array([[2, 5, 1, 4]], np.float32)
 
 

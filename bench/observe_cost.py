@@ -29,6 +29,7 @@ from bench.cpu import cpu_s  # noqa: E402
 from bench.pipeline import IRIS, Procs, free_url, wait_ready  # noqa: E402
 from fractal.gunicorn_args import gunicorn_argv  # noqa: E402
 
+
 def free_port() -> int:
     return int(free_url().rsplit(":", 1)[1])
 

@@ -12,7 +12,6 @@ from .errors import ConfigError
 from .logs import setup_logging
 from .settings import add_arguments, load
 
-
 _PR_SET_PDEATHSIG = 1
 
 

@@ -21,12 +21,22 @@ from .auth import TokenAuth
 from .disconnect import REQUEST_KEY, CancelOnDisconnect
 from .errors import status_body
 from .observability import Metrics, MetricsMiddleware, StatusJson, StatusPage
-from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
-                        welcome_body)
+from .resources import Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes, welcome_body
 from .settings import FrontendSettings
 from .timing import RequestTiming
-from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
-                 RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
+from .v2 import (
+    Infer,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    ModelStatistics,
+    RepositoryIndex,
+    RepositoryLoad,
+    RepositoryUnload,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+)
 
 log = logging.getLogger("frontend.access")
 

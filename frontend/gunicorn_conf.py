@@ -13,7 +13,6 @@ import tempfile
 from broker.logs import formatter, setup_logging
 from broker.runner import die_with_parent
 from broker.settings import load
-
 from frontend.settings import FrontendSettings
 
 # NOTE: the app is ASGI: without a --worker-class flag, gunicorn runs it under uvicorn (uvloop, httptools).

@@ -13,7 +13,6 @@ from metrics import FrontendMetrics, exposition
 
 from .errors import status_body
 
-
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 
 

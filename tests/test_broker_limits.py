@@ -10,12 +10,11 @@ import pytest
 import zmq
 
 from broker.client import AsyncClient, Client
-from broker.protocol import unpack
 from broker.errors import NoWorkerAvailable, Overloaded, Timeout
+from broker.protocol import unpack
 
 from .conftest import free_port, wait_busy, wait_workers
 from .onnx_models import slow_input, slow_model
-
 
 QUEUE_TIMEOUT_S = 0.3
 

@@ -16,7 +16,8 @@ import tritonclient.grpc as tg
 import tritonclient.grpc.aio as tga
 import tritonclient.http as th
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from broker.client import Client

@@ -10,7 +10,8 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from broker.errors import ConfigError
 from broker.settings import load

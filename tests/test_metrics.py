@@ -4,21 +4,21 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import struct
-import uuid
 import shutil
 import signal
+import struct
 import subprocess
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
-from .conftest import (REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for,
-                       wait_workers)
+from .conftest import REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for, wait_workers
 
 N = 25
 PREDICTION_ROUTE = "/api/v1/models/{name}/prediction"

@@ -22,19 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.backend import zmq_poll
 from prometheus_client import CollectorRegistry
-
-from metrics import WorkerMetrics, new_registry, serve_metrics
+from zmq.backend import zmq_poll
 
 from broker import protocol as p
+from broker.curve import PeerKeys
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError
 from broker.logs import set_node
-from broker.protocol import MDPW
+from broker.protocol import MDPW, model_file_name
 from broker.settings import log_format_setting, setting
-from broker.curve import PeerKeys
-from broker.protocol import model_file_name
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
+from metrics import WorkerMetrics, new_registry, serve_metrics
 
 from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch

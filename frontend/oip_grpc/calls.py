@@ -16,8 +16,17 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from broker.errors import (BadInput, FractalError, Forbidden, ModelNotFound, PayloadTooLarge, RetryLater, Timeout,
-                           Unauthorized, UnsupportedMediaType)
+from broker.errors import (
+    BadInput,
+    Forbidden,
+    FractalError,
+    ModelNotFound,
+    PayloadTooLarge,
+    RetryLater,
+    Timeout,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from metrics import GrpcMetrics
 
 from ..timing import count, server_timing
