@@ -32,7 +32,7 @@ from bench.chaos import FAST_HEARTBEATS, child_pids, start_load, start_serve  # 
 def longest_stall_s(rows: list[dict]) -> float:
     """The longest gap between two consecutive answers (or the start and the first answer)."""
     answered = sorted(r["t"] + r["ms"] / 1000 for r in rows)
-    gaps = [b - a for a, b in zip([0.0, *answered], answered)]
+    gaps = [b - a for a, b in zip([0.0, *answered], answered, strict=False)]
     return max(gaps, default=0.0)
 
 

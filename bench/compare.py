@@ -381,7 +381,7 @@ def main() -> None:
         if args.baseline:
             before = servers[-1]
             print(f"\nFrontend CPU per request (gunicorn workers, /proc), {before.name} -> this checkout:")
-            for old_route, new_route in zip(before.routes, ours.routes):
+            for old_route, new_route in zip(before.routes, ours.routes, strict=False):
                 old_us, new_us = old_route.cpu["frontend_us"], new_route.cpu["frontend_us"]
                 print(f"  {new_route.label:10} {old_us:6,.0f} us -> {new_us:6,.0f} us ({new_us / old_us - 1:+.0%})")
     finally:

@@ -222,7 +222,7 @@ class MajortomoDialect:
 
 def majortomo_dialect(broker_argv: list[str], sync_n: int, flight_n: int, procs: Procs) -> dict:
     stack = MajortomoDialect(broker_argv, procs)
-    out = dict(zip(("p50_us", "p99_us"), stack.sync_p50(sync_n)))
+    out = dict(zip(("p50_us", "p99_us"), stack.sync_p50(sync_n), strict=True))
     out["rps_1w"] = stack.rate(flight_n)
     stack.close()
     procs.stop()
@@ -239,9 +239,9 @@ def whole_paths(sync_n: int, flight_n: int, procs: Procs, model_dir: Path) -> tu
         sync_p50(client, 300)  # warm-up
         calls = [("predict", {"model": "iris.onnx", "inputs": {"float_input": ROW}})] * flight_n
         for _ in range(ROUNDS):
-            for key, value in zip(("our_p50", "our_p99"), sync_p50(client, sync_n)):
+            for key, value in zip(("our_p50", "our_p99"), sync_p50(client, sync_n), strict=True):
                 rows[key].append(value)
-            for key, value in zip(("mt_p50", "mt_p99"), theirs.sync_p50(sync_n)):
+            for key, value in zip(("mt_p50", "mt_p99"), theirs.sync_p50(sync_n), strict=True):
                 rows[key].append(value)
             rows["our_rps"].append(async_rate(url, flight_n))
             rows["mt_rps"].append(theirs.rate(flight_n))

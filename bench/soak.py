@@ -71,7 +71,8 @@ class Load:
         except OSError as exc:
             status, conn = f"{exc.__class__.__name__}", http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         with self.lock:
-            self.counts[path.rsplit("/", 1)[-1] + " " + method] = self.counts.get(path.rsplit("/", 1)[-1] + " " + method, 0) + 1
+            key = path.rsplit("/", 1)[-1] + " " + method
+            self.counts[key] = self.counts.get(key, 0) + 1
             if status not in ok:
                 self.failures.append((time.time(), method, path, status))
         return conn

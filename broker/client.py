@@ -760,7 +760,7 @@ class AsyncClient(_Operations):
         except FractalError as exc:  # one error for the whole pack: each call raises its own copy
             outcomes = [exc.__class__(*exc.args) for _ in rids]
         pending = self._pending
-        for sub_rid, outcome in zip(rids, outcomes):
+        for sub_rid, outcome in zip(rids, outcomes, strict=True):
             future = pending.get(sub_rid)
             if future is None or future.done():
                 continue

@@ -12,7 +12,7 @@ from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 def test_sequential_requests_alternate_between_two_workers(client):
     nodes = [client.echo(i)["node"] for i in range(6)]
     assert len(set(nodes)) == 2
-    assert all(a != b for a, b in zip(nodes, nodes[1:]))  # LRU: each call goes to the other worker
+    assert all(a != b for a, b in zip(nodes, nodes[1:], strict=False))  # LRU: each call goes to the other worker
 
 
 def test_a_busy_worker_gets_no_new_work(client, cluster):

@@ -117,7 +117,7 @@ def test_client_call_many_survives_a_broker_restart(procs: Processes, restartabl
         start_broker(procs, restartable)
         worker.join(timeout=90)
     assert len(out) == len(steps) + 1, out
-    for result, k in zip(out, steps):
+    for result, k in zip(out, steps, strict=True):
         assert isinstance(result, dict), result
         check_slow(result["outputs"], k)
     assert out[-1]["data"] == "after"
@@ -153,7 +153,7 @@ def test_async_client_calls_in_flight_survive_a_broker_restart(procs: Processes,
                 await client.delete("iris.onnx")
             late_read = asyncio.ensure_future(client.models())
             await asyncio.to_thread(start_broker, procs, restartable)
-            for prediction, k in zip(predictions, steps):
+            for prediction, k in zip(predictions, steps, strict=True):
                 check_slow(await asyncio.wait_for(prediction, 90), k)
             repository, echo = [await asyncio.wait_for(r, 90) for r in reads]
             assert SLOW in {m["name"] for m in repository}

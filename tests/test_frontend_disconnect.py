@@ -115,8 +115,8 @@ def test_a_disconnect_ends_the_request_early_under_gunicorn(procs, cluster):
 
     with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    line = next(l for l in text.splitlines() if l.startswith("fractal_frontend_requests_total")
-                and 'status="499"' in l)
+    line = next(row for row in text.splitlines() if row.startswith("fractal_frontend_requests_total")
+                and 'status="499"' in row)
     assert float(line.rsplit(" ", 1)[1]) == 1
     with urllib.request.urlopen(base + "/api/v1/models", timeout=30) as resp:
         assert SLOW in json.loads(resp.read())["model_list"]

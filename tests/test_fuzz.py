@@ -19,7 +19,8 @@ MESSAGES = st.lists(FRAME, min_size=0, max_size=6).flatmap(
 INTS = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
 PLAIN = st.recursive(st.none() | st.booleans() | INTS | st.floats() | st.text(max_size=10)
                      | st.binary(max_size=20),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                     lambda inner: (st.lists(inner, max_size=4)
+                                    | st.dictionaries(st.text(max_size=6), inner, max_size=4)),
                      max_leaves=12)
 EXT = st.builds(msgpack.ExtType, st.integers(0, 5), st.binary(max_size=40))
 BODIES = st.recursive(PLAIN | EXT, lambda inner: st.lists(inner, max_size=3)

@@ -28,6 +28,7 @@ from .onnx_models import slow_input, slow_model, string_identity_model
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 ROWS = np.random.default_rng(11).uniform(0, 8, (5, 4)).astype(np.float32)
 OK_ROW = np.array([[2, 5, 1, 4]], np.float32)
+OK_RAW = (OK_ROW.tobytes(),)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def fp32_input(array: np.ndarray, name: str = "float_input"):
     return tensor
 
 
-def raw_request(model="iris.onnx", shape=(1, 4), datatype="FP32", raw=(OK_ROW.tobytes(),), version="",
+def raw_request(model="iris.onnx", shape=(1, 4), datatype="FP32", raw=OK_RAW, version="",
                 name="float_input", **contents) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     tensor = request.inputs.add(name=name, datatype=datatype, shape=list(shape))

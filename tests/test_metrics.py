@@ -98,7 +98,7 @@ def test_n_predictions_raise_each_tier_by_n(server):
     before = _counts(server)
     predict(server, N)
     after = _counts(server)
-    assert [a - b for a, b in zip(after, before)] == [N, N, N]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [N, N, N]
     text = get(server.metrics_urls["frontend"])  # several gunicorn processes, one sum
     assert sample_sum(text, "fractal_frontend_request_duration_seconds_count", route=PREDICTION_ROUTE) >= N
 

@@ -135,7 +135,8 @@ def test_polling_serves_a_version_directory_copied_in(procs, broker_url, tmp_pat
         seen = set()
         with Client(broker_url, timeout_s=10) as c:
             for outcome in c.call_many([("predict", {"model": "p.onnx", "inputs": X})] * 2, return_exceptions=True):
-                seen.add(type(outcome).__name__ if isinstance(outcome, Exception) else float(outcome["outputs"]["y"][0, 0]))
+                seen.add(type(outcome).__name__ if isinstance(outcome, Exception)
+                         else float(outcome["outputs"]["y"][0, 0]))
         return seen
 
     wait_for(lambda: answers() == {1.0}, 30, "version 1 to be served")

@@ -55,7 +55,7 @@ def mixed_calls(client: AsyncClient, count: int) -> tuple[list, list]:
 
 def check_answers(results: list, expected: list) -> None:
     iris, diabetes = session("iris.onnx"), session("diabetes.onnx")
-    for i, (result, want) in enumerate(zip(results, expected)):
+    for i, (result, want) in enumerate(zip(results, expected, strict=True)):
         if want is None:
             assert isinstance(result, (BadInput, ModelNotFound)), (i, result)
             continue
@@ -206,7 +206,7 @@ def test_a_deadline_times_out_one_call_of_a_pack_and_no_other(procs, broker_url,
     assert isinstance(slow, dict) and abs(slow["y"].item() - slow_expected(int(slow_x["k"][0]))) < SLOW_ATOL
     assert timed_out_s < slow_s  # it did not wait for its pack's reply
     iris = session("iris.onnx")
-    for row, (_s, result) in zip(rows, out[:10]):
+    for row, (_s, result) in zip(rows, out[:10], strict=False):
         assert result["label"].tolist() == iris.run(None, {"float_input": row})[0].tolist()
     assert after["data"] == "next"
 

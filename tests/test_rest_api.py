@@ -72,7 +72,7 @@ def test_seed_help_lists_every_endpoint_with_an_example(server):
 
 
 def test_seed_sendtomodelhost_shows_both_workers(server):
-    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"data": ["ONE", "TWO", "THREE", "FOUR"]}'  http://localhost:8002/api/test/sendtomodelhost""")
+    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"data": ["ONE", "TWO", "THREE", "FOUR"]}'  http://localhost:8002/api/test/sendtomodelhost""")  # noqa: E501  (the seed's curl line, word for word)
     assert status == 200
     assert [d["data"] for d in body["data"]] == ["ONE", "TWO", "THREE", "FOUR"]
     assert len({d["node"] for d in body["data"]}) == 2
@@ -99,7 +99,7 @@ def test_seed_model_information(server):
 
 def test_seed_update_description(server):
     text = "This model classifies a 4 element array input between different species of Iris flowers."
-    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"model_description":"This model classifies a 4 element array input between different species of Iris flowers."}' http://localhost:8002/api/v1/models/iris.onnx""")
+    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"model_description":"This model classifies a 4 element array input between different species of Iris flowers."}' http://localhost:8002/api/v1/models/iris.onnx""")  # noqa: E501  (the seed's curl line, word for word)
     assert status == 200 and body["description"] == text
     assert call(server, "GET", "/api/v1/models/iris.onnx")[1]["description"] == text
 
@@ -114,7 +114,7 @@ def test_seed_upload_and_delete(server):
 
 
 def test_seed_prediction(server):
-    assert curl(server, """curl -X GET -H "Content-Type: application/json" --data '{"values":[2, 5, 1, 4]}' http://localhost:8002/api/v1/models/iris.onnx/prediction""") == (200, {
+    assert curl(server, """curl -X GET -H "Content-Type: application/json" --data '{"values":[2, 5, 1, 4]}' http://localhost:8002/api/v1/models/iris.onnx/prediction""") == (200, {  # noqa: E501  (the seed's curl line, word for word)
         "http_status": {"code": 200, "description": "Prediction successful", "name": "OK"}, "values": [1]})
 
 

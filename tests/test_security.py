@@ -35,7 +35,8 @@ def guarded(procs, cluster):
 
 def test_mutations_need_the_admin_token_and_reads_stay_open(guarded):
     iris = (BUNDLED / "iris.onnx").read_bytes()
-    status, body, headers = call(guarded, "PUT", "/api/v1/models/new.onnx", iris, content_type="application/octet-stream")
+    status, body, headers = call(guarded, "PUT", "/api/v1/models/new.onnx", iris,
+                                 content_type="application/octet-stream")
     assert status == 401 and body["http_status"]["code"] == 401 and headers["WWW-Authenticate"].startswith("Bearer")
     assert call(guarded, "PUT", "/api/v1/models/new.onnx", iris, "wrong", "application/octet-stream")[0] == 403
     assert call(guarded, "PUT", "/api/v1/models/new.onnx", iris, ADMIN, "application/octet-stream")[0] == 200

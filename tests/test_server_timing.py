@@ -107,7 +107,8 @@ def test_each_call_of_a_pack_gets_its_own_worker_timing(cluster):
             timings: list[dict] = [{} for _ in range(8)]
             rows = [np.array([[2, 5, 1, 4]], np.float32)] * 8
             # NOTE: started in one turn of the loop, the eight calls leave as one pack
-            await asyncio.gather(*(client.predict("iris", [row], timing=t) for row, t in zip(rows, timings)))
+            await asyncio.gather(*(client.predict("iris", [row], timing=t)
+                                   for row, t in zip(rows, timings, strict=True)))
             alone: dict = {}
             await client.predict("iris", [rows[0]], timing=alone)
             return [*timings, alone]

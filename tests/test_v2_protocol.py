@@ -103,7 +103,8 @@ def test_v2_and_seed_prediction_give_the_same_numbers(server, client):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         seed = json.loads(resp.read())
-    np.testing.assert_array_equal(result.as_numpy("probabilities"), np.array(seed["outputs"]["probabilities"], np.float32))
+    np.testing.assert_array_equal(result.as_numpy("probabilities"),
+                                  np.array(seed["outputs"]["probabilities"], np.float32))
 
 
 def test_repository_index_unload_and_load(server, client):

@@ -52,7 +52,7 @@ def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
     if len(spec.shape) and array.ndim == len(spec.shape) - 1:
         array = array[np.newaxis]
     if array.ndim != len(spec.shape) or any(
-            want is not None and want != have for want, have in zip(spec.shape, array.shape)):
+            want is not None and want != have for want, have in zip(spec.shape, array.shape, strict=True)):
         raise BadInput(f"input {spec.name!r} expects shape {_shape_text(spec)}, "
                        f"got {list(array.shape)}")
     return array
@@ -80,7 +80,7 @@ def feeds_for(model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
         if len(inputs) != len(specs):
             raise BadInput(f"{model.name} takes {len(specs)} inputs "
                            f"({', '.join(s.name for s in specs)}); name them in a map")
-        return {s.name: _as_array(v, s) for s, v in zip(specs, inputs)}
+        return {s.name: _as_array(v, s) for s, v in zip(specs, inputs, strict=True)}
     raise BadInput("'inputs' must be a map of input name to array, a list with one array per input, "
                    "or (for a one-input model) an array")
 
@@ -135,7 +135,7 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
         model.timer.observe((ran - started) / 1e9)
     if model.series is not None:
         model.series.batch_rows.observe(rows_of(feeds))
-    outputs = {name: _plain(value) for name, value in zip(names, values)}
+    outputs = {name: _plain(value) for name, value in zip(names, values, strict=True)}
     return outputs, ran - started, time.perf_counter_ns() - ran
 
 
