@@ -96,10 +96,10 @@ def check(role: str, http_port: int | None = None) -> Outcome:
     if role == "broker":
         from broker.broker import BrokerSettings
         from broker.client import Client
-        settings = load(BrokerSettings, "broker")
-        endpoint = _local(settings.bind)
+        broker_settings = load(BrokerSettings, "broker")
+        endpoint = _local(broker_settings.bind)
         hint = "is the broker running? (its address: FRACTAL_BROKER_BIND)"
-        if settings.curve_secret_key:  # a CURVE broker admits only listed keys: an open port will do
+        if broker_settings.curve_secret_key:  # a CURVE broker admits only listed keys: an open port will do
             why = _tcp(endpoint)
             return Outcome(not why, f"TCP {endpoint}", f"{why}; {hint}" if why else "")
         with Client(endpoint, timeout_s=TIMEOUT_S) as client:

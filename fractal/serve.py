@@ -196,7 +196,7 @@ def _ours(s: ServeSettings, supervisor: Supervisor, client: Client, token: str, 
             replies = client.call_many([("status", {})] * (2 * s.workers), timeout_s=2, return_exceptions=True)
         except FractalError:  # no answer in time (a loaded machine): ask again on the next round
             return False
-        seen.update(r.get("pid") for r in replies if isinstance(r, dict))
+        seen.update(r["pid"] for r in replies if isinstance(r, dict) and "pid" in r)
         if not workers <= seen:
             return False
     answer = http_json(f"http://{_local(s.http_host)}:{s.http_port}/api/v1/status", token)

@@ -69,13 +69,15 @@ class Supervisor:
             if child.restart_at is None:
                 # NOTE: what the dead child started (gunicorn's workers) would hold its port: end it too.
                 try:
-                    os.killpg(child.proc.pid, signal.SIGKILL)
+                    if child.proc is not None:
+                        os.killpg(child.proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
                 quick = now - child.started_at < STABLE_S
                 child.backoff_s = min(max(child.backoff_s * 2, 0.2), MAX_BACKOFF_S) if quick else 0.0
                 child.restart_at = now + child.backoff_s
-                log.warning("%s exited with code %s: restarting in %.1f s", child.name, child.proc.returncode,
+                log.warning("%s exited with code %s: restarting in %.1f s", child.name,
+                            child.proc.returncode if child.proc else None,
                             child.backoff_s)
             if now >= child.restart_at:
                 child.start()
@@ -83,7 +85,7 @@ class Supervisor:
 
     def stop(self, grace_s: float = 10.0) -> None:
         for child in reversed(self.children):
-            if child.alive():
+            if child.proc is not None and child.alive():
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in reversed(self.children):

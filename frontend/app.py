@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from importlib import metadata
+from typing import Any
 
 import falcon
 import falcon.asgi
@@ -119,7 +120,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     metrics = FrontendMetrics(registry) if settings.metrics else None
     timing = ([RequestTiming(settings.server_timing, metrics.models if metrics else None)]
               if settings.server_timing or metrics else [])
-    middleware = [*timing, RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
+    middleware: list[Any] = [*timing, RequestLog(), TokenAuth(settings.admin_token, settings.api_token)]
     if metrics:
         middleware.append(MetricsMiddleware(metrics))
     app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])

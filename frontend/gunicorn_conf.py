@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from broker.logs import formatter, setup_logging
 from broker.runner import die_with_parent
@@ -50,7 +51,7 @@ def post_fork(server: object, worker: object) -> None:
     setup_logging("frontend", _settings.log_level, _settings.log_format)
 
 
-def child_exit(server: object, worker: object) -> None:
+def child_exit(server: object, worker: Any) -> None:
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
 

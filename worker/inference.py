@@ -162,7 +162,7 @@ def worker_time(outcome: Any, started: float) -> None:
 def result(model: LoadedModel, outputs: dict, inference_ms: float) -> dict:
     """A predict's result: its outputs, its timing map (docs/protocol.md, "Timing"), and the version
     that ran it when that is a version directory's."""
-    answer = {"outputs": outputs, "timing": {"inference_ms": inference_ms}}
+    answer: dict[str, Any] = {"outputs": outputs, "timing": {"inference_ms": inference_ms}}
     if model.version is not None:
         answer["version"] = model.version
     return answer

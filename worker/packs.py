@@ -22,6 +22,7 @@ from .inference import worker_time
 
 if TYPE_CHECKING:
     from .modelhost import ModelHost
+    from .sessions import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ def run_pack(host: "ModelHost", request: dict) -> list:
     return writer.reply(request.get("id"), host.node)
 
 
+def _policy(default: BatchPolicy, options: Any, model: LoadedModel) -> BatchPolicy | None:
+    """The batching a pack applies to `model`'s predicts; None runs them alone."""
+    if options is False or not batchable(model):
+        return None
+    policy = default.override(options)
+    return policy if policy.enabled else BatchPolicy(PACK_MAX_ROWS, 0)
+
+
 def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dict, models: dict,
             started: float) -> bool:
     """Queue a predict for a batchable model (True), or leave the sub-request to run alone (False)."""
@@ -62,12 +71,7 @@ def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dic
             options = host.pool.sidecar(model.name).get("dynamic_batching")
         except Exception:
             return False  # answer() gives it the same error, alone
-        policy = host.policy.override(options)
-        if options is False or not batchable(model):
-            policy = None
-        elif not policy.enabled:
-            policy = BatchPolicy(PACK_MAX_ROWS, 0)
-        found = models[key] = (model, policy)
+        found = models[key] = (model, _policy(host.policy, options, model))
     model, policy = found
     if policy is None:
         return False

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from broker import jsonbody
 from broker.errors import BadInput, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
@@ -73,7 +73,7 @@ class ModelPool:
         check_model_name(name)
         return served(sorted(on_disk(self._prefix, name)), self.sidecar(name).get("version_policy"), name)
 
-    def entry(self, name: str, version: object = None) -> str:
+    def entry(self, name: Any, version: object = None) -> str:
         """The entry (worker/versions.py) a request for `name` and `version` (None: the newest the
         policy serves) means; raises ModelNotFound for a version the model does not serve."""
         check_model_name(name)
@@ -94,7 +94,7 @@ class ModelPool:
                                 f"{', '.join(map(str, sorted(found)))}; see version_policy)")
         return found[v]
 
-    def load(self, name: str, version: object = None) -> LoadedModel:
+    def load(self, name: Any, version: object = None) -> LoadedModel:
         """The current session for `name` (at `version`), (re)loading when the file changed; raises
         ModelNotFound."""
         # NOTE: on every predict: plain strings, not pathlib (whose joins cost more than the two
@@ -108,9 +108,9 @@ class ModelPool:
             raise self._not_found(split(name)[0]) from None
         if os.access(self._unloaded_prefix + name, os.F_OK):
             self._drop_unloaded(name)
-            model, v = split(name)
-            raise ModelUnloaded(f"model {model}{f' version {v}' if v else ''} is unloaded; load it "
-                                f"(POST /v2/repository/models/{model}/load)")
+            base, v = split(name)
+            raise ModelUnloaded(f"model {base}{f' version {v}' if v else ''} is unloaded; load it "
+                                f"(POST /v2/repository/models/{base}/load)")
         key = file_key(st)
         cached = self._cache.get(name, key)
         if cached is not None:
@@ -134,7 +134,8 @@ class ModelPool:
         previous = self._cache.peek(name)
         if previous is not None:
             return previous
-        raise ModelNotReady(f"model {name} is not ready: {self._watch.state(name, key)[1]} (repository "
+        why = self._watch.state(name, key)[1] if self._watch is not None else "not vouched for"
+        raise ModelNotReady(f"model {name} is not ready: {why} (repository "
                             f"polling validates a file before serving it)")
 
     def scan(self) -> None:
