@@ -262,7 +262,7 @@ class Client(_Operations):
         rid = next(_ids)
         frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
                   *p.request_body(rid, op, _with_request_id(fields or {}))]
-        pending = {}
+        pending: dict[int, tuple] = {}
         self._send_call(link, pending, op, frames, deadline)
         pending[rid] = (0, op, frames)
         outcome = self._receive(link, pending, deadline)[1]
@@ -469,13 +469,14 @@ class AsyncClient(_Operations):
         self.curve = curve
         # NOTE: a plain socket driven by loop.add_reader: zmq.asyncio's per-call futures and polls
         # cost more than the whole rest of a call. An asyncio context is shadowed, not required.
-        self._context = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context.instance()
+        self._context: zmq.Context = (zmq.Context.shadow(context.underlying) if context is not None
+                                      else zmq.Context.instance())
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._lost_at: float | None = None  # when the connection to the broker dropped; None while up
         self._not_back: asyncio.TimerHandle | None = None
         self._inflight: dict[int, tuple[int, str, dict, asyncio.Future, float]] = {}  # sent, not answered
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop  # NOTE: the running loop, set by _open() before any use
         self._fd = -1
         self._pending: dict[int, asyncio.Future] = {}
         self._packs: dict[int, tuple[list[int], float]] = {}  # pack id -> (its calls' ids, latest deadline)
@@ -498,9 +499,9 @@ class AsyncClient(_Operations):
             except asyncio.CancelledError:
                 pass
             self._sender = None
-        if self._socket is not None:
+        if self._socket is not None and self._monitor is not None:  # NOTE: both open, or neither
             self._loop.remove_reader(self._fd)
-            self._loop.remove_reader(self._monitor.getsockopt(zmq.FD))
+            self._loop.remove_reader(self._monitor.fileno())
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
             self._socket.close(linger=0)
@@ -549,9 +550,9 @@ class AsyncClient(_Operations):
     def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._socket, self._monitor = _connect(self._context.socket(zmq.DEALER), self.endpoint, self.curve)
-        self._fd = self._socket.getsockopt(zmq.FD)
+        self._fd = self._socket.fileno()
         self._loop.add_reader(self._fd, self._on_readable)
-        self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._on_link_event)
+        self._loop.add_reader(self._monitor.fileno(), self._on_link_event)
         self._loop.call_soon(self._on_link_event)  # NOTE: edge-triggered FD: take what came before
 
     def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
@@ -593,7 +594,8 @@ class AsyncClient(_Operations):
 
     def _next_message(self) -> tuple[list, list, int | None] | None:
         """Frames of the next pack (or lone request) from the outbox, its calls, and the pack's id."""
-        outbox, writer, calls = self._outbox, p.PackWriter(), []
+        outbox, writer = self._outbox, p.PackWriter()
+        calls: list = []
         while outbox and len(calls) < p.PACK_MAX_REQUESTS:
             call = outbox[0]
             rid, op, fields, future, _deadline = call
@@ -626,6 +628,8 @@ class AsyncClient(_Operations):
         give_up = self._loop.time() + CONNECT_WAIT_S
         while True:
             await asyncio.sleep(SEND_RETRY_S)
+            if self._socket is None:  # closed meanwhile (aclose() cancels this task first)
+                return
             try:
                 send_frames(self._socket, frames, NOBLOCK)
                 self._sent(calls, pack_id)
