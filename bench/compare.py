@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.rest import free_port, lua_for, pool_model, transport_cases, wrk  # noqa: E402
+from bench.rest import lua_for, pool_model, transport_cases, wrk  # noqa: E402
+from tests.harness import descendants, free_port, process_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fractal-bench"
@@ -97,39 +98,17 @@ class Server:
 
 # -- processes -------------------------------------------------------------------------------------
 
-def _proc_table() -> dict[int, tuple[int, float, str]]:
-    """pid -> (parent pid, CPU seconds so far, command line), from /proc."""
-    table, tick = {}, os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmdline)
-    return table
-
-
-def _tree(table: dict, root: int) -> list[int]:
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        found.append(pid)
-        frontier.extend(child for child, (parent, _, _) in table.items() if parent == pid)
-    return found
-
-
 def cpu_s(root: int, only_http: bool) -> tuple[float, float]:
     """(CPU seconds of the HTTP worker processes under root, CPU seconds of the whole tree).
 
     HTTP workers are gunicorn processes whose parent is a gunicorn process (its master)."""
-    table = _proc_table()
-    pids = _tree(table, root)
-    whole = sum(table[p][1] for p in pids if p in table)
+    table = process_table()
+    pids = [p for p in [root, *descendants(root, table)] if p in table]
+    whole = sum(table[p].cpu_s for p in pids)
     if not only_http:
         return whole, whole
-    http = sum(table[p][1] for p in pids if p in table and "gunicorn" in table[p][2]
-               and "gunicorn" in table.get(table[p][0], (0, 0, ""))[2])
+    http = sum(table[p].cpu_s for p in pids if "gunicorn" in table[p].cmdline
+               and table[p].ppid in table and "gunicorn" in table[table[p].ppid].cmdline)
     return http, whole
 
 

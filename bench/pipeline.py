@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from broker import protocol as p  # noqa: E402
 from broker.client import AsyncClient, Client  # noqa: E402
 from broker.errors import FractalError  # noqa: E402
+from tests.harness import free_port  # noqa: E402
 
 IRIS = REPO / "worker" / "models" / "iris.onnx"
 ROW = np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)
@@ -45,9 +45,7 @@ ROUNDS = 3  # alternating measurement rounds of the whole-path comparison
 
 
 def free_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class Procs:

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.harness import free_port, tree_cpu_s  # noqa: E402
+
 PATH = "/api/v1/models/iris.onnx/prediction"
 BODY = '{"values": [2, 5, 1, 4]}'
 LUA = f"""wrk.method = "POST"
@@ -94,12 +96,6 @@ def _swap(pair: tuple[bytes, int]) -> tuple[bytes, str, int]:
 MLSERVER_P99_MS = {16: 24.1, 64: 82.1}  # ../shared/peers.md, MLServer 1.7.1 default configuration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, timeout_s: float = 60) -> None:
     """Until a POST of the iris body to url answers 200."""
     deadline = time.monotonic() + timeout_s
@@ -144,24 +140,6 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system) used so far by `root` and all its descendants (Linux /proc)."""
-    parents, cpu = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    total, frontier = 0.0, [root]
-    while frontier:
-        pid = frontier.pop()
-        total += cpu.get(pid, 0.0)
-        frontier.extend(child for child, parent in parents.items() if parent == pid)
-    return total
 
 
 def measure(argv: list[str], port: int, conns: list[int], duration_s: int, script: Path,

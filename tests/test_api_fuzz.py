@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import Served
+from .harness import Served
 
 
 def test_no_generated_request_causes_a_server_error(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput
 
-from .conftest import BUNDLED, free_port, wait_workers
+from .harness import BUNDLED, free_port, wait_workers
 from .onnx_models import identity_model, two_input_model
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])

@@ -18,7 +18,7 @@ from bench.broker_chaos import run_broker_chaos
 from bench.chaos import FAST_HEARTBEATS, child_pids
 from broker.client import Client
 
-from .conftest import REPO, Served, tcp_open, wait_busy, wait_for
+from .harness import REPO, Served, tcp_open, wait_busy, wait_for
 from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))

@@ -13,7 +13,7 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BrokerLost, RetryLater
 
-from .conftest import Processes, free_port, wait_busy, wait_for, wait_workers
+from .harness import Processes, free_port, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
 
 SLOW = "slow.onnx"

@@ -10,7 +10,7 @@ import urllib.request
 
 from bench.chaos import run_chaos
 
-from .conftest import REPO, free_port, start_frontend, wait_for
+from .harness import REPO, free_port, start_frontend, wait_for
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import load  # noqa: E402

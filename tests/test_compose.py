@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from .conftest import BUNDLED, REPO, free_port, wait_for
+from .harness import BUNDLED, REPO, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(900)  # a cold build (Debian packages, base image) takes minutes
 

@@ -10,7 +10,7 @@ from broker.client import Client
 from broker.curve import PeerKeys
 from broker.errors import NoWorkerAvailable
 
-from .conftest import free_port, wait_for
+from .harness import free_port, wait_for
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from fractal.serve import ServeSettings
 from frontend.settings import FrontendSettings
 from worker.modelhost import WorkerSettings
 
-from .conftest import BUNDLED, REPO, debian_tool
+from .harness import BUNDLED, REPO, debian_tool
 
 COMPONENTS = {"broker": BrokerSettings, "worker": WorkerSettings, "frontend": FrontendSettings,
               "serve": ServeSettings}
@@ -135,7 +135,7 @@ def test_entrypoint_seeds_an_empty_pool_then_runs_the_role(tmp_path):
 
 
 def test_fractal_health_checks_each_role_as_a_client_would(procs, model_dir):
-    from .conftest import free_port, start_frontend, wait_workers
+    from .harness import free_port, start_frontend, wait_workers
     url, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
 
     def health(*args: str, env: dict | None = None) -> int:

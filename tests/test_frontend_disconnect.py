@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from broker.client import AsyncClient, Client
 
-from .conftest import free_port, start_frontend, wait_busy, wait_for
+from .harness import free_port, start_frontend, wait_busy, wait_for
 from .onnx_models import slow_model, slow_steps
 
 SLOW = "slow.onnx"
@@ -48,13 +48,13 @@ def test_a_disconnect_cancels_the_pending_broker_call(cluster):
     from frontend.app import create_app
     from frontend.settings import FrontendSettings
 
-    _upload_slow(cluster["url"])
+    _upload_slow(cluster.url)
     port = free_port()
 
     async def scenario() -> None:
         registry = CollectorRegistry()
-        client = AsyncClient(cluster["url"], timeout_s=60)
-        app = create_app(FrontendSettings(broker=cluster["url"], timeout_s=60), registry, client)
+        client = AsyncClient(cluster.url, timeout_s=60)
+        app = create_app(FrontendSettings(broker=cluster.url, timeout_s=60), registry, client)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools",
                                                lifespan="on", log_config=None, access_log=False))
         serving = asyncio.ensure_future(server.serve())
@@ -94,8 +94,8 @@ def test_a_disconnect_cancels_the_pending_broker_call(cluster):
 
 def test_a_disconnect_ends_the_request_early_under_gunicorn(procs, cluster):
     """Under gunicorn's uvicorn worker: the 499 is logged and counted long before the model answers."""
-    _upload_slow(cluster["url"])
-    base = start_frontend(procs, cluster["url"])
+    _upload_slow(cluster.url)
+    base = start_frontend(procs, cluster.url)
     port = int(base.rsplit(":", 1)[1])
     started = time.monotonic()
     req = urllib.request.Request(base + PATH, data=_body(), method="POST",
@@ -106,7 +106,7 @@ def test_a_disconnect_ends_the_request_early_under_gunicorn(procs, cluster):
 
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(_request(port))
-        wait_busy(cluster["url"])  # the request is with a worker: the client leaves during the call
+        wait_busy(cluster.url)  # the request is with a worker: the client leaves during the call
     frontend_log = procs.procs[-1].log_path
     pattern = re.compile(rf"POST {re.escape(PATH)} 499 ([\d.]+)ms")
     wait_for(lambda: pattern.search(open(frontend_log).read()), full_s, "the 499 line")

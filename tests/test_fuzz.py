@@ -9,7 +9,7 @@ from broker import protocol as p
 from broker.client import Client
 from broker.errors import FractalError, ProtocolError
 
-from .conftest import dealer
+from .harness import dealer
 
 HEADERS = st.sampled_from([b"MDPC02", b"MDPW02", b"", b"MDPC01", b"\x00"]) | st.binary(max_size=8)
 COMMANDS = st.sampled_from([b"\x01", b"\x02", b"\x03", b"\x04", b"\x05", b"\x06", b"", b"\x07"])
@@ -46,13 +46,13 @@ def test_structured_garbage_with_tensor_extensions_decodes_or_is_refused(body, e
 
 
 def test_random_frames_never_crash_or_wedge_the_broker(cluster):
-    with dealer(cluster["url"]) as sock:
+    with dealer(cluster.url) as sock:
         @given(MESSAGES)
         @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
         def send(frames):
             sock.send_multipart(frames)
         send()
-    with Client(cluster["url"], timeout_s=5) as client:
+    with Client(cluster.url, timeout_s=5) as client:
         assert client.predict("iris.onnx", {"float_input": [[2, 5, 1, 4]]})["label"].tolist() == [1]
         assert len({client.echo(i)["node"] for i in range(4)}) == 2  # both workers still there
 
@@ -63,7 +63,7 @@ def test_random_requests_get_answers_and_leave_the_workers_serving(cluster):
     fields = st.dictionaries(st.sampled_from(["model", "inputs", "outputs", "data", "image", "description"]),
                              PLAIN | st.integers() | st.sampled_from(["iris.onnx", "../x.onnx", "digits.onnx"]),
                              max_size=4)  # st.integers(): unbounded, so the client's own refusal is fuzzed too
-    with Client(cluster["url"], timeout_s=10) as client:
+    with Client(cluster.url, timeout_s=10) as client:
         @given(ops, fields)
         @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
         def call(op, body):

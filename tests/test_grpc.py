@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from broker.client import Client
 
-from .conftest import BUNDLED, Served, free_port, free_ports, tcp_open, wait_for
+from .harness import BUNDLED, Served, free_port, free_ports, tcp_open, wait_for
 from .onnx_models import slow_input, slow_model, string_identity_model
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])

@@ -17,7 +17,7 @@ from broker.errors import ConfigError
 from broker.settings import load
 from frontend.settings import FrontendSettings
 
-from .conftest import Served, free_port, wait_for
+from .harness import Served, free_port, wait_for
 
 ROW = b'{"values": [2, 5, 1, 4]}'
 

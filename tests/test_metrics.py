@@ -18,7 +18,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from .conftest import REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for, wait_workers
+from .harness import REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for, wait_workers
 
 N = 25
 PREDICTION_ROUTE = "/api/v1/models/{name}/prediction"

@@ -20,7 +20,7 @@ from broker import protocol as p
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Overloaded, ProtocolError, Timeout
 
-from .conftest import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
+from .harness import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 from .test_metrics import sample_sum
 
@@ -72,7 +72,7 @@ def check_answers(results: list, expected: list) -> None:
 
 def test_2000_concurrent_calls_over_two_models_each_get_their_own_answer(cluster):
     async def run() -> tuple[list, list]:
-        async with AsyncClient(cluster["url"], timeout_s=60) as client:
+        async with AsyncClient(cluster.url, timeout_s=60) as client:
             calls, expected = mixed_calls(client, 2000)
             return await asyncio.gather(*calls, return_exceptions=True), expected
     results, expected = asyncio.run(run())
@@ -84,7 +84,7 @@ def test_a_pack_carries_large_tensors_out_of_band(cluster):
     big = RNG.random((300, 300), dtype=np.float32)  # 360 KB: its own frame, inside a pack
 
     async def run() -> list:
-        async with AsyncClient(cluster["url"], timeout_s=30) as client:
+        async with AsyncClient(cluster.url, timeout_s=30) as client:
             return await asyncio.gather(client.echo(big), client.predict("iris.onnx", [[2, 5, 1, 4]]),
                                         client.echo({"small": 1}), client.echo(big[:7]))
     echoed, iris, small, part = asyncio.run(run())
@@ -101,7 +101,7 @@ def test_a_raw_pack_is_one_mdp_request_answered_by_one_final(cluster):
     writer.add({"id": 13, "op": "echo", "data": "x"})
     body = writer.request(10)
     assert p.request_count(body[0]) == 3
-    with dealer(cluster["url"]) as sock:
+    with dealer(cluster.url) as sock:
         sock.send_multipart([p.CLIENT_HEADER, p.MDPC.REQUEST, b"modelhost", *body])
         assert sock.poll(10_000)
         command, service, reply_body = p.parse_client_reply(sock.recv_multipart())
@@ -128,7 +128,7 @@ def test_a_raw_pack_is_one_mdp_request_answered_by_one_final(cluster):
         assert sock.poll(10_000)
         reply = p.unpack_body(p.parse_client_reply(sock.recv_multipart())[2])
         assert reply["id"] == 22 and reply["status"] == 400 and "'n' request maps" in reply["error"]["message"]
-    with Client(cluster["url"], timeout_s=10) as client:
+    with Client(cluster.url, timeout_s=10) as client:
         assert nodes_answering(client, 4)  # the workers serve on
 
 

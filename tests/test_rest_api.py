@@ -17,7 +17,7 @@ from PIL import Image
 
 from frontend import api
 
-from .conftest import BUNDLED, Served, start_frontend, wait_workers
+from .harness import BUNDLED, Served, start_frontend, wait_workers
 from .onnx_models import slow_model, slow_steps
 
 MAX_BODY = 2_000_000
@@ -280,7 +280,7 @@ def test_unexpected_failure_is_500_with_a_logged_request_id(server):
 # -- without a broker, and past the deadline --------------------------------------------------------
 
 def test_frontend_answers_503_without_a_broker_and_recovers_by_itself(procs, model_dir):
-    from .conftest import free_port
+    from .harness import free_port
     url = f"tcp://127.0.0.1:{free_port()}"
     base = start_frontend(procs, url)
     req = urllib.request.Request(base + "/api/v1/models")
@@ -300,9 +300,9 @@ def test_frontend_answers_503_without_a_broker_and_recovers_by_itself(procs, mod
 def test_past_the_deadline_is_504(procs, cluster):
     from broker.client import Client
     deadline_s = 0.5
-    with Client(cluster["url"]) as client:
+    with Client(cluster.url) as client:
         client.upload("slow.onnx", slow_model())
-    base = start_frontend(procs, cluster["url"], FRACTAL_FRONTEND_TIMEOUT_S=str(deadline_s))
+    base = start_frontend(procs, cluster.url, FRACTAL_FRONTEND_TIMEOUT_S=str(deadline_s))
     steps = slow_steps(3 * deadline_s)
     req = urllib.request.Request(base + "/api/v1/models/slow.onnx/prediction", method="POST",
                                  data=json.dumps({"values": [steps]}).encode(),

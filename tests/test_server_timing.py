@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc
 from broker.client import AsyncClient
 from frontend.timing import server_timing
 
-from .conftest import Served, start_frontend
+from .harness import Served, start_frontend
 
 PARTS = ["frontend", "queue", "worker", "inference", "total"]
 ROW = b'{"values": [2, 5, 1, 4]}'
@@ -103,7 +103,7 @@ def test_grpc_model_infer_has_server_timing_in_its_trailing_metadata(server):
 
 def test_each_call_of_a_pack_gets_its_own_worker_timing(cluster):
     async def main() -> list[dict]:
-        async with AsyncClient(cluster["url"], timeout_s=20) as client:
+        async with AsyncClient(cluster.url, timeout_s=20) as client:
             timings: list[dict] = [{} for _ in range(8)]
             rows = [np.array([[2, 5, 1, 4]], np.float32)] * 8
             # NOTE: started in one turn of the loop, the eight calls leave as one pack
@@ -119,7 +119,7 @@ def test_each_call_of_a_pack_gets_its_own_worker_timing(cluster):
 
 
 def test_server_timing_can_be_turned_off(procs, cluster):
-    base = start_frontend(procs, cluster["url"], FRACTAL_FRONTEND_SERVER_TIMING="false")
+    base = start_frontend(procs, cluster.url, FRACTAL_FRONTEND_SERVER_TIMING="false")
     status, headers = request("POST", base + "/api/v1/models/iris.onnx/prediction", ROW)
     assert status == 200 and "Server-Timing" not in headers
 

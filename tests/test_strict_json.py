@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from broker.client import Client
 from broker.errors import BadInput
 
-from .conftest import Served, wait_for
+from .harness import Served, wait_for
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
 

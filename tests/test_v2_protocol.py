@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from broker.client import Client
 
-from .conftest import BUNDLED, Served, free_port, start_frontend, wait_for
+from .harness import BUNDLED, Served, free_port, start_frontend, wait_for
 from .onnx_models import string_identity_model
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
