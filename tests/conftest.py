@@ -71,3 +71,13 @@ def cluster(procs: Processes, broker_url: str, model_dir: Path) -> Cluster:
 def client(cluster: Cluster) -> Iterator[Client]:
     with Client(cluster.url, timeout_s=10) as c:
         yield c
+
+
+PROCESS_FIXTURES = {"procs", "broker_url", "cluster", "client"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a process fixture is slow even where its module forgot to say so."""
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from broker.client import AsyncClient, Client
 
 from .harness import free_port
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 def test_mmi_answers_match_the_sync_client(cluster):

@@ -17,6 +17,8 @@ from broker.errors import BadInput
 from .harness import BUNDLED, free_port, wait_workers
 from .onnx_models import identity_model, two_input_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 BATCHING = ["--connections", "16", "--batch-max-size", "64", "--batch-max-delay-us", "3000"]
 

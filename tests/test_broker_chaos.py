@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.broker_chaos import run_broker_chaos
 from bench.chaos import FAST_HEARTBEATS, child_pids
@@ -20,6 +21,8 @@ from broker.client import Client
 
 from .harness import REPO, Served, tcp_open, wait_busy, wait_for
 from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import load  # noqa: E402

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from broker.client import AsyncClient
 
 from .harness import wait_busy
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 def test_sequential_requests_alternate_between_two_workers(client):

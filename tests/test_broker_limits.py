@@ -16,6 +16,8 @@ from broker.protocol import unpack
 from .harness import free_port, wait_busy, wait_workers
 from .onnx_models import slow_input, slow_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 QUEUE_TIMEOUT_S = 0.3
 
 

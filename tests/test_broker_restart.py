@@ -16,6 +16,8 @@ from broker.errors import BrokerLost, RetryLater
 from .harness import Processes, free_port, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 SLOW = "slow.onnx"
 GRACE = ["--startup-grace-s", "20"]  # as fractal serve runs it: a restarted broker waits for its workers
 

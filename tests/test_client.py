@@ -14,6 +14,8 @@ from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Timeout
 from .harness import BUNDLED, busy_workers, free_port
 from .onnx_models import slow_input, slow_model, two_input_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 
 

@@ -34,7 +34,8 @@ import pytest
 
 from .harness import BUNDLED, REPO, free_port, wait_for
 
-pytestmark = pytest.mark.timeout(900)  # a cold build (Debian packages, base image) takes minutes
+# NOTE: a cold build (Debian packages, base image) takes minutes
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVICES = ("broker", "worker", "frontend", "prometheus")
 TICK_S = 2.0

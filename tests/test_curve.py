@@ -12,6 +12,8 @@ from broker.errors import NoWorkerAvailable
 
 from .harness import free_port, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 
 @pytest.fixture
 def keys(tmp_path):

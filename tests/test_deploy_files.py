@@ -39,6 +39,7 @@ def with_defaults(value: str) -> str:
     return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
+@pytest.mark.slow  # may install Debian's docker-compose first
 @pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
 def test_the_docker_compose_client_accepts_the_file(docker_compose, path):
     result = subprocess.run([docker_compose, "-f", str(path), "config", "--quiet"], capture_output=True,

@@ -13,6 +13,8 @@ from broker.errors import NoWorkerAvailable, WorkerLost
 from .harness import LIVENESS_WINDOW_S, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 
 def pid_of(node: str) -> int:
     return int(node.rsplit("-", 2)[1])  # node ids are host-pid-suffix

@@ -9,12 +9,15 @@ import socket
 import time
 import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from broker.client import AsyncClient, Client
 
 from .harness import free_port, start_frontend, wait_busy, wait_for
 from .onnx_models import slow_model, slow_steps
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 SLOW = "slow.onnx"
 PATH = f"/api/v1/models/{SLOW}/prediction"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +11,8 @@ from broker.client import Client
 from broker.errors import FractalError, ProtocolError
 
 from .harness import dealer
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 HEADERS = st.sampled_from([b"MDPC02", b"MDPW02", b"", b"MDPC01", b"\x00"]) | st.binary(max_size=8)
 COMMANDS = st.sampled_from([b"\x01", b"\x02", b"\x03", b"\x04", b"\x05", b"\x06", b"", b"\x07"])

@@ -25,6 +25,8 @@ from broker.client import Client
 from .harness import BUNDLED, Served, free_port, free_ports, tcp_open, wait_for
 from .onnx_models import slow_input, slow_model, string_identity_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 ROWS = np.random.default_rng(11).uniform(0, 8, (5, 4)).astype(np.float32)
 OK_ROW = np.array([[2, 5, 1, 4]], np.float32)

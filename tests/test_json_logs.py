@@ -19,6 +19,8 @@ from frontend.settings import FrontendSettings
 
 from .harness import Served, free_port, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 ROW = b'{"values": [2, 5, 1, 4]}'
 
 

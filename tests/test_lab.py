@@ -23,7 +23,8 @@ def _namespaces_unavailable() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(bool(_namespaces_unavailable()), reason=str(_namespaces_unavailable()))
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(_namespaces_unavailable()), reason=str(_namespaces_unavailable()))]
 
 
 def test_cut_restore_and_scale_out_under_steady_load(tmp_path):

@@ -14,6 +14,8 @@ from broker.client import Client
 
 from .harness import nodes_answering, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 
 @pytest.fixture
 def majortomo_worker(broker_url):

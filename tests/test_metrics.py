@@ -20,6 +20,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from .harness import REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for, wait_workers
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 N = 25
 PREDICTION_ROUTE = "/api/v1/models/{name}/prediction"
 

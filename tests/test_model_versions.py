@@ -14,6 +14,8 @@ from broker.errors import BadInput, ModelNotFound, ModelUnloaded
 from .harness import Served, start_frontend, wait_for, wait_workers
 from .onnx_models import constant_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 X = {"x": np.zeros((1, 1), np.float32)}
 
 

@@ -22,6 +22,8 @@ from frontend import api
 
 from .harness import BUNDLED, Served, free_port, free_ports, wait_for, wait_workers
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 PNG = (BUNDLED / "digits_sample.png").read_bytes()
 
 

@@ -14,6 +14,7 @@ import urllib.request
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import zmq
 
 from broker import protocol as p
@@ -23,6 +24,8 @@ from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Overloaded
 from .harness import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 from .test_metrics import sample_sum
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 RNG = np.random.default_rng(13)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from broker.client import Client
 from broker.errors import ModelNotFound
 
 from .onnx_models import constant_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 A, B = constant_model(1.0), constant_model(2.0)
 NAME = "flip.onnx"

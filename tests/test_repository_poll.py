@@ -19,6 +19,8 @@ from fractal.serve import ServeSettings, _children
 from .harness import Served, start_frontend, wait_for, wait_workers
 from .onnx_models import constant_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 POLL_S = 0.2
 A, B = constant_model(1.0), constant_model(2.0)
 NAME = "flip.onnx"

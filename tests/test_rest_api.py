@@ -20,6 +20,8 @@ from frontend import api
 from .harness import BUNDLED, Served, start_frontend, wait_workers
 from .onnx_models import slow_model, slow_steps
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 MAX_BODY = 2_000_000
 OK = {"code": 200, "description": "OK", "name": "OK"}
 

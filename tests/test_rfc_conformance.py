@@ -12,6 +12,8 @@ from broker.client import Client
 
 from .harness import wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 SERVICE = b"rfc-test"
 
 

@@ -13,6 +13,8 @@ from broker.errors import BadInput, PayloadTooLarge
 from .harness import BUNDLED, start_frontend, wait_workers
 from .onnx_models import external_data_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 ADMIN, API = "admin-secret-1", "reader-secret-2"
 
 

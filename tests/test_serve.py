@@ -11,6 +11,8 @@ import pytest
 
 from .harness import Served, alive, descendants, process_table, start_frontend, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 WELCOME = {"http_status": {
     "code": 200, "name": "OK",
     "description": "Greetings from Fractal - ML Server - Inferrer, the Machine Learning model server. "

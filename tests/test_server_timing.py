@@ -18,6 +18,8 @@ from frontend.timing import server_timing
 
 from .harness import Served, start_frontend
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 PARTS = ["frontend", "queue", "worker", "inference", "total"]
 ROW = b'{"values": [2, 5, 1, 4]}'
 

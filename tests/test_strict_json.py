@@ -15,6 +15,8 @@ from broker.errors import BadInput
 
 from .harness import Served, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 DEEP = b"[" * 200_000 + b"]" * 200_000
 
 # Each route's body with X where the case goes, and the shape its errors take.

@@ -17,6 +17,8 @@ from broker.client import Client
 from .harness import BUNDLED, Served, free_port, start_frontend, wait_for
 from .onnx_models import string_identity_model
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 DIGITS = ort.InferenceSession(str(BUNDLED / "digits.onnx"), providers=["CPUExecutionProvider"])
 ROWS = np.random.default_rng(5).uniform(0, 8, (5, 4)).astype(np.float32)
