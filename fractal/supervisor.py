@@ -16,6 +16,12 @@ STABLE_S = 3.0        # a child that lived this long had started and served: not
 MAX_BACKOFF_S = 10.0
 
 
+def next_backoff_s(previous_s: float, lived_s: float) -> float:
+    """The wait before restarting a child that died after `lived_s`: 0.2 s, doubling up to
+    MAX_BACKOFF_S while it keeps dying within STABLE_S of starting; none once it ran longer."""
+    return min(max(previous_s * 2, 0.2), MAX_BACKOFF_S) if lived_s < STABLE_S else 0.0
+
+
 @dataclass
 class Child:
     name: str
@@ -73,8 +79,7 @@ class Supervisor:
                         os.killpg(child.proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-                quick = now - child.started_at < STABLE_S
-                child.backoff_s = min(max(child.backoff_s * 2, 0.2), MAX_BACKOFF_S) if quick else 0.0
+                child.backoff_s = next_backoff_s(child.backoff_s, now - child.started_at)
                 child.restart_at = now + child.backoff_s
                 log.warning("%s exited with code %s: restarting in %.1f s", child.name,
                             child.proc.returncode if child.proc else None,
