@@ -95,8 +95,11 @@ class ModelPool:
         return found[v]
 
     def load(self, name: Any, version: object = None) -> LoadedModel:
-        """The current session for `name` (at `version`), (re)loading when the file changed; raises
-        ModelNotFound."""
+        """The session to run `name` (at `version`) with now, built again when its file changed.
+
+        Every predict's call. It never changes whether a model is served: that is load_model() and
+        unload(), the repository API's load and unload. Raises ModelNotFound, and ModelUnloaded for
+        a model unload() took out of service."""
         # NOTE: on every predict: plain strings, not pathlib (whose joins cost more than the two
         # syscalls), and os.access, which answers "no marker" without raising an exception.
         name = self.entry(name, version)
@@ -294,8 +297,8 @@ class ModelPool:
         return [found[v]]
 
     def unload(self, name: str, version: object = None) -> None:
-        """Stop serving `name` (one version, or all) on every worker (the files stay); this worker
-        drops the sessions now."""
+        """The repository API's unload: stop serving `name` (one version, or all) on every worker (the
+        files stay; load_model() serves them again); this worker drops the sessions now."""
         with self._locked():
             entries = self._entries(name, version)
             os.makedirs(self._unloaded_prefix, exist_ok=True)
@@ -306,7 +309,8 @@ class ModelPool:
             self._drop_unloaded(entry)
 
     def load_model(self, name: str, version: object = None) -> LoadedModel:
-        """Serve `name` again (one version, or all) and warm its served session on this worker."""
+        """The repository API's load, the opposite of unload(): mark `name` (one version, or all)
+        served again on every worker, then return this worker's session for it, from load()."""
         with self._locked():
             for entry in self._entries(name, version):
                 with contextlib.suppress(FileNotFoundError):
