@@ -31,13 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.rest import lua_for, pool_model, transport_cases, wrk  # noqa: E402
-from tests.harness import descendants, free_port, process_table  # noqa: E402
+from tests.harness import descendants, free_port, free_ports, process_table, wait_post_200  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fractal-bench"
@@ -137,28 +136,13 @@ def stop(proc: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
-def wait_ready(url: str, body: bytes, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
-        try:
-            req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
-
-
 def measure(server: Server, conns: list[int], duration_s: float, cpu_requests: int,
             cases: list[tuple[str, str, Path]] = ()) -> None:
     proc = start(server)
     base = f"http://127.0.0.1:{server.port}"
     try:
         first = server.routes[0]
-        wait_ready(base + first.path, SEED_BODY if first.path == SEED_PATH else V2_BODY, proc)
+        wait_post_200(base + first.path, SEED_BODY if first.path == SEED_PATH else V2_BODY, proc, timeout_s=120)
         for route in server.routes:
             url = base + route.path
             wrk(url, 16, 2, route.script)  # warm-up: sessions loaded, connections made
@@ -224,27 +208,9 @@ def fractal(label: str, code: Path, work: Path, models: Path, seed: Path, v2: Pa
     run.mkdir()
     return Server(label, [sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
                           str(free_port()), "--model-dir", str(models), "--log-level", log_level, "--metrics-port",
-                          str(_free_run(3))], port,
+                          str(free_ports(3))], port,
                   [Route("seed JSON", SEED_PATH, seed), Route("v2 JSON", "/v2/models/iris.onnx/infer", v2)],
                   cwd=run, env={"PYTHONPATH": str(code)})
-
-
-def _free_run(count: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if all(_port_free(base + i) for i in range(1, count)):
-            return base
-    raise RuntimeError("no free consecutive ports")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def baseline_tree(rev: str, work: Path) -> Path:

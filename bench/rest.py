@@ -23,13 +23,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.harness import free_port, tree_cpu_s  # noqa: E402
+from tests.harness import free_port, tree_cpu_s, wait_post_200  # noqa: E402
 
 PATH = "/api/v1/models/iris.onnx/prediction"
 BODY = '{"values": [2, 5, 1, 4]}'
@@ -96,21 +94,6 @@ def _swap(pair: tuple[bytes, int]) -> tuple[bytes, str, int]:
 MLSERVER_P99_MS = {16: 24.1, 64: 82.1}  # ../shared/peers.md, MLServer 1.7.1 default configuration
 
 
-def wait_http(url: str, timeout_s: float = 60) -> None:
-    """Until a POST of the iris body to url answers 200."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(url, data=BODY.encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def wrk(url: str, connections: int, duration_s: float, script: Path) -> dict:
     """One wrk cell: req/s, p50 and p99 in ms, requests, and errors (non-2xx and socket errors)."""
     out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
@@ -151,7 +134,7 @@ def measure(argv: list[str], port: int, conns: list[int], duration_s: int, scrip
     proc = start(argv)
     try:
         url = f"http://127.0.0.1:{port}{PATH}"
-        wait_http(url)
+        wait_post_200(url, BODY.encode())
         wrk(url, 16, 2, script)  # warm-up: sessions loaded, connections made
         table = {}
         for c in conns:

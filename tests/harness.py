@@ -79,6 +79,23 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interva
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def wait_post_200(url: str, body: bytes, proc: subprocess.Popen | None = None, timeout_s: float = 60) -> None:
+    """Until a JSON POST of `body` to `url` answers 200 (an HTTP server is up and serving); RuntimeError
+    when `proc` exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        try:
+            req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
 # -- the process table (Linux /proc) ---------------------------------------------------------------
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
