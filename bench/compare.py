@@ -36,7 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.rest import lua_for, pool_model, transport_cases, wrk  # noqa: E402
-from tests.harness import descendants, free_port, free_ports, process_table, wait_post_200  # noqa: E402
+from tests.harness import (  # noqa: E402
+    copy_bundled_models,
+    descendants,
+    free_port,
+    free_ports,
+    process_table,
+    wait_post_200,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fractal-bench"
@@ -302,11 +309,7 @@ def main() -> None:
         (work / "v2.json").write_bytes(V2_BODY)
         seed.write_text(lua_for(work / "seed.json", "application/json"))
         v2.write_text(lua_for(work / "v2.json", "application/json"))
-        models = work / "models"
-        models.mkdir()
-        for item in (REPO / "worker" / "models").iterdir():
-            if item.name.endswith((".onnx", ".onnx.json")):
-                shutil.copyfile(item, models / item.name)
+        models = copy_bundled_models(work / "models")
         (models / "pool224.onnx").write_bytes(pool_model())
         cases = [c for c in transport_cases(work) if c[0].startswith("1x3x224x224")]
         wsgi, asgi = floors(seed)

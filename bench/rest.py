@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.harness import free_port, tree_cpu_s, wait_post_200  # noqa: E402
+from tests.harness import copy_bundled_models, free_port, tree_cpu_s, wait_post_200  # noqa: E402
 
 PATH = "/api/v1/models/iris.onnx/prediction"
 BODY = '{"values": [2, 5, 1, 4]}'
@@ -194,11 +194,7 @@ def main() -> None:
     script = work / "post.lua"
     script.write_text(LUA)
     floor_port, our_port = free_port(), free_port()
-    models = work / "models"
-    models.mkdir()
-    for item in (REPO / "worker" / "models").iterdir():
-        if item.name.endswith((".onnx", ".onnx.json")):
-            shutil.copyfile(item, models / item.name)
+    models = copy_bundled_models(work / "models")
     (models / "pool224.onnx").write_bytes(pool_model())
     if args.metrics_overhead:
         metrics_overhead(args, conns, models, script)
