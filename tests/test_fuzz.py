@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import msgpack
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +11,7 @@ from broker.errors import FractalError, ProtocolError
 
 from .harness import dealer
 
-pytestmark = pytest.mark.slow  # starts real processes
+# NOTE: the decoder tests run in process; those on the cluster fixture are marked slow by conftest.py.
 
 HEADERS = st.sampled_from([b"MDPC02", b"MDPW02", b"", b"MDPC01", b"\x00"]) | st.binary(max_size=8)
 COMMANDS = st.sampled_from([b"\x01", b"\x02", b"\x03", b"\x04", b"\x05", b"\x06", b"", b"\x07"])
