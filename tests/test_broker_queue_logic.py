@@ -110,6 +110,15 @@ def answer(worker: zmq.Socket, client: bytes, rid: int) -> None:
     worker.send_multipart([p.WORKER_HEADER, MDPW.FINAL, client, b"", *p.ok_body(rid, "node", {"id": rid})])
 
 
+def sent(rig: Rig, *rids: int) -> zmq.Socket:
+    """A new client that has sent requests `rids`, handled by the broker."""
+    client = rig.peer()
+    for rid in rids:
+        request(client, rid)
+    rig.step()
+    return client
+
+
 def reply_of(client: zmq.Socket) -> Any:
     """The result of the client's next reply; raises the FractalError it carries."""
     frames = received(client)
@@ -121,10 +130,7 @@ def reply_of(client: zmq.Socket) -> Any:
 
 def test_requests_go_to_the_least_recently_used_idle_worker_then_queue(rig: Rig) -> None:
     first, second = rig.worker(), rig.worker()
-    client = rig.peer()
-    for rid in (1, 2, 3):
-        request(client, rid)
-    rig.step()
+    client = sent(rig, 1, 2, 3)
     address, rid_a = take_request(first)
     _, rid_b = take_request(second)
     assert (rid_a, rid_b) == (1, 2)
@@ -139,10 +145,7 @@ def test_a_full_queue_answers_overloaded(clock: Clock) -> None:
     rig = Rig(clock, max_queue=1)
     try:
         busy = rig.worker()
-        client = rig.peer()
-        for rid in (1, 2, 3):
-            request(client, rid)
-        rig.step()
+        client = sent(rig, 1, 2, 3)
         assert take_request(busy)[1] == 1
         with pytest.raises(Overloaded):
             reply_of(client)  # 2 queued, 3 refused
@@ -151,19 +154,14 @@ def test_a_full_queue_answers_overloaded(clock: Clock) -> None:
 
 
 def test_a_request_for_a_service_without_workers_answers_no_worker(rig: Rig) -> None:
-    client = rig.peer()
-    request(client, 1)
-    rig.step()
+    client = sent(rig, 1)
     with pytest.raises(NoWorkerAvailable):
         reply_of(client)
 
 
 def test_a_queued_request_times_out_only_once_its_deadline_passed(rig: Rig, clock: Clock) -> None:
     busy = rig.worker()
-    client = rig.peer()
-    request(client, 1)
-    request(client, 2)
-    rig.step()
+    client = sent(rig, 1, 2)
     take_request(busy)
     rig.broker._expire_requests(clock.advance(9.9))
     assert received(client) is None
@@ -174,9 +172,7 @@ def test_a_queued_request_times_out_only_once_its_deadline_passed(rig: Rig, cloc
 
 def test_a_silent_worker_is_dropped_and_its_request_goes_to_another(rig: Rig, clock: Clock) -> None:
     silent = rig.worker()
-    client = rig.peer()
-    request(client, 1)
-    rig.step()
+    client = sent(rig, 1)
     take_request(silent)
     clock.advance(2.0)
     spare = rig.worker()  # registered later: its liveness runs from now
@@ -189,10 +185,8 @@ def test_a_silent_worker_is_dropped_and_its_request_goes_to_another(rig: Rig, cl
 
 
 def test_a_request_whose_second_worker_dies_answers_worker_lost(rig: Rig, clock: Clock) -> None:
-    client = rig.peer()
     first = rig.worker()
-    request(client, 1)
-    rig.step()
+    client = sent(rig, 1)
     take_request(first)
     second = rig.worker()
     first.send_multipart([p.WORKER_HEADER, MDPW.DISCONNECT])
@@ -211,9 +205,7 @@ def test_heartbeats_keep_a_worker_alive_past_the_liveness_window(rig: Rig, clock
         worker.send_multipart([p.WORKER_HEADER, MDPW.HEARTBEAT])
         rig.step()
         rig.broker._purge_workers(clock.now)
-    client = rig.peer()
-    request(client, 7)
-    rig.step()
+    sent(rig, 7)
     assert take_request(worker)[1] == 7
 
 
