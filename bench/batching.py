@@ -91,7 +91,8 @@ def main() -> None:
     write_models(models_dir)
     results = {name: measure(setup, models_dir, args.duration_s) for name, setup in SETUPS.items()}
     print(f"\nDynamic batching, {CLIENTS} concurrent clients, 2 workers x 1 thread, {os.cpu_count()} cores\n")
-    print(f"{'model':14} {'batching off: req/s · p50 · p99 ms':>38} {'batching on: req/s · p50 · p99 ms':>38} {'on/off':>7}")
+    off, on = "batching off: req/s · p50 · p99 ms", "batching on: req/s · p50 · p99 ms"
+    print(f"{'model':14} {off:>38} {on:>38} {'on/off':>7}")
     for model in INPUTS:
         off, on = results["off"][model], results["on"][model]
         cells = [f"{r['rps']:8,.0f} · {r['p50_ms']:7.2f} · {r['p99_ms']:7.2f}" for r in (off, on)]

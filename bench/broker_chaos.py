@@ -26,13 +26,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python bench/broker_chaos.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.chaos import FAST_HEARTBEATS, child_pids, start_load, start_serve  # noqa: E402
+from bench.chaos import FAST_HEARTBEATS, start_load, start_serve  # noqa: E402
+from tests.harness import child_pids  # noqa: E402
 
 
 def longest_stall_s(rows: list[dict]) -> float:
     """The longest gap between two consecutive answers (or the start and the first answer)."""
     answered = sorted(r["t"] + r["ms"] / 1000 for r in rows)
-    gaps = [b - a for a, b in zip([0.0, *answered], answered)]
+    gaps = [b - a for a, b in zip([0.0, *answered], answered, strict=False)]
     return max(gaps, default=0.0)
 
 
@@ -50,7 +51,7 @@ def run_broker_chaos(workdir: Path, duration_s: float, rate: float, kill_every_s
                 break
             except subprocess.TimeoutExpired:
                 pass
-            pids = child_pids(serve.pid, b"broker")
+            pids = child_pids(serve.pid, "broker")
             if pids:
                 brokers.add(pids[0])
                 os.kill(pids[0], signal.SIGKILL)

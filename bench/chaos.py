@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,32 +20,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.harness import child_pids, free_port  # noqa: E402
+
 FAST_HEARTBEATS = {"FRACTAL_BROKER_HEARTBEAT_INTERVAL_S": "0.3", "FRACTAL_WORKER_HEARTBEAT_INTERVAL_S": "0.3"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_pids(root: int) -> list[int]:
     """Live `python -m worker` processes under `root` (fractal serve)."""
-    return child_pids(root, b"worker")
-
-
-def child_pids(root: int, module: bytes) -> list[int]:
-    """Live `python -m <module>` processes under `root` (fractal serve)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat[1]) == root and module in cmdline[:3] and stat[0] != "Z":
-            found.append(int(proc.name))
-    return sorted(found)
+    return child_pids(root, "worker")
 
 
 def start_serve(workdir: Path, env: dict[str, str], log) -> tuple[subprocess.Popen, int]:

@@ -31,12 +31,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.rest import free_port, lua_for, pool_model, transport_cases, wrk  # noqa: E402
+from bench.rest import lua_for, pool_model, transport_cases, wrk  # noqa: E402
+from tests.harness import (  # noqa: E402
+    copy_bundled_models,
+    descendants,
+    free_port,
+    free_ports,
+    process_table,
+    wait_post_200,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fractal-bench"
@@ -97,39 +104,17 @@ class Server:
 
 # -- processes -------------------------------------------------------------------------------------
 
-def _proc_table() -> dict[int, tuple[int, float, str]]:
-    """pid -> (parent pid, CPU seconds so far, command line), from /proc."""
-    table, tick = {}, os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmdline)
-    return table
-
-
-def _tree(table: dict, root: int) -> list[int]:
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        found.append(pid)
-        frontier.extend(child for child, (parent, _, _) in table.items() if parent == pid)
-    return found
-
-
 def cpu_s(root: int, only_http: bool) -> tuple[float, float]:
     """(CPU seconds of the HTTP worker processes under root, CPU seconds of the whole tree).
 
     HTTP workers are gunicorn processes whose parent is a gunicorn process (its master)."""
-    table = _proc_table()
-    pids = _tree(table, root)
-    whole = sum(table[p][1] for p in pids if p in table)
+    table = process_table()
+    pids = [p for p in [root, *descendants(root, table)] if p in table]
+    whole = sum(table[p].cpu_s for p in pids)
     if not only_http:
         return whole, whole
-    http = sum(table[p][1] for p in pids if p in table and "gunicorn" in table[p][2]
-               and "gunicorn" in table.get(table[p][0], (0, 0, ""))[2])
+    http = sum(table[p].cpu_s for p in pids if "gunicorn" in table[p].cmdline
+               and table[p].ppid in table and "gunicorn" in table[table[p].ppid].cmdline)
     return http, whole
 
 
@@ -158,28 +143,13 @@ def stop(proc: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
-def wait_ready(url: str, body: bytes, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
-        try:
-            req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
-
-
 def measure(server: Server, conns: list[int], duration_s: float, cpu_requests: int,
             cases: list[tuple[str, str, Path]] = ()) -> None:
     proc = start(server)
     base = f"http://127.0.0.1:{server.port}"
     try:
         first = server.routes[0]
-        wait_ready(base + first.path, SEED_BODY if first.path == SEED_PATH else V2_BODY, proc)
+        wait_post_200(base + first.path, SEED_BODY if first.path == SEED_PATH else V2_BODY, proc, timeout_s=120)
         for route in server.routes:
             url = base + route.path
             wrk(url, 16, 2, route.script)  # warm-up: sessions loaded, connections made
@@ -245,27 +215,9 @@ def fractal(label: str, code: Path, work: Path, models: Path, seed: Path, v2: Pa
     run.mkdir()
     return Server(label, [sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
                           str(free_port()), "--model-dir", str(models), "--log-level", log_level, "--metrics-port",
-                          str(_free_run(3))], port,
+                          str(free_ports(3))], port,
                   [Route("seed JSON", SEED_PATH, seed), Route("v2 JSON", "/v2/models/iris.onnx/infer", v2)],
                   cwd=run, env={"PYTHONPATH": str(code)})
-
-
-def _free_run(count: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if all(_port_free(base + i) for i in range(1, count)):
-            return base
-    raise RuntimeError("no free consecutive ports")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def baseline_tree(rev: str, work: Path) -> Path:
@@ -357,11 +309,7 @@ def main() -> None:
         (work / "v2.json").write_bytes(V2_BODY)
         seed.write_text(lua_for(work / "seed.json", "application/json"))
         v2.write_text(lua_for(work / "v2.json", "application/json"))
-        models = work / "models"
-        models.mkdir()
-        for item in (REPO / "worker" / "models").iterdir():
-            if item.name.endswith((".onnx", ".onnx.json")):
-                shutil.copyfile(item, models / item.name)
+        models = copy_bundled_models(work / "models")
         (models / "pool224.onnx").write_bytes(pool_model())
         cases = [c for c in transport_cases(work) if c[0].startswith("1x3x224x224")]
         wsgi, asgi = floors(seed)
@@ -381,7 +329,7 @@ def main() -> None:
         if args.baseline:
             before = servers[-1]
             print(f"\nFrontend CPU per request (gunicorn workers, /proc), {before.name} -> this checkout:")
-            for old_route, new_route in zip(before.routes, ours.routes):
+            for old_route, new_route in zip(before.routes, ours.routes, strict=False):
                 old_us, new_us = old_route.cpu["frontend_us"], new_route.cpu["frontend_us"]
                 print(f"  {new_route.label:10} {old_us:6,.0f} us -> {new_us:6,.0f} us ({new_us / old_us - 1:+.0%})")
     finally:

@@ -19,15 +19,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.pipeline import IRIS, ROW, Procs, free_url, wait_ready  # noqa: E402
 from broker.client import AsyncClient, Client  # noqa: E402
+from tests.harness import cpu_s  # noqa: E402
 
-TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 IN_FLIGHT = 64
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
 def measure(pids: dict[str, int], run, n: int) -> dict[str, float]:

@@ -25,20 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.cpu import cpu_s  # noqa: E402
 from bench.pipeline import IRIS, Procs, free_url, wait_ready  # noqa: E402
 from fractal.gunicorn_args import gunicorn_argv  # noqa: E402
-
-def free_port() -> int:
-    return int(free_url().rsplit(":", 1)[1])
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from tests.harness import cpu_s, free_port, wait_for  # noqa: E402
 
 CONFIGS = {"timing on, metrics on": ("true", "true"), "timing off, metrics on": ("false", "true"),
            "timing on, metrics off": ("true", "false"), "timing off, metrics off": ("false", "false")}

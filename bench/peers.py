@@ -68,7 +68,8 @@ def majortomo_worker(url: str, model_path: str) -> None:
     for frames in requests:
         body = p.unpack_body(frames)
         values = session.run(names, body["inputs"])
-        requests.send_reply_final(p.ok_body(body["id"], "majortomo", {"outputs": dict(zip(names, values))}))
+        outputs = dict(zip(names, values, strict=True))
+        requests.send_reply_final(p.ok_body(body["id"], "majortomo", {"outputs": outputs}))
 
 
 if __name__ == "__main__":

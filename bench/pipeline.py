@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from broker import protocol as p  # noqa: E402
 from broker.client import AsyncClient, Client  # noqa: E402
 from broker.errors import FractalError  # noqa: E402
+from tests.harness import free_port  # noqa: E402
 
 IRIS = REPO / "worker" / "models" / "iris.onnx"
 ROW = np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)
@@ -45,9 +45,7 @@ ROUNDS = 3  # alternating measurement rounds of the whole-path comparison
 
 
 def free_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class Procs:
@@ -222,7 +220,7 @@ class MajortomoDialect:
 
 def majortomo_dialect(broker_argv: list[str], sync_n: int, flight_n: int, procs: Procs) -> dict:
     stack = MajortomoDialect(broker_argv, procs)
-    out = dict(zip(("p50_us", "p99_us"), stack.sync_p50(sync_n)))
+    out = dict(zip(("p50_us", "p99_us"), stack.sync_p50(sync_n), strict=True))
     out["rps_1w"] = stack.rate(flight_n)
     stack.close()
     procs.stop()
@@ -239,9 +237,9 @@ def whole_paths(sync_n: int, flight_n: int, procs: Procs, model_dir: Path) -> tu
         sync_p50(client, 300)  # warm-up
         calls = [("predict", {"model": "iris.onnx", "inputs": {"float_input": ROW}})] * flight_n
         for _ in range(ROUNDS):
-            for key, value in zip(("our_p50", "our_p99"), sync_p50(client, sync_n)):
+            for key, value in zip(("our_p50", "our_p99"), sync_p50(client, sync_n), strict=True):
                 rows[key].append(value)
-            for key, value in zip(("mt_p50", "mt_p99"), theirs.sync_p50(sync_n)):
+            for key, value in zip(("mt_p50", "mt_p99"), theirs.sync_p50(sync_n), strict=True):
                 rows[key].append(value)
             rows["our_rps"].append(async_rate(url, flight_n))
             rows["mt_rps"].append(theirs.rate(flight_n))

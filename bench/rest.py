@@ -20,15 +20,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.harness import copy_bundled_models, free_port, tree_cpu_s, wait_post_200  # noqa: E402
+
 PATH = "/api/v1/models/iris.onnx/prediction"
 BODY = '{"values": [2, 5, 1, 4]}'
 LUA = f"""wrk.method = "POST"
@@ -94,27 +94,6 @@ def _swap(pair: tuple[bytes, int]) -> tuple[bytes, str, int]:
 MLSERVER_P99_MS = {16: 24.1, 64: 82.1}  # ../shared/peers.md, MLServer 1.7.1 default configuration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float = 60) -> None:
-    """Until a POST of the iris body to url answers 200."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(url, data=BODY.encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def wrk(url: str, connections: int, duration_s: float, script: Path) -> dict:
     """One wrk cell: req/s, p50 and p99 in ms, requests, and errors (non-2xx and socket errors)."""
     out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
@@ -146,24 +125,6 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system) used so far by `root` and all its descendants (Linux /proc)."""
-    parents, cpu = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        parents[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    total, frontier = 0.0, [root]
-    while frontier:
-        pid = frontier.pop()
-        total += cpu.get(pid, 0.0)
-        frontier.extend(child for child, parent in parents.items() if parent == pid)
-    return total
-
-
 def measure(argv: list[str], port: int, conns: list[int], duration_s: int, script: Path,
             cases: list[tuple[str, str, Path]] = ()) -> tuple[dict, dict]:
     """wrk at each connection count on the iris prediction, then each transport case at 16.
@@ -173,7 +134,7 @@ def measure(argv: list[str], port: int, conns: list[int], duration_s: int, scrip
     proc = start(argv)
     try:
         url = f"http://127.0.0.1:{port}{PATH}"
-        wait_http(url)
+        wait_post_200(url, BODY.encode())
         wrk(url, 16, 2, script)  # warm-up: sessions loaded, connections made
         table = {}
         for c in conns:
@@ -233,11 +194,7 @@ def main() -> None:
     script = work / "post.lua"
     script.write_text(LUA)
     floor_port, our_port = free_port(), free_port()
-    models = work / "models"
-    models.mkdir()
-    for item in (REPO / "worker" / "models").iterdir():
-        if item.name.endswith((".onnx", ".onnx.json")):
-            shutil.copyfile(item, models / item.name)
+    models = copy_bundled_models(work / "models")
     (models / "pool224.onnx").write_bytes(pool_model())
     if args.metrics_overhead:
         metrics_overhead(args, conns, models, script)

@@ -24,28 +24,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.chaos import free_port  # noqa: E402
+from tests.harness import descendants, free_port, process_table  # noqa: E402
 
 
 def tree(root: int) -> dict[int, str]:
     """pid -> role for every process under `root`."""
-    parents, roles = {}, {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        roles[int(proc.name)] = ("gunicorn" if "gunicorn" in cmd else "broker" if "-m broker" in cmd
-                                 else "worker" if "-m worker" in cmd else "other")
-    found, frontier = {}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid:
-                found[child] = roles.get(child, "other")
-                frontier.append(child)
-    return found
+    table = process_table()
+    return {pid: _role(table[pid].cmdline) for pid in descendants(root, table)}
+
+
+def _role(cmd: str) -> str:
+    return ("gunicorn" if "gunicorn" in cmd else "broker" if "-m broker" in cmd
+            else "worker" if "-m worker" in cmd else "other")
 
 
 def sample(pid: int) -> tuple[int, int] | None:
@@ -71,7 +61,8 @@ class Load:
         except OSError as exc:
             status, conn = f"{exc.__class__.__name__}", http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         with self.lock:
-            self.counts[path.rsplit("/", 1)[-1] + " " + method] = self.counts.get(path.rsplit("/", 1)[-1] + " " + method, 0) + 1
+            key = path.rsplit("/", 1)[-1] + " " + method
+            self.counts[key] = self.counts.get(key, 0) + 1
             if status not in ok:
                 self.failures.append((time.time(), method, path, status))
         return conn

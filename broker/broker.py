@@ -148,7 +148,9 @@ class Broker:
                  registry: CollectorRegistry | None = None):
         self.settings = settings
         self._context = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+        # NOTE: typed as always there, since every message is handled inside run(), after bind(); None
+        # marks it unbound or closed.
+        self._socket: zmq.Socket = None  # type: ignore[assignment]
         self._services: dict[bytes, Service] = {}
         self._workers: dict[bytes, Worker] = {}
         self._stopping = False
@@ -212,7 +214,7 @@ class Broker:
         for worker in list(self._workers.values()):
             self._send_worker(worker, MDPW.DISCONNECT)
         self._socket.close(linger=0)
-        self._socket = None
+        self._socket = None  # type: ignore[assignment]  # closed for good
         if self._curve is not None:
             self._curve.stop()
         log.info("broker stopped")

@@ -297,7 +297,7 @@ class Client(_Operations):
         rid = next(_ids)
         frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
                   *p.request_body(rid, op, _with_request_id(fields or {}), int(timeout_s * 1000))]
-        pending = {}
+        pending: dict[int, tuple] = {}
         self._send_call(link, pending, op, frames, deadline)
         pending[rid] = (0, op, frames)
         outcome = self._receive(link, pending, deadline)[1]
@@ -553,7 +553,8 @@ class AsyncClient(_Operations):
         self.curve = curve
         # NOTE: a plain socket driven by loop.add_reader: zmq.asyncio's per-call futures and polls
         # cost more than the whole rest of a call. An asyncio context is shadowed, not required.
-        self._context = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context.instance()
+        self._context: zmq.Context = (zmq.Context.shadow(context.underlying) if context is not None
+                                      else zmq.Context.instance())
         self._socket: zmq.Socket | None = None   # the current broker's socket, and its monitor
         self._monitor: zmq.Socket | None = None
         self._links: list[tuple[zmq.Socket, zmq.Socket]] = []  # (socket, monitor) per broker
@@ -563,7 +564,7 @@ class AsyncClient(_Operations):
         self._lost_at: float | None = None  # when the connection to the broker dropped; None while up
         self._not_back: asyncio.TimerHandle | None = None
         self._inflight: dict[int, tuple[int, str, dict, asyncio.Future, float]] = {}  # sent, not answered
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop  # NOTE: the running loop, set by _open() before any use
         self._pending: dict[int, asyncio.Future] = {}
         self._deadlines: dict[int, tuple[float, float]] = {}  # call id -> (its deadline, its timeout_s)
         self._sweep: asyncio.TimerHandle | None = None  # the one timer that expires calls past their deadline
@@ -590,8 +591,8 @@ class AsyncClient(_Operations):
             self._sender = None
         if self._socket is not None:
             for sock, monitor in self._links:
-                self._loop.remove_reader(sock.getsockopt(zmq.FD))
-                self._loop.remove_reader(monitor.getsockopt(zmq.FD))
+                self._loop.remove_reader(sock.fileno())
+                self._loop.remove_reader(monitor.fileno())
                 sock.disable_monitor()
                 monitor.close(linger=0)
                 sock.close(linger=0)
@@ -654,8 +655,8 @@ class AsyncClient(_Operations):
         self._socket, self._monitor = self._links[0]
         self._first_choice_until = self._loop.time() + FIRST_CHOICE_WAIT_S
         for index, (sock, monitor) in enumerate(self._links):
-            self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable, sock)
-            self._loop.add_reader(monitor.getsockopt(zmq.FD), self._on_link_event, index)
+            self._loop.add_reader(sock.fileno(), self._on_readable, sock)
+            self._loop.add_reader(monitor.fileno(), self._on_link_event, index)
             self._loop.call_soon(self._on_link_event, index)  # NOTE: edge-triggered FD: take what came before
 
     def _arm_sweep(self, at: float) -> None:
@@ -726,7 +727,9 @@ class AsyncClient(_Operations):
         A pack holds calls for one model (the broker queues it as that model's: docs/protocol.md,
         "Routing header"): calls for other models met on the way stay in the outbox, in their order,
         looking at most PACK_LOOKAHEAD calls ahead. Each carries what is left of its deadline now."""
-        outbox, writer, calls, skipped = self._outbox, p.PackWriter(), [], []
+        outbox, writer = self._outbox, p.PackWriter()
+        calls: list = []
+        skipped: list = []
         now, model, looked = self._loop.time(), None, 0
         while outbox and len(calls) < p.PACK_MAX_REQUESTS and looked < PACK_LOOKAHEAD:
             looked += 1
@@ -765,6 +768,8 @@ class AsyncClient(_Operations):
         give_up = self._loop.time() + CONNECT_WAIT_S
         while True:
             await asyncio.sleep(SEND_RETRY_S)
+            if self._socket is None:  # closed meanwhile (aclose() cancels this task first)
+                return
             try:
                 send_frames(self._socket, frames, NOBLOCK)
                 self._sent(calls, pack_id)
@@ -928,7 +933,7 @@ class AsyncClient(_Operations):
         except FractalError as exc:  # one error for the whole pack: each call raises its own copy
             outcomes = [exc.__class__(*exc.args) for _ in rids]
         pending = self._pending
-        for sub_rid, outcome in zip(rids, outcomes):
+        for sub_rid, outcome in zip(rids, outcomes, strict=True):
             future = pending.get(sub_rid)
             if future is None or future.done():
                 continue

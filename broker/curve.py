@@ -52,6 +52,8 @@ class PeerKeys:
         if not (secret_file and broker_public_file):
             raise ConfigError("CURVE needs both this peer's .key_secret file and the broker's .key file")
         public, secret = _load(secret_file, secret=True)
+        if secret is None:  # _load raised already; this tells the type checker
+            raise ConfigError(f"{secret_file} holds no secret key")
         return cls(public, secret, _load(broker_public_file, secret=False)[0])
 
     def apply(self, sock: zmq.Socket) -> None:

@@ -45,4 +45,4 @@ def setup_logging(component: str, level: str = "INFO", fmt: str = "text", node: 
 def set_node(node: str) -> None:
     """Name this process's node in JSON records from now on (a worker knows its id once it is built)."""
     for made in _formatters:
-        made.static_fields["node"] = node
+        made.static_fields["node"] = node  # type: ignore[attr-defined]  # only JsonFormatters are kept

@@ -6,12 +6,11 @@ import ctypes
 import logging
 import signal
 import sys
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .errors import ConfigError
 from .logs import setup_logging
 from .settings import add_arguments, load
-
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,13 +33,13 @@ class Runnable(Protocol):
 
 
 def run_component(component: str, description: str, settings_cls: type,
-                  build: Callable[[object], Runnable], argv: Sequence[str] | None = None) -> int:
+                  build: Callable[[Any], Runnable], argv: Sequence[str] | None = None) -> int:
     """Run a component until SIGINT/SIGTERM; returns the process exit code (2 for bad settings)."""
     parser = argparse.ArgumentParser(prog=f"fractal {component}", description=description)
     add_arguments(parser, settings_cls, component)
     args = parser.parse_args(argv)
     try:
-        settings = load(settings_cls, component, args)
+        settings: Any = load(settings_cls, component, args)
     except ConfigError as exc:
         print(f"fractal {component}: {exc}", file=sys.stderr)
         return 2

@@ -6,13 +6,15 @@ Poller per call; measured here, a 6-frame send drops from 10.3 µs to 1.5 µs th
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import zmq
 from zmq.backend import Socket as _BackendSocket
 from zmq.backend import zmq_poll
 
 _SEND = _BackendSocket.send
 _RECV = _BackendSocket.recv
-_GET = _BackendSocket.get
+_GET: Callable[[zmq.Socket, int], int] = _BackendSocket.get  # type: ignore[assignment]  # only int options asked
 _SET = _BackendSocket.set
 RCVTIMEO = int(zmq.RCVTIMEO)
 SNDMORE = int(zmq.SNDMORE)

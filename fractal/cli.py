@@ -10,35 +10,28 @@ from typing import Callable, Sequence
 
 from broker.settings import add_arguments, load, setting
 
+from .addresses import connect_host
 from .serve import BROKER_HOST, BROKER_PORT
 
-USAGE = """fractal COMMAND [--help]
 
-commands:
-  serve      broker + workers + REST frontend on this machine, bundled models (start here)
-  broker     the MDP/0.2 broker
-  worker     one worker: serves the models of a pool to the broker
-  frontend   the REST frontend under gunicorn (extra arguments go to gunicorn)
-  grpc       the Open Inference Protocol over gRPC (Triton's GRPCInferenceService)
-  predict    MODEL VALUES...: one prediction through the broker (fractal predict iris 2 5 1 4)
-  models     list the models in the pool
-  health     [ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers (HTTP_PORT: the
-             frontend's or serve's; default 8002, or FRACTAL_SERVE_HTTP_PORT for serve)
-  keys       DIR NAME...: CURVE key pairs (NAME.key public, NAME.key_secret secret)
-"""
+def parser() -> argparse.ArgumentParser:
+    """`fractal`'s own parser: one subparser per command, so argparse writes the usage text. Each
+    command parses its own arguments (the frontend's go to gunicorn), so only the name is read here."""
+    top = argparse.ArgumentParser(prog="fractal", description="FRACTAL ML Server: ONNX models over REST, gRPC "
+                                  "and ZeroMQ (MDP/0.2).", epilog="fractal COMMAND --help lists its flags.")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    handler = COMMANDS.get(command)
-    if handler is None:
-        print(f"fractal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    return handler(rest)
+    try:
+        command = parser().parse_args(argv[:1]).command  # NOTE: --help exits 0, an unknown name 2
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return COMMANDS[command][0](argv[1:])
 
 
 def _serve(argv: list[str]) -> int:
@@ -105,8 +98,7 @@ class ClientSettings:
     def endpoint(self) -> str:
         if self.broker:
             return self.broker
-        host = "127.0.0.1" if self.broker_host in ("0.0.0.0", "*", "") else self.broker_host
-        return f"tcp://{host}:{self.broker_port}"
+        return f"tcp://{connect_host(self.broker_host)}:{self.broker_port}"
 
     def client(self):
         """The direct client these settings describe; raises ConfigError for unreadable key files."""
@@ -193,9 +185,18 @@ def _health(argv: list[str]) -> int:
     return health_main(argv)
 
 
-COMMANDS = {"serve": _serve, "broker": _broker, "worker": _worker, "frontend": _frontend, "grpc": _grpc,
-            "predict": _predict, "models": _models, "health": _health,
-            "keys": _keys}
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "serve": (_serve, "broker + workers + REST frontend on this machine, bundled models (start here)"),
+    "broker": (_broker, "the MDP/0.2 broker"),
+    "worker": (_worker, "one worker: serves the models of a pool to the broker"),
+    "frontend": (_frontend, "the REST frontend under gunicorn (extra arguments go to gunicorn)"),
+    "grpc": (_grpc, "the Open Inference Protocol over gRPC (Triton's GRPCInferenceService)"),
+    "predict": (_predict, "MODEL VALUES...: one prediction through the broker (fractal predict iris 2 5 1 4)"),
+    "models": (_models, "list the models in the pool"),
+    "health": (_health, "[ROLE [HTTP_PORT]]: exit 0 if this host's broker/worker/frontend/serve answers "
+                        "(HTTP_PORT: the frontend's or serve's; default 8002, or FRACTAL_SERVE_HTTP_PORT for serve)"),
+    "keys": (_keys, "DIR NAME...: CURVE key pairs (NAME.key public, NAME.key_secret secret)"),
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 from broker.settings import load
 
+from .addresses import connect_endpoint
+
 ROLE_FILE = Path("/tmp/fractal-role")
 TIMEOUT_S = 3.0
 
@@ -24,11 +26,6 @@ class Outcome(NamedTuple):
     healthy: bool
     checked: str        # what was asked, e.g. "GET http://127.0.0.1:8002/v2/health/ready"
     reason: str = ""    # why it is unhealthy, in words
-
-
-def _local(endpoint: str) -> str:
-    """A bind endpoint (tcp://0.0.0.0:5555, tcp://*:5555) as an address to connect to on this host."""
-    return endpoint.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1")
 
 
 def _tcp(endpoint: str) -> str:
@@ -96,10 +93,10 @@ def check(role: str, http_port: int | None = None) -> Outcome:
     if role == "broker":
         from broker.broker import BrokerSettings
         from broker.client import Client
-        settings = load(BrokerSettings, "broker")
-        endpoint = _local(settings.bind)
+        broker_settings = load(BrokerSettings, "broker")
+        endpoint = connect_endpoint(broker_settings.bind)
         hint = "is the broker running? (its address: FRACTAL_BROKER_BIND)"
-        if settings.curve_secret_key:  # a CURVE broker admits only listed keys: an open port will do
+        if broker_settings.curve_secret_key:  # a CURVE broker admits only listed keys: an open port will do
             why = _tcp(endpoint)
             return Outcome(not why, f"TCP {endpoint}", f"{why}; {hint}" if why else "")
         with Client(endpoint, timeout_s=TIMEOUT_S) as client:

@@ -23,6 +23,7 @@ from broker.curve import PeerKeys
 from broker.errors import FractalError
 from broker.settings import env_name, flag_name, load, log_format_setting, setting
 
+from .addresses import connect_host
 from .gunicorn_args import WORKER_CLASS, gunicorn_argv
 from .health import http_json
 from .supervisor import Child, Supervisor
@@ -147,7 +148,7 @@ def http_workers(s: ServeSettings) -> int:
 
 def _children(s: ServeSettings) -> list[Child]:
     broker_url = f"tcp://{s.broker_host}:{s.broker_port}"
-    connect_url = f"tcp://{'127.0.0.1' if s.broker_host in ('0.0.0.0', '*') else s.broker_host}:{s.broker_port}"
+    connect_url = f"tcp://{connect_host(s.broker_host)}:{s.broker_port}"
     threads = s.threads or max(1, (os.cpu_count() or 1) // s.workers)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     common = ["--log-level", s.log_level, "--log-format", s.log_format]
@@ -192,10 +193,6 @@ def _tcp_open(host: str, port: int) -> bool:
         return False
 
 
-def _local(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "*", "") else host
-
-
 def _ours(s: ServeSettings, supervisor: Supervisor, client: Client, token: str, seen: set[int]) -> bool:
     """True when the broker, every worker and the HTTP server that answer are the ones we started."""
     pids = {c.name: c.proc.pid for c in supervisor.children if c.proc is not None}
@@ -208,10 +205,10 @@ def _ours(s: ServeSettings, supervisor: Supervisor, client: Client, token: str, 
             replies = client.call_many([("status", {})] * (2 * s.workers), timeout_s=2, return_exceptions=True)
         except FractalError:  # no answer in time (a loaded machine): ask again on the next round
             return False
-        seen.update(r.get("pid") for r in replies if isinstance(r, dict))
+        seen.update(r["pid"] for r in replies if isinstance(r, dict) and "pid" in r)
         if not workers <= seen:
             return False
-    answer = http_json(f"http://{_local(s.http_host)}:{s.http_port}/api/v1/status", token)
+    answer = http_json(f"http://{connect_host(s.http_host)}:{s.http_port}/api/v1/status", token)
     return answer is not None and answer.get("broker", {}).get("pid") == pids["broker"]
 
 
@@ -219,13 +216,13 @@ def _wait_ready(s: ServeSettings, supervisor: Supervisor, stopping: threading.Ev
     deadline = time.monotonic() + s.ready_timeout_s
     access = load(FrontendAccess, "frontend")  # with CURVE on, the readiness check uses the frontend's keys
     seen: set[int] = set()
-    with Client(f"tcp://{_local(s.broker_host)}:{s.broker_port}",
+    with Client(f"tcp://{connect_host(s.broker_host)}:{s.broker_port}",
                 curve=PeerKeys.from_files(access.curve_secret_key, access.curve_broker_key)) as client:
         while time.monotonic() < deadline and not stopping.is_set():
             if supervisor.check() is not None:
                 return False
             if (_ours(s, supervisor, client, access.api_token or access.admin_token, seen)
-                    and (not s.grpc_port or _tcp_open(_local(s.http_host), s.grpc_port))):
+                    and (not s.grpc_port or _tcp_open(connect_host(s.http_host), s.grpc_port))):
                 return True
             stopping.wait(0.1)
     return False

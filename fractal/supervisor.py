@@ -16,6 +16,12 @@ STABLE_S = 3.0        # a child that lived this long had started and served: not
 MAX_BACKOFF_S = 10.0
 
 
+def next_backoff_s(previous_s: float, lived_s: float) -> float:
+    """The wait before restarting a child that died after `lived_s`: 0.2 s, doubling up to
+    MAX_BACKOFF_S while it keeps dying within STABLE_S of starting; none once it ran longer."""
+    return min(max(previous_s * 2, 0.2), MAX_BACKOFF_S) if lived_s < STABLE_S else 0.0
+
+
 @dataclass
 class Child:
     name: str
@@ -69,13 +75,14 @@ class Supervisor:
             if child.restart_at is None:
                 # NOTE: what the dead child started (gunicorn's workers) would hold its port: end it too.
                 try:
-                    os.killpg(child.proc.pid, signal.SIGKILL)
+                    if child.proc is not None:
+                        os.killpg(child.proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-                quick = now - child.started_at < STABLE_S
-                child.backoff_s = min(max(child.backoff_s * 2, 0.2), MAX_BACKOFF_S) if quick else 0.0
+                child.backoff_s = next_backoff_s(child.backoff_s, now - child.started_at)
                 child.restart_at = now + child.backoff_s
-                log.warning("%s exited with code %s: restarting in %.1f s", child.name, child.proc.returncode,
+                log.warning("%s exited with code %s: restarting in %.1f s", child.name,
+                            child.proc.returncode if child.proc else None,
                             child.backoff_s)
             if now >= child.restart_at:
                 child.start()
@@ -83,7 +90,7 @@ class Supervisor:
 
     def stop(self, grace_s: float = 10.0) -> None:
         for child in reversed(self.children):
-            if child.alive():
+            if child.proc is not None and child.alive():
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in reversed(self.children):

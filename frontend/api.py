@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 BASE = "http://localhost:8002"
 
@@ -193,13 +194,13 @@ def _responses(e: Endpoint) -> dict:
         return {"200": {"description": "OK", "content": {"text/plain" if e.resource == "metrics" else "text/html":
                                                           {"schema": {"type": "string"}}}}}
     if e.protocol == "v2":
-        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}}
+        error: dict[str, Any] = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}}
         return {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
                 **{code: {**error, "description": text} for code, text in (
                     ("400", "bad request"), ("404", "unknown model"), ("503", "no live worker"),
                     ("504", "deadline passed"))}}
-    ok = {"type": "object", "properties": {"http_status": {"$ref": "#/components/schemas/HttpStatus"},
-                                           **e.result}}
+    ok: dict[str, Any] = {"type": "object",
+                          "properties": {"http_status": {"$ref": "#/components/schemas/HttpStatus"}, **e.result}}
     error = {"description": "error", "content": {"application/json": {"schema": {
         "$ref": "#/components/schemas/Error"}}}}
     codes = {"400": "bad input", "404": "unknown model or route", "405": "method not allowed"}
@@ -208,7 +209,7 @@ def _responses(e: Endpoint) -> dict:
                       "503": "overloaded or no live worker (see Retry-After)", "504": "deadline passed",
                       "507": "model larger than the workers' memory budget",
                       "500": "unexpected failure (with a request id)"})
-    responses = {"200": {"description": "OK", "content": {"application/json": {"schema": ok}}}}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": ok}}}}
     responses.update({code: {**error, "description": text} for code, text in codes.items()})
     return responses
 
@@ -216,7 +217,7 @@ def _responses(e: Endpoint) -> dict:
 def openapi(version: str) -> dict:
     paths: dict = {}
     for e in ENDPOINTS:
-        operation = {"summary": e.summary, "operationId": f"{e.method.lower()}_{e.resource}",
+        operation: dict[str, Any] = {"summary": e.summary, "operationId": f"{e.method.lower()}_{e.resource}",
                      "responses": _responses(e)}
         if "{name}" in e.path:
             operation["parameters"] = [{"name": "name", "in": "path", "required": True,

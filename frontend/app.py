@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from importlib import metadata
+from typing import Any
 
 import falcon
 import falcon.asgi
@@ -19,12 +20,22 @@ from .disconnect import CancelOnDisconnect
 from .errors import status_body
 from .observability import Metrics, StatusJson, StatusPage
 from .observe import Observe
-from .resources import (Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes,
-                        welcome_body)
+from .resources import Information, Model, Models, Prediction, SendToModelhost, Static, json_bytes, welcome_body
 from .settings import FrontendSettings
 from .traces import TraceRequests
-from .v2 import (Infer, ModelConfig, ModelMetadata, ModelReady, ModelStatistics, RepositoryIndex, RepositoryLoad,
-                 RepositoryUnload, ServerLive, ServerMetadata, ServerReady)
+from .v2 import (
+    Infer,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    ModelStatistics,
+    RepositoryIndex,
+    RepositoryLoad,
+    RepositoryUnload,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+)
 
 
 def _version() -> str:
@@ -71,8 +82,8 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     metrics = FrontendMetrics(registry) if settings.metrics else None
     # NOTE: here, after gunicorn's fork: the span exporter's thread must be this process's own
     traces = [TraceRequests()] if tracing.configure("frontend", settings.tracing) else []
-    middleware = [*traces, Observe(settings.server_timing, metrics),
-                  TokenAuth(settings.admin_token, settings.api_token)]
+    middleware: list[Any] = [*traces, Observe(settings.server_timing, metrics),
+                             TokenAuth(settings.admin_token, settings.api_token)]
     app = falcon.asgi.App(middleware=[*middleware, Lifespan(client)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

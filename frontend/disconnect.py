@@ -91,6 +91,8 @@ class CancelOnDisconnect:
             await self.app(scope, receive, send)
             return
         task = asyncio.current_task()
+        if task is None:  # an ASGI server always runs the app inside a task
+            raise RuntimeError("CancelOnDisconnect runs inside an asyncio task")
         exchange = _Exchange(receive, send, task, _announces_body(scope))
         try:
             await self.app(scope, exchange.receive, exchange.send)

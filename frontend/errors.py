@@ -19,7 +19,8 @@ def status_body(code: int, description: str, /, **extra: object) -> bytes:
 
     Positional-only, so a result with its own "description" (a model's) cannot replace the status's.
     """
-    body = {"http_status": {"code": code, "description": description, "name": http.HTTPStatus(code).phrase}}
+    status = {"code": code, "description": description, "name": http.HTTPStatus(code).phrase}
+    body: dict[str, object] = {"http_status": status}
     body.update(extra)
     return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)  # NOTE: non-finite floats become null
 
@@ -49,10 +50,10 @@ async def _http_error(req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: 
     if ex.status_code == 404 and not ex.description:
         description = f"no route {req.method} {req.path}; see GET /help"
     elif ex.status_code == 405:
-        allowed = (ex.headers or {}).get("Allow", "")
+        allowed = dict(ex.headers or {}).get("Allow", "")
         description = f"{req.method} is not allowed on {req.path}; use {allowed}"
     _write(req, resp, ex.status_code, description)
-    for name, value in (ex.headers or {}).items():
+    for name, value in dict(ex.headers or {}).items():
         resp.set_header(name, value)
 
 

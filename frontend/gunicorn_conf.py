@@ -10,11 +10,11 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from broker.logs import formatter, setup_logging
 from broker.runner import die_with_parent
 from broker.settings import load
-
 from frontend.settings import FrontendSettings
 
 # NOTE: the app is ASGI: without a --worker-class flag, gunicorn runs it under uvicorn (uvloop, httptools).
@@ -57,7 +57,7 @@ def post_fork(server: object, worker: object) -> None:
     logging.logMultiprocessing = False
 
 
-def child_exit(server: object, worker: object) -> None:
+def child_exit(server: object, worker: Any) -> None:
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
 

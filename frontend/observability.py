@@ -39,11 +39,16 @@ def residency(workers: list[dict]) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for node, w in sorted(freshest.items()):
         sizes = _dict(_dict(w.get("resident_bytes")).get("models"))
-        pinned = w.get("models_pinned") if isinstance(w.get("models_pinned"), list) else []
-        resident = w.get("models_resident") if isinstance(w.get("models_resident"), list) else []
+        pinned = _list(w.get("models_pinned"))
+        resident = _list(w.get("models_resident"))
         for model in (m for m in resident if isinstance(m, str)):
             found.setdefault(model, []).append({"node": node, "bytes": sizes.get(model), "pinned": model in pinned})
     return dict(sorted(found.items()))
+
+
+def _list(value: object) -> list:
+    """`value` when a worker sent a list, else []."""
+    return value if isinstance(value, list) else []
 
 
 def _dict(value: object) -> dict:

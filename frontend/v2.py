@@ -11,8 +11,8 @@ import falcon
 import falcon.asgi
 import orjson
 
-from broker.client import AsyncClient
 from broker import jsonbody
+from broker.client import AsyncClient
 from broker.errors import BadInput, NoWorkerAvailable
 from broker.protocol import model_file_name
 

@@ -162,7 +162,7 @@ def encode_response(model: str, request: InferRequest, outputs: dict[str, Any],
     entries, chunks = [], []
     for name, value in outputs.items():
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
-        entry = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
         if request.binary.get(name, request.binary_default):
             data = _bytes_elements(array) if entry["datatype"] == "BYTES" else np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}

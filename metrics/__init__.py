@@ -1,8 +1,16 @@
 """Prometheus metrics of every component: the definitions in one place, and the exporter; and the optional
 OpenTelemetry tracing (metrics/tracing.py)."""
 from . import tracing
-from .definitions import (LATENCY_BUCKETS, BrokerMetrics, CallerModelMetrics, FrontendMetrics, GrpcMetrics,
-                          ModelSeries, WorkerMetrics, observe_many)
+from .definitions import (
+                          LATENCY_BUCKETS,
+                          BrokerMetrics,
+                          CallerModelMetrics,
+                          FrontendMetrics,
+                          GrpcMetrics,
+                          ModelSeries,
+                          WorkerMetrics,
+                          observe_many,
+)
 from .exporter import exposition, multiprocess, new_registry, serve_metrics
 
 __all__ = ["LATENCY_BUCKETS", "BrokerMetrics", "CallerModelMetrics", "FrontendMetrics", "GrpcMetrics", "ModelSeries",

@@ -6,7 +6,7 @@ run with metrics off gets the same attributes as no-op objects, so its code has 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -30,7 +30,7 @@ class _Null:
 _NULL = _Null()
 
 
-def observe_many(child: object, value: float, count: int) -> None:
+def observe_many(child: Any, value: float, count: int) -> None:
     """`child.observe(value)` done `count` times (a pack's requests share one duration), in O(1).
 
     NOTE: uses prometheus_client's Histogram internals (_sum, _upper_bounds, _buckets, stable since

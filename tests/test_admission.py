@@ -12,13 +12,16 @@ import urllib.request
 from email.message import Message
 
 import numpy as np
+import pytest
 
 from broker.client import AsyncClient, Client
 from broker.errors import QueueFull, Timeout
 
-from .conftest import free_port, start_frontend, wait_busy, wait_for, wait_workers
+from .harness import free_port, start_frontend, wait_busy, wait_for, wait_workers
 from .onnx_models import slow_input, slow_model
 from .test_metrics import sample_sum
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def metrics(port: int) -> str:

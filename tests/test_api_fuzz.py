@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import Served
+import pytest
+
+from .harness import Served
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 def test_no_generated_request_causes_a_server_error(tmp_path):

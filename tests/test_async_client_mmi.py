@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from broker.client import AsyncClient, Client
 
-from .conftest import free_port
+from .harness import free_port
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 def test_mmi_answers_match_the_sync_client(cluster):
-    with Client(cluster["url"], timeout_s=10) as sync:
+    with Client(cluster.url, timeout_s=10) as sync:
         expected = (sync.service_ready(), sync.service_ready("nobody"), sync.broker_status())
 
     async def scenario():
-        async with AsyncClient(cluster["url"], timeout_s=10) as aclient:
+        async with AsyncClient(cluster.url, timeout_s=10) as aclient:
             echoes = [aclient.echo(i) for i in range(32)]  # requests in flight while MMI is asked
             ready, nobody, status, *replies = await asyncio.gather(
                 aclient.service_ready(), aclient.service_ready("nobody"), aclient.broker_status(), *echoes)

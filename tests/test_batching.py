@@ -14,8 +14,10 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput
 
-from .conftest import BUNDLED, free_port, wait_workers
+from .harness import BUNDLED, free_port, wait_workers
 from .onnx_models import identity_model, two_input_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 BATCHING = ["--connections", "16", "--batch-max-size", "64", "--batch-max-delay-us", "3000"]
@@ -49,7 +51,7 @@ def test_concurrent_requests_get_exactly_their_own_rows(batching_worker):
     rng = np.random.default_rng(11)
     batches = [rng.uniform(0, 8, (int(n), 4)).astype(np.float32) for n in rng.integers(1, 8, 120)]
     results = asyncio.run(_gather(url, [("iris.onnx", {"float_input": rows}) for rows in batches]))
-    for rows, outputs in zip(batches, results):
+    for rows, outputs in zip(batches, results, strict=True):
         label, proba = IRIS.run(None, {"float_input": rows})
         np.testing.assert_array_equal(outputs["label"], label)
         np.testing.assert_allclose(outputs["probabilities"], proba)
@@ -71,7 +73,7 @@ def test_a_bad_request_in_a_batch_fails_alone(batching_worker):
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(errors) == 3 and all(isinstance(e, BadInput) for e in errors)
     answers = [r for r in results if not isinstance(r, Exception)]
-    for (_, inputs), outputs in zip(good, answers):
+    for (_, inputs), outputs in zip(good, answers, strict=True):
         np.testing.assert_array_equal(outputs["sum"], inputs["a"] + inputs["b"])
 
 
@@ -84,7 +86,7 @@ def test_models_with_a_fixed_first_dimension_or_batching_off_run_alone(batching_
     fixed = [("fixed.onnx", {"x": np.full((1, 4), i, np.float32)}) for i in range(30)]
     solo = [("solo.onnx", {"float_input": np.full((1, 4), i % 7, np.float32)}) for i in range(30)]
     results = asyncio.run(_gather(url, fixed + solo))
-    for (_, inputs), outputs in zip(fixed, results[:30]):
+    for (_, inputs), outputs in zip(fixed, results[:30], strict=False):
         np.testing.assert_array_equal(outputs["y"], inputs["x"])
     assert runs_and_requests(metrics, "fixed.onnx")[0] == 30
     assert runs_and_requests(metrics, "solo.onnx")[0] == 30
@@ -96,7 +98,7 @@ def test_rows_of_different_widths_never_share_a_run(batching_worker):
         client.upload("any.onnx", identity_model([None, None]))
     calls = [("any.onnx", {"x": np.full((1, width), width, np.float32)}) for width in (3, 5, 3, 7, 5) * 6]
     results = asyncio.run(_gather(url, calls))
-    for (_, inputs), outputs in zip(calls, results):
+    for (_, inputs), outputs in zip(calls, results, strict=True):
         np.testing.assert_array_equal(outputs["y"], inputs["x"])
 
 

@@ -13,13 +13,16 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.broker_chaos import run_broker_chaos
-from bench.chaos import FAST_HEARTBEATS, child_pids
+from bench.chaos import FAST_HEARTBEATS
 from broker.client import Client
 
-from .conftest import REPO, Served, tcp_open, wait_busy, wait_for
+from .harness import REPO, Served, child_pids, tcp_open, wait_busy, wait_for
 from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import load  # noqa: E402
@@ -102,12 +105,12 @@ def test_killed_frontends_are_started_again(tmp_path: Path) -> None:
     served = Served(tmp_path, FAST_HEARTBEATS)
     try:
         models = f"{served.base}/api/v1/models"
-        (gunicorn,) = child_pids(served.proc.pid, b"gunicorn")
-        (grpc,) = child_pids(served.proc.pid, b"frontend.oip_grpc")
+        (gunicorn,) = child_pids(served.proc.pid, "gunicorn")
+        (grpc,) = child_pids(served.proc.pid, "frontend.oip_grpc")
         os.kill(gunicorn, signal.SIGKILL)  # NOTE: its uvicorn workers too are ended before the restart
         os.kill(grpc, signal.SIGKILL)
-        wait_for(lambda: child_pids(served.proc.pid, b"gunicorn") not in ([], [gunicorn])
-                 and child_pids(served.proc.pid, b"frontend.oip_grpc") not in ([], [grpc]), 30, "new frontends")
+        wait_for(lambda: child_pids(served.proc.pid, "gunicorn") not in ([], [gunicorn])
+                 and child_pids(served.proc.pid, "frontend.oip_grpc") not in ([], [grpc]), 30, "new frontends")
         wait_for(lambda: answers(models), 60, "the REST API to answer again")
         wait_for(lambda: tcp_open(f"tcp://{served.grpc_target}"), 60, "the gRPC port to listen again")
         assert served.proc.poll() is None

@@ -10,12 +10,13 @@ import pytest
 import zmq
 
 from broker.client import AsyncClient, Client
-from broker.protocol import unpack
 from broker.errors import NoWorkerAvailable, Overloaded, Timeout
+from broker.protocol import unpack
 
-from .conftest import free_port, wait_busy, wait_workers
+from .harness import free_port, wait_busy, wait_workers
 from .onnx_models import slow_input, slow_model
 
+pytestmark = pytest.mark.slow  # starts real processes
 
 QUEUE_TIMEOUT_S = 0.3
 
@@ -93,7 +94,7 @@ def raw_socket(cluster):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.connect(cluster["url"])
+    sock.connect(cluster.url)
     yield sock
     ctx.destroy(linger=0)
 
@@ -104,7 +105,7 @@ def test_garbage_frames_leave_broker_and_workers_serving(cluster, raw_socket):
         raw_socket.send_multipart(frames)
     for _ in range(300):
         raw_socket.send_multipart([os.urandom(rng.randint(0, 40)) for _ in range(rng.randint(1, 6))])
-    with Client(cluster["url"], timeout_s=5) as client:
+    with Client(cluster.url, timeout_s=5) as client:
         assert client.predict("iris.onnx", {"float_input": [[2, 5, 1, 4]]})["label"].tolist() == [1]
         assert len({client.echo(i)["node"] for i in range(4)}) == 2
 
@@ -114,5 +115,5 @@ def test_a_request_without_body_gets_an_error_and_wedges_no_worker(cluster, raw_
         raw_socket.send_multipart([b"MDPC02", b"\x01", b"modelhost"])
         assert raw_socket.poll(3000), "no reply to a body-less REQUEST"
         assert unpack(raw_socket.recv_multipart()[3])["error"]["type"] == "ProtocolError"
-    with Client(cluster["url"], timeout_s=5) as client:
+    with Client(cluster.url, timeout_s=5) as client:
         assert len({client.echo(i)["node"] for i in range(4)}) == 2

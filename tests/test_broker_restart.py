@@ -13,8 +13,10 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BrokerLost, RetryLater
 
-from .conftest import Processes, free_port, wait_busy, wait_for, wait_workers
+from .harness import Processes, free_port, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 SLOW = "slow.onnx"
 GRACE = ["--startup-grace-s", "20"]  # as fractal serve runs it: a restarted broker waits for its workers
@@ -117,7 +119,7 @@ def test_client_call_many_survives_a_broker_restart(procs: Processes, restartabl
         start_broker(procs, restartable)
         worker.join(timeout=90)
     assert len(out) == len(steps) + 1, out
-    for result, k in zip(out, steps):
+    for result, k in zip(out, steps, strict=False):
         assert isinstance(result, dict), result
         check_slow(result["outputs"], k)
     assert out[-1]["data"] == "after"
@@ -153,7 +155,7 @@ def test_async_client_calls_in_flight_survive_a_broker_restart(procs: Processes,
                 await client.delete("iris.onnx")
             late_read = asyncio.ensure_future(client.models())
             await asyncio.to_thread(start_broker, procs, restartable)
-            for prediction, k in zip(predictions, steps):
+            for prediction, k in zip(predictions, steps, strict=True):
                 check_slow(await asyncio.wait_for(prediction, 90), k)
             repository, echo = [await asyncio.wait_for(r, 90) for r in reads]
             assert SLOW in {m["name"] for m in repository}

@@ -8,9 +8,13 @@ import threading
 import urllib.error
 import urllib.request
 
+import pytest
+
 from bench.chaos import run_chaos
 
-from .conftest import REPO, free_port, start_frontend, wait_for
+from .harness import REPO, free_port, start_frontend, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import load  # noqa: E402

@@ -11,8 +11,10 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Timeout
 
-from .conftest import BUNDLED, busy_workers, free_port
+from .harness import BUNDLED, busy_workers, free_port
 from .onnx_models import slow_input, slow_model, two_input_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 
@@ -76,7 +78,7 @@ def test_many_requests_in_flight_on_one_async_connection(cluster):
     expected = IRIS.run(None, {"float_input": rows})[0]
 
     async def scenario():
-        async with AsyncClient(cluster["url"], timeout_s=10) as aclient:
+        async with AsyncClient(cluster.url, timeout_s=10) as aclient:
             return await asyncio.gather(*(aclient.predict("iris.onnx", {"float_input": rows[i:i + 1]})
                                           for i in range(64)))
 
@@ -97,7 +99,7 @@ def test_a_call_past_its_deadline_raises_timeout_and_the_late_reply_is_ignored(c
     with pytest.raises(Timeout):
         client.predict("slow.onnx", feed, timeout_s=deadline_s)
     assert time.monotonic() - started >= deadline_s - 0.01  # (the client counts whole milliseconds)
-    assert busy_workers(cluster["url"]) == 1  # raised while the call still computes: the deadline did it
+    assert busy_workers(cluster.url) == 1  # raised while the call still computes: the deadline did it
     assert client.echo("next")["data"] == "next"  # not confused by the slow call's late reply
 
 

@@ -32,9 +32,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from .conftest import BUNDLED, REPO, free_port, wait_for
+from .harness import BUNDLED, REPO, free_port, wait_for
 
-pytestmark = pytest.mark.timeout(900)  # a cold build (Debian packages, base image) takes minutes
+# NOTE: a cold build (Debian packages, base image) takes minutes
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVICES = ("broker", "broker2", "worker", "frontend", "prometheus")
 TICK_S = 2.0

@@ -10,7 +10,9 @@ from broker.client import Client
 from broker.curve import PeerKeys
 from broker.errors import NoWorkerAvailable
 
-from .conftest import free_port, wait_for
+from .harness import free_port, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 @pytest.fixture

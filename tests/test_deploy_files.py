@@ -18,7 +18,7 @@ from fractal.serve import ServeSettings
 from frontend.settings import FrontendSettings
 from worker.modelhost import WorkerSettings
 
-from .conftest import BUNDLED, REPO, debian_tool
+from .harness import BUNDLED, REPO, debian_tool
 
 COMPONENTS = {"broker": BrokerSettings, "worker": WorkerSettings, "frontend": FrontendSettings,
               "serve": ServeSettings}
@@ -39,6 +39,7 @@ def with_defaults(value: str) -> str:
     return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
+@pytest.mark.slow  # may install Debian's docker-compose first
 @pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
 def test_the_docker_compose_client_accepts_the_file(docker_compose, path):
     result = subprocess.run([docker_compose, "-f", str(path), "config", "--quiet"], capture_output=True,
@@ -140,7 +141,7 @@ def test_entrypoint_seeds_an_empty_pool_then_runs_the_role(tmp_path):
 
 
 def test_fractal_health_checks_each_role_as_a_client_would(procs, model_dir):
-    from .conftest import free_port, start_frontend, wait_workers
+    from .harness import free_port, start_frontend, wait_workers
     url, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
 
     def health(*args: str, env: dict | None = None) -> int:

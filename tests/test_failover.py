@@ -10,8 +10,10 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import NoWorkerAvailable, WorkerLost
 
-from .conftest import LIVENESS_WINDOW_S, wait_busy, wait_for, wait_workers
+from .harness import LIVENESS_WINDOW_S, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 def pid_of(node: str) -> int:
@@ -30,10 +32,10 @@ def test_killing_the_busy_worker_redispatches_to_the_other(client, cluster):
     feed = slow_input(3 * LIVENESS_WINDOW_S)  # still computing when it is killed
 
     async def scenario():
-        async with AsyncClient(cluster["url"], timeout_s=120) as aclient:
-            slow = await _start_slow(aclient, cluster["url"], feed)
+        async with AsyncClient(cluster.url, timeout_s=120) as aclient:
+            slow = await _start_slow(aclient, cluster.url, feed)
             idle_pid = pid_of((await aclient.echo("who is idle"))["node"])
-            busy = next(w for w in cluster["workers"] if w.pid != idle_pid)
+            busy = next(w for w in cluster.workers if w.pid != idle_pid)
             os.kill(busy.pid, signal.SIGKILL)
             return await slow
 
@@ -46,13 +48,13 @@ def test_killing_both_workers_gives_an_error_not_silence(client, cluster):
     feed = slow_input(3 * LIVENESS_WINDOW_S)
 
     async def scenario():
-        async with AsyncClient(cluster["url"], timeout_s=120) as aclient:
-            slow = await _start_slow(aclient, cluster["url"], feed)
+        async with AsyncClient(cluster.url, timeout_s=120) as aclient:
+            slow = await _start_slow(aclient, cluster.url, feed)
             idle_pid = pid_of((await aclient.echo("who is idle"))["node"])
-            busy = next(w.pid for w in cluster["workers"] if w.pid != idle_pid)
+            busy = next(w.pid for w in cluster.workers if w.pid != idle_pid)
             os.kill(busy, signal.SIGKILL)
             # Detected after the liveness window and re-dispatched: the survivor is busy with it.
-            await asyncio.to_thread(wait_for, lambda: broker_view(cluster["url"]) == [("busy", 1)], 30,
+            await asyncio.to_thread(wait_for, lambda: broker_view(cluster.url) == [("busy", 1)], 30,
                                     "the re-dispatch to the surviving worker")
             os.kill(idle_pid, signal.SIGKILL)
             with pytest.raises((WorkerLost, NoWorkerAvailable)):  # an answer, not the client's Timeout
@@ -70,7 +72,7 @@ def broker_view(url: str) -> list[tuple[str, int]]:
 
 
 def test_workers_reregister_after_a_broker_restart(procs, cluster):
-    url = cluster["url"]
+    url = cluster.url
     broker = next(p for p in procs.procs if "broker" in p.args[2])
     broker.send_signal(signal.SIGKILL)
     broker.wait()
@@ -80,7 +82,7 @@ def test_workers_reregister_after_a_broker_restart(procs, cluster):
         procs.broker(url)
         wait_workers(url, 2)
         assert client.predict("iris.onnx", {"float_input": [[2, 5, 1, 4]]})["label"].tolist() == [1]
-    assert all(w.poll() is None for w in cluster["workers"])  # the same worker processes
+    assert all(w.poll() is None for w in cluster.workers)  # the same worker processes
 
 
 def test_requests_longer_than_the_liveness_window_keep_workers_registered(client, cluster):

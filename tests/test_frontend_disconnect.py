@@ -9,12 +9,15 @@ import socket
 import time
 import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from broker.client import AsyncClient, Client
 
-from .conftest import free_port, start_frontend, wait_busy, wait_for
+from .harness import free_port, start_frontend, wait_busy, wait_for
 from .onnx_models import slow_model, slow_steps
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 SLOW = "slow.onnx"
 PATH = f"/api/v1/models/{SLOW}/prediction"
@@ -48,13 +51,13 @@ def test_a_disconnect_cancels_the_pending_broker_call(cluster):
     from frontend.app import create_app
     from frontend.settings import FrontendSettings
 
-    _upload_slow(cluster["url"])
+    _upload_slow(cluster.url)
     port = free_port()
 
     async def scenario() -> None:
         registry = CollectorRegistry()
-        client = AsyncClient(cluster["url"], timeout_s=60)
-        app = create_app(FrontendSettings(broker=cluster["url"], timeout_s=60), registry, client)
+        client = AsyncClient(cluster.url, timeout_s=60)
+        app = create_app(FrontendSettings(broker=cluster.url, timeout_s=60), registry, client)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools",
                                                lifespan="on", log_config=None, access_log=False))
         serving = asyncio.ensure_future(server.serve())
@@ -94,8 +97,8 @@ def test_a_disconnect_cancels_the_pending_broker_call(cluster):
 
 def test_a_disconnect_ends_the_request_early_under_gunicorn(procs, cluster):
     """Under gunicorn's uvicorn worker: the 499 is logged and counted long before the model answers."""
-    _upload_slow(cluster["url"])
-    base = start_frontend(procs, cluster["url"])
+    _upload_slow(cluster.url)
+    base = start_frontend(procs, cluster.url)
     port = int(base.rsplit(":", 1)[1])
     started = time.monotonic()
     req = urllib.request.Request(base + PATH, data=_body(), method="POST",
@@ -106,7 +109,7 @@ def test_a_disconnect_ends_the_request_early_under_gunicorn(procs, cluster):
 
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(_request(port))
-        wait_busy(cluster["url"])  # the request is with a worker: the client leaves during the call
+        wait_busy(cluster.url)  # the request is with a worker: the client leaves during the call
     frontend_log = procs.procs[-1].log_path
     pattern = re.compile(rf"POST {re.escape(PATH)} 499 ([\d.]+)ms")
     wait_for(lambda: pattern.search(open(frontend_log).read()), full_s, "the 499 line")
@@ -115,8 +118,8 @@ def test_a_disconnect_ends_the_request_early_under_gunicorn(procs, cluster):
 
     with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    line = next(l for l in text.splitlines() if l.startswith("fractal_frontend_requests_total")
-                and 'status="499"' in l)
+    line = next(row for row in text.splitlines() if row.startswith("fractal_frontend_requests_total")
+                and 'status="499"' in row)
     assert float(line.rsplit(" ", 1)[1]) == 1
     with urllib.request.urlopen(base + "/api/v1/models", timeout=30) as resp:
         assert SLOW in json.loads(resp.read())["model_list"]

@@ -16,17 +16,21 @@ import tritonclient.grpc as tg
 import tritonclient.grpc.aio as tga
 import tritonclient.http as th
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from broker.client import Client
 
-from .conftest import BUNDLED, Served, free_port, free_ports, tcp_open, wait_for
+from .harness import BUNDLED, Served, free_port, free_ports, tcp_open, wait_for
 from .onnx_models import slow_input, slow_model, string_identity_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 ROWS = np.random.default_rng(11).uniform(0, 8, (5, 4)).astype(np.float32)
 OK_ROW = np.array([[2, 5, 1, 4]], np.float32)
+OK_RAW = (OK_ROW.tobytes(),)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def fp32_input(array: np.ndarray, name: str = "float_input"):
     return tensor
 
 
-def raw_request(model="iris.onnx", shape=(1, 4), datatype="FP32", raw=(OK_ROW.tobytes(),), version="",
+def raw_request(model="iris.onnx", shape=(1, 4), datatype="FP32", raw=OK_RAW, version="",
                 name="float_input", **contents) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     tensor = request.inputs.add(name=name, datatype=datatype, shape=list(shape))

@@ -10,13 +10,16 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from broker.errors import ConfigError
 from broker.settings import load
 from frontend.settings import FrontendSettings
 
-from .conftest import Served, free_port, wait_for
+from .harness import Served, free_port, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 ROW = b'{"values": [2, 5, 1, 4]}'
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from broker.settings import field_env, load
 from metrics.definitions import BrokerMetrics
 
-from .conftest import REPO
+from .harness import REPO
 from .test_deploy_files import COMPONENTS
 
 K8S = REPO / "deploy" / "k8s"

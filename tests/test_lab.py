@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
+from .harness import REPO
 
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 
@@ -23,7 +23,8 @@ def _namespaces_unavailable() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(bool(_namespaces_unavailable()), reason=str(_namespaces_unavailable()))
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(_namespaces_unavailable()), reason=str(_namespaces_unavailable()))]
 
 
 def test_cut_restore_and_scale_out_under_steady_load(tmp_path):

@@ -12,7 +12,9 @@ from majortomo.worker import WorkerRequestsIterator
 from broker import protocol as p
 from broker.client import Client
 
-from .conftest import nodes_answering, wait_for
+from .harness import nodes_answering, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def majortomo_worker(broker_url):
 def test_majortomo_client_gets_predictions_from_our_worker(cluster):
     body = p.pack({"id": 1, "op": "predict", "model": "iris.onnx",
                    "inputs": {"float_input": np.array([[2, 5, 1, 4]], np.float32)}})
-    with MajortomoClient(cluster["url"]) as client:
+    with MajortomoClient(cluster.url) as client:
         client.send(b"modelhost", body)
         reply = p.unpack(client.recv_all_as_list(timeout=5)[0])
     assert reply["status"] == 200
@@ -51,11 +53,11 @@ def test_our_client_is_served_by_a_majortomo_worker(broker_url, majortomo_worker
 
 
 def test_majortomo_and_our_workers_share_one_service(cluster, majortomo_worker):
-    with Client(cluster["url"], timeout_s=5) as client:
+    with Client(cluster.url, timeout_s=5) as client:
         wait_for(lambda: "majortomo" in nodes_answering(client, 6), 5, "majortomo to take work")
         nodes = nodes_answering(client, 9)
     assert "majortomo" in nodes and len(nodes) == 3  # two of ours, one of theirs
-    with MajortomoClient(cluster["url"]) as theirs:
+    with MajortomoClient(cluster.url) as theirs:
         for i in range(6):
             theirs.send(b"modelhost", *p.request_body(i, "echo", {"data": i}))
             assert p.unpack(theirs.recv_all_as_list(timeout=5)[0])["result"]["data"] == i

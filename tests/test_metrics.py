@@ -4,21 +4,23 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import struct
-import uuid
 import shutil
 import signal
+import struct
 import subprocess
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
-from .conftest import (REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for,
-                       wait_workers)
+from .harness import REPO, Served, dealer, debian_tool, free_port, free_ports, start_frontend, wait_for, wait_workers
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 N = 25
 PREDICTION_ROUTE = "/api/v1/models/{name}/prediction"
@@ -98,7 +100,7 @@ def test_n_predictions_raise_each_tier_by_n(server):
     before = _counts(server)
     predict(server, N)
     after = _counts(server)
-    assert [a - b for a, b in zip(after, before)] == [N, N, N]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [N, N, N]
     text = get(server.metrics_urls["frontend"])  # several gunicorn processes, one sum
     assert sample_sum(text, "fractal_frontend_request_duration_seconds_count", route=PREDICTION_ROUTE) >= N
 

@@ -10,7 +10,9 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput, ModelNotFound
 
-from .conftest import free_port, start_frontend, wait_for, wait_workers
+from .harness import free_port, start_frontend, wait_for, wait_workers
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 STATUS = ["--status-interval-s", "0.2"]
 ROW = np.array([[2, 5, 1, 4]], np.float32)

@@ -11,8 +11,10 @@ import pytest
 from broker.client import Client
 from broker.errors import BadInput, ModelNotFound, ModelUnloaded
 
-from .conftest import Served, start_frontend, wait_for, wait_workers
+from .harness import Served, start_frontend, wait_for, wait_workers
 from .onnx_models import constant_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 X = {"x": np.zeros((1, 1), np.float32)}
 
@@ -41,7 +43,7 @@ def _both(client: Client, name: str, version=None) -> set:
 
 @pytest.fixture
 def versioned(cluster, client):
-    pool = cluster["model_dir"]
+    pool = cluster.model_dir
     for v in (1, 2, 3):
         _put(pool, "m", v, float(v))
     return pool
@@ -80,7 +82,7 @@ def test_the_sidecar_version_policy_picks_the_versions_served(versioned, client,
 
 
 def test_a_flat_file_is_version_1_beside_a_directory(cluster, client):
-    pool = cluster["model_dir"]
+    pool = cluster.model_dir
     (pool / "f.onnx").write_bytes(constant_model(1.0))
     assert _both(client, "f") == {1.0} and _both(client, "f", 1) == {1.0}
     with pytest.raises(ModelNotFound, match="no version 2"):
@@ -95,7 +97,7 @@ def test_a_flat_file_is_version_1_beside_a_directory(cluster, client):
 
 
 def test_upload_unload_load_and_delete_take_a_version(cluster, client):
-    pool = cluster["model_dir"]
+    pool = cluster.model_dir
     client.upload("u", constant_model(1.0))
     assert (pool / "u.onnx").is_file()
     stored = client.upload("u", constant_model(2.0), "two versions", version=2)
@@ -135,7 +137,8 @@ def test_polling_serves_a_version_directory_copied_in(procs, broker_url, tmp_pat
         seen = set()
         with Client(broker_url, timeout_s=10) as c:
             for outcome in c.call_many([("predict", {"model": "p.onnx", "inputs": X})] * 2, return_exceptions=True):
-                seen.add(type(outcome).__name__ if isinstance(outcome, Exception) else float(outcome["outputs"]["y"][0, 0]))
+                seen.add(type(outcome).__name__ if isinstance(outcome, Exception)
+                         else float(outcome["outputs"]["y"][0, 0]))
         return seen
 
     wait_for(lambda: answers() == {1.0}, 30, "version 1 to be served")
@@ -205,7 +208,7 @@ def test_the_seed_api_takes_a_version_parameter(cluster, procs):
     import urllib.error
     import urllib.request
 
-    base = start_frontend(procs, cluster["url"])
+    base = start_frontend(procs, cluster.url)
 
     def call(method: str, path: str, data: bytes | None = None, kind: str = "application/json"):
         req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": kind})
@@ -218,13 +221,13 @@ def test_the_seed_api_takes_a_version_parameter(cluster, procs):
     octet = "application/octet-stream"
     assert call("PUT", "/api/v1/models/s.onnx?version=2", constant_model(2.0), octet)[0] == 200
     assert call("PUT", "/api/v1/models/s.onnx?version=5", constant_model(5.0), octet)[0] == 200
-    assert (cluster["model_dir"] / "s" / "5" / "model.onnx").is_file()
+    assert (cluster.model_dir / "s" / "5" / "model.onnx").is_file()
     row = json.dumps({"values": [[0.0]]}).encode()
     status, body = call("POST", "/api/v1/models/s.onnx/prediction", row)
     assert status == 200 and body["values"] == [[5.0]]
     status, body = call("POST", "/api/v1/models/s.onnx/prediction?version=2", row)
     assert status == 404 and "no version 2" in body["http_status"]["description"]
-    _policy(cluster["model_dir"], "s", {"all": {}})
+    _policy(cluster.model_dir, "s", {"all": {}})
     assert call("POST", "/api/v1/models/s.onnx/prediction?version=2", row)[1]["values"] == [[2.0]]
     status, body = call("GET", "/api/v1/models/s.onnx?version=2")
     assert status == 200 and body["version"] == "2" and body["versions"] == ["2", "5"]
@@ -299,7 +302,7 @@ def test_fractal_predict_takes_a_version(versioned, cluster):
     _policy(versioned, "m", {"specific": {"versions": [1, 3]}})
 
     def predict(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fractal", "predict", "--broker", cluster["url"], "m", "0",
+        return subprocess.run([sys.executable, "-m", "fractal", "predict", "--broker", cluster.url, "m", "0",
                                *flags], capture_output=True, text=True, timeout=60)
 
     assert json.loads(predict().stdout) == {"y": [[3.0]]}

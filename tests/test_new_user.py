@@ -20,7 +20,9 @@ from broker.client import Client
 from broker.errors import BadInput, ModelNotFound
 from frontend import api
 
-from .conftest import BUNDLED, Served, free_port, free_ports, wait_for, wait_workers
+from .harness import BUNDLED, Served, free_port, free_ports, wait_for, wait_workers
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 PNG = (BUNDLED / "digits_sample.png").read_bytes()
 

@@ -14,15 +14,18 @@ import urllib.request
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import zmq
 
 from broker import protocol as p
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Overloaded, ProtocolError, Timeout
 
-from .conftest import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
+from .harness import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 from .test_metrics import sample_sum
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 RNG = np.random.default_rng(13)
 
@@ -55,7 +58,7 @@ def mixed_calls(client: AsyncClient, count: int) -> tuple[list, list]:
 
 def check_answers(results: list, expected: list) -> None:
     iris, diabetes = session("iris.onnx"), session("diabetes.onnx")
-    for i, (result, want) in enumerate(zip(results, expected)):
+    for i, (result, want) in enumerate(zip(results, expected, strict=True)):
         if want is None:
             assert isinstance(result, (BadInput, ModelNotFound)), (i, result)
             continue
@@ -72,7 +75,7 @@ def check_answers(results: list, expected: list) -> None:
 
 def test_2000_concurrent_calls_over_two_models_each_get_their_own_answer(cluster):
     async def run() -> tuple[list, list]:
-        async with AsyncClient(cluster["url"], timeout_s=60) as client:
+        async with AsyncClient(cluster.url, timeout_s=60) as client:
             calls, expected = mixed_calls(client, 2000)
             return await asyncio.gather(*calls, return_exceptions=True), expected
     results, expected = asyncio.run(run())
@@ -84,7 +87,7 @@ def test_a_pack_carries_large_tensors_out_of_band(cluster):
     big = RNG.random((300, 300), dtype=np.float32)  # 360 KB: its own frame, inside a pack
 
     async def run() -> list:
-        async with AsyncClient(cluster["url"], timeout_s=30) as client:
+        async with AsyncClient(cluster.url, timeout_s=30) as client:
             return await asyncio.gather(client.echo(big), client.predict("iris.onnx", [[2, 5, 1, 4]]),
                                         client.echo({"small": 1}), client.echo(big[:7]))
     echoed, iris, small, part = asyncio.run(run())
@@ -101,7 +104,7 @@ def test_a_raw_pack_is_one_mdp_request_answered_by_one_final(cluster):
     writer.add({"id": 13, "op": "echo", "data": "x"})
     body = writer.request(10)
     assert p.request_count(body[0]) == 3
-    with dealer(cluster["url"]) as sock:
+    with dealer(cluster.url) as sock:
         sock.send_multipart([p.CLIENT_HEADER, p.MDPC.REQUEST, b"modelhost", *body])
         assert sock.poll(10_000)
         command, service, reply_body = p.parse_client_reply(sock.recv_multipart())
@@ -128,7 +131,7 @@ def test_a_raw_pack_is_one_mdp_request_answered_by_one_final(cluster):
         assert sock.poll(10_000)
         reply = p.unpack_body(p.parse_client_reply(sock.recv_multipart())[2])
         assert reply["id"] == 22 and reply["status"] == 400 and "'n' request maps" in reply["error"]["message"]
-    with Client(cluster["url"], timeout_s=10) as client:
+    with Client(cluster.url, timeout_s=10) as client:
         assert nodes_answering(client, 4)  # the workers serve on
 
 
@@ -207,7 +210,7 @@ def test_a_deadline_times_out_one_call_of_a_pack_and_no_other(procs, broker_url,
     assert isinstance(slow, dict) and abs(slow["y"].item() - slow_expected(int(slow_x["k"][0]))) < SLOW_ATOL
     assert timed_out_s < slow_s  # it did not wait for its pack's reply
     iris = session("iris.onnx")
-    for row, (_s, result) in zip(rows, out[:10]):
+    for row, (_s, result) in zip(rows, out[:10], strict=False):
         assert result["label"].tolist() == iris.run(None, {"float_input": row})[0].tolist()
     assert after["data"] == "next"
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from broker.client import Client
 from broker.errors import ModelNotFound
 
 from .onnx_models import constant_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 A, B = constant_model(1.0), constant_model(2.0)
 NAME = "flip.onnx"
@@ -19,7 +22,7 @@ def _value(client: Client) -> float:
 
 
 def test_readers_see_whole_models_and_writers_never_see_stale_answers(cluster):
-    url, stop, seen, problems = cluster["url"], threading.Event(), set(), []
+    url, stop, seen, problems = cluster.url, threading.Event(), set(), []
 
     def reader():
         with Client(url, timeout_s=10) as client:
@@ -57,9 +60,9 @@ def test_readers_see_whole_models_and_writers_never_see_stale_answers(cluster):
 
 
 def test_no_temp_files_are_left_in_the_pool(cluster):
-    with Client(cluster["url"], timeout_s=10) as client:
+    with Client(cluster.url, timeout_s=10) as client:
         client.upload(NAME, A, description="first")
         client.describe(NAME, "second")
         client.delete(NAME)
-    leftovers = [p.name for p in cluster["model_dir"].iterdir() if p.name.endswith(".tmp")]
+    leftovers = [p.name for p in cluster.model_dir.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []

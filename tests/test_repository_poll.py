@@ -16,8 +16,10 @@ from broker.errors import ModelNotFound, ModelNotReady
 from broker.settings import load
 from fractal.serve import ServeSettings, _children
 
-from .conftest import Served, start_frontend, wait_for, wait_workers
+from .harness import Served, start_frontend, wait_for, wait_workers
 from .onnx_models import constant_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 POLL_S = 0.2
 A, B = constant_model(1.0), constant_model(2.0)
@@ -158,7 +160,7 @@ def test_api_uploads_and_deletes_take_effect_at_once(polled):
 
 def test_explicit_mode_serves_a_copied_file_at_the_next_request(cluster, client):
     """Poll off (the default): no scan, and the per-request check serves the new file at once."""
-    pool = cluster["model_dir"]
+    pool = cluster.model_dir
     _atomic_copy(pool / NAME, A)
     assert _values(client) == {1.0}
     _atomic_copy(pool / NAME, B)

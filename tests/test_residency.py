@@ -13,9 +13,11 @@ import pytest
 
 from broker.client import Client
 
-from .conftest import Processes, free_port, start_frontend, wait_for, wait_workers
+from .harness import Processes, free_port, start_frontend, wait_for, wait_workers
 from .onnx_models import sized_model, sized_table
 from .test_metrics import get, sample_sum
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 MIB = 1 << 20
 SIZE = 4 * MIB          # each generated model: a 4 MiB float32 table

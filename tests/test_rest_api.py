@@ -17,8 +17,10 @@ from PIL import Image
 
 from frontend import api
 
-from .conftest import BUNDLED, Served, start_frontend, wait_workers
+from .harness import BUNDLED, Served, start_frontend, wait_workers
 from .onnx_models import slow_model, slow_steps
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 MAX_BODY = 2_000_000
 OK = {"code": 200, "description": "OK", "name": "OK"}
@@ -72,7 +74,7 @@ def test_seed_help_lists_every_endpoint_with_an_example(server):
 
 
 def test_seed_sendtomodelhost_shows_both_workers(server):
-    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"data": ["ONE", "TWO", "THREE", "FOUR"]}'  http://localhost:8002/api/test/sendtomodelhost""")
+    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"data": ["ONE", "TWO", "THREE", "FOUR"]}'  http://localhost:8002/api/test/sendtomodelhost""")  # noqa: E501  (the seed's curl line, word for word)
     assert status == 200
     assert [d["data"] for d in body["data"]] == ["ONE", "TWO", "THREE", "FOUR"]
     assert len({d["node"] for d in body["data"]}) == 2
@@ -99,7 +101,7 @@ def test_seed_model_information(server):
 
 def test_seed_update_description(server):
     text = "This model classifies a 4 element array input between different species of Iris flowers."
-    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"model_description":"This model classifies a 4 element array input between different species of Iris flowers."}' http://localhost:8002/api/v1/models/iris.onnx""")
+    status, body = curl(server, """curl -X POST -H "Content-Type: application/json" --data '{"model_description":"This model classifies a 4 element array input between different species of Iris flowers."}' http://localhost:8002/api/v1/models/iris.onnx""")  # noqa: E501  (the seed's curl line, word for word)
     assert status == 200 and body["description"] == text
     assert call(server, "GET", "/api/v1/models/iris.onnx")[1]["description"] == text
 
@@ -114,7 +116,7 @@ def test_seed_upload_and_delete(server):
 
 
 def test_seed_prediction(server):
-    assert curl(server, """curl -X GET -H "Content-Type: application/json" --data '{"values":[2, 5, 1, 4]}' http://localhost:8002/api/v1/models/iris.onnx/prediction""") == (200, {
+    assert curl(server, """curl -X GET -H "Content-Type: application/json" --data '{"values":[2, 5, 1, 4]}' http://localhost:8002/api/v1/models/iris.onnx/prediction""") == (200, {  # noqa: E501  (the seed's curl line, word for word)
         "http_status": {"code": 200, "description": "Prediction successful", "name": "OK"}, "values": [1]})
 
 
@@ -280,7 +282,7 @@ def test_unexpected_failure_is_500_with_a_logged_request_id(server):
 # -- without a broker, and past the deadline --------------------------------------------------------
 
 def test_frontend_answers_503_without_a_broker_and_recovers_by_itself(procs, model_dir):
-    from .conftest import free_port
+    from .harness import free_port
     url = f"tcp://127.0.0.1:{free_port()}"
     base = start_frontend(procs, url)
     req = urllib.request.Request(base + "/api/v1/models")
@@ -300,9 +302,9 @@ def test_frontend_answers_503_without_a_broker_and_recovers_by_itself(procs, mod
 def test_past_the_deadline_is_504(procs, cluster):
     from broker.client import Client
     deadline_s = 0.5
-    with Client(cluster["url"]) as client:
+    with Client(cluster.url) as client:
         client.upload("slow.onnx", slow_model())
-    base = start_frontend(procs, cluster["url"], FRACTAL_FRONTEND_TIMEOUT_S=str(deadline_s))
+    base = start_frontend(procs, cluster.url, FRACTAL_FRONTEND_TIMEOUT_S=str(deadline_s))
     steps = slow_steps(3 * deadline_s)
     req = urllib.request.Request(base + "/api/v1/models/slow.onnx/prediction", method="POST",
                                  data=json.dumps({"values": [steps]}).encode(),

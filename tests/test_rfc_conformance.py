@@ -10,7 +10,9 @@ import zmq
 from broker import protocol as p
 from broker.client import Client
 
-from .conftest import wait_for
+from .harness import wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 SERVICE = b"rfc-test"
 
@@ -99,7 +101,7 @@ def test_mmi_service_answers_404_for_unknown_and_501_for_unknown_mmi(ctx, broker
 
 
 def test_a_client_written_from_the_rfc_alone_gets_a_prediction(ctx, cluster):
-    client = dealer(ctx, cluster["url"])
+    client = dealer(ctx, cluster.url)
     body = p.pack({"id": 42, "op": "predict", "model": "iris.onnx",
                    "inputs": {"float_input": np.array([[2, 5, 1, 4]], np.float32)}})
     client.send_multipart([b"MDPC02", b"\x01", b"modelhost", body])

@@ -10,8 +10,10 @@ import pytest
 from broker.client import Client
 from broker.errors import BadInput, PayloadTooLarge
 
-from .conftest import BUNDLED, start_frontend, wait_workers
+from .harness import BUNDLED, start_frontend, wait_workers
 from .onnx_models import external_data_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 ADMIN, API = "admin-secret-1", "reader-secret-2"
 
@@ -30,12 +32,13 @@ def call(base: str, method: str, path: str, body: bytes | None = None, token: st
 
 @pytest.fixture
 def guarded(procs, cluster):
-    return start_frontend(procs, cluster["url"], FRACTAL_ADMIN_TOKEN=ADMIN)
+    return start_frontend(procs, cluster.url, FRACTAL_ADMIN_TOKEN=ADMIN)
 
 
 def test_mutations_need_the_admin_token_and_reads_stay_open(guarded):
     iris = (BUNDLED / "iris.onnx").read_bytes()
-    status, body, headers = call(guarded, "PUT", "/api/v1/models/new.onnx", iris, content_type="application/octet-stream")
+    status, body, headers = call(guarded, "PUT", "/api/v1/models/new.onnx", iris,
+                                 content_type="application/octet-stream")
     assert status == 401 and body["http_status"]["code"] == 401 and headers["WWW-Authenticate"].startswith("Bearer")
     assert call(guarded, "PUT", "/api/v1/models/new.onnx", iris, "wrong", "application/octet-stream")[0] == 403
     assert call(guarded, "PUT", "/api/v1/models/new.onnx", iris, ADMIN, "application/octet-stream")[0] == 200
@@ -49,7 +52,7 @@ def test_mutations_need_the_admin_token_and_reads_stay_open(guarded):
 
 
 def test_with_only_an_api_token_changing_models_needs_it_too(procs, cluster):
-    base = start_frontend(procs, cluster["url"], FRACTAL_API_TOKEN=API)
+    base = start_frontend(procs, cluster.url, FRACTAL_API_TOKEN=API)
     assert call(base, "DELETE", "/api/v1/models/iris.onnx")[0] == 401
     assert call(base, "POST", "/v2/repository/models/iris.onnx/unload", token="nope")[0] == 403
     assert call(base, "POST", "/api/v1/models/iris.onnx", b'{"model_description": "x"}', API)[0] == 200
@@ -63,7 +66,7 @@ def test_the_usual_variable_names_work_too():
 
 
 def test_the_api_token_guards_the_rest_but_not_health(procs, cluster):
-    base = start_frontend(procs, cluster["url"], FRACTAL_ADMIN_TOKEN=ADMIN, FRACTAL_API_TOKEN=API)
+    base = start_frontend(procs, cluster.url, FRACTAL_ADMIN_TOKEN=ADMIN, FRACTAL_API_TOKEN=API)
     assert call(base, "GET", "/api/v1/models")[0] == 401
     assert call(base, "GET", "/api/v1/models", token="nope")[0] == 403
     assert call(base, "GET", "/api/v1/models", token=API)[0] == 200
@@ -82,16 +85,16 @@ def test_openapi_marks_the_guarded_operations(guarded):
 
 @pytest.mark.parametrize("location", ["/etc/hostname", "../outside.bin", "sub/../../outside.bin"])
 def test_uploads_whose_external_data_leaves_the_pool_are_refused(client, cluster, location):
-    (cluster["model_dir"].parent / "outside.bin").write_bytes(b"S" * 16)
-    before = sorted(p.name for p in cluster["model_dir"].iterdir())
+    (cluster.model_dir.parent / "outside.bin").write_bytes(b"S" * 16)
+    before = sorted(p.name for p in cluster.model_dir.iterdir())
     with pytest.raises(BadInput, match="ONNX Runtime"):
         client.upload("sneaky.onnx", external_data_model(location))
-    assert sorted(p.name for p in cluster["model_dir"].iterdir()) == before
+    assert sorted(p.name for p in cluster.model_dir.iterdir()) == before
 
 
 def test_external_data_inside_the_pool_is_allowed(client, cluster):
     weights = np.arange(16, dtype=np.uint8)
-    (cluster["model_dir"] / "weights.bin").write_bytes(weights.tobytes())
+    (cluster.model_dir / "weights.bin").write_bytes(weights.tobytes())
     client.upload("external.onnx", external_data_model("weights.bin"))
     np.testing.assert_array_equal(client.predict("external.onnx", [])["y"], weights)
 

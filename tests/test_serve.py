@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Served, start_frontend, wait_for
+from .harness import Served, alive, descendants, process_table, start_frontend, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 WELCOME = {"http_status": {
     "code": 200, "name": "OK",
@@ -48,10 +50,10 @@ def test_seed_welcome_and_prediction_then_clean_ctrl_c(served):
     assert len(ours) >= 5  # broker, two workers, gunicorn master and at least one uvicorn worker
     with urllib.request.urlopen(base + "/", timeout=10) as resp:
         assert resp.headers["Server"] == "uvicorn"  # the ASGI worker class is the default
-    workers = [pid for pid in ours if "gunicorn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
-    assert any("uvicorn_worker.UvicornWorker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-               for pid in workers)
-    masters = [pid for pid in workers if parent(pid) not in workers]
+    table = process_table()
+    workers = [pid for pid in ours if pid in table and "gunicorn" in table[pid].cmdline]
+    assert any("uvicorn_worker.UvicornWorker" in table[pid].cmdline for pid in workers)
+    masters = [pid for pid in workers if table[pid].ppid not in workers]
     assert len(masters) == 1
     # by default one HTTP process per two cores, at least one
     assert len(workers) - 1 == max(1, (os.cpu_count() or 1) // 2), workers
@@ -60,27 +62,6 @@ def test_seed_welcome_and_prediction_then_clean_ctrl_c(served):
     assert proc.wait(timeout=20) == 0
     assert [pid for pid in ours if Path(f"/proc/{pid}").exists()] == [], "processes left behind"
     wait_for(lambda: http_refused(base), 5, "the HTTP port to close")
-
-
-def descendants(root: int) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        kids = [pid for pid, ppid in parents.items() if ppid == parent]
-        found.extend(kids)
-        frontier.extend(kids)
-    return found
-
-
-def parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def http_refused(base: str) -> bool:
@@ -98,13 +79,6 @@ def test_a_killed_gunicorn_master_takes_its_uvicorn_workers_with_it(procs, broke
     workers = descendants(master)
     assert workers, "gunicorn started no workers"
     os.kill(master, signal.SIGKILL)
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in workers), 30,
-             "the orphaned workers to exit")
+    wait_for(lambda: not any(alive(pid) for pid in workers), 30, "the orphaned workers to exit")
     wait_for(lambda: http_refused(base), 10, "the HTTP port to close")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -10,12 +10,15 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from broker.client import AsyncClient
 from frontend.timing import server_timing
 
-from .conftest import Served, start_frontend
+from .harness import Served, start_frontend
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 PARTS = ["frontend", "queue", "worker", "inference", "total"]
 ROW = b'{"values": [2, 5, 1, 4]}'
@@ -102,11 +105,12 @@ def test_grpc_model_infer_has_server_timing_in_its_trailing_metadata(server):
 
 def test_each_call_of_a_pack_gets_its_own_worker_timing(cluster):
     async def main() -> list[dict]:
-        async with AsyncClient(cluster["url"], timeout_s=20) as client:
+        async with AsyncClient(cluster.url, timeout_s=20) as client:
             timings: list[dict] = [{} for _ in range(8)]
             rows = [np.array([[2, 5, 1, 4]], np.float32)] * 8
             # NOTE: started in one turn of the loop, the eight calls leave as one pack
-            await asyncio.gather(*(client.predict("iris", [row], timing=t) for row, t in zip(rows, timings)))
+            await asyncio.gather(*(client.predict("iris", [row], timing=t)
+                                   for row, t in zip(rows, timings, strict=True)))
             alone: dict = {}
             await client.predict("iris", [rows[0]], timing=alone)
             return [*timings, alone]
@@ -117,7 +121,7 @@ def test_each_call_of_a_pack_gets_its_own_worker_timing(cluster):
 
 
 def test_server_timing_can_be_turned_off(procs, cluster):
-    base = start_frontend(procs, cluster["url"], FRACTAL_FRONTEND_SERVER_TIMING="false")
+    base = start_frontend(procs, cluster.url, FRACTAL_FRONTEND_SERVER_TIMING="false")
     status, headers = request("POST", base + "/api/v1/models/iris.onnx/prediction", ROW)
     assert status == 200 and "Server-Timing" not in headers
 

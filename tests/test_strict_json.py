@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from broker.client import Client
 from broker.errors import BadInput
 
-from .conftest import Served, wait_for
+from .harness import Served, wait_for
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
 
@@ -139,7 +141,7 @@ def test_a_sidecar_that_breaks_the_rules_is_logged_and_ignored(server):
             status, answer = send(server, "GET", "/api/v1/models/iris.onnx", b"")
             assert status == 200 and answer["description"] == ""
             assert predicts(server)
-            wait_for(lambda: logged in server.log(), 10, f"the warning {logged!r}")
+            wait_for(lambda logged=logged: logged in server.log(), 10, f"the warning {logged!r}")
         assert "unreadable sidecar for iris.onnx, ignored: sidecar iris.onnx.json:" in server.log()
     finally:
         sidecar.write_bytes(original)
@@ -252,7 +254,7 @@ def test_answers_are_strict_json_too_non_finite_outputs_are_null(server):
         finally:
             conn.close()
         assert resp.status == 200, raw
-        answer = json.loads(raw, parse_constant=lambda name: pytest.fail(f"{name} in {raw!r}"))
+        answer = json.loads(raw, parse_constant=lambda name, raw=raw: pytest.fail(f"{name} in {raw!r}"))
         if key == "values":
             assert answer["values"] == [[None]]
         else:

@@ -22,7 +22,9 @@ from tritonclient.grpc import service_pb2_grpc
 
 from broker.client import AsyncClient
 
-from .conftest import HEARTBEAT, Processes, free_port, start_frontend, wait_for, wait_workers
+from .harness import HEARTBEAT, Processes, free_port, start_frontend, wait_for, wait_workers
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"

@@ -18,7 +18,9 @@ from broker.errors import BrokerLost, ConfigError
 from broker.settings import endpoint_list, load
 from worker.modelhost import WorkerSettings
 
-from .conftest import LIVENESS_WINDOW_S, Processes, free_port, start_frontend, wait_workers
+from .harness import LIVENESS_WINDOW_S, Processes, free_port, start_frontend, wait_workers
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 IRIS = "iris.onnx"
 

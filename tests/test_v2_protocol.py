@@ -14,8 +14,10 @@ from tritonclient.utils import InferenceServerException
 
 from broker.client import Client
 
-from .conftest import BUNDLED, Served, free_port, start_frontend, wait_for
+from .harness import BUNDLED, Served, free_port, start_frontend, wait_for
 from .onnx_models import string_identity_model
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 IRIS = ort.InferenceSession(str(BUNDLED / "iris.onnx"), providers=["CPUExecutionProvider"])
 DIGITS = ort.InferenceSession(str(BUNDLED / "digits.onnx"), providers=["CPUExecutionProvider"])
@@ -103,7 +105,8 @@ def test_v2_and_seed_prediction_give_the_same_numbers(server, client):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         seed = json.loads(resp.read())
-    np.testing.assert_array_equal(result.as_numpy("probabilities"), np.array(seed["outputs"]["probabilities"], np.float32))
+    np.testing.assert_array_equal(result.as_numpy("probabilities"),
+                                  np.array(seed["outputs"]["probabilities"], np.float32))
 
 
 def test_repository_index_unload_and_load(server, client):

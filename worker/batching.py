@@ -173,7 +173,7 @@ def run_batch(batch: list[Pending]) -> None:
         if batch_span is not None:
             tracing.RUN = (pending.queued_ns, started, ran, total, batch_span)
         replying = time.perf_counter_ns()
-        outputs = {n: v[offset:end] for n, v in zip(names, values)}
+        outputs = {n: v[offset:end] for n, v in zip(names, values, strict=True)}
         pending.reply(inference.result(pending.model, outputs if pending.wanted is None
                                        else {n: outputs[n] for n in pending.wanted},
                                        (ran - started) / 1e6))  # the batch's run, shared

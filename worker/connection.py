@@ -34,7 +34,8 @@ class Connection:
         self._reconnect_max_s = reconnect_max_s
         self._stopping = stopping
         self.index = index
-        self.socket: zmq.Socket | None = None
+        # NOTE: typed as always there, since every send follows connect(); None marks it closed.
+        self.socket: zmq.Socket = None  # type: ignore[assignment]
         self.last_sent = 0.0
         self.broker_expires = 0.0
         self.backoff_s = 0.0
@@ -65,7 +66,7 @@ class Connection:
         except zmq.ZMQError:
             pass
         self.socket.close(linger=int(self.interval_s * 1000))
-        self.socket = None
+        self.socket = None  # type: ignore[assignment]  # closed until connect() below
         backoff_s = self.backoff_s
         self.backoff_s = min(max(self.backoff_s * 2, 0.1), self._reconnect_max_s)
         self.connect()
@@ -77,7 +78,7 @@ class Connection:
         if self.socket is not None:
             self.send(MDPW.DISCONNECT)
             self.socket.close(linger=200)  # NOTE: long enough for DISCONNECT to leave
-            self.socket = None
+            self.socket = None  # type: ignore[assignment]  # closed for good
 
     def send(self, command: bytes, *frames: bytes) -> None:
         send_frames(self.socket, [p.WORKER_HEADER, command, *frames])

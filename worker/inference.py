@@ -53,7 +53,7 @@ def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
     if len(spec.shape) and array.ndim == len(spec.shape) - 1:
         array = array[np.newaxis]
     if array.ndim != len(spec.shape) or any(
-            want is not None and want != have for want, have in zip(spec.shape, array.shape)):
+            want is not None and want != have for want, have in zip(spec.shape, array.shape, strict=True)):
         raise BadInput(f"input {spec.name!r} expects shape {_shape_text(spec)}, "
                        f"got {list(array.shape)}")
     return array
@@ -81,7 +81,7 @@ def feeds_for(model: LoadedModel, inputs: Any) -> dict[str, np.ndarray]:
         if len(inputs) != len(specs):
             raise BadInput(f"{model.name} takes {len(specs)} inputs "
                            f"({', '.join(s.name for s in specs)}); name them in a map")
-        return {s.name: _as_array(v, s) for s, v in zip(specs, inputs)}
+        return {s.name: _as_array(v, s) for s, v in zip(specs, inputs, strict=True)}
     raise BadInput("'inputs' must be a map of input name to array, a list with one array per input, "
                    "or (for a one-input model) an array")
 
@@ -138,7 +138,7 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
         model.series.batch_rows.observe(rows_of(feeds))
     if tracing.ENABLED:
         tracing.RUN = (0, started, ran, rows_of(feeds), None)
-    outputs = {name: _plain(value) for name, value in zip(names, values)}
+    outputs = {name: _plain(value) for name, value in zip(names, values, strict=True)}
     return outputs, ran - started, time.perf_counter_ns() - ran
 
 
@@ -165,7 +165,7 @@ def worker_time(outcome: Any, started: float) -> None:
 def result(model: LoadedModel, outputs: dict, inference_ms: float) -> dict:
     """A predict's result: its outputs, its timing map (docs/protocol.md, "Timing"), and the version
     that ran it when that is a version directory's."""
-    answer = {"outputs": outputs, "timing": {"inference_ms": inference_ms}}
+    answer: dict[str, Any] = {"outputs": outputs, "timing": {"inference_ms": inference_ms}}
     if model.version is not None:
         answer["version"] = model.version
     return answer

@@ -22,19 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.backend import zmq_poll
 from prometheus_client import CollectorRegistry
-
-from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
+from zmq.backend import zmq_poll
 
 from broker import protocol as p
+from broker.curve import PeerKeys
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError, Timeout
 from broker.logs import set_node
-from broker.protocol import MDPW
+from broker.protocol import MDPW, model_file_name
 from broker.settings import endpoint_list, log_format_setting, setting, tracing_setting
-from broker.curve import PeerKeys
-from broker.protocol import model_file_name
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
+from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 
 from . import ops
 from .batching import BatchPolicy, Pending, Queue, batchable, drop_expired, prepare, run_batch
@@ -120,7 +118,7 @@ class ModelHost:
         self.policy = BatchPolicy(settings.batch_max_size, settings.batch_max_delay_us,
                                   tuple(int(x) for x in settings.batch_preferred_sizes.split(",") if x.strip()))
         # NOTE: `config` answers with this worker's batching policy, which only the host knows.
-        self._ops = {**OPS, "config": functools.partial(ops.config, policy=self.policy)}
+        self._ops: dict[str, ops.Op] = {**OPS, "config": functools.partial(ops.config, policy=self.policy)}
         self._context = context or zmq.Context.instance()
         self._stopping = threading.Event()
         self._beater_done = threading.Event()  # NOTE: not _stopping: a request finishing after SIGTERM
@@ -199,7 +197,7 @@ class ModelHost:
         ready = zmq_poll([(c.socket, POLLIN) for c in self._connections], timeout_ms)
         if not ready:
             return
-        by_socket = {c.socket: c for c in self._connections}
+        by_socket: dict[Any, Connection] = {c.socket: c for c in self._connections}
         for sock, _ in ready:
             conn = by_socket[sock]
             # drain: every request waiting now can join the same batch
@@ -295,7 +293,8 @@ class ModelHost:
             if ok:
                 worker_time(outcome, arrived)
             try:
-                body = p.ok_body(rid, self.node, outcome) if ok else p.error_body(rid, self.node, outcome)
+                body = (p.error_body(rid, self.node, outcome) if isinstance(outcome, FractalError)
+                        else p.ok_body(rid, self.node, outcome))
             except Exception:
                 log.exception("request %s: the reply could not be encoded", trace)
                 ok, outcome = False, InternalError(f"unexpected failure on {self.node} (request id {trace})")

@@ -133,7 +133,9 @@ def echo(pool: ModelPool, body: dict, node: str) -> dict:
     return {"data": body.get("data"), "node": node}
 
 
-OPS: dict[str, Callable[[ModelPool, dict, str], Any]] = {
+Op = Callable[[ModelPool, dict, str], Any]  # (pool, request body, node id) -> result
+
+OPS: dict[str, Op] = {
     "predict": predict, "predict_image": predict_image, "models": models, "information": information, "info": info,
     "describe": describe, "upload": upload, "delete": delete, "echo": echo,
     "load": load, "unload": unload, "repository": repository, "status": status, "config": config,

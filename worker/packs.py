@@ -23,6 +23,7 @@ from .inference import worker_time
 
 if TYPE_CHECKING:
     from .modelhost import ModelHost
+    from .sessions import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,18 @@ def _deadlines(request: dict, subs: list, received_at: float | None) -> list[flo
     difference is the time the pack spent on the way, which every sub has spent too."""
     if received_at is None:
         return [float("inf")] * len(subs)
-    sent = [s.get("deadline_ms") for s in subs if isinstance(s, dict) and s.get("deadline_ms").__class__ is int]
+    sent = [d for d in (s.get("deadline_ms") for s in subs if isinstance(s, dict)) if type(d) is int]
     head = request.get("deadline_ms")
-    shift = max(0, max(sent) - head) if sent and head.__class__ is int else 0
+    shift = max(0, max(sent) - head) if sent and type(head) is int else 0
     return [p.deadline_of(s, received_at, shift) if isinstance(s, dict) else float("inf") for s in subs]
+
+
+def _policy(default: BatchPolicy, options: Any, model: LoadedModel) -> BatchPolicy | None:
+    """The batching a pack applies to `model`'s predicts; None runs them alone."""
+    if options is False or not batchable(model):
+        return None
+    policy = default.override(options)
+    return policy if policy.enabled else BatchPolicy(PACK_MAX_ROWS, 0)
 
 
 def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dict, models: dict,
@@ -82,12 +91,7 @@ def _queued(host: "ModelHost", sub: Any, index: int, outcomes: list, queues: dic
             options = host.pool.sidecar(model.name).get("dynamic_batching")
         except Exception:
             return False  # answer() gives it the same error, alone
-        policy = host.policy.override(options)
-        if options is False or not batchable(model):
-            policy = None
-        elif not policy.enabled:
-            policy = BatchPolicy(PACK_MAX_ROWS, 0)
-        found = models[key] = (model, policy)
+        found = models[key] = (model, _policy(host.policy, options, model))
     model, policy = found
     if policy is None:
         return False

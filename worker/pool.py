@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from broker import jsonbody
 from broker.errors import BadInput, FractalError, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
@@ -76,7 +76,7 @@ class ModelPool:
         check_model_name(name)
         return served(sorted(on_disk(self._prefix, name)), self.sidecar(name).get("version_policy"), name)
 
-    def entry(self, name: str, version: object = None) -> str:
+    def entry(self, name: Any, version: object = None) -> str:
         """The entry (worker/versions.py) a request for `name` and `version` (None: the newest the
         policy serves) means; raises ModelNotFound for a version the model does not serve."""
         check_model_name(name)
@@ -97,10 +97,13 @@ class ModelPool:
                                 f"{', '.join(map(str, sorted(found)))}; see version_policy)")
         return found[v]
 
-    def load(self, name: str, version: object = None, cold: bool = True) -> LoadedModel:
-        """The current session for `name` (at `version`), (re)loading when the file changed; raises
-        ModelNotFound, or ModelTooLarge when the file alone exceeds the memory budget (nothing is
-        loaded then). `cold`: a request waits for a load (counted in the cold-load metric)."""
+    def load(self, name: Any, version: object = None, cold: bool = True) -> LoadedModel:
+        """The session to run `name` (at `version`) with now, built again when its file changed.
+
+        Every predict's call. It never changes whether a model is served: that is load_model() and
+        unload(), the repository API's load and unload. Raises ModelNotFound, ModelUnloaded for a model
+        unload() took out of service, and ModelTooLarge when the file alone exceeds the memory budget
+        (nothing is loaded then). `cold`: a request waits for a load (counted in the cold-load metric)."""
         # NOTE: on every predict: plain strings, not pathlib (whose joins cost more than the two
         # syscalls), and os.access, which answers "no marker" without raising an exception.
         name = self.entry(name, version)
@@ -112,9 +115,9 @@ class ModelPool:
             raise self._not_found(split(name)[0]) from None
         if os.access(self._unloaded_prefix + name, os.F_OK):
             self._drop_unloaded(name)
-            model, v = split(name)
-            raise ModelUnloaded(f"model {model}{f' version {v}' if v else ''} is unloaded; load it "
-                                f"(POST /v2/repository/models/{model}/load)")
+            base, v = split(name)
+            raise ModelUnloaded(f"model {base}{f' version {v}' if v else ''} is unloaded; load it "
+                                f"(POST /v2/repository/models/{base}/load)")
         key = file_key(st)
         cached = self._cache.get(name, key)
         if cached is not None:
@@ -140,7 +143,8 @@ class ModelPool:
         previous = self._cache.peek(name)
         if previous is not None:
             return previous
-        raise ModelNotReady(f"model {name} is not ready: {self._watch.state(name, key)[1]} (repository "
+        why = self._watch.state(name, key)[1] if self._watch is not None else "not vouched for"
+        raise ModelNotReady(f"model {name} is not ready: {why} (repository "
                             f"polling validates a file before serving it)")
 
     def scan(self) -> None:
@@ -338,8 +342,8 @@ class ModelPool:
         return [found[v]]
 
     def unload(self, name: str, version: object = None) -> None:
-        """Stop serving `name` (one version, or all) on every worker (the files stay); this worker
-        drops the sessions now."""
+        """The repository API's unload: stop serving `name` (one version, or all) on every worker (the
+        files stay; load_model() serves them again); this worker drops the sessions now."""
         with self._locked():
             entries = self._entries(name, version)
             os.makedirs(self._unloaded_prefix, exist_ok=True)
@@ -350,7 +354,8 @@ class ModelPool:
             self._drop_unloaded(entry)
 
     def load_model(self, name: str, version: object = None) -> LoadedModel:
-        """Serve `name` again (one version, or all) and warm its served session on this worker."""
+        """The repository API's load, the opposite of unload(): mark `name` (one version, or all)
+        served again on every worker, then return this worker's session for it, from load()."""
         with self._locked():
             for entry in self._entries(name, version):
                 with contextlib.suppress(FileNotFoundError):

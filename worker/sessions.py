@@ -27,7 +27,7 @@ from .versions import split
 log = logging.getLogger(__name__)
 
 # ONNX Runtime's type strings -> numpy dtypes (what callers' arrays are converted to).
-ORT_DTYPES = {
+ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
     "tensor(float16)": np.dtype(np.float16), "tensor(bool)": np.dtype(np.bool_),
     "tensor(int8)": np.dtype(np.int8), "tensor(int16)": np.dtype(np.int16),

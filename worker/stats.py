@@ -50,7 +50,7 @@ class Counters:
         return {"last_inference": self.last_inference_ms, "inference_count": self.inference_count,
                 "execution_count": self.execution_count,
                 "inference_stats": {phase: {"count": c, "ns": n}
-                                    for phase, c, n in zip(PHASES, self.counts, self.ns)}}
+                                    for phase, c, n in zip(PHASES, self.counts, self.ns, strict=True)}}
 
 
 class ModelStats:

@@ -264,7 +264,8 @@ def compute_model(layers: int = 16, width: int = 256) -> bytes:
     nodes, inits, last = [], [], "x"
     for i in range(layers):
         inits.append(numpy_helper.from_array((rng.random((width, width), dtype=np.float32) - 0.5) / 8, f"w{i}"))
-        nodes += [helper.make_node("MatMul", [last, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        nodes += [helper.make_node("MatMul", [last, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
         last = f"r{i}"
     nodes.append(helper.make_node("Identity", [last], ["y"]))
     graph = helper.make_graph(nodes, "compute", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, width])],

@@ -16,8 +16,18 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from broker.errors import (BadInput, Forbidden, FractalError, ModelNotFound, PayloadTooLarge, QueueFull, RetryLater,
-                           Timeout, Unauthorized, UnsupportedMediaType)
+from broker.errors import (
+    BadInput,
+    Forbidden,
+    FractalError,
+    ModelNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RetryLater,
+    Timeout,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from metrics import GrpcMetrics, tracing
 
 from ..timing import count, server_timing

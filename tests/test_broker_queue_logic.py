@@ -1,0 +1,227 @@
+"""The broker's service and queue logic in process, with an explicit clock (majortomo's
+tests/test_broker.py is the model): one Broker on an inproc endpoint, peers as DEALER sockets in
+the same context, the loop stepped by hand and time moved by the test, not waited for."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterator
+
+import pytest
+import zmq
+
+import broker.broker as broker_module
+from broker import protocol as p
+from broker.broker import Broker, BrokerSettings
+from broker.errors import NoWorkerAvailable, Overloaded, Timeout, WorkerLost
+from broker.protocol import MDPC, MDPW
+from broker.sockets import wait
+
+SERVICE = b"modelhost"
+_endpoints = itertools.count()
+
+
+class Clock:
+    """time.monotonic for the broker module: moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+class Rig:
+    """A Broker on inproc://, its peers, and a step() that handles everything they sent."""
+
+    def __init__(self, clock: Clock, **settings: Any):
+        self.clock = clock
+        self.context = zmq.Context()
+        self.endpoint = f"inproc://broker-logic-{next(_endpoints)}"
+        defaults: dict[str, Any] = {"metrics_port": 0, "heartbeat_interval_s": 1.0, "heartbeat_liveness": 3,
+                                    "queue_timeout_s": 10.0}
+        self.broker = Broker(BrokerSettings(bind=self.endpoint, **{**defaults, **settings}), context=self.context)
+        self.broker.bind()
+        self.peers: list[zmq.Socket] = []
+
+    def peer(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self.endpoint)
+        self.peers.append(sock)
+        return sock
+
+    def step(self) -> None:
+        """Let the broker handle every message waiting for it (inproc delivers at once)."""
+        sock = self.broker._socket
+        for _ in range(100):
+            if not wait(sock, 20):
+                return
+            self.broker._drain(sock)
+        raise AssertionError("the broker never ran out of messages")
+
+    def worker(self) -> zmq.Socket:
+        sock = self.peer()
+        sock.send_multipart([p.WORKER_HEADER, MDPW.READY, SERVICE])
+        self.step()
+        return sock
+
+    def close(self) -> None:
+        for sock in self.peers:
+            sock.close(linger=0)
+        self.broker._socket.close(linger=0)
+        self.context.term()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(broker_module, "time", c)
+    return c
+
+
+@pytest.fixture
+def rig(clock: Clock) -> Iterator[Rig]:
+    r = Rig(clock)
+    yield r
+    r.close()
+
+
+def request(client: zmq.Socket, rid: int, service: bytes = SERVICE) -> None:
+    client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, service, *p.request_body(rid, "echo", {"data": rid})])
+
+
+def received(sock: zmq.Socket) -> list[bytes] | None:
+    """The next message for `sock`, or None when there is none."""
+    return sock.recv_multipart() if wait(sock, 20) else None
+
+
+def take_request(worker: zmq.Socket) -> tuple[bytes, int]:
+    """The (client address, request id) of the REQUEST the broker handed `worker`."""
+    frames = received(worker)
+    assert frames is not None and frames[:2] == [p.WORKER_HEADER, MDPW.REQUEST] and frames[3] == b""
+    return frames[2], p.unpack_request(frames[4:])["id"]
+
+
+def answer(worker: zmq.Socket, client: bytes, rid: int) -> None:
+    worker.send_multipart([p.WORKER_HEADER, MDPW.FINAL, client, b"", *p.ok_body(rid, "node", {"id": rid})])
+
+
+def sent(rig: Rig, *rids: int) -> zmq.Socket:
+    """A new client that has sent requests `rids`, handled by the broker."""
+    client = rig.peer()
+    for rid in rids:
+        request(client, rid)
+    rig.step()
+    return client
+
+
+def reply_of(client: zmq.Socket) -> Any:
+    """The result of the client's next reply; raises the FractalError it carries."""
+    frames = received(client)
+    assert frames is not None, "no reply"
+    command, service, body = p.parse_client_reply(frames)
+    assert command == MDPC.FINAL and service == SERVICE
+    return p.result_of(p.unpack_body(body))
+
+
+def test_requests_go_to_the_least_recently_used_idle_worker_then_queue(rig: Rig) -> None:
+    first, second = rig.worker(), rig.worker()
+    client = sent(rig, 1, 2, 3)
+    address, rid_a = take_request(first)
+    _, rid_b = take_request(second)
+    assert (rid_a, rid_b) == (1, 2)
+    assert received(first) is None and received(second) is None  # the third waits in the queue
+    answer(first, address, rid_a)
+    rig.step()
+    assert reply_of(client) == {"id": 1}
+    assert take_request(first)[1] == 3  # the worker that came back first takes the queued one
+
+
+def test_a_full_queue_answers_overloaded(clock: Clock) -> None:
+    rig = Rig(clock, max_queue=1)
+    try:
+        busy = rig.worker()
+        client = sent(rig, 1, 2, 3)
+        assert take_request(busy)[1] == 1
+        with pytest.raises(Overloaded):
+            reply_of(client)  # 2 queued, 3 refused
+    finally:
+        rig.close()
+
+
+def test_a_request_for_a_service_without_workers_answers_no_worker(rig: Rig) -> None:
+    client = sent(rig, 1)
+    with pytest.raises(NoWorkerAvailable):
+        reply_of(client)
+
+
+def test_a_queued_request_times_out_only_once_its_deadline_passed(rig: Rig, clock: Clock) -> None:
+    busy = rig.worker()
+    client = sent(rig, 1, 2)
+    take_request(busy)
+    rig.broker._expire_requests(clock.advance(9.9))
+    assert received(client) is None
+    rig.broker._expire_requests(clock.advance(0.2))  # past queue_timeout_s = 10
+    with pytest.raises(Timeout):
+        reply_of(client)
+
+
+def test_a_silent_worker_is_dropped_and_its_request_goes_to_another(rig: Rig, clock: Clock) -> None:
+    silent = rig.worker()
+    client = sent(rig, 1)
+    take_request(silent)
+    clock.advance(2.0)
+    spare = rig.worker()  # registered later: its liveness runs from now
+    rig.broker._purge_workers(clock.advance(1.5))  # silent for 3.5 s > 3 x 1 s; spare for 1.5 s
+    address, rid = take_request(spare)
+    assert rid == 1
+    answer(spare, address, rid)
+    rig.step()
+    assert reply_of(client) == {"id": 1}
+
+
+def test_a_request_whose_second_worker_dies_answers_worker_lost(rig: Rig, clock: Clock) -> None:
+    first = rig.worker()
+    client = sent(rig, 1)
+    take_request(first)
+    second = rig.worker()
+    first.send_multipart([p.WORKER_HEADER, MDPW.DISCONNECT])
+    rig.step()
+    take_request(second)  # re-dispatched once
+    second.send_multipart([p.WORKER_HEADER, MDPW.DISCONNECT])
+    rig.step()
+    with pytest.raises(WorkerLost):
+        reply_of(client)
+
+
+def test_heartbeats_keep_a_worker_alive_past_the_liveness_window(rig: Rig, clock: Clock) -> None:
+    worker = rig.worker()
+    for _ in range(5):
+        clock.advance(2.0)
+        worker.send_multipart([p.WORKER_HEADER, MDPW.HEARTBEAT])
+        rig.step()
+        rig.broker._purge_workers(clock.now)
+    sent(rig, 7)
+    assert take_request(worker)[1] == 7
+
+
+def test_mmi_service_says_whether_a_service_has_workers(rig: Rig) -> None:
+    client = rig.peer()
+    client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, p.MMI_SERVICE, SERVICE])
+    rig.step()
+    assert received(client) == [p.CLIENT_HEADER, MDPC.FINAL, p.MMI_SERVICE, b"404"]
+    rig.worker()
+    client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, p.MMI_SERVICE, SERVICE])
+    rig.step()
+    assert received(client) == [p.CLIENT_HEADER, MDPC.FINAL, p.MMI_SERVICE, b"200"]
+
+
+def test_a_second_ready_is_answered_with_disconnect(rig: Rig) -> None:
+    worker = rig.worker()
+    worker.send_multipart([p.WORKER_HEADER, MDPW.READY, SERVICE])
+    rig.step()
+    assert received(worker) == [p.WORKER_HEADER, MDPW.DISCONNECT]
