@@ -37,7 +37,10 @@ def test_an_answer_fills_the_report_and_an_error_or_garbage_leaves_it_empty() ->
     service, a, b = service_with_workers()
     b.request = Request(b"client", Dialect.MAJORTOMO, b"modelhost", [b""], 100.0, 130.0)
     b.served = 7
-    status = {"node": "host-1-abc", "pid": 42, "models_resident": ["iris.onnx"], "memory_rss_bytes": 1 << 20}
+    residency = {"resident_bytes": {"total": 4096, "models": {"iris.onnx": 4096}}, "memory_budget_bytes": 1 << 30,
+                 "models_pinned": ["iris.onnx"], "model_replicas": {"iris.onnx": {"min": 1, "max": 2}}}
+    status = {"node": "host-1-abc", "pid": 42, "models_resident": ["iris.onnx"], "memory_rss_bytes": 1 << 20,
+              **residency}
     board.answered(A, p.ok_body(0, "host-1-abc", status), 101.0)
     board.answered(B, p.error_body(0, "x", BadInput("unknown op 'status'")), 101.0)
     report = board.report([a, b], {service.name: service}, now=102.5, expiry_s=EXPIRY_S)
@@ -47,7 +50,7 @@ def test_an_answer_fills_the_report_and_an_error_or_garbage_leaves_it_empty() ->
     assert row_a == {"identity": A.hex(), "service": "modelhost", "node": "host-1-abc", "state": "idle",
                      "dialect": "rfc", "heartbeat_age_s": 2.5, "requests_served": 0,
                      "models_resident": ["iris.onnx"], "pid": 42, "memory_rss_bytes": 1 << 20,
-                     "model_stats": None, "status_age_s": 1.5}
+                     "model_stats": None, "status_age_s": 1.5, **residency}
     assert (row_b["state"], row_b["dialect"], row_b["node"], row_b["requests_served"]) == ("busy", "majortomo",
                                                                                           None, 7)
     assert row_b["heartbeat_age_s"] == 3.5 and row_b["status_age_s"] == 1.5
