@@ -127,7 +127,7 @@ class WorkerMetrics:
         self.requests = counter("fractal_worker_requests", "Requests answered, by op and outcome.",
                                 ["node", "op", "outcome"], registry=r)
         self.request_seconds = histogram("fractal_worker_request_duration_seconds", "Handling time of a "
-                                         "request, decoded body to encoded reply.", ["node", "op"],
+                                         "request, from its receipt to its encoded reply.", ["node", "op"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         # Per model, only for models this worker loaded: series come and go with their sessions.
         self.inference_seconds = histogram("fractal_worker_inference_seconds", "InferenceSession.run time, by "

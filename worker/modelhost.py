@@ -227,6 +227,7 @@ class ModelHost:
                 self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
                     "REQUEST without envelope and body")))
                 return
+            arrived = time.perf_counter()  # NOTE: worker_ms counts from here, batched or not
             received = time.perf_counter_ns() if tracing.ENABLED else 0
             request = self._decode(frames[4:])
             if isinstance(request, ProtocolError):
@@ -235,8 +236,8 @@ class ModelHost:
             if received:
                 tracing.received(request, received)
             if not (self.policy.enabled and request["op"] == "predict"
-                    and self._queued(conn, frames[2], request)):
-                self._final(conn, frames[2], self._run_busy(self.reply_to, request))
+                    and self._queued(conn, frames[2], request, arrived)):
+                self._final(conn, frames[2], self._run_busy(self.reply_to, request, arrived))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
                 log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
@@ -253,8 +254,9 @@ class ModelHost:
             self.metrics.request_done("unknown", "error", 0.0)
             return exc
 
-    def _queued(self, conn: Connection, client: bytes, request: dict) -> bool:
-        """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
+    def _queued(self, conn: Connection, client: bytes, request: dict, arrived: float) -> bool:
+        """Queue a predict for a batchable model (True), or leave the request to reply_to() (False);
+        `arrived`: the request's receipt (perf_counter), where its worker_ms starts, before any load."""
         try:
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
             model = self._run_busy(lambda r: self.pool.load(model_file_name(r.get("model")), r.get("version")),
@@ -265,7 +267,7 @@ class ModelHost:
         if not policy.enabled or not batchable(model):
             return False
         conn.used = True
-        reply = self._replier(conn, client, request, model.name)
+        reply = self._replier(conn, client, request, model.name, arrived)
         try:
             pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
         except Exception as exc:
@@ -280,9 +282,10 @@ class ModelHost:
         queue.items.append(pending)
         return True
 
-    def _replier(self, conn: Connection, client: bytes, request: dict, model: str):
-        """The callback that answers one batched request (queued in the outbox, sent after the run)."""
-        rid, trace, arrived = request.get("id"), request.get("request_id"), time.perf_counter()
+    def _replier(self, conn: Connection, client: bytes, request: dict, model: str, arrived: float):
+        """The callback that answers one batched request (queued in the outbox, sent after the run);
+        `arrived` is the perf_counter when the worker took the request up."""
+        rid, trace = request.get("id"), request.get("request_id")
         generation = conn.generation
 
         def reply(outcome: dict | FractalError) -> None:
@@ -329,11 +332,11 @@ class ModelHost:
 
     # -- answering -----------------------------------------------------------------------------
 
-    def _run_busy(self, fn, arg):
+    def _run_busy(self, fn, *args):
         with self._lock:
             self._busy = True
         try:
-            return fn(arg)
+            return fn(*args)
         finally:
             with self._lock:
                 self._busy = False
@@ -368,11 +371,12 @@ class ModelHost:
             return p.error_body(None, self.node, request)
         return self.reply_to(request)
 
-    def reply_to(self, request: dict) -> list:
-        """Reply body frames for a decoded request or pack (worker/packs.py); never raises."""
+    def reply_to(self, request: dict, arrived: float | None = None) -> list:
+        """Reply body frames for a decoded request or pack (worker/packs.py); never raises. `arrived`: its
+        receipt (perf_counter), where its worker_ms starts; None: now."""
         if request["op"] == "pack":
             try:
-                return run_pack(self, request)
+                return run_pack(self, request, arrived)
             except Exception as exc:  # a malformed pack: one error for all of it, counted once per request
                 error = exc if isinstance(exc, FractalError) else InternalError(f"pack failed on {self.node}")
                 log.warning("a pack failed as a whole: %s", error)
@@ -380,7 +384,7 @@ class ModelHost:
                 for _ in range(count if type(count) is int and 1 <= count <= 0xFFFF else 1):
                     self.metrics.request_done("unknown", "error", 0.0)
                 return p.error_body(request.get("id"), self.node, error)
-        rid, outcome = self.answer(request)
+        rid, outcome = self.answer(request, arrived)
         body = None
         if not isinstance(outcome, FractalError):
             try:
@@ -395,9 +399,10 @@ class ModelHost:
             tracing.finish(request, self.node)
         return body
 
-    def answer(self, request: Any) -> tuple[Any, Any]:
-        """(id, result or FractalError) of one decoded request; never raises; counted and logged."""
-        started = time.perf_counter()
+    def answer(self, request: Any, arrived: float | None = None) -> tuple[Any, Any]:
+        """(id, result or FractalError) of one decoded request; never raises; counted and logged. Its
+        worker_ms counts from `arrived` (a perf_counter: the request's receipt), else from now."""
+        started = time.perf_counter() if arrived is None else arrived
         rid = trace = op_name = None
         if tracing.ENABLED:
             tracing.begin()

@@ -29,17 +29,18 @@ log = logging.getLogger(__name__)
 PACK_MAX_ROWS = 4096  # rows of one run when the worker's own batching is off (and sets no bound)
 
 
-def run_pack(host: "ModelHost", request: dict) -> list:
+def run_pack(host: "ModelHost", request: dict, arrived: float | None = None) -> list:
     """Reply body frames for a decoded pack request; raises ProtocolError when it is malformed (the
-    caller answers the whole pack with that error)."""
+    caller answers the whole pack with that error). Every request's worker_ms counts from `arrived`
+    (the pack's receipt, a perf_counter; None: now), batched or not, as a request's alone does."""
     subs = p.unpack_pack(request)
-    started = time.perf_counter()
+    started = time.perf_counter() if arrived is None else arrived
     outcomes: list = [None] * len(subs)
     queues: dict[str, Queue] = {}
     models: dict[str, Any] = {}  # each model is checked once per pack: its calls arrived together
     for index, sub in enumerate(subs):
         if not _queued(host, sub, index, outcomes, queues, models, started):
-            outcomes[index] = host.answer(sub)
+            outcomes[index] = host.answer(sub, started)
     for queue in queues.values():
         while queue.items:
             run_batch(queue.take())
