@@ -39,7 +39,7 @@ from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 from . import ops
 from .batching import BatchPolicy, Queue, batchable, prepare, run_batch
 from .connection import Connection
-from .inference import worker_time
+from .inference import served_version, worker_time
 from .memory import rss_bytes
 from .ops import OPS
 from .packs import run_pack
@@ -423,17 +423,18 @@ class ModelHost:
         if tracing.ENABLED:
             tracing.answered(request, outcome)
         self.request_done(op_name, trace, request.get("model", "") if isinstance(request, dict) else "",
-                          outcome, started)
+                          outcome, started, version=served_version(request, outcome))
         return rid, outcome
 
     def request_done(self, op_name: Any, trace: Any, model: Any, outcome: Any, started: float,
-                     batched: bool = False) -> None:
-        """Count and log one answered request (a pack's sub-requests each count once)."""
+                     batched: bool = False, version: object = None) -> None:
+        """Count and log one answered request (a pack's sub-requests each count once); `version`: the
+        one that served it, if known (else `model` is an entry or the newest version's)."""
         elapsed = time.perf_counter() - started
         ok = not isinstance(outcome, FractalError)
         self.metrics.request_done(op_name if op_name in OPS else "unknown", "ok" if ok else "error", elapsed)
         if op_name in PREDICT_OPS:
-            self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
+            self.metrics.model_done(model, None if ok else outcome.__class__.__name__, version)
         if not ok:
             fields = {"request_id": trace, "op": op_name, "model": model or None, "error": outcome.__class__.__name__}
             if isinstance(outcome, ProtocolError):
