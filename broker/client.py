@@ -64,7 +64,8 @@ def _outputs(result: dict) -> dict[str, np.ndarray]:
 
 
 def _outputs_timed(timing: dict | None) -> Callable[[dict], dict[str, np.ndarray]]:
-    """_outputs, also copying the reply's timing map (docs/protocol.md, "Timing") into `timing`."""
+    """_outputs, also copying the reply's timing map (docs/protocol.md, "Timing") into `timing`, and the
+    version that served the call, when the reply names one."""
     if timing is None:
         return _outputs
 
@@ -72,6 +73,8 @@ def _outputs_timed(timing: dict | None) -> Callable[[dict], dict[str, np.ndarray
         reported = result.get("timing")
         if isinstance(reported, dict):
             timing.update(reported)
+        if "version" in result:  # the version that served it (a version directory's), for spans and logs
+            timing["version"] = result["version"]
         return result["outputs"]
     return post
 

@@ -8,7 +8,8 @@ Debian packages instead, and pip inside a container cannot reach the package ind
 1. podman, runc, debootstrap, docker-compose and friends are installed from Debian when missing;
 2. the base image is a `debootstrap --variant=minbase` Debian with python3 (3.11, so cp311 wheels
    fit), imported with `podman import`; it is made once and reused (delete it to remake it);
-3. the wheelhouse (the project's wheel and every runtime dependency's) is built on the host;
+3. the wheelhouse (the project's wheel and every runtime dependency's, the otel extra's included) is
+   built on the host;
 4. `podman build -f deploy/Dockerfile --build-arg BASE=...` installs it offline (the Dockerfile does
    when its wheelhouse folder holds wheels); podman's layer cache makes a rebuild with unchanged
    sources take seconds;
@@ -46,6 +47,7 @@ BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 CONTEXT = ("pyproject.toml", "setup.cfg", "README.md", "broker", "worker", "frontend", "metrics", "fractal",
            "deploy/Dockerfile", "deploy/entrypoint.sh")
 WHEELHOUSE = "deploy/wheelhouse"
+EXTRAS = "otel"  # what the Dockerfile installs: fractal-ml-server[otel], so its wheels must be here
 CONTAINERS_CONF = """\
 # Written by deploy/build_local_image.py: what podman needs on this machine kind (see its docstring).
 [containers]
@@ -166,14 +168,19 @@ def ensure_base(env: dict, name: str = BASE) -> float:
     return time.monotonic() - started
 
 
+def wheelhouse_argv(source: Path, target: Path) -> list[str]:
+    """The pip command that builds the wheelhouse: the project with its EXTRAS, and every dependency."""
+    return [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(target), f"{source}[{EXTRAS}]"]
+
+
 def build_wheelhouse(source: Path, target: Path) -> None:
-    """The project's wheel and its runtime dependencies', built by the host's pip (it reaches the index).
+    """The project's wheel and its runtime dependencies' (the EXTRAS' too), built by the host's pip (it
+    reaches the index).
 
     A fixed SOURCE_DATE_EPOCH makes the project's wheel the same bytes for the same sources, so
     podman's layer cache holds and an unchanged tree is not reinstalled into a new image.
     """
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(target), str(source)],
-        env=dict(os.environ, SOURCE_DATE_EPOCH="315532800"))
+    run(wheelhouse_argv(source, target), env=dict(os.environ, SOURCE_DATE_EPOCH="315532800"))
 
 
 def make_context(target: Path) -> Path:

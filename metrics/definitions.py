@@ -48,7 +48,7 @@ def observe_many(child: Any, value: float, count: int) -> None:
 
 # Rows per InferenceSession.run: 1 (no batching) up to a pack's PACK_MAX_ROWS.
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-VERSION = "1"  # every model has one version for now (README, "Open Inference Protocol")
+VERSION = "1"  # the version of a flat NAME.onnx file (worker/versions.py), and the frontends' label
 
 
 def _kinds(enabled: bool) -> tuple[Callable, Callable, Callable]:
@@ -103,9 +103,10 @@ class ModelSeries:
     """One loaded model's label children in a worker, bound once when its session is loaded."""
 
     __slots__ = ("inference", "batch_rows", "queue_wait", "requests", "resident", "resident_bytes", "_failures",
-                 "_failed")
+                 "_failed", "labels")
 
     def __init__(self, m: "WorkerMetrics", labels: tuple[str, str, str]):
+        self.labels = labels  # (node, model, version)
         self.inference = m.inference_seconds.labels(*labels)
         self.batch_rows = m.batch_rows.labels(*labels)
         self.queue_wait = m.model_queue_wait.labels(*labels)
@@ -127,7 +128,7 @@ class WorkerMetrics:
         self.requests = counter("fractal_worker_requests", "Requests answered, by op and outcome.",
                                 ["node", "op", "outcome"], registry=r)
         self.request_seconds = histogram("fractal_worker_request_duration_seconds", "Handling time of a "
-                                         "request, decoded body to encoded reply.", ["node", "op"],
+                                         "request, from its receipt to its encoded reply.", ["node", "op"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         # Per model, only for models this worker loaded: series come and go with their sessions.
         self.inference_seconds = histogram("fractal_worker_inference_seconds", "InferenceSession.run time, by "
@@ -147,7 +148,8 @@ class WorkerMetrics:
         self.model_resident_bytes = gauge("fractal_worker_model_resident_bytes", "Memory the model's session "
                                           "holds, measured when it loaded (what the memory budget counts).", mv,
                                           registry=r)
-        self._models: dict[str, ModelSeries] = {}
+        self._models: dict[str, ModelSeries] = {}  # by entry: NAME, or NAME@VERSION (worker/versions.py)
+        self._newest: dict[str, ModelSeries] = {}  # by model name: its newest loaded version's series
         self.model_loads = counter("fractal_worker_model_loads", "ONNX Runtime sessions created.", n,
                                    registry=r).labels(node)
         self.model_load_seconds = histogram("fractal_worker_model_load_seconds", "Time to create a session.",
@@ -175,30 +177,53 @@ class WorkerMetrics:
         self.dropped_deadline = self.dropped.labels(node, "deadline")
         self._bound: dict[tuple, tuple] = {}
 
-    def model_series(self, model: str) -> ModelSeries:
-        """The series of a model whose session was just loaded."""
-        series = self._models[model] = ModelSeries(self, (self.node, model, VERSION))
+    def model_series(self, entry: str, model: str | None = None, version: str | None = None) -> ModelSeries:
+        """The series of an entry (NAME or NAME@VERSION) whose session was just loaded, labelled with its
+        model name and the version it serves (None: a flat file, version 1). Only loaded versions become
+        series, so the version label is as bounded as the model label."""
+        name = entry if model is None else model
+        series = self._models[entry] = ModelSeries(self, (self.node, name, version or VERSION))
+        newest = self._newest.get(name)
+        if newest is None or int(newest.labels[2]) <= int(series.labels[2]):
+            self._newest[name] = series
         return series
 
-    def forget_model(self, model: str) -> None:
-        """Drop a model's series when its session leaves (users name models: names must not pile up)."""
-        if self._models.pop(model, None) is None:
+    def forget_model(self, entry: str) -> None:
+        """Drop an entry's series when its session leaves (users name models: names must not pile up)."""
+        series = self._models.pop(entry, None)
+        if series is None:
             return
+        labels = series.labels
         for metric in (self.inference_seconds, self.batch_rows, self.model_queue_wait, self.model_requests,
                        self.model_resident, self.model_resident_bytes):
             try:
-                metric.remove(self.node, model, VERSION)
+                metric.remove(*labels)
             except KeyError:
                 pass
         if isinstance(self.model_failures, Counter):  # NOTE: _metrics (label values -> child) is stable API-wise
-            for labels in [ls for ls in self.model_failures._metrics if ls[1] == model]:
-                self.model_failures.remove(*labels)
+            for failed in [ls for ls in self.model_failures._metrics if ls[1:3] == labels[1:]]:
+                self.model_failures.remove(*failed)
+        if self._newest.get(labels[1]) is series:
+            del self._newest[labels[1]]
+            rest = [s for s in self._models.values() if s.labels[1] == labels[1]]
+            if rest:
+                self._newest[labels[1]] = max(rest, key=lambda s: int(s.labels[2]))
 
-    def model_done(self, model: object, reason: str | None) -> None:
-        """Count a prediction for `model` (its file name, or the bare name) if this worker loaded it."""
-        series = self._models.get(model) if type(model) is str else None
+    def model_done(self, model: object, reason: str | None, version: object = None) -> None:
+        """Count a prediction for `model` (an entry, its file name, or the bare name) if this worker loaded
+        it, on the version that served it: `version` when given (the reply's or the one asked for), else
+        the entry's, else the model's newest loaded version."""
+        if type(model) is not str:
+            return
+        series = self._models.get(model) if version is None else None
         if series is None:
-            series = self._models.get(f"{model}.onnx") if type(model) is str else None
+            name = model if model.endswith(".onnx") else f"{model}.onnx"
+            if version is None:
+                series = self._models.get(name) or self._newest.get(name)
+            else:
+                series = self._models.get(f"{name}@{version}")
+                if series is None and str(version) == "1":
+                    series = self._models.get(name)
             if series is None:
                 return  # never loaded here: an unknown name never becomes a series
         series.requests.inc()

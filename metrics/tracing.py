@@ -203,7 +203,8 @@ class BrokerCall:
 
     def __init__(self, op: str, model: str):
         self.span: Any = None
-        parent = _trace.get_current_span().get_span_context()
+        self.parent = _trace.get_current_span()
+        parent = self.parent.get_span_context()
         if parent.is_valid and not parent.trace_flags.sampled:
             return
         self.span = tracer().start_span(f"broker {op}", kind=_trace.SpanKind.CLIENT, attributes={MODEL: model, OP: op})
@@ -216,6 +217,11 @@ class BrokerCall:
         _context.detach(self._token)
         if self.span.is_recording():
             _call_done(self.span, self.started, timing)
+            version = timing.get("version")
+            if version is not None:  # the version that served it, over the one the caller asked for
+                self.span.set_attribute(VERSION, str(version))
+                if self.parent.is_recording():
+                    self.parent.set_attribute(VERSION, str(version))
         self.span.end()
 
 
@@ -243,7 +249,7 @@ def _error_status(span: "Span", outcome: str) -> None:
 
 class Record:
     """What a worker knows of one request's trip: its parent context and its phases' times."""
-    __slots__ = ("parent", "received", "run", "answered", "outcome", "pack")
+    __slots__ = ("parent", "received", "run", "answered", "outcome", "pack", "version")
 
     def __init__(self, parent: Any, received: int):
         self.parent, self.received = parent, received
@@ -251,6 +257,7 @@ class Record:
         self.answered = 0
         self.outcome = "ok"
         self.pack: Any = None  # the span context of the pack it came in
+        self.version: str | None = None  # the version that served it (a predict's result says)
 
 
 def received(request: dict, now_ns: int) -> None:
@@ -298,6 +305,8 @@ def answered(request: Any, outcome: Any) -> None:
     record.run = run
     if isinstance(outcome, BaseException):
         record.outcome = outcome.__class__.__name__
+    elif type(outcome) is dict and "outputs" in outcome:  # a predict's result: a version directory's says so
+        record.version = str(outcome.get("version", "1"))
 
 
 def finish(request: Any, node: str) -> None:
@@ -313,7 +322,9 @@ def finish(request: Any, node: str) -> None:
     attributes: dict[str, str | int] = {OP: op, NODE: node, OUTCOME: record.outcome,
                                         MODEL: str(request.get("model", "")),
                                         REQUEST_ID: str(request.get("request_id", ""))}
-    if request.get("version") is not None:
+    if record.version is not None:
+        attributes[VERSION] = record.version  # served, not asked for: a request naming none gets the newest
+    elif request.get("version") is not None:
         attributes[VERSION] = str(request["version"])
     if run is not None:
         attributes[BATCH_SIZE] = run[3]
@@ -344,7 +355,7 @@ def batch_span(model: Any, started_ns: int, ran_ns: int, rows: int, requests: in
     which each of its requests links to; returns its context for RUN."""
     offset = time.time_ns() - time.perf_counter_ns()
     span = tracer().start_span("batch inference", _root(), start_time=started_ns + offset, attributes={
-        MODEL: str(getattr(model, "name", "")), VERSION: str(getattr(model, "version", None) or ""), NODE: _node,
+        MODEL: str(getattr(model, "name", "")), VERSION: str(getattr(model, "version", None) or "1"), NODE: _node,
         BATCH_SIZE: rows, REQUESTS: requests})
     span.end(end_time=ran_ns + offset)
     return span.get_span_context()

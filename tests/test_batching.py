@@ -15,7 +15,7 @@ from broker.client import AsyncClient, Client
 from broker.errors import BadInput
 
 from .harness import BUNDLED, free_port, wait_workers
-from .onnx_models import identity_model, two_input_model
+from .onnx_models import identity_model, sized_model, sized_table, two_input_model
 
 pytestmark = pytest.mark.slow  # starts real processes
 
@@ -113,3 +113,32 @@ def test_malformed_requests_and_sidecars_do_not_stop_a_batching_worker(batching_
         assert client.predict("iris.onnx", {"float_input": rows})["label"].tolist() == [1]
     results = asyncio.run(_gather(url, [("iris.onnx", {"float_input": rows})] * 20))
     assert all(r["label"].tolist() == [1] for r in results)
+
+
+def _load_seconds(metrics_url: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(v) for v in re.findall(r"^fractal_worker_model_load_seconds_sum{[^}]*} (\S+)$", text, re.M))
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "alone"])
+def test_worker_time_counts_a_cold_load_batched_or_not(batching_worker, model_dir, batched):
+    """A first request's worker_ms (Server-Timing's worker part) counts from the worker's receipt of it, so
+    it holds the model's load, batched or not, and the load never shows as queue time. The load's own time
+    is the worker's model_load_seconds, read before and after."""
+    url, metrics = batching_worker
+    name = "cold.onnx"
+    if not batched:
+        (model_dir / "cold.onnx.json").write_text(json.dumps({"dynamic_batching": False}))
+    (model_dir / ".cold.onnx.part").write_bytes(sized_model(32 << 20, seed=3))
+    (model_dir / ".cold.onnx.part").replace(model_dir / name)
+    runs_before = runs_and_requests(metrics, name)[0]
+    loaded_before = _load_seconds(metrics)
+    timing: dict = {}
+    with Client(url, timeout_s=60) as client:
+        outputs = client.predict(name, {"i": np.array([5], np.int64)}, timing=timing)
+    np.testing.assert_array_equal(outputs["y"], sized_table(32 << 20, 3)[[5]])
+    load_ms = (_load_seconds(metrics) - loaded_before) * 1e3
+    assert load_ms > 0, "the model was not loaded by this request"
+    assert timing["worker_ms"] >= load_ms + timing["inference_ms"], (timing, load_ms)
+    assert runs_and_requests(metrics, name)[0] == runs_before + 1

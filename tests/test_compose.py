@@ -242,6 +242,14 @@ def test_every_service_comes_up_healthy(stack):
     assert user != "0"  # the image is non-root
 
 
+def test_the_image_can_trace(stack):
+    """The image has the otel extra: in a running container, tracing switches on with the OTLP exporter
+    (what FRACTAL_TRACING=true does in a worker or frontend), then off again; nothing is sent."""
+    check = ("from metrics import tracing; on = tracing.configure('check', True, env={}); tracing.shutdown(); "
+             "print(on)")
+    assert stack.podman("exec", f"{stack.project}_worker_1", "python3", "-c", check).strip() == "True"
+
+
 def test_the_seeds_curls_and_a_triton_client_answer_through_the_published_port(stack):
     def curl(*args: str) -> dict:
         out = subprocess.run(["curl", "-s", "--fail", *args], capture_output=True, timeout=30, check=True)

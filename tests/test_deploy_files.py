@@ -47,18 +47,56 @@ def test_the_docker_compose_client_accepts_the_file(docker_compose, path):
     assert result.returncode == 0, result.stderr.decode()
 
 
+def readers() -> dict[str, set[str]]:
+    """{FRACTAL_* variable: the components that read it} (FRACTAL_TRACING, FRACTAL_LOG_FORMAT: several)."""
+    found: dict[str, set[str]] = {}
+    for component, cls in COMPONENTS.items():
+        for f in dataclasses.fields(cls):
+            found.setdefault(field_env(component, f), set()).add(component)
+    return found
+
+
 @pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
 def test_every_fractal_variable_is_a_setting_with_a_valid_value(path):
-    known = {field_env(c, f): c for c, cls in COMPONENTS.items() for f in dataclasses.fields(cls)}
+    known = readers()
     seen = 0
     for name, service in services(path).items():
-        env = {k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("FRACTAL_")}
+        env = {k: with_defaults(str(v)) for k, v in (service.get("environment") or {}).items()
+               if k.startswith("FRACTAL_")}
         unknown = sorted(set(env) - set(known))
         assert unknown == [], f"{path.name}/{name}: {unknown} are read by no component"
-        for component in {known[k] for k in env}:
-            load(COMPONENTS[component], component, env=env)  # raises ConfigError on a bad value
+        if env:
+            role = service["command"][0]
+            assert all(role in known[k] for k in env), f"{path.name}/{name} runs {role}"
+            load(COMPONENTS[role], role, env=env)  # raises ConfigError on a bad value
         seen += len(env)
     assert seen >= 8
+
+
+TRACING = ("FRACTAL_TRACING", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
+
+
+@pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
+def test_tracing_is_off_by_default_and_the_shell_points_it_at_a_collector(docker_compose, path):
+    """Workers and frontends read FRACTAL_TRACING (default false), the OTLP endpoint, the sampler and its
+    argument, each overridable from the shell: what the docker-compose client renders."""
+    def rendered(**env: str) -> dict:
+        base = {k: v for k, v in os.environ.items() if k not in TRACING}  # the defaults, whatever this shell has
+        result = subprocess.run([docker_compose, "-f", str(path), "config"], capture_output=True, cwd=path.parent,
+                                env=dict(base, FRACTAL_IMAGE="fractal-ml-server:test", **env), check=True)
+        return yaml.safe_load(result.stdout)["services"]
+    default = rendered()
+    switched = rendered(FRACTAL_TRACING="true", OTEL_EXPORTER_OTLP_ENDPOINT="http://jaeger:4318")
+    for role, settings in (("worker", WorkerSettings), ("frontend", FrontendSettings)):
+        env = {n: str(default[role]["environment"][n]) for n in TRACING}
+        assert load(settings, role, env=env).tracing is False
+        assert re.fullmatch(r"http://[a-z.-]+:4318", env["OTEL_EXPORTER_OTLP_ENDPOINT"]), env
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio", env
+        assert 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1, env
+        on = switched[role]["environment"]
+        assert load(settings, role, env={"FRACTAL_TRACING": on["FRACTAL_TRACING"]}).tracing is True
+        assert on["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert not set(TRACING) & set(default["broker"]["environment"])  # the broker has nothing to trace
 
 
 @pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
@@ -159,6 +197,23 @@ def test_fractal_health_checks_each_role_as_a_client_would(procs, model_dir):
     base = start_frontend(procs, url)
     assert health("frontend", base.rsplit(":", 1)[1]) == 0
     assert health("frontend", str(free_port())) == 1
+
+
+def test_the_image_installs_the_otel_extra_from_the_wheelhouse_the_local_build_makes():
+    """Tracing can be switched on in a container: the image installs fractal-ml-server[otel], and the
+    offline build's wheelhouse holds that extra's wheels (else the --no-index install would fail)."""
+    import configparser
+    text = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "--no-index --find-links /wheelhouse 'fractal-ml-server[otel]'" in text
+    assert "pip wheel --no-cache-dir --wheel-dir /wheelhouse '.[otel]'" in text  # no wheelhouse: from the index
+    builder = _builder()
+    assert builder.EXTRAS == "otel"
+    argv = builder.wheelhouse_argv(Path("/src"), Path("/wheels"))
+    assert argv[argv.index("--wheel-dir") + 1] == "/wheels" and argv[-1] == "/src[otel]"
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    extra = setup["options.extras_require"]["otel"]
+    assert "opentelemetry-sdk" in extra and "opentelemetry-exporter-otlp-proto-http" in extra
 
 
 def test_the_image_and_compose_use_fractal_health():

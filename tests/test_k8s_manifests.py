@@ -7,7 +7,6 @@ checked as core/v1 Containers (inside a Pod), the rest of their structure by han
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import kubernetes_validate
@@ -15,11 +14,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from broker.settings import field_env, load
+from broker.settings import load
 from metrics.definitions import BrokerMetrics
 
 from .harness import REPO
-from .test_deploy_files import COMPONENTS
+from .test_deploy_files import COMPONENTS, TRACING, readers
 
 K8S = REPO / "deploy" / "k8s"
 # The oldest release the manifests promise (HPA autoscaling/v2 and PDB policy/v1 are GA long before)
@@ -90,7 +89,7 @@ def test_kustomization_lists_every_core_file_and_names_the_image():
 
 
 def test_every_fractal_variable_is_a_setting_with_a_valid_value():
-    known = {field_env(c, f): c for c, cls in COMPONENTS.items() for f in dataclasses.fields(cls)}
+    known = readers()
     containers = [container(d) for d in core().values() if d["kind"] == "Deployment"]
     containers += runtime()["spec"]["containers"]
     seen = 0
@@ -98,10 +97,22 @@ def test_every_fractal_variable_is_a_setting_with_a_valid_value():
         variables = {k: v for k, v in env(c).items() if k.startswith("FRACTAL_")}
         assert sorted(set(variables) - set(known)) == [], f"{c['name']}: read by no component"
         role = c["args"][0]
-        assert {known[k] for k in variables} == {role}, f"{c['name']} runs {role}"
+        assert all(role in known[k] for k in variables), f"{c['name']} runs {role}"
         load(COMPONENTS[role], role, env=variables)  # raises ConfigError on a bad value
         seen += len(variables)
     assert seen >= 14
+
+
+def test_workers_and_frontends_can_trace_to_a_collector_and_do_not_by_default():
+    resources = core()
+    for role, name in (("worker", "fractal-worker"), ("frontend", "fractal-frontend")):
+        variables = env(container(resources[("Deployment", name)]))
+        assert set(TRACING) <= set(variables), name
+        assert load(COMPONENTS[role], role, env={"FRACTAL_TRACING": variables["FRACTAL_TRACING"]}).tracing is False
+        assert load(COMPONENTS[role], role, env={"FRACTAL_TRACING": "true"}).tracing is True  # as the comment says
+        assert variables["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://")
+        assert variables["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")  # OTLP/HTTP, as the exporter speaks
+        assert 0 < float(variables["OTEL_TRACES_SAMPLER_ARG"]) <= 1
 
 
 def test_ports_services_and_the_pool_line_up():

@@ -11,7 +11,7 @@ import pytest
 from broker.client import Client
 from broker.errors import BadInput, ModelNotFound, ModelUnloaded
 
-from .harness import Served, start_frontend, wait_for, wait_workers
+from .harness import Served, free_port, start_frontend, wait_for, wait_workers
 from .onnx_models import constant_model
 
 pytestmark = pytest.mark.slow  # starts real processes
@@ -309,3 +309,51 @@ def test_fractal_predict_takes_a_version(versioned, cluster):
     assert json.loads(predict("--version", "1").stdout) == {"y": [[1.0]]}
     failed = predict("--version", "2")
     assert failed.returncode == 1 and "no version 2" in failed.stderr
+
+
+def _worker_samples(metrics_url: str, name: str) -> dict[tuple, float]:
+    """{(version, reason): value} of a worker's per-model samples of `name` for model m.onnx."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.labels["version"], s.labels.get("reason")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name and s.labels.get("model") == "m.onnx"}
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["alone", "batched"])
+def test_worker_per_model_metrics_carry_the_version_that_served(procs, broker_url, model_dir, batching):
+    """The worker labels a prediction with the version that ran it (the newest when none is named), and
+    only versions it loaded become series: an unknown version is no label value; unloading drops it."""
+    for v in (1, 2, 3):
+        _put(model_dir, "m", v, float(v))
+    _policy(model_dir, "m", {"specific": {"versions": [1, 3]}})
+    port = free_port()
+    flags = ["--batch-max-size", "8", "--batch-max-delay-us", "500"] if batching else []
+    procs.worker(broker_url, model_dir, "--metrics-port", str(port), *flags)
+    wait_workers(broker_url, 1)
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    with Client(broker_url, timeout_s=10) as client:
+        assert _value(client, "m") == 3.0 and _value(client, "m.onnx") == 3.0
+        assert _value(client, "m", 1) == 1.0
+        with pytest.raises(BadInput):
+            client.predict("m", {"x": np.zeros((1, 2), np.float32)}, version=1)
+        with pytest.raises(BadInput):
+            client.predict("m", {"x": np.zeros((1, 2), np.float32)})  # the newest, 3, failed it
+        for version in (2, 7):
+            with pytest.raises(ModelNotFound):
+                client.predict("m", X, version=version)
+        requests = _worker_samples(metrics_url, "fractal_worker_model_requests_total")
+        assert requests == {("1", None): 2.0, ("3", None): 3.0}
+        failures = _worker_samples(metrics_url, "fractal_worker_model_failures_total")
+        assert failures == {("1", "BadInput"): 1.0, ("3", "BadInput"): 1.0}
+        runs = _worker_samples(metrics_url, "fractal_worker_inference_seconds_count")
+        assert runs == {("1", None): 1.0, ("3", None): 2.0}
+        assert _worker_samples(metrics_url, "fractal_worker_model_resident") == {("1", None): 1.0, ("3", None): 1.0}
+        client.unload("m", version=1)
+        wait_for(lambda: ("1", None) not in _worker_samples(metrics_url, "fractal_worker_model_requests_total"),
+                 10, "version 1's series to leave with its session")
+        assert _worker_samples(metrics_url, "fractal_worker_model_requests_total") == {("3", None): 3.0}
+        assert _worker_samples(metrics_url, "fractal_worker_model_failures_total") == {("3", "BadInput"): 1.0}

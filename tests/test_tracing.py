@@ -128,7 +128,7 @@ def traced(tmp_path_factory) -> Iterator[dict]:
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         grpc.channel_ready_future(channel).result(timeout=60)
         yield {"receiver": receiver, "base": base, "url": url, "grpc": service_pb2_grpc.GRPCInferenceServiceStub(
-            channel), "procs": procs}
+            channel), "procs": procs, "models": models}
         channel.close()
     finally:
         procs.stop_all()
@@ -253,6 +253,41 @@ def test_a_failed_prediction_says_why_in_every_tier(traced):
     assert named["broker predict"][0]["attributes"]["fractal.outcome"] == "BadInput"
     worker = named["worker predict"][0]
     assert worker["attributes"]["fractal.outcome"] == "BadInput" and worker["status"] == 2  # STATUS_CODE_ERROR
+
+
+def test_spans_carry_the_version_that_served_not_the_one_asked_for(traced):
+    """A request naming no version is served by the newest: every tier's span says which, the frontend's
+    from the reply; a request naming one says that one."""
+    from .onnx_models import constant_model
+    receiver = traced["receiver"]
+    for version in (1, 2):
+        target = traced["models"] / "vm" / str(version) / "model.onnx"
+        target.parent.mkdir(parents=True)
+        target.write_bytes(constant_model(float(version)))
+    asked = {"77777777777777777777777777777777": ("/api/v1/models/vm/prediction",
+                                                  "POST /api/v1/models/{name}/prediction"),
+             "88888888888888888888888888888888": ("/v2/models/vm/versions/2/infer",
+                                                  "POST /v2/models/{name}/versions/{version}/infer")}
+    bodies = {"/api/v1/models/vm/prediction": b'{"values": [0]}',
+              "/v2/models/vm/versions/2/infer": json.dumps({"inputs": [{"name": "x", "shape": [1, 1],
+                                                                        "datatype": "FP32", "data": [0]}]}).encode()}
+    for trace_id, (path, _) in asked.items():
+        req = urllib.request.Request(traced["base"] + path, data=bodies[path], method="POST", headers={
+            "Content-Type": "application/json", "traceparent": f"00-{trace_id}-9999999999999999-01"})
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            answer = json.loads(resp.read())
+        values = answer["values"] if "values" in answer else answer["outputs"][0]["data"]
+        assert np.asarray(values, np.float32).ravel().tolist() == [2.0], answer  # version 2 answered
+    for trace_id, (_, route) in asked.items():
+        receiver.wait(lambda s, t=trace_id, r=route: {"worker predict", r} <= {x["name"] for x in s
+                                                                              if x["trace_id"] == t}, route)
+        named = by_name(receiver.trace(trace_id))
+        for name in (route, "broker predict", "worker predict"):
+            assert named[name][0]["attributes"]["fractal.model.version"] == "2", (name, named[name][0])
+        batch = named["inference"][0]["links"]
+        if batch:  # batched: its batch's span names the version it ran too
+            spans = {s["span_id"]: s for s in receiver.snapshot()}
+            assert spans[batch[0][1]]["attributes"]["fractal.model.version"] == "2"
 
 
 def test_packed_and_batched_requests_link_to_their_pack_and_batch(traced):

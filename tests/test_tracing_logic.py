@@ -10,6 +10,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from broker.errors import BadInput
 from metrics import tracing
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -75,13 +76,31 @@ def test_a_malformed_traceparent_starts_a_new_trace(spans, bad):
     assert span.parent is None and f"{span.context.trace_id:032x}" != "0af7651916cd43dd8448eb211c80319c"
 
 
+@pytest.mark.parametrize("asked, result, served", [
+    (None, {"outputs": {}, "version": "3"}, "3"),  # none named: the newest served, and the result says which
+    (None, {"outputs": {}}, "1"),                   # a flat file is version 1
+    ("2", {"outputs": {}, "version": "2"}, "2"),
+    ("2", BadInput("no"), "2"),                      # a failure has no result: the version asked for
+    (None, BadInput("no"), None),
+])
+def test_the_worker_span_carries_the_version_that_served(spans, asked, result, served):
+    request = {"op": "predict", "model": "m.onnx", "traceparent": PARENT}
+    if asked is not None:
+        request["version"] = asked
+    tracing.received(request, time.perf_counter_ns())
+    tracing.answered(request, result)
+    tracing.finish(request, "node-1")
+    (worker,) = [s for s in spans.get_finished_spans() if s.name == "worker predict"]
+    assert worker.attributes.get("fractal.model.version") == served
+
+
 def test_a_worker_request_becomes_a_span_with_its_phases_inside_it(spans):
     request = {"op": "predict", "model": "iris.onnx", "version": "2", "request_id": "r-1", "traceparent": PARENT}
     now = time.perf_counter_ns()
     tracing.received(request, now - 9_000_000)
     batch = tracing.batch_span(None, now - 6_000_000, now - 2_000_000, 12, 3)
     tracing.RUN = (now - 8_000_000, now - 6_000_000, now - 2_000_000, 12, batch)
-    tracing.answered(request, {"outputs": {}})
+    tracing.answered(request, {"outputs": {}, "version": "2"})  # a version directory's result names it
     assert tracing.RUN is None  # taken: the next request does not see this one's run
     tracing.finish(request, "node-1")
     finished = {s.name: s for s in spans.get_finished_spans()}

@@ -169,3 +169,11 @@ def result(model: LoadedModel, outputs: dict, inference_ms: float) -> dict:
     if model.version is not None:
         answer["version"] = model.version
     return answer
+
+
+def served_version(request: Any, outcome: Any) -> Any:
+    """The version that answered a predict: the result's (a version directory's) or "1" (a flat file); for a
+    failure, the one asked for (None: the newest). For per-model metrics (metrics.WorkerMetrics.model_done)."""
+    if type(outcome) is dict:
+        return outcome.get("version", "1")
+    return request.get("version") if type(request) is dict else None

@@ -37,7 +37,7 @@ from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 from . import ops
 from .batching import BatchPolicy, Pending, Queue, batchable, drop_expired, prepare, run_batch
 from .connection import Connection
-from .inference import worker_time
+from .inference import served_version, worker_time
 from .memory import rss_bytes
 from .ops import OPS
 from .packs import run_pack
@@ -226,6 +226,7 @@ class ModelHost:
                     "REQUEST without envelope and body")))
                 return
             received = time.monotonic()  # NOTE: the request's deadline_ms counts from here
+            arrived = time.perf_counter()  # NOTE: worker_ms counts from here, batched or not
             traced_at = time.perf_counter_ns() if tracing.ENABLED else 0
             request = self._decode(frames[4:])
             if isinstance(request, ProtocolError):
@@ -234,9 +235,8 @@ class ModelHost:
             if traced_at:
                 tracing.received(request, traced_at)
             if not (self.policy.enabled and request["op"] == "predict"
-                    and self._queued(conn, frames[2], request, received)):
-                self._final(conn, frames[2], self._run_busy(functools.partial(self.reply_to, received_at=received),
-                                                            request))
+                    and self._queued(conn, frames[2], request, received, arrived)):
+                self._final(conn, frames[2], self._run_busy(self.reply_to, request, received, arrived))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
                 log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
@@ -253,8 +253,10 @@ class ModelHost:
             self.metrics.request_done("unknown", "error", 0.0)
             return exc
 
-    def _queued(self, conn: Connection, client: bytes, request: dict, received: float) -> bool:
-        """Queue a predict for a batchable model (True), or leave the request to reply_to() (False)."""
+    def _queued(self, conn: Connection, client: bytes, request: dict, received: float, arrived: float) -> bool:
+        """Queue a predict for a batchable model (True), or leave the request to reply_to() (False).
+        `received` (monotonic) is where its deadline_ms counts from; `arrived` (perf_counter) is where
+        its worker_ms starts, before any load."""
         try:
             # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
             model = self._run_busy(lambda r: self.pool.load(model_file_name(r.get("model")), r.get("version")),
@@ -265,7 +267,7 @@ class ModelHost:
         if not policy.enabled or not batchable(model):
             return False
         conn.used = True
-        reply = self._replier(conn, client, request, model.name)
+        reply = self._replier(conn, client, request, model.name, arrived)
         try:
             pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
         except Exception as exc:
@@ -281,9 +283,10 @@ class ModelHost:
         queue.items.append(pending)
         return True
 
-    def _replier(self, conn: Connection, client: bytes, request: dict, model: str):
-        """The callback that answers one batched request (queued in the outbox, sent after the run)."""
-        rid, trace, arrived = request.get("id"), request.get("request_id"), time.perf_counter()
+    def _replier(self, conn: Connection, client: bytes, request: dict, model: str, arrived: float):
+        """The callback that answers one batched request (queued in the outbox, sent after the run);
+        `arrived` is the perf_counter when the worker took the request up."""
+        rid, trace = request.get("id"), request.get("request_id")
         generation = conn.generation
 
         def reply(outcome: dict | FractalError) -> None:
@@ -333,11 +336,11 @@ class ModelHost:
 
     # -- answering -----------------------------------------------------------------------------
 
-    def _run_busy(self, fn, arg):
+    def _run_busy(self, fn, *args):
         with self._lock:
             self._busy = True
         try:
-            return fn(arg)
+            return fn(*args)
         finally:
             with self._lock:
                 self._busy = False
@@ -380,12 +383,13 @@ class ModelHost:
             self.metrics.dropped_deadline.inc(len(batch) - len(live))
         return live
 
-    def reply_to(self, request: dict, received_at: float | None = None) -> list:
+    def reply_to(self, request: dict, received_at: float | None = None, arrived: float | None = None) -> list:
         """Reply body frames for a decoded request or pack (worker/packs.py); never raises. With
-        `received_at` (monotonic), a request whose deadline_ms has passed by its turn is not run."""
+        `received_at` (monotonic), a request whose deadline_ms has passed by its turn is not run;
+        `arrived` (perf_counter) is where its worker_ms starts (None: now)."""
         if request["op"] == "pack":
             try:
-                return run_pack(self, request, received_at)
+                return run_pack(self, request, received_at, arrived)
             except Exception as exc:  # a malformed pack: one error for all of it, counted once per request
                 error = exc if isinstance(exc, FractalError) else InternalError(f"pack failed on {self.node}")
                 log.warning("a pack failed as a whole: %s", error)
@@ -394,7 +398,7 @@ class ModelHost:
                     self.metrics.request_done("unknown", "error", 0.0)
                 return p.error_body(request.get("id"), self.node, error)
         expires_at = float("inf") if received_at is None else p.deadline_of(request, received_at)
-        rid, outcome = self.answer(request, expires_at)
+        rid, outcome = self.answer(request, expires_at, arrived)
         body = None
         if not isinstance(outcome, FractalError):
             try:
@@ -409,10 +413,11 @@ class ModelHost:
             tracing.finish(request, self.node)
         return body
 
-    def answer(self, request: Any, expires_at: float = float("inf")) -> tuple[Any, Any]:
+    def answer(self, request: Any, expires_at: float = float("inf"), arrived: float | None = None) -> tuple[Any, Any]:
         """(id, result or FractalError) of one decoded request; never raises; counted and logged.
-        Past `expires_at` (monotonic: the caller's deadline) it is answered Timeout without running."""
-        started = time.perf_counter()
+        Past `expires_at` (monotonic: the caller's deadline) it is answered Timeout without running. Its
+        worker_ms counts from `arrived` (a perf_counter: the request's receipt), else from now."""
+        started = time.perf_counter() if arrived is None else arrived
         rid = trace = op_name = None
         if tracing.ENABLED:
             tracing.begin()
@@ -436,17 +441,18 @@ class ModelHost:
         if tracing.ENABLED:
             tracing.answered(request, outcome)
         self.request_done(op_name, trace, request.get("model", "") if isinstance(request, dict) else "",
-                          outcome, started)
+                          outcome, started, version=served_version(request, outcome))
         return rid, outcome
 
     def request_done(self, op_name: Any, trace: Any, model: Any, outcome: Any, started: float,
-                     batched: bool = False) -> None:
-        """Count and log one answered request (a pack's sub-requests each count once)."""
+                     batched: bool = False, version: object = None) -> None:
+        """Count and log one answered request (a pack's sub-requests each count once); `version`: the
+        one that served it, if known (else `model` is an entry or the newest version's)."""
         elapsed = time.perf_counter() - started
         ok = not isinstance(outcome, FractalError)
         self.metrics.request_done(op_name if op_name in OPS else "unknown", "ok" if ok else "error", elapsed)
         if op_name in PREDICT_OPS:
-            self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
+            self.metrics.model_done(model, None if ok else outcome.__class__.__name__, version)
         if not ok:
             fields = {"request_id": trace, "op": op_name, "model": model or None, "error": outcome.__class__.__name__}
             if isinstance(outcome, ProtocolError):

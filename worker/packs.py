@@ -30,19 +30,22 @@ log = logging.getLogger(__name__)
 PACK_MAX_ROWS = 4096  # rows of one run when the worker's own batching is off (and sets no bound)
 
 
-def run_pack(host: "ModelHost", request: dict, received_at: float | None = None) -> list:
+def run_pack(host: "ModelHost", request: dict, received_at: float | None = None,
+             arrived: float | None = None) -> list:
     """Reply body frames for a decoded pack request; raises ProtocolError when it is malformed (the
     caller answers the whole pack with that error). With `received_at` (monotonic), a sub-request
-    whose deadline has passed by its turn is answered Timeout without running."""
+    whose deadline has passed by its turn is answered Timeout without running. Every request's
+    worker_ms counts from `arrived` (the pack's receipt, a perf_counter; None: now), batched or not,
+    as a request's alone does."""
     subs = p.unpack_pack(request)
-    started = time.perf_counter()
+    started = time.perf_counter() if arrived is None else arrived
     outcomes: list = [None] * len(subs)
     queues: dict[str, Queue] = {}
     models: dict[str, Any] = {}  # each model is checked once per pack: its calls arrived together
     deadlines = _deadlines(request, subs, received_at)
     for index, sub in enumerate(subs):
         if not _queued(host, sub, index, outcomes, queues, models, started, deadlines[index]):
-            outcomes[index] = host.answer(sub, deadlines[index])
+            outcomes[index] = host.answer(sub, deadlines[index], started)
     for queue in queues.values():
         while queue.items:
             batch = host.live(queue.take())

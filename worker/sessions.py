@@ -254,7 +254,7 @@ class SessionCache:
         if old is not None:
             self.resident_bytes -= old.cost_bytes
         if self._metrics:
-            model.series = self._metrics.model_series(model.name)
+            model.series = self._metrics.model_series(model.name, split(model.name)[0], model.version)
             model.timer = model.series.inference
             model.series.resident_bytes.set(model.cost_bytes)
         self._entries[model.name] = model
