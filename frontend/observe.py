@@ -58,7 +58,7 @@ class Observe:
         context.timing = {} if self.timed else None
         req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
         if self.metrics is not None:
-            self.metrics.in_flight.inc()
+            self.metrics.tally.inc(self.metrics.in_flight)
         context.started = time.perf_counter()
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
@@ -117,14 +117,15 @@ class Observe:
         log.handle(record)
 
     def _count(self, metrics: FrontendMetrics, req: falcon.asgi.Request, status: str, elapsed_s: float) -> None:
-        metrics.in_flight.dec()
+        tally = metrics.tally
+        tally.inc(metrics.in_flight, -1.0)
         method = req.method if req.method in METHODS else "OTHER"  # clients choose methods: bound them
         key = (req.uri_template or "unmatched", method, status)
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bound[key] = (metrics.requests.labels(*key), metrics.duration.labels(*key[:2]))
-        bound[0].inc()
-        bound[1].observe(elapsed_s)
+        tally.inc(bound[0])
+        tally.observe(bound[1], elapsed_s)
 
 
 _new_record = object.__new__
