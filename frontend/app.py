@@ -67,7 +67,8 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "v2_model_ready": ModelReady(*shared), "v2_infer": Infer(*shared), "v2_index": RepositoryIndex(*shared),
         "v2_load": RepositoryLoad(*shared), "v2_unload": RepositoryUnload(*shared),
         "v2_config": ModelConfig(*shared), "v2_stats": ModelStatistics(*shared),
-        "metrics": Metrics(registry, metrics.tally.flush if metrics is not None else None), "status": StatusJson(client), "status_page": StatusPage(client),
+        "metrics": Metrics(registry, metrics.tally.flush if metrics is not None else None),
+        "status": StatusJson(client), "status_page": StatusPage(client),
     }
     # NOTE: here, after gunicorn's fork: the span exporter's thread must be this process's own
     traces = [TraceRequests()] if tracing.configure("frontend", settings.tracing) else []
