@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from metrics import BrokerMetrics, FrontendMetrics, WorkerMetrics  # noqa: E402
+from metrics.tally import DIRECT  # noqa: E402
 
 N = 50_000
 
@@ -34,7 +35,9 @@ def per_call_us(fn) -> float:
 
 
 def frontend() -> float:
+    """Each update written at once, as before the frontend's Tally (metrics/tally.py)."""
     m = FrontendMetrics(None)  # multiprocess files, as under gunicorn
+    m.models.tally = DIRECT
     requests = m.requests.labels("/api/v1/models/{name}/prediction", "POST", "200")
     duration = m.duration.labels("/api/v1/models/{name}/prediction", "POST")
 
@@ -48,6 +51,30 @@ def frontend() -> float:
         duration.observe(time.perf_counter() - started)
         m.models.answered("iris.onnx", timing)
     return per_call_us(one)
+
+
+def frontend_tally(per_turn: int) -> float:
+    """As frontend(), through the Tally the frontend writes with: `per_turn` requests end per loop turn."""
+    import asyncio
+    m = FrontendMetrics(None)
+    requests = m.requests.labels("/api/v1/models/{name}/prediction", "POST", "200")
+    duration = m.duration.labels("/api/v1/models/{name}/prediction", "POST")
+    timing = {"call_ms": 0.5, "worker_ms": 0.1, "inference_ms": 0.05}
+    tally, turns = m.tally, N // per_turn
+
+    async def run() -> float:
+        started = time.perf_counter()
+        for _ in range(turns):
+            for _ in range(per_turn):
+                began = time.perf_counter()
+                tally.inc(m.in_flight)
+                tally.inc(m.in_flight, -1.0)
+                tally.inc(requests)
+                tally.observe(duration, time.perf_counter() - began)
+                m.models.answered("iris.onnx", timing)
+            await asyncio.sleep(0)  # the turn ends: the tally writes
+        return (time.perf_counter() - started) / (turns * per_turn) * 1e6
+    return asyncio.run(run())
 
 
 def broker() -> float:
@@ -82,6 +109,8 @@ def main() -> dict[str, float]:
     costs = {"frontend": frontend(), "broker": broker(), "worker": worker()}
     for tier, us in costs.items():
         print(f"  {tier:9} {us:5.1f} us of metric calls per request")
+    for per_turn in (1, 4, 16):
+        print(f"  frontend through its Tally, {per_turn:2} requests per loop turn: {frontend_tally(per_turn):5.1f} us")
     print(f"  {'total':9} {sum(costs.values()):5.1f} us")
     return costs
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+from typing import Callable
 
 import falcon
 import falcon.asgi
@@ -14,10 +15,13 @@ from .errors import status_body
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None):
+    def __init__(self, registry: CollectorRegistry | None, flush: Callable[[], None] | None = None):
         self._registry = registry  # None: multiprocess mode, read every gunicorn worker's files
+        self._flush = flush  # writes this process's updates kept for the loop turn (metrics/tally.py)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if self._flush is not None:
+            self._flush()
         # NOTE: reads every process's metric files inline; small, and scrapes are rare.
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = exposition(self._registry)

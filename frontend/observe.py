@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import secrets
 import time
 
@@ -19,6 +20,7 @@ from .disconnect import REQUEST_KEY
 from .timing import HEADER, count, server_timing
 
 log = logging.getLogger("frontend.access")
+ACCESS_FORMAT = "%s %s %s %.2fms %s"
 
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 # NOTE: a made-up request id is 32 hex digits, as a uuid4's: 16 random per process, then a counter,
@@ -48,6 +50,7 @@ class Observe:
         self.models = metrics.models if metrics is not None else None
         self.timed = server_timing or metrics is not None  # does a prediction fill a timing map?
         self._bound: dict[tuple, tuple] = {}  # (route, method, status) -> label children, made once
+        self._record, self._log_start = _record_template()
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         context = req.context
@@ -55,7 +58,7 @@ class Observe:
         context.timing = {} if self.timed else None
         req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
         if self.metrics is not None:
-            self.metrics.in_flight.inc()
+            self.metrics.tally.inc(self.metrics.in_flight)
         context.started = time.perf_counter()
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
@@ -89,17 +92,50 @@ class Observe:
         if self.metrics is not None:
             self._count(self.metrics, req, status, elapsed_s)
         if log.isEnabledFor(logging.INFO):
-            latency_ms, request_id = elapsed_s * 1e3, getattr(context, "request_id", "-")
-            log.info("%s %s %s %.2fms %s", req.method, req.path, status, latency_ms, request_id, extra={
-                "request_id": request_id, "method": req.method, "path": req.path, "status": int(status),
-                "latency_ms": round(latency_ms, 3), "model": getattr(context, "model", None)})
+            self._log(req, context, status, elapsed_s * 1e3)
+
+    def _log(self, req: falcon.asgi.Request, context: object, status: str, latency_ms: float) -> None:
+        """The access line, as `log.info(ACCESS_FORMAT, ..., extra=...)` would make it, for less.
+
+        NOTE: Logger.info's makeRecord and LogRecord.__init__ recompute per line what is the same on
+        every access line (file and module names, pid, level name); this copies them from a template made
+        once per process, sets the rest, and hands the record to `log.handle`, which applies the logger's
+        filters and handlers as `info` does: text and JSON lines come out as before (issue 13).
+        """
+        request_id, method, path = getattr(context, "request_id", "-"), req.method, req.path
+        record = _new_record(logging.LogRecord)
+        fields = record.__dict__
+        fields.update(self._record)
+        now = time.time()
+        fields["created"] = now
+        fields["msecs"] = int((now - int(now)) * 1000) + 0.0
+        fields["relativeCreated"] = (now - self._log_start) * 1000
+        fields["args"] = (method, path, status, latency_ms, request_id)
+        fields["request_id"], fields["method"], fields["path"] = request_id, method, path
+        fields["status"], fields["latency_ms"] = int(status), round(latency_ms, 3)
+        fields["model"] = getattr(context, "model", None)
+        log.handle(record)
 
     def _count(self, metrics: FrontendMetrics, req: falcon.asgi.Request, status: str, elapsed_s: float) -> None:
-        metrics.in_flight.dec()
+        tally = metrics.tally
+        tally.inc(metrics.in_flight, -1.0)
         method = req.method if req.method in METHODS else "OTHER"  # clients choose methods: bound them
         key = (req.uri_template or "unmatched", method, status)
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bound[key] = (metrics.requests.labels(*key), metrics.duration.labels(*key[:2]))
-        bound[0].inc()
-        bound[1].observe(elapsed_s)
+        tally.inc(bound[0])
+        tally.observe(bound[1], elapsed_s)
+
+
+_new_record = object.__new__
+
+
+def _record_template() -> tuple[dict, float]:
+    """What every access record holds whatever the request, made in the serving process (its pid),
+    and when logging started (the origin of relativeCreated)."""
+    record = log.makeRecord(log.name, logging.INFO, "(unknown file)", 0, ACCESS_FORMAT, (), None,
+                            "(unknown function)")
+    fields = dict(record.__dict__)
+    fields["process"] = os.getpid()
+    return fields, record.created - record.relativeCreated / 1000

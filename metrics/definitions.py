@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .tally import DIRECT, Direct, Tally
+
 # 100 us .. 10 s: iris round trips sit near the bottom, image models and queueing near the top.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
@@ -245,9 +247,11 @@ class CallerModelMetrics:
 
     MAX_MODELS = 1000  # NOTE: a pool of more models than this stops adding series, rather than grow
 
-    def __init__(self, prefix: str, registry: CollectorRegistry | None, enabled: bool = True):
+    def __init__(self, prefix: str, registry: CollectorRegistry | None, enabled: bool = True,
+                 tally: Tally | Direct = DIRECT):
         counter, _gauge, histogram = _kinds(enabled)
         r, mv = registry, ["model", "version"]
+        self.tally = tally  # how updates are written: at once, or once per event-loop turn
         self.requests = counter(f"{prefix}_model_requests", "Predictions answered or failed, by model (once "
                                 "it has answered here).", mv, registry=r)
         self.failures = counter(f"{prefix}_model_failures", "Predictions that failed, by model and reason (the "
@@ -268,34 +272,39 @@ class CallerModelMetrics:
             labels = (model, VERSION)
             bound = self._known[model] = (self.requests.labels(*labels), self.queue.labels(*labels),
                                           self.inference.labels(*labels))
-        bound[0].inc()
+        tally = self.tally
+        tally.inc(bound[0])
         worker_ms, inference_ms = timing.get("worker_ms"), timing.get("inference_ms")
         if type(worker_ms) is float:
-            bound[1].observe(max(timing.get("call_ms", 0.0) - worker_ms, 0.0) / 1e3)
+            tally.observe(bound[1], max(timing.get("call_ms", 0.0) - worker_ms, 0.0) / 1e3)
         if type(inference_ms) is float:
-            bound[2].observe(inference_ms / 1e3)
+            tally.observe(bound[2], inference_ms / 1e3)
 
     def failed(self, model: str, reason: str) -> None:
         bound = self._known.get(model)
         if bound is None:
             return  # never answered here: perhaps no such model, so no series
-        bound[0].inc()
-        self.failures.labels(model, VERSION, reason).inc()
+        self.tally.inc(bound[0])
+        self.tally.inc(self.failures.labels(model, VERSION, reason))
 
 
 class FrontendMetrics:
-    """Under gunicorn these live in prometheus-client's multiprocess mode (frontend/gunicorn_conf.py)."""
+    """Under gunicorn these live in prometheus-client's multiprocess mode (frontend/gunicorn_conf.py).
+
+    Per-request updates go through `tally`, written once per event-loop turn (metrics/tally.py).
+    """
 
     def __init__(self, registry: CollectorRegistry | None, enabled: bool = True):
         counter, gauge, histogram = _kinds(enabled)
         r = registry
+        self.tally = Tally()
         self.requests = counter("fractal_frontend_requests", "HTTP requests, by route template, method and "
                                 "status.", ["route", "method", "status"], registry=r)
         self.duration = histogram("fractal_frontend_request_duration_seconds", "HTTP request latency.",
                                   ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = gauge("fractal_frontend_requests_in_flight", "HTTP requests being handled.",
                                registry=r, multiprocess_mode="livesum")
-        self.models = CallerModelMetrics("fractal_frontend", registry, enabled)
+        self.models = CallerModelMetrics("fractal_frontend", registry, enabled, self.tally)
 
 
 class GrpcMetrics:
