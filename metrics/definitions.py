@@ -50,7 +50,7 @@ def observe_many(child: Any, value: float, count: int) -> None:
 
 # Rows per InferenceSession.run: 1 (no batching) up to a pack's PACK_MAX_ROWS.
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-VERSION = "1"  # the version of a flat NAME.onnx file (worker/versions.py), and the frontends' label
+VERSION = "1"  # the version of a flat NAME.onnx file (worker/versions.py), and a reply that names none
 
 
 def _kinds(enabled: bool) -> tuple[Callable, Callable, Callable]:
@@ -261,17 +261,22 @@ class CallerModelMetrics:
                                "queue), by model.", mv, buckets=LATENCY_BUCKETS, registry=r)
         self.inference = histogram(f"{prefix}_model_inference_seconds", "InferenceSession.run time the worker "
                                    "reported, by model.", mv, buckets=LATENCY_BUCKETS, registry=r)
-        self._known: dict[str, tuple] = {}
+        self._known: dict[tuple[str, str], tuple] = {}  # (model, version) -> its label children
+        self._served: dict[str, str] = {}  # model -> the version that last answered for it here
 
     def answered(self, model: str, timing: dict) -> None:
-        """A prediction answered; `timing` holds call_ms and the worker's worker_ms and inference_ms."""
-        bound = self._known.get(model)
+        """A prediction answered; `timing` holds call_ms, the worker's worker_ms and inference_ms, and the
+        version that served (the worker's reply names it; VERSION when it does not)."""
+        version = timing.get("version")
+        version = str(version) if type(version) in (str, int) else VERSION
+        bound = self._known.get((model, version))
         if bound is None:
             if len(self._known) >= self.MAX_MODELS:
                 return
-            labels = (model, VERSION)
-            bound = self._known[model] = (self.requests.labels(*labels), self.queue.labels(*labels),
-                                          self.inference.labels(*labels))
+            labels = (model, version)
+            bound = self._known[labels] = (self.requests.labels(*labels), self.queue.labels(*labels),
+                                           self.inference.labels(*labels))
+        self._served[model] = version
         tally = self.tally
         tally.inc(bound[0])
         worker_ms, inference_ms = timing.get("worker_ms"), timing.get("inference_ms")
@@ -281,11 +286,13 @@ class CallerModelMetrics:
             tally.observe(bound[2], inference_ms / 1e3)
 
     def failed(self, model: str, reason: str) -> None:
-        bound = self._known.get(model)
-        if bound is None:
+        """A prediction failed. A failure names no version (no worker answered it), so it counts under the
+        version that last answered for `model` here."""
+        version = self._served.get(model)
+        if version is None:
             return  # never answered here: perhaps no such model, so no series
-        self.tally.inc(bound[0])
-        self.tally.inc(self.failures.labels(model, VERSION, reason))
+        self.tally.inc(self._known[(model, version)][0])
+        self.tally.inc(self.failures.labels(model, version, reason))
 
 
 class FrontendMetrics:

@@ -236,6 +236,12 @@ def test_the_seed_api_takes_a_version_parameter(cluster, procs):
     assert call("POST", "/api/v1/models/s.onnx/prediction", row)[1]["values"] == [[2.0]]
     assert call("DELETE", "/api/v1/models/s.onnx")[0] == 200
     assert call("POST", "/api/v1/models/s.onnx/prediction", row)[0] == 404
+    # the frontend's per-model series carry the version that answered; a failure (no worker's answer names
+    # a version) counts under the version that last answered for the model
+    assert _model_samples(base + "/metrics", "fractal_frontend_model_requests_total", "s.onnx") == {
+        ("5", None): 2.0, ("2", None): 3.0}
+    assert _model_samples(base + "/metrics", "fractal_frontend_model_failures_total", "s.onnx") == {
+        ("5", "ModelNotFound"): 1.0, ("2", "ModelNotFound"): 1.0}
 
 
 def test_v2_load_and_unload_take_a_version_over_rest_and_grpc(tmp_path):
@@ -311,8 +317,8 @@ def test_fractal_predict_takes_a_version(versioned, cluster):
     assert failed.returncode == 1 and "no version 2" in failed.stderr
 
 
-def _worker_samples(metrics_url: str, name: str) -> dict[tuple, float]:
-    """{(version, reason): value} of a worker's per-model samples of `name` for model m.onnx."""
+def _model_samples(metrics_url: str, name: str, model: str) -> dict[tuple, float]:
+    """{(version, reason): value} of the per-model samples of `name` for `model` at `metrics_url`."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -320,7 +326,12 @@ def _worker_samples(metrics_url: str, name: str) -> dict[tuple, float]:
         text = resp.read().decode()
     return {(s.labels["version"], s.labels.get("reason")): s.value
             for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == name and s.labels.get("model") == "m.onnx"}
+            for s in family.samples if s.name == name and s.labels.get("model") == model}
+
+
+def _worker_samples(metrics_url: str, name: str) -> dict[tuple, float]:
+    """{(version, reason): value} of a worker's per-model samples of `name` for model m.onnx."""
+    return _model_samples(metrics_url, name, "m.onnx")
 
 
 @pytest.mark.parametrize("batching", [False, True], ids=["alone", "batched"])
