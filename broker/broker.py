@@ -16,6 +16,7 @@ from .curve import BrokerCurve
 from .errors import FractalError, NoWorkerAvailable, ProtocolError, QueueFull, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
 from .queues import FairQueue
+from .rejections import Rejection
 from .settings import log_format_setting, setting
 from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
@@ -210,7 +211,7 @@ class Broker:
         for service in self._services.values():
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable("the broker is stopping"),
-                                  "stopping")
+                                  Rejection.STOPPING)
         for worker in list(self._workers.values()):
             self._send_worker(worker, MDPW.DISCONNECT)
         self._socket.close(linger=0)
@@ -271,23 +272,23 @@ class Broker:
             service = self._services[service_name] = Service(service_name, self.metrics)
         if not body:
             self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"),
-                              "bad_request")
+                              Rejection.BAD_REQUEST)
         elif service is None or (service.workers == 0 and now >= self._grace_until):
             self._reply_error(request, NoWorkerAvailable(
-                f"no worker is registered for service {service_name.decode(errors='replace')!r}"), "no_worker")
+                f"no worker is registered for service {service_name.decode(errors='replace')!r}"), Rejection.NO_WORKER)
         elif deadline_ms == 0:
             self._reply_error(request, Timeout("the request's deadline had passed when it reached the broker"),
-                              "deadline")
+                              Rejection.DEADLINE)
         elif service.idle and self._may_run(service, model):
             self._dispatch(self._idle_worker(service, model), request, now)
         elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
             self._reply_error(request, QueueFull(
                 f"{len(service.requests)} messages ({service.queued} requests) already queued for this service; "
-                f"retry later"), "overloaded")
+                f"retry later"), Rejection.OVERLOADED)
         elif (waiting := service.requests.queued_for(model)) and waiting + count > self.settings.max_queue_per_model:
             self._reply_error(request, QueueFull(
                 f"{waiting} requests already queued for model {model.decode(errors='replace')!r} "
-                f"(max_queue_per_model {self.settings.max_queue_per_model}); retry later"), "queue_full")
+                f"(max_queue_per_model {self.settings.max_queue_per_model}); retry later"), Rejection.QUEUE_FULL)
         else:
             service.enqueue(request)
 
@@ -441,7 +442,7 @@ class Broker:
         if service.workers == 0:
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable(
-                    "the last worker for this service went away"), "no_worker")
+                    "the last worker for this service went away"), Rejection.NO_WORKER)
             # NOTE: any peer may register any service name; an empty service leaves no state behind.
             del self._services[service.name]
             self.metrics.forget_service(service.name.decode(errors="replace"))
@@ -450,7 +451,7 @@ class Broker:
         service = self._services[request.service]
         if request.attempts >= 2:
             self._reply_error(request, WorkerLost(
-                "two workers died while handling this request; it was not retried again"), "worker_lost")
+                "two workers died while handling this request; it was not retried again"), Rejection.WORKER_LOST)
             return
         self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc(request.count)
         log.warning("re-dispatching a request of client %s after its worker died", request.client.hex())
@@ -495,7 +496,7 @@ class Broker:
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable(
                     f"no worker registered within the broker's {self.settings.startup_grace_s:g} s start-up grace"),
-                    "no_worker")
+                    Rejection.NO_WORKER)
             del self._services[service.name]
             self.metrics.forget_service(service.name.decode(errors="replace"))
 
@@ -521,12 +522,12 @@ class Broker:
         if request.deadline_at <= now:
             self._reply_error(request, Timeout(
                 f"the request's deadline passed after {(now - request.received_at) * 1000:.0f} ms in the broker's "
-                f"queue; it was not run"), "deadline")
+                f"queue; it was not run"), Rejection.DEADLINE)
             return
         self.metrics.expired.labels(request.service.decode(errors="replace")).inc(request.count)
         self._reply_error(request, Timeout(f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
-    def _reply_error(self, request: Request, error: FractalError, reason: str | None) -> None:
+    def _reply_error(self, request: Request, error: FractalError, reason: Rejection | None) -> None:
         if reason is not None:
             # NOTE: clients may name any service; only registered ones become label values.
             known = request.service in self._services

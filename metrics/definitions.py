@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from broker.rejections import Rejection
+
 # 100 us .. 10 s: iris round trips sit near the bottom, image models and queueing near the top.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
@@ -74,7 +76,8 @@ class BrokerMetrics:
         self.expired = counter("fractal_broker_requests_expired", "Requests that waited past "
                                "queue_timeout_s.", s, registry=r)
         self.rejected = counter("fractal_broker_requests_rejected", "Requests answered with an error by the "
-                                "broker itself, by reason.", ["service", "reason"], registry=r)
+                                f"broker itself, by reason: {', '.join(Rejection)}.", ["service", "reason"],
+                                registry=r)
         self.dropped = counter("fractal_broker_dropped_messages", "Malformed or unexpected messages logged "
                                "and dropped.", registry=r)
         self.worker_deaths = counter("fractal_broker_worker_deaths", "Workers declared dead after missing "
@@ -92,7 +95,7 @@ class BrokerMetrics:
                 metric.remove(service)
             except KeyError:
                 pass
-        for reason in ("overloaded", "no_worker", "worker_lost", "bad_request", "stopping"):
+        for reason in Rejection:
             try:
                 self.rejected.remove(service, reason)
             except KeyError:

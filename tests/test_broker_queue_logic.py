@@ -4,17 +4,21 @@ the same context, the loop stepped by hand and time moved by the test, not waite
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry
 
 import broker.broker as broker_module
 from broker import protocol as p
 from broker.broker import Broker, BrokerSettings
 from broker.errors import NoWorkerAvailable, Overloaded, Timeout, WorkerLost
 from broker.protocol import MDPC, MDPW
+from broker.rejections import Rejection
 from broker.sockets import wait
+from metrics import BrokerMetrics
 
 SERVICE = b"modelhost"
 _endpoints = itertools.count()
@@ -225,3 +229,42 @@ def test_a_second_ready_is_answered_with_disconnect(rig: Rig) -> None:
     worker.send_multipart([p.WORKER_HEADER, MDPW.READY, SERVICE])
     rig.step()
     assert received(worker) == [p.WORKER_HEADER, MDPW.DISCONNECT]
+
+
+def sample(rig: Rig, name: str, **labels: str) -> float | None:
+    """A broker metric's sample (None: no such series); the rig's metrics must be on."""
+    return rig.broker.registry.get_sample_value(name, {"service": SERVICE.decode(), **labels})
+
+
+def test_rejections_are_counted_by_reason_and_forgotten_with_their_service(clock: Clock) -> None:
+    rig = Rig(clock, metrics_port=1, max_queue_per_model=1)
+    try:
+        worker, client = rig.worker(), rig.peer()
+        client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, SERVICE])  # no body frame
+        client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, SERVICE, *p.request_body(1, "echo", {}, 0)])
+        for rid in (2, 3, 4):  # one runs, one waits, one finds the model's queue full
+            client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, SERVICE,
+                                   *p.request_body(rid, "predict", {"model": "iris.onnx"}, 10_000)])
+        rig.step()
+        take_request(worker)
+        counted = {reason: sample(rig, "fractal_broker_requests_rejected_total", reason=reason)
+                   for reason in Rejection}
+        assert counted == {**dict.fromkeys(Rejection), Rejection.BAD_REQUEST: 1, Rejection.DEADLINE: 1,
+                           Rejection.QUEUE_FULL: 1}
+        worker.send_multipart([p.WORKER_HEADER, MDPW.DISCONNECT])  # the last worker leaves: 2 and 3 get no_worker
+        rig.step()
+        assert [sample(rig, "fractal_broker_requests_rejected_total", reason=r) for r in Rejection] == [None] * 7
+        replies = [received(client) for _ in range(5)]
+        assert all(frames is not None for frames in replies) and received(client) is None
+    finally:
+        rig.close()
+
+
+def test_every_rejection_reason_is_in_the_metric_help_and_the_readme() -> None:
+    registry = CollectorRegistry()
+    BrokerMetrics(registry)
+    metric = next(m for m in registry.collect() if m.name == "fractal_broker_requests_rejected")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `fractal_broker_requests_rejected_total`"))
+    for reason in Rejection:
+        assert reason.value in metric.documentation and f"`{reason.value}`" in row, reason
