@@ -5,6 +5,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import zmq
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,8 @@ from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
 log = logging.getLogger(__name__)
+
+Answer = Callable[[bytes, list, float], None]  # where an internal request's FINAL body goes (Request.answer)
 
 NODE = "broker"
 MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
@@ -73,12 +76,17 @@ class Request:
     """One client message in the broker. `count` is the user requests it carries and `model` the model
     they are for (read at fixed offsets without decoding: protocol.route_of), and every counter moves
     by `count`. `deadline_at` is the caller's deadline on our clock (infinite without a routing
-    header); `expires_at` the earlier of it and the end of the longest wait in the queue."""
+    header); `expires_at` the earlier of it and the end of the longest wait in the queue.
+
+    `answer` is None for a client's request: its replies go back to `client` over the socket. A request
+    the broker sends for itself (`Request.internal`) carries instead the function its FINAL body goes to;
+    it is never queued, counted, retried or answered with an error."""
     __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts", "count",
-                 "model", "deadline_at")
+                 "model", "deadline_at", "answer")
 
     def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, received_at: float,
-                 expires_at: float, count: int = 1, model: bytes = b"", deadline_at: float = float("inf")):
+                 expires_at: float, count: int = 1, model: bytes = b"", deadline_at: float = float("inf"),
+                 answer: Answer | None = None):
         self.client = client
         self.dialect = dialect
         self.service = service
@@ -89,6 +97,14 @@ class Request:
         self.count = count
         self.model = model
         self.deadline_at = deadline_at
+        self.answer = answer
+
+    @classmethod
+    def internal(cls, client: bytes, service: bytes, body: list, now: float, answer: Answer) -> Request:
+        """The broker's own request to an idle RFC worker: `client` is a return address no peer can have,
+        the worker's FINAL body goes to `answer(worker identity, body, now)` and PARTIALs nowhere. It
+        carries no user request (count 0) and, handed straight to a worker, never waits in a queue."""
+        return cls(client, Dialect.RFC, service, body, now, float("inf"), count=0, answer=answer)
 
 
 class Worker:
@@ -335,9 +351,9 @@ class Broker:
             self._disconnect(worker.identity, worker.dialect, worker,
                              "reply without a matching request in flight")
             return
-        if request.client == STATUS_CLIENT:
+        if request.answer is not None:  # the broker's own request (Request.internal): its answer stays here
             if final:
-                self._board.answered(worker.identity, rest[2:], time.monotonic())
+                request.answer(worker.identity, rest[2:], time.monotonic())
                 worker.request = None
                 self._worker_idle(worker)
             return
@@ -435,7 +451,7 @@ class Broker:
         except ValueError:
             pass
         request, worker.request = worker.request, None
-        if request is not None and request.client != STATUS_CLIENT:
+        if request is not None and request.answer is None:  # the broker's own requests are not retried
             service.finished(request.model)
             if redispatch:
                 self._redispatch(request)
@@ -480,13 +496,16 @@ class Broker:
         for service in self._services.values():
             if service.requests:
                 continue  # real work first
-            for worker in list(service.idle):
-                if worker.dialect is Dialect.RFC and self._board.due(worker.identity, now):
-                    service.idle.remove(worker)
-                    self._board.asked(worker.identity, now)
-                    worker.request = Request(STATUS_CLIENT, Dialect.RFC, service.name, STATUS_BODY, now,
-                                             float("inf"))
-                    self._send_worker(worker, MDPW.REQUEST, STATUS_CLIENT, b"", *STATUS_BODY)
+            for worker in self._board.to_ask(service.idle, now):
+                service.idle.remove(worker)
+                self._ask(worker, Request.internal(STATUS_CLIENT, service.name, STATUS_BODY, now,
+                                                   self._board.answered))
+
+    def _ask(self, worker: Worker, request: Request) -> None:
+        """Hand the broker's own `request` (Request.internal) to an idle `worker`, which is busy until it
+        answers; no counter moves."""
+        worker.request = request
+        self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
 
     def _end_grace(self) -> None:
         """The start-up grace is over: what waits for a service that still has no worker fails now,
