@@ -18,7 +18,16 @@ from .errors import FractalError, NoWorkerAvailable, ProtocolError, QueueFull, T
 from .protocol import MDPC, MDPW, Dialect
 from .queues import FairQueue
 from .rejections import Rejection
-from .settings import log_format_setting, setting
+from .settings import (
+    curve_secret_key_setting,
+    heartbeat_interval_setting,
+    heartbeat_liveness_setting,
+    log_format_setting,
+    log_level_setting,
+    metrics_host_setting,
+    metrics_port_setting,
+    setting,
+)
 from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
@@ -33,8 +42,8 @@ MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
 @dataclass(frozen=True)
 class BrokerSettings:
     bind: str = setting("tcp://127.0.0.1:5555", "endpoint clients and workers connect to")
-    heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to workers")
-    heartbeat_liveness: int = setting(3, "missed heartbeats before a worker is declared dead")
+    heartbeat_interval_s: float = heartbeat_interval_setting("workers")
+    heartbeat_liveness: int = heartbeat_liveness_setting("a worker is declared dead")
     max_queue: int = setting(1024, "queued messages per service before 'QueueFull' (429) replies (a pack of "
                                    "requests takes one place)")
     max_queue_per_model: int = setting(4096, "queued requests per model before 'QueueFull' (429) replies (a pack "
@@ -54,11 +63,11 @@ class BrokerSettings:
                                           "waits in the queue for workers to (re)register instead of "
                                           "'NoWorkerAvailable': a restarted broker's workers return within "
                                           "one of their heartbeats")
-    curve_secret_key: str = setting("", "CURVE: the broker's .key_secret file (empty: no CURVE)")
+    curve_secret_key: str = curve_secret_key_setting("the broker's")
     curve_allow_dir: str = setting("", "CURVE: directory of the .key files of admitted workers and clients")
-    metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
-    metrics_port: int = setting(9150, "port of the /metrics endpoint; 0: no metrics at all")
-    log_level: str = setting("INFO", "logging level")
+    metrics_host: str = metrics_host_setting()
+    metrics_port: int = metrics_port_setting(9150)
+    log_level: str = log_level_setting()
     log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
