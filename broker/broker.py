@@ -5,6 +5,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import zmq
 from prometheus_client import CollectorRegistry
@@ -16,11 +17,23 @@ from .curve import BrokerCurve
 from .errors import FractalError, NoWorkerAvailable, ProtocolError, QueueFull, Timeout, WorkerLost
 from .protocol import MDPC, MDPW, Dialect
 from .queues import FairQueue
-from .settings import log_format_setting, setting
+from .rejections import Rejection
+from .settings import (
+    curve_secret_key_setting,
+    heartbeat_interval_setting,
+    heartbeat_liveness_setting,
+    log_format_setting,
+    log_level_setting,
+    metrics_host_setting,
+    metrics_port_setting,
+    setting,
+)
 from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
 log = logging.getLogger(__name__)
+
+Answer = Callable[[bytes, list, float], None]  # where an internal request's FINAL body goes (Request.answer)
 
 NODE = "broker"
 MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
@@ -29,8 +42,8 @@ MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
 @dataclass(frozen=True)
 class BrokerSettings:
     bind: str = setting("tcp://127.0.0.1:5555", "endpoint clients and workers connect to")
-    heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to workers")
-    heartbeat_liveness: int = setting(3, "missed heartbeats before a worker is declared dead")
+    heartbeat_interval_s: float = heartbeat_interval_setting("workers")
+    heartbeat_liveness: int = heartbeat_liveness_setting("a worker is declared dead")
     max_queue: int = setting(1024, "queued messages per service before 'QueueFull' (429) replies (a pack of "
                                    "requests takes one place)")
     max_queue_per_model: int = setting(4096, "queued requests per model before 'QueueFull' (429) replies (a pack "
@@ -50,11 +63,11 @@ class BrokerSettings:
                                           "waits in the queue for workers to (re)register instead of "
                                           "'NoWorkerAvailable': a restarted broker's workers return within "
                                           "one of their heartbeats")
-    curve_secret_key: str = setting("", "CURVE: the broker's .key_secret file (empty: no CURVE)")
+    curve_secret_key: str = curve_secret_key_setting("the broker's")
     curve_allow_dir: str = setting("", "CURVE: directory of the .key files of admitted workers and clients")
-    metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
-    metrics_port: int = setting(9150, "port of the /metrics endpoint; 0: no metrics at all")
-    log_level: str = setting("INFO", "logging level")
+    metrics_host: str = metrics_host_setting()
+    metrics_port: int = metrics_port_setting(9150)
+    log_level: str = log_level_setting()
     log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
@@ -72,12 +85,17 @@ class Request:
     """One client message in the broker. `count` is the user requests it carries and `model` the model
     they are for (read at fixed offsets without decoding: protocol.route_of), and every counter moves
     by `count`. `deadline_at` is the caller's deadline on our clock (infinite without a routing
-    header); `expires_at` the earlier of it and the end of the longest wait in the queue."""
+    header); `expires_at` the earlier of it and the end of the longest wait in the queue.
+
+    `answer` is None for a client's request: its replies go back to `client` over the socket. A request
+    the broker sends for itself (`Request.internal`) carries instead the function its FINAL body goes to;
+    it is never queued, counted, retried or answered with an error."""
     __slots__ = ("client", "dialect", "service", "body", "received_at", "expires_at", "attempts", "count",
-                 "model", "deadline_at")
+                 "model", "deadline_at", "answer")
 
     def __init__(self, client: bytes, dialect: Dialect, service: bytes, body: list, received_at: float,
-                 expires_at: float, count: int = 1, model: bytes = b"", deadline_at: float = float("inf")):
+                 expires_at: float, count: int = 1, model: bytes = b"", deadline_at: float = float("inf"),
+                 answer: Answer | None = None):
         self.client = client
         self.dialect = dialect
         self.service = service
@@ -88,6 +106,14 @@ class Request:
         self.count = count
         self.model = model
         self.deadline_at = deadline_at
+        self.answer = answer
+
+    @classmethod
+    def internal(cls, client: bytes, service: bytes, body: list, now: float, answer: Answer) -> Request:
+        """The broker's own request to an idle RFC worker: `client` is a return address no peer can have,
+        the worker's FINAL body goes to `answer(worker identity, body, now)` and PARTIALs nowhere. It
+        carries no user request (count 0) and, handed straight to a worker, never waits in a queue."""
+        return cls(client, Dialect.RFC, service, body, now, float("inf"), count=0, answer=answer)
 
 
 class Worker:
@@ -210,7 +236,7 @@ class Broker:
         for service in self._services.values():
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable("the broker is stopping"),
-                                  "stopping")
+                                  Rejection.STOPPING)
         for worker in list(self._workers.values()):
             self._send_worker(worker, MDPW.DISCONNECT)
         self._socket.close(linger=0)
@@ -271,23 +297,23 @@ class Broker:
             service = self._services[service_name] = Service(service_name, self.metrics)
         if not body:
             self._reply_error(request, ProtocolError("REQUEST without a body frame (RFC 18 requires one)"),
-                              "bad_request")
+                              Rejection.BAD_REQUEST)
         elif service is None or (service.workers == 0 and now >= self._grace_until):
             self._reply_error(request, NoWorkerAvailable(
-                f"no worker is registered for service {service_name.decode(errors='replace')!r}"), "no_worker")
+                f"no worker is registered for service {service_name.decode(errors='replace')!r}"), Rejection.NO_WORKER)
         elif deadline_ms == 0:
             self._reply_error(request, Timeout("the request's deadline had passed when it reached the broker"),
-                              "deadline")
+                              Rejection.DEADLINE)
         elif service.idle and self._may_run(service, model):
             self._dispatch(self._idle_worker(service, model), request, now)
         elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
             self._reply_error(request, QueueFull(
                 f"{len(service.requests)} messages ({service.queued} requests) already queued for this service; "
-                f"retry later"), "overloaded")
+                f"retry later"), Rejection.OVERLOADED)
         elif (waiting := service.requests.queued_for(model)) and waiting + count > self.settings.max_queue_per_model:
             self._reply_error(request, QueueFull(
                 f"{waiting} requests already queued for model {model.decode(errors='replace')!r} "
-                f"(max_queue_per_model {self.settings.max_queue_per_model}); retry later"), "queue_full")
+                f"(max_queue_per_model {self.settings.max_queue_per_model}); retry later"), Rejection.QUEUE_FULL)
         else:
             service.enqueue(request)
 
@@ -334,9 +360,9 @@ class Broker:
             self._disconnect(worker.identity, worker.dialect, worker,
                              "reply without a matching request in flight")
             return
-        if request.client == STATUS_CLIENT:
+        if request.answer is not None:  # the broker's own request (Request.internal): its answer stays here
             if final:
-                self._board.answered(worker.identity, rest[2:], time.monotonic())
+                request.answer(worker.identity, rest[2:], time.monotonic())
                 worker.request = None
                 self._worker_idle(worker)
             return
@@ -434,14 +460,14 @@ class Broker:
         except ValueError:
             pass
         request, worker.request = worker.request, None
-        if request is not None and request.client != STATUS_CLIENT:
+        if request is not None and request.answer is None:  # the broker's own requests are not retried
             service.finished(request.model)
             if redispatch:
                 self._redispatch(request)
         if service.workers == 0:
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable(
-                    "the last worker for this service went away"), "no_worker")
+                    "the last worker for this service went away"), Rejection.NO_WORKER)
             # NOTE: any peer may register any service name; an empty service leaves no state behind.
             del self._services[service.name]
             self.metrics.forget_service(service.name.decode(errors="replace"))
@@ -450,7 +476,7 @@ class Broker:
         service = self._services[request.service]
         if request.attempts >= 2:
             self._reply_error(request, WorkerLost(
-                "two workers died while handling this request; it was not retried again"), "worker_lost")
+                "two workers died while handling this request; it was not retried again"), Rejection.WORKER_LOST)
             return
         self.metrics.redispatched.labels(service.name.decode(errors="replace")).inc(request.count)
         log.warning("re-dispatching a request of client %s after its worker died", request.client.hex())
@@ -479,13 +505,16 @@ class Broker:
         for service in self._services.values():
             if service.requests:
                 continue  # real work first
-            for worker in list(service.idle):
-                if worker.dialect is Dialect.RFC and self._board.due(worker.identity, now):
-                    service.idle.remove(worker)
-                    self._board.asked(worker.identity, now)
-                    worker.request = Request(STATUS_CLIENT, Dialect.RFC, service.name, STATUS_BODY, now,
-                                             float("inf"))
-                    self._send_worker(worker, MDPW.REQUEST, STATUS_CLIENT, b"", *STATUS_BODY)
+            for worker in self._board.to_ask(service.idle, now):
+                service.idle.remove(worker)
+                self._ask(worker, Request.internal(STATUS_CLIENT, service.name, STATUS_BODY, now,
+                                                   self._board.answered))
+
+    def _ask(self, worker: Worker, request: Request) -> None:
+        """Hand the broker's own `request` (Request.internal) to an idle `worker`, which is busy until it
+        answers; no counter moves."""
+        worker.request = request
+        self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
 
     def _end_grace(self) -> None:
         """The start-up grace is over: what waits for a service that still has no worker fails now,
@@ -495,7 +524,7 @@ class Broker:
             while service.requests:
                 self._reply_error(service.dequeue(), NoWorkerAvailable(
                     f"no worker registered within the broker's {self.settings.startup_grace_s:g} s start-up grace"),
-                    "no_worker")
+                    Rejection.NO_WORKER)
             del self._services[service.name]
             self.metrics.forget_service(service.name.decode(errors="replace"))
 
@@ -521,12 +550,12 @@ class Broker:
         if request.deadline_at <= now:
             self._reply_error(request, Timeout(
                 f"the request's deadline passed after {(now - request.received_at) * 1000:.0f} ms in the broker's "
-                f"queue; it was not run"), "deadline")
+                f"queue; it was not run"), Rejection.DEADLINE)
             return
         self.metrics.expired.labels(request.service.decode(errors="replace")).inc(request.count)
         self._reply_error(request, Timeout(f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
-    def _reply_error(self, request: Request, error: FractalError, reason: str | None) -> None:
+    def _reply_error(self, request: Request, error: FractalError, reason: Rejection | None) -> None:
         if reason is not None:
             # NOTE: clients may name any service; only registered ones become label values.
             known = request.service in self._services

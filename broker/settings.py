@@ -118,6 +118,66 @@ def log_format_setting() -> Any:
                    choices=("text", "json"))
 
 
+# Fields several components share, each defined once with its default and help text (and, for the
+# tokens, its one variable and its secrecy); a component names only what differs: whose key, which peer,
+# which port. Each is read as FRACTAL_<COMPONENT>_<FIELD> unless it names its own variable.
+
+def heartbeat_interval_setting(peer: str) -> Any:
+    """`heartbeat_interval_s` of a component that beats to `peer` (default 2.5 s)."""
+    return setting(2.5, f"seconds between heartbeats to {peer}")
+
+
+def heartbeat_liveness_setting(then: str) -> Any:
+    """`heartbeat_liveness`: missed heartbeats before `then` happens (default 3)."""
+    return setting(3, f"missed heartbeats before {then}")
+
+
+def curve_secret_key_setting(whose: str) -> Any:
+    """`curve_secret_key`: `whose` .key_secret file; empty, the default, is no CURVE (broker/curve.py)."""
+    return setting("", f"CURVE: {whose} .key_secret file (empty: no CURVE)")
+
+
+def curve_broker_key_setting() -> Any:
+    """`curve_broker_key` of a peer of the broker: the broker's public key file."""
+    return setting("", "CURVE: the broker's public .key file")
+
+
+def metrics_host_setting() -> Any:
+    """`metrics_host` of a component that serves its own /metrics (metrics/exporter.py)."""
+    return setting("127.0.0.1", "address of the /metrics endpoint")
+
+
+def metrics_port_setting(default: int) -> Any:
+    """`metrics_port`: each component has its own default port; 0 turns its metrics off."""
+    return setting(default, "port of the /metrics endpoint; 0: no metrics at all")
+
+
+def log_level_setting() -> Any:
+    """Every component's `log_level`."""
+    return setting("INFO", "logging level")
+
+
+def admin_token_setting(guards: str) -> Any:
+    """A frontend's `admin_token`: one variable, FRACTAL_ADMIN_TOKEN, for all of them; never shown."""
+    return setting("", f"bearer token required for {guards}; empty: open", env="FRACTAL_ADMIN_TOKEN", secret=True)
+
+
+def api_token_setting(guards: str) -> Any:
+    """A frontend's `api_token`: one variable, FRACTAL_API_TOKEN, for all of them; never shown."""
+    return setting("", f"bearer token required for {guards}; empty: open", env="FRACTAL_API_TOKEN", secret=True)
+
+
+def client_broker_setting() -> Any:
+    """A frontend's `broker`: the endpoints its client connects to (endpoint_list)."""
+    return setting("tcp://127.0.0.1:5555", "broker endpoint the frontend's client connects to; several, "
+                                           "comma-separated: fail over between them")
+
+
+def client_service_setting() -> Any:
+    """A frontend's `service`: the MDP service its client sends model operations to."""
+    return setting("modelhost", "MDP service the models are served under")
+
+
 def endpoint_list(value: str | typing.Sequence[str]) -> tuple[str, ...]:
     """The broker endpoints a comma-separated setting (or a list) names, in order, e.g.
     "tcp://a:5555,tcp://b:5555"; raises ConfigError when it names none. One endpoint is one broker;

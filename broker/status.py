@@ -2,7 +2,9 @@
 
 MDP gives the broker no way to ask a worker about itself, so the broker sends an ordinary REQUEST
 {"op": "status"} to an idle worker every `status_interval_s`, from a client address no ZeroMQ peer
-has; the worker's FINAL updates the board instead of going to a client. Workers see plain MDP.
+has; the worker's FINAL updates the board instead of going to a client. Workers see plain MDP. The
+broker sends it as one of its own requests (broker.Request.internal), whose answer goes to
+`StatusBoard.answered`: which workers to ask, what to ask and what the answer means live here.
 """
 from __future__ import annotations
 
@@ -31,6 +33,14 @@ class StatusBoard:
     def due(self, identity: bytes, now: float) -> bool:
         entry = self._status.get(identity)
         return entry is None or now - entry[0] >= self.interval_s
+
+    def to_ask(self, idle: Iterable[Any], now: float) -> list[Any]:
+        """The workers among `idle` to ask now (RFC-dialect ones whose status is stale: a majortomo one
+        would run no op it does not know), marked asked."""
+        chosen = [w for w in idle if w.dialect is p.Dialect.RFC and self.due(w.identity, now)]
+        for worker in chosen:
+            self.asked(worker.identity, now)
+        return chosen
 
     def asked(self, identity: bytes, now: float) -> None:
         """Remember the time of asking, so a worker that never answers is not asked every tick."""

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from broker.rejections import Rejection
+
 from .tally import DIRECT, Direct, Tally
 
 # 100 us .. 10 s: iris round trips sit near the bottom, image models and queueing near the top.
@@ -76,7 +78,8 @@ class BrokerMetrics:
         self.expired = counter("fractal_broker_requests_expired", "Requests that waited past "
                                "queue_timeout_s.", s, registry=r)
         self.rejected = counter("fractal_broker_requests_rejected", "Requests answered with an error by the "
-                                "broker itself, by reason.", ["service", "reason"], registry=r)
+                                f"broker itself, by reason: {', '.join(Rejection)}.", ["service", "reason"],
+                                registry=r)
         self.dropped = counter("fractal_broker_dropped_messages", "Malformed or unexpected messages logged "
                                "and dropped.", registry=r)
         self.worker_deaths = counter("fractal_broker_worker_deaths", "Workers declared dead after missing "
@@ -94,7 +97,7 @@ class BrokerMetrics:
                 metric.remove(service)
             except KeyError:
                 pass
-        for reason in ("overloaded", "no_worker", "worker_lost", "bad_request", "stopping"):
+        for reason in Rejection:
             try:
                 self.rejected.remove(service, reason)
             except KeyError:

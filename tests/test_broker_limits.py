@@ -88,6 +88,17 @@ GARBAGE = [
 ]
 
 
+def serving_nodes(client: Client, most: int = 50) -> int:
+    """How many workers answer echoes, at most `most` of them sent one at a time. Not "4 echoes reach
+    2 workers": the broker's status poll (every status_interval_s) may hold one worker while they run."""
+    nodes: set[str] = set()
+    for i in range(most):
+        nodes.add(client.echo(i)["node"])
+        if len(nodes) == 2:
+            break
+    return len(nodes)
+
+
 @pytest.fixture
 def raw_socket(cluster):
     """A bare DEALER on the cluster's broker, for frames our client would never send."""
@@ -107,9 +118,7 @@ def test_garbage_frames_leave_broker_and_workers_serving(cluster, raw_socket):
         raw_socket.send_multipart([os.urandom(rng.randint(0, 40)) for _ in range(rng.randint(1, 6))])
     with Client(cluster.url, timeout_s=5) as client:
         assert client.predict("iris.onnx", {"float_input": [[2, 5, 1, 4]]})["label"].tolist() == [1]
-    # NOTE: both workers still answer; waited for, since on a loaded machine a worker may miss a heartbeat
-    # window and re-register (the broker's LRU then spreads sequential echoes over both again)
-    wait_workers(cluster.url, 2)
+        assert serving_nodes(client) == 2
 
 
 def test_a_request_without_body_gets_an_error_and_wedges_no_worker(cluster, raw_socket):
@@ -118,4 +127,4 @@ def test_a_request_without_body_gets_an_error_and_wedges_no_worker(cluster, raw_
         assert raw_socket.poll(3000), "no reply to a body-less REQUEST"
         assert unpack(raw_socket.recv_multipart()[3])["error"]["type"] == "ProtocolError"
     with Client(cluster.url, timeout_s=5) as client:
-        assert len({client.echo(i)["node"] for i in range(4)}) == 2
+        assert serving_nodes(client) == 2

@@ -4,17 +4,21 @@ the same context, the loop stepped by hand and time moved by the test, not waite
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry
 
 import broker.broker as broker_module
 from broker import protocol as p
 from broker.broker import Broker, BrokerSettings
 from broker.errors import NoWorkerAvailable, Overloaded, Timeout, WorkerLost
 from broker.protocol import MDPC, MDPW
+from broker.rejections import Rejection
 from broker.sockets import wait
+from metrics import BrokerMetrics
 
 SERVICE = b"modelhost"
 _endpoints = itertools.count()
@@ -225,3 +229,105 @@ def test_a_second_ready_is_answered_with_disconnect(rig: Rig) -> None:
     worker.send_multipart([p.WORKER_HEADER, MDPW.READY, SERVICE])
     rig.step()
     assert received(worker) == [p.WORKER_HEADER, MDPW.DISCONNECT]
+
+
+def sample(rig: Rig, name: str, **labels: str) -> float | None:
+    """A broker metric's sample (None: no such series); the rig's metrics must be on."""
+    return rig.broker.registry.get_sample_value(name, {"service": SERVICE.decode(), **labels})
+
+
+def status_request(worker: zmq.Socket) -> tuple[bytes, dict]:
+    """(return address, decoded request) of the status REQUEST the broker sent `worker`."""
+    frames = received(worker)
+    assert frames is not None and frames[:2] == [p.WORKER_HEADER, MDPW.REQUEST] and frames[3] == b""
+    return frames[2], p.unpack_request(frames[4:])
+
+
+def workers_report(rig: Rig) -> dict:
+    """What mmi.workers answers (the status page's source)."""
+    client = rig.peer()
+    client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, p.MMI_WORKERS])
+    rig.step()
+    frames = received(client)
+    assert frames is not None and frames[:3] == [p.CLIENT_HEADER, MDPC.FINAL, p.MMI_WORKERS]
+    return p.unpack(frames[3])
+
+
+def test_a_status_poll_is_answered_into_the_board_and_reaches_no_client(clock: Clock) -> None:
+    rig = Rig(clock, metrics_port=1)  # metrics on (run() is never called, so nothing listens)
+    try:
+        worker, client = rig.worker(), rig.peer()
+        rig.broker._poll_status(clock.advance(5.0))  # one status_interval_s after READY
+        address, asked = status_request(worker)
+        assert asked["op"] == "status"
+        request(client, 1)
+        rig.step()
+        assert received(worker) is None  # busy with the broker's question: the request waits
+        node = {"node": "worker-1-abcd", "models_resident": ["iris.onnx"]}
+        for command in (MDPW.PARTIAL, MDPW.FINAL):  # a PARTIAL goes nowhere; the FINAL to the board
+            worker.send_multipart([p.WORKER_HEADER, command, address, b"", *p.ok_body(0, "worker-1-abcd", node)])
+        rig.step()
+        assert take_request(worker)[1] == 1  # idle again: the waiting request goes to it
+        assert received(client) is None  # nothing of the poll reached a client
+        row = workers_report(rig)["workers"][0]
+        assert (row["node"], row["models_resident"], row["requests_served"]) == ("worker-1-abcd", ["iris.onnx"], 0)
+        assert sample(rig, "fractal_broker_requests_dispatched_total") == 1  # the client's request alone
+        rig.broker._poll_status(clock.advance(5.0))
+        assert received(worker) is None  # busy with a client's request: not asked
+    finally:
+        rig.close()
+
+
+def test_a_worker_that_dies_while_asked_leaves_nothing_to_retry(clock: Clock) -> None:
+    rig = Rig(clock, metrics_port=1)
+    try:
+        asked = rig.worker()
+        rig.broker._poll_status(clock.advance(5.0))
+        status_request(asked)
+        spare = rig.worker()  # registered after the poll: not asked
+        asked.send_multipart([p.WORKER_HEADER, MDPW.DISCONNECT])
+        rig.step()
+        assert received(spare) is None  # the question is not re-dispatched
+        assert sample(rig, "fractal_broker_requests_redispatched_total") is None
+        client = sent(rig, 5)
+        address, rid = take_request(spare)
+        answer(spare, address, rid)
+        rig.step()
+        assert reply_of(client) == {"id": 5}
+        assert len(workers_report(rig)["workers"]) == 1  # the dead one is gone from the board
+    finally:
+        rig.close()
+
+
+def test_rejections_are_counted_by_reason_and_forgotten_with_their_service(clock: Clock) -> None:
+    rig = Rig(clock, metrics_port=1, max_queue_per_model=1)
+    try:
+        worker, client = rig.worker(), rig.peer()
+        client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, SERVICE])  # no body frame
+        client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, SERVICE, *p.request_body(1, "echo", {}, 0)])
+        for rid in (2, 3, 4):  # one runs, one waits, one finds the model's queue full
+            client.send_multipart([p.CLIENT_HEADER, MDPC.REQUEST, SERVICE,
+                                   *p.request_body(rid, "predict", {"model": "iris.onnx"}, 10_000)])
+        rig.step()
+        take_request(worker)
+        counted = {reason: sample(rig, "fractal_broker_requests_rejected_total", reason=reason)
+                   for reason in Rejection}
+        assert counted == {**dict.fromkeys(Rejection), Rejection.BAD_REQUEST: 1, Rejection.DEADLINE: 1,
+                           Rejection.QUEUE_FULL: 1}
+        worker.send_multipart([p.WORKER_HEADER, MDPW.DISCONNECT])  # the last worker leaves: 2 and 3 get no_worker
+        rig.step()
+        assert [sample(rig, "fractal_broker_requests_rejected_total", reason=r) for r in Rejection] == [None] * 7
+        replies = [received(client) for _ in range(5)]
+        assert all(frames is not None for frames in replies) and received(client) is None
+    finally:
+        rig.close()
+
+
+def test_every_rejection_reason_is_in_the_metric_help_and_the_readme() -> None:
+    registry = CollectorRegistry()
+    BrokerMetrics(registry)
+    metric = next(m for m in registry.collect() if m.name == "fractal_broker_requests_rejected")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `fractal_broker_requests_rejected_total`"))
+    for reason in Rejection:
+        assert reason.value in metric.documentation and f"`{reason.value}`" in row, reason

@@ -4,14 +4,17 @@ where they came from."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 
 from broker.broker import BrokerSettings
 from broker.errors import ConfigError
-from broker.settings import add_arguments, load, log_format_setting, setting
+from broker.settings import add_arguments, field_env, load, log_format_setting, setting
+from frontend.oip_grpc.settings import GrpcSettings
 from frontend.settings import FrontendSettings
+from worker.modelhost import WorkerSettings
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,27 @@ def test_the_components_own_checks_become_config_errors() -> None:
         load(BrokerSettings, "broker", {}, {"FRACTAL_BROKER_HEARTBEAT_LIVENESS": "0"})
     assert load(BrokerSettings, "broker", {}, {"FRACTAL_BROKER_MAX_QUEUE": "5"}).max_queue == 5
     assert load(FrontendSettings, "frontend", {}, {"FRACTAL_ADMIN_TOKEN": "t"}).admin_token == "t"
+
+
+COMPONENTS = {"broker": BrokerSettings, "worker": WorkerSettings, "frontend": FrontendSettings, "grpc": GrpcSettings}
+SHARED = {"heartbeat_interval_s": 2.5, "heartbeat_liveness": 3, "curve_secret_key": "", "curve_broker_key": "",
+          "metrics_host": "127.0.0.1", "log_level": "INFO", "log_format": "text", "tracing": False,
+          "admin_token": "", "api_token": "", "broker": "tcp://127.0.0.1:5555", "service": "modelhost"}
+ONE_VARIABLE = {"log_format": "FRACTAL_LOG_FORMAT", "tracing": "FRACTAL_TRACING", "admin_token": "FRACTAL_ADMIN_TOKEN",
+                "api_token": "FRACTAL_API_TOKEN"}
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_a_shared_field_has_one_default_and_variable_wherever_it_appears(component: str) -> None:
+    """The fields broker/settings.py defines once for several components: same default everywhere, read
+    as FRACTAL_<COMPONENT>_<FIELD> or from the one variable all components share; tokens never shown."""
+    fields = {f.name: f for f in dataclasses.fields(COMPONENTS[component]) if f.name in SHARED}
+    assert {"curve_secret_key", "log_level", "log_format"} <= set(fields)
+    for name, f in fields.items():
+        assert f.default == SHARED[name], (component, name)
+        assert field_env(component, f) == ONE_VARIABLE.get(name, f"FRACTAL_{component.upper()}_{name.upper()}")
+        assert f.metadata["secret"] == name.endswith("_token"), (component, name)
+        assert f.metadata["help"], (component, name)
+    ports = {"broker": 9150, "worker": 9151, "grpc": 9149}  # each its own; the frontend has none (gunicorn)
+    if component in ports:
+        assert COMPONENTS[component]().metrics_port == ports[component]

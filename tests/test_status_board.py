@@ -62,3 +62,11 @@ def test_a_worker_never_asked_has_no_status_age() -> None:
     board = StatusBoard(interval_s=5.0)
     service, a, _ = service_with_workers()
     assert board.report([a], {service.name: service}, 100.0, EXPIRY_S)["workers"][0]["status_age_s"] is None
+
+
+def test_to_ask_picks_the_idle_rfc_workers_whose_status_is_stale_and_marks_them_asked() -> None:
+    board = StatusBoard(interval_s=5.0)
+    service, a, b = service_with_workers()  # a: RFC, b: majortomo (it would not know the op)
+    assert board.to_ask([a, b], 100.0) == [a]
+    assert board.to_ask([a, b], 104.9) == [] and not board.due(A, 104.9)
+    assert board.to_ask([b, a], 105.0) == [a]
