@@ -30,7 +30,19 @@ from broker.curve import PeerKeys
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError, Timeout
 from broker.logs import set_node
 from broker.protocol import MDPW, model_file_name
-from broker.settings import endpoint_list, log_format_setting, setting, tracing_setting
+from broker.settings import (
+    curve_broker_key_setting,
+    curve_secret_key_setting,
+    endpoint_list,
+    heartbeat_interval_setting,
+    heartbeat_liveness_setting,
+    log_format_setting,
+    log_level_setting,
+    metrics_host_setting,
+    metrics_port_setting,
+    setting,
+    tracing_setting,
+)
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 
@@ -61,8 +73,8 @@ class WorkerSettings:
     memory_budget_bytes: int = setting(2 << 30, "memory the loaded sessions may hold, measured at load (least "
                                                 "recently used evicted; pinned never); 0 = unlimited")
     threads: int = setting(1, "ONNX Runtime intra-op threads; 1 suits N workers on N cores")
-    heartbeat_interval_s: float = setting(2.5, "seconds between heartbeats to the broker")
-    heartbeat_liveness: int = setting(3, "missed broker heartbeats before reconnecting")
+    heartbeat_interval_s: float = heartbeat_interval_setting("the broker")
+    heartbeat_liveness: int = heartbeat_liveness_setting("reconnecting to the broker")
     reconnect_max_s: float = setting(5.0, "longest back-off between reconnect attempts")
     max_model_bytes: int = setting(512 << 20, "largest model file accepted for upload")
     poll_s: float = setting(0.0, "repository polling: seconds between scans of the pool for models added, "
@@ -74,11 +86,11 @@ class WorkerSettings:
     batch_max_size: int = setting(0, "dynamic batching: most rows per InferenceSession.run; 0 = off")
     batch_max_delay_us: int = setting(500, "dynamic batching: longest wait for a fuller batch")
     batch_preferred_sizes: str = setting("", "dynamic batching: row counts to run at once, e.g. '8,16'")
-    curve_secret_key: str = setting("", "CURVE: this worker's .key_secret file (empty: no CURVE)")
-    curve_broker_key: str = setting("", "CURVE: the broker's public .key file")
-    metrics_host: str = setting("127.0.0.1", "address of the /metrics endpoint")
-    metrics_port: int = setting(9151, "port of the /metrics endpoint; 0: no metrics at all")
-    log_level: str = setting("INFO", "logging level")
+    curve_secret_key: str = curve_secret_key_setting("this worker's")
+    curve_broker_key: str = curve_broker_key_setting()
+    metrics_host: str = metrics_host_setting()
+    metrics_port: int = metrics_port_setting(9151)
+    log_level: str = log_level_setting()
     log_format: str = log_format_setting()
     tracing: bool = tracing_setting()
 
