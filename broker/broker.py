@@ -131,7 +131,7 @@ class Worker:
 class Service:
     """A service's workers and queue, with its metric children bound once."""
     __slots__ = ("name", "idle", "requests", "workers", "busy", "m_dispatched", "m_completed", "m_duration",
-                 "m_queue_wait")
+                 "m_queue_wait", "models", "_metrics", "_label")
 
     def __init__(self, name: bytes, metrics: BrokerMetrics):
         self.name = name
@@ -144,6 +144,21 @@ class Service:
         self.m_completed = metrics.completed.labels(label)
         self.m_duration = metrics.duration.labels(label)
         self.m_queue_wait = metrics.queue_wait.labels(label)
+        self.models: dict[bytes, tuple] = {}  # model -> (dispatched, queue wait) children, bound once
+        self._metrics, self._label = metrics, label
+
+    def model_series(self, model: bytes, resident: frozenset[bytes]) -> tuple | None:
+        """`model`'s metric children, or None for a model no worker has reported resident: clients name
+        any model, and only the ones workers hold become label values."""
+        series = self.models.get(model)
+        if series is None and model in resident:
+            labels = (self._label, model.decode(errors="replace"))
+            series = self.models[model] = (self._metrics.model_dispatched.labels(*labels),
+                                           self._metrics.model_queue_wait.labels(*labels))
+        return series
+
+    def model_labels(self) -> list[str]:
+        return [model.decode(errors="replace") for model in self.models]
 
     @property
     def queued(self) -> int:
@@ -290,6 +305,8 @@ class Broker:
             return
         now = time.monotonic()
         model, deadline_ms, count = p.route_of(body[0]) if body else (b"", None, 1)
+        if model and not model.endswith(p.MODEL_SUFFIX_BYTES):
+            model += p.MODEL_SUFFIX_BYTES  # NOTE: `iris` and `iris.onnx` are one model (protocol.model_file_name)
         request = Request(client, dialect, service_name, body, now, now + self.settings.queue_timeout_s, count,
                           model, float("inf") if deadline_ms is None else now + deadline_ms / 1000)
         service = self._services.get(service_name)
@@ -440,8 +457,13 @@ class Broker:
         service = worker.service  # NOTE: metrics after the send: they are off the request's path
         service.started(request.model)
         service.m_dispatched.inc(request.count)
+        series = service.model_series(request.model, self._board.resident)
+        if series is not None:
+            series[0].inc(request.count)
         if request.attempts == 1:
             observe_many(service.m_queue_wait, now - request.received_at, request.count)
+            if series is not None:
+                observe_many(series[1], now - request.received_at, request.count)
 
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
         log.warning("disconnecting worker %s: %s", identity.hex(), why)
@@ -470,7 +492,7 @@ class Broker:
                     "the last worker for this service went away"), Rejection.NO_WORKER)
             # NOTE: any peer may register any service name; an empty service leaves no state behind.
             del self._services[service.name]
-            self.metrics.forget_service(service.name.decode(errors="replace"))
+            self.metrics.forget_service(service.name.decode(errors="replace"), service.model_labels())
 
     def _redispatch(self, request: Request) -> None:
         service = self._services[request.service]
@@ -526,7 +548,7 @@ class Broker:
                     f"no worker registered within the broker's {self.settings.startup_grace_s:g} s start-up grace"),
                     Rejection.NO_WORKER)
             del self._services[service.name]
-            self.metrics.forget_service(service.name.decode(errors="replace"))
+            self.metrics.forget_service(service.name.decode(errors="replace"), service.model_labels())
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -558,9 +580,12 @@ class Broker:
     def _reply_error(self, request: Request, error: FractalError, reason: Rejection | None) -> None:
         if reason is not None:
             # NOTE: clients may name any service; only registered ones become label values.
-            known = request.service in self._services
-            label = request.service.decode(errors="replace") if known else "unknown"
+            service = self._services.get(request.service)
+            label = request.service.decode(errors="replace") if service is not None else "unknown"
             self.metrics.rejected.labels(label, reason).inc(request.count)
+            if service is not None and service.model_series(request.model, self._board.resident) is not None:
+                self.metrics.model_rejected.labels(label, request.model.decode(errors="replace"),
+                                                   reason).inc(request.count)
         body = p.error_body(p.request_id_of(request.body[0]) if request.body else None, NODE, error)
         self._send_client(request.client, request.dialect, request.service, body)
 

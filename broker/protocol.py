@@ -525,6 +525,7 @@ def pack_results(reply: dict, count: int) -> list:
 
 MAX_NAME_CHARS = 200  # bytes in UTF-8: well under every filesystem's 255-byte name limit
 MODEL_SUFFIX = ".onnx"
+MODEL_SUFFIX_BYTES = MODEL_SUFFIX.encode()
 _CHECKED_NAMES: dict[str, str] = {}  # names that passed -> their file: a predict checks its name in O(1)
 
 

@@ -29,6 +29,7 @@ class StatusBoard:
         self._status: dict[bytes, tuple[float, dict]] = {}   # identity -> (when, worker's status)
         # identity -> (the models it holds, as the routing header names them; its load), for placement
         self._placement: dict[bytes, tuple[frozenset[bytes], float]] = {}
+        self.resident: frozenset[bytes] = frozenset()  # every model some worker last reported resident
 
     def due(self, identity: bytes, now: float) -> bool:
         entry = self._status.get(identity)
@@ -60,10 +61,12 @@ class StatusBoard:
             log.info("worker %s is node %s (pid %s)", identity.hex(), status["node"], status.get("pid"))
         self._status[identity] = (now, status)
         self._placement[identity] = _placement(status)
+        self.resident = frozenset().union(*(held for held, _ in self._placement.values()))
 
     def forget(self, identity: bytes) -> None:
         self._status.pop(identity, None)
         self._placement.pop(identity, None)
+        self.resident = frozenset().union(*(held for held, _ in self._placement.values()))
 
     def pick(self, idle: Iterable[Any], model: bytes) -> int:
         """The index in `idle` (workers, least recently used first) of the worker a request for `model`

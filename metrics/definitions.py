@@ -6,7 +6,7 @@ run with metrics off gets the same attributes as no-op objects, so its code has 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -88,9 +88,31 @@ class BrokerMetrics:
                                   "FINAL reply.", s, buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = histogram("fractal_broker_queue_wait_seconds", "From a client's REQUEST to its "
                                     "first dispatch to a worker.", s, buckets=LATENCY_BUCKETS, registry=r)
+        # Per model, from the routing header; a model becomes a series once a worker reports it resident.
+        sm = ["service", "model"]
+        self.model_dispatched = counter("fractal_broker_model_requests_dispatched", "Requests sent to a worker, "
+                                        "by model (once a worker reports it resident).", sm, registry=r)
+        self.model_queue_wait = histogram("fractal_broker_model_queue_wait_seconds", "From a client's REQUEST "
+                                          "to its first dispatch, by model.", sm, buckets=LATENCY_BUCKETS,
+                                          registry=r)
+        self.model_rejected = counter("fractal_broker_model_requests_rejected", "Requests answered with an "
+                                      "error by the broker itself, by model and reason.", [*sm, "reason"],
+                                      registry=r)
 
-    def forget_service(self, service: str) -> None:
-        """Drop a service's series when it has no workers left (peers choose service names)."""
+    def forget_service(self, service: str, models: Iterable[str] = ()) -> None:
+        """Drop a service's series (and its `models`' series) when it has no workers left (peers choose
+        service names)."""
+        for model in models:
+            for metric in (self.model_dispatched, self.model_queue_wait):
+                try:
+                    metric.remove(service, model)
+                except KeyError:
+                    pass
+            for reason in Rejection:
+                try:
+                    self.model_rejected.remove(service, model, reason)
+                except KeyError:
+                    pass
         for metric in (self.workers, self.idle_workers, self.queue_depth, self.dispatched, self.completed,
                        self.redispatched, self.expired, self.duration, self.queue_wait):
             try:

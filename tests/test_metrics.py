@@ -289,3 +289,37 @@ def test_per_model_series_for_used_models_only(server):
     workers = get(server.metrics_urls["worker-1"]) + get(server.metrics_urls["worker-2"])
     assert sample_sum(workers, "fractal_worker_model_resident", **IRIS) >= 1
     assert all(unknown not in get(url) for url in server.metrics_urls.values())
+
+
+def test_the_broker_counts_per_model_once_a_worker_holds_the_model(procs, model_dir):
+    """The broker reads each request's model from its routing header: a model some worker reports
+    resident gets dispatch and queue-wait series (`iris` and `iris.onnx` are one model); a name no
+    worker holds never becomes a label value."""
+    from broker.client import Client
+    from broker.errors import ModelNotFound, Timeout
+
+    port, url = free_port(), f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url, "--metrics-port", str(port), "--status-interval-s", "0.1")
+    procs.worker(url, model_dir)
+    wait_workers(url, 1)
+    row = {"float_input": [[2, 5, 1, 4]]}
+    with Client(url, timeout_s=10) as client:
+        client.predict("iris", row)  # loads it: the next status poll reports it resident
+
+        def resident() -> bool:
+            return any("iris.onnx" in (w.get("models_resident") or []) for w in client.broker_status()["workers"])
+        wait_for(resident, 10, "the worker to report iris.onnx resident")
+        for name in ("iris", "iris.onnx", "iris", "iris.onnx", "iris"):
+            assert client.predict(name, row)["label"].tolist() == [1]
+        for _ in range(3):
+            with pytest.raises(ModelNotFound):
+                client.predict("no-such-model", row)
+        with pytest.raises(Timeout):
+            client.predict("iris", row, timeout_s=0.0001)  # 0 ms left on arrival: the broker drops it
+    text = get(f"http://127.0.0.1:{port}/metrics")
+    assert sample_sum(text, "fractal_broker_model_requests_rejected_total", model="iris.onnx", reason="deadline") == 1
+    dispatched = sample_sum(text, "fractal_broker_model_requests_dispatched_total", model="iris.onnx")
+    waits = sample_sum(text, "fractal_broker_model_queue_wait_seconds_count", model="iris.onnx")
+    assert dispatched == waits and dispatched >= 5  # every call after the status said so (the first maybe too)
+    assert dispatched <= sample_sum(text, "fractal_broker_requests_dispatched_total")
+    assert "no-such-model" not in text
