@@ -44,9 +44,10 @@ class BrokerSettings:
                                      "workers hold it, wait for one (up to placement_wait_s); else the least "
                                      "loaded idle worker (docs/protocol.md, Placement); off: the least recently "
                                      "used idle worker")
-    placement_wait_s: float = setting(0.05, "with placement: how long a model's oldest queued request waits for a "
-                                            "busy worker that holds the model before the least loaded idle "
-                                            "worker takes it and loads the model; 0: never wait")
+    placement_wait_s: float = setting(0.5, "with placement: how long a model's oldest queued request waits for a "
+                                           "busy worker that holds the model before the least loaded idle "
+                                           "worker takes it and loads the model (about a cold load's cost); "
+                                           "0: never wait")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(

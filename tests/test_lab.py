@@ -40,14 +40,14 @@ def test_cut_restore_and_scale_out_under_steady_load(tmp_path):
     # A worker retries at most every reconnect_max_s, then registers within a heartbeat.
     assert result["restore_to_reregistered_s"] <= result["reconnect_max_s"] + result["heartbeat_s"] + seen
     # Placement keeps iris on the worker that holds it, so the re-registered w1 and the new w3 are shown
-    # taking load by concurrent heavy calls (compute.onnx, about 250 ms each): each one is served within
-    # the calls' own longest time (measured by the caller, queue wait included), plus what a poll adds.
+    # taking load by concurrent heavy calls (compute.onnx, about 0.4 s each, 12 at once): each
+    # serves one of those calls, seen before the calls ended, allowing for what a poll adds.
     assert not result["rejoin_errors"] and not result["burst_errors"], result
-    assert result["rejoin_calls_to_first_request_s"] <= result["rejoin_longest_call_s"] + seen, result
+    assert result["rejoin_first_request_after_calls_ended_s"] <= seen, result
     # A new worker holds nothing: under light load the holders take (almost) everything, so no model is
-    # loaded a third time; once 6 calls keep both holders busy past placement_wait_s, it takes load.
+    # loaded a third time; once 12 calls keep both holders busy past placement_wait_s, it takes load.
     assert result["third_host_served_under_light_load"] <= result["light_load_requests"] // 10, result
-    assert result["burst_to_third_host_first_request_s"] <= result["burst_longest_call_s"] + seen, result
+    assert result["burst_first_request_after_calls_ended_s"] <= seen, result
     assert lab.namespaces() == []  # torn down
 
 

@@ -221,15 +221,18 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-print(json.dumps({"started_at": started_at, "longest_s": max(took), "errors": errors[:3]}))
+print(json.dumps({"started_at": started_at, "ended_at": time.monotonic(), "longest_s": max(took),
+                  "errors": errors[:3]}))
 """
-HEAVY_ROWS = 4096  # about 250 ms of compute.onnx per call on one idle core: far past placement_wait_s
+HEAVY_ROWS = 4096  # with HEAVY_LAYERS, about 0.4 s per call on this 2-core machine: far past placement_wait_s
+HEAVY_LAYERS = 128  # for twelve calls, one worker computes for seconds
 
 
 def heavy(lab: Lab, calls: int, name: str) -> Callable[[], dict]:
     """`calls` concurrent compute.onnx calls from the front host, each on a client socket of its own (the
     AsyncClient would pack them into one message, which one worker takes). Starts them and returns a
-    function that waits for the end: {"started_at" (time.monotonic(), machine-wide), "longest_s", "errors"}."""
+    function that waits for the end: {"started_at", "ended_at" (time.monotonic(), machine-wide),
+    "longest_s", "errors"}."""
     proc = lab.run("front", name, [sys.executable, "-c", HEAVY, BROKER_URL, str(calls), str(HEAVY_ROWS)])
 
     def done() -> dict:
@@ -246,15 +249,15 @@ def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
     """Steady load; cut w1's link, restore it, add w3, which takes load once a burst keeps the others busy
     (the broker's placement: docs/protocol.md); returns the timings and the failures."""
     with Lab(workdir) as lab:
-        (lab.model_dir / "compute.onnx").write_bytes(compute_model())
+        (lab.model_dir / "compute.onnx").write_bytes(compute_model(layers=HEAVY_LAYERS))
         lab.start_broker()
         lab.start_worker("w1")
         lab.start_worker("w2")
         lab.start_frontend()
         wait_until(lambda: live_workers(lab) == 2, 30, "two workers")
-        # Two calls at once: one worker loads compute.onnx, the other loads it once the second call has
+        # Twelve calls at once: one worker loads compute.onnx, the other loads it once the queued calls have
         # waited placement_wait_s for the first: both hold it, as a model under load would be.
-        warm = heavy(lab, 2, "warm")()
+        warm = heavy(lab, 12, "warm")()
         if warm["errors"]:
             raise RuntimeError(f"the compute.onnx warm-up failed: {warm}")
         wait_until(lambda: holders(lab, "compute.onnx") == 2, 10, "w1 and w2 to hold compute.onnx")
@@ -272,10 +275,11 @@ def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
         lab.restore("w1")
         t_restore = time.monotonic()
         # w1 may hold no iris (one worker serves 40 calls a second; placement keeps them on one holder):
-        # two heavy calls at once show it back in use, as the holder of compute.onnx or the idle worker.
+        # twelve heavy calls at once show it back in use, as the holder of compute.onnx (once its first status
+        # poll says so) or as the idle worker past placement_wait_s.
         t_back = wait_until(lambda: bool(set(identities(lab)) - before), 15,
                             "w1 to register after the link came back", 0.02)
-        rejoin_done = heavy(lab, 2, "rejoin")
+        rejoin_done = heavy(lab, 12, "rejoin")
         t_w1_load = wait_until(lambda: any(v > 0 for i, v in identities(lab).items() if i not in before),
                                15, "w1 to take requests after the link came back", 0.02)
         rejoin = rejoin_done()
@@ -289,9 +293,10 @@ def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
         time.sleep(2)
         light_w3 = sum(v for i, v in identities(lab).items() if i not in before)
         light_requests = 2 * rate
-        # Above two workers' capacity: 6 heavy calls at once keep w1 and w2 busy, the queued ones wait
-        # placement_wait_s, then w3 takes them (and iris calls queued behind busy holders).
-        burst_done = heavy(lab, 6, "burst")
+        # Above two workers' capacity: 12 heavy calls at once keep w1 and w2 busy for 6 of their calls
+        # (1.5 s or more), the queued ones wait placement_wait_s (0.5 s), then w3 takes them (and iris
+        # calls queued behind busy holders).
+        burst_done = heavy(lab, 12, "burst")
         t_w3_load = wait_until(lambda: any(v > light_w3 for i, v in identities(lab).items() if i not in before),
                                20, "the third worker host to take load under the burst", 0.02)
         burst = burst_done()
@@ -304,9 +309,11 @@ def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
         "cut_to_declared_dead_s": round(t_dead - t_cut, 3),
         "restore_to_reregistered_s": round(t_back - t_restore, 3),
         "rejoin_calls_to_first_request_s": round(t_w1_load - rejoin["started_at"], 3),
+        "rejoin_first_request_after_calls_ended_s": round(t_w1_load - rejoin["ended_at"], 3),
         "rejoin_longest_call_s": round(rejoin["longest_s"], 3), "rejoin_errors": rejoin["errors"],
         "third_host_served_under_light_load": light_w3, "light_load_requests": light_requests,
         "burst_to_third_host_first_request_s": round(t_w3_load - burst["started_at"], 3),
+        "burst_first_request_after_calls_ended_s": round(t_w3_load - burst["ended_at"], 3),
         "burst_longest_call_s": round(burst["longest_s"], 3), "burst_errors": burst["errors"],
         "heartbeat_s": HEARTBEAT_S, "reconnect_max_s": RECONNECT_MAX_S, "cut_at_s": round(t_cut - t0, 2),
         "slowest_poll_s": round(lab.slowest_poll_s, 3),
