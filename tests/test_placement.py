@@ -65,7 +65,7 @@ def test_a_request_waits_for_its_busy_holder_until_placement_wait_s(procs: Proce
 def test_a_sigkilled_worker_under_mixed_placement_load_loses_nothing(procs: Processes, model_dir: Path) -> None:
     (model_dir / "slow.onnx").write_bytes(slow_model())
     url = f"tcp://127.0.0.1:{free_port()}"
-    procs.broker(url, "--status-interval-s", "0.3")  # placement is on by default; polls tell the pids
+    procs.broker(url, "--placement", "--status-interval-s", "0.3")  # polls tell the broker the pids
 
     def status() -> list[dict]:
         with Client(url, timeout_s=10) as client:

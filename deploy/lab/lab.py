@@ -127,7 +127,7 @@ class Lab:
         self.run(host, host, [sys.executable, "-m", "broker", "--bind", f"tcp://{SUBNET}.{ADDRESSES[host]}:5555",
                                       "--heartbeat-interval-s", str(HEARTBEAT_S), "--heartbeat-liveness",
                                       str(LIVENESS), "--status-interval-s", str(STATUS_INTERVAL_S),
-                                      "--metrics-port", "0"])
+                                      "--metrics-port", "0", "--placement"])
 
     def start_worker(self, host: str, cpu: int | None = None, brokers: str = BROKER_URL) -> None:
         if f"{PREFIX}-{host}" not in namespaces():
