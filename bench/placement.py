@@ -1,12 +1,13 @@
-"""Worker memory budgets under mixed load (issue 15, worker half): 4 workers, 12 generated models of
-about 20 MB, mixed REST load over all 12, with a 60 MiB budget per worker and with none.
+"""Worker memory budgets and the broker's placement under mixed load (issue 15): 4 workers, 12 generated
+models of about 20 MB, mixed REST load over all 12, with a 60 MiB budget per worker and with none.
 
-    python bench/placement.py [--requests 1200] [--concurrency 8]
+    python bench/placement.py [--requests 1200] [--concurrency 8] [--placement-wait-s 0.5] [--no-placement]
 
 Prints, for each run: answers checked against each model's table, the most resident bytes any
 worker reported against its budget (sampled from every worker's /metrics during the load), total
-worker RSS, and cold loads after warm-up. The broker does not route by residency yet (branch
-admission), so under a budget that holds 3 of 12 models each worker thrashes: the figures say how much.
+worker RSS, and cold loads after warm-up. The broker routes by residency (docs/protocol.md,
+"Placement"); `--no-placement` shows the least-recently-used routing it replaces, which thrashes
+under a budget that holds 3 of 12 models per worker.
 """
 from __future__ import annotations
 
@@ -62,12 +63,12 @@ def scrape(url: str) -> str:
 class Cluster:
     """Broker, WORKERS workers (metrics on free ports) and a gunicorn frontend over `pool`."""
 
-    def __init__(self, pool: Path, budget: int, logs: Path):
+    def __init__(self, pool: Path, budget: int, logs: Path, placement: list[str]):
         self.url, self.http_port = f"tcp://127.0.0.1:{free_port()}", free_port()
         quiet = ["--log-level", "WARNING"]
         log = open(logs / f"budget-{budget}.log", "ab")
         self.procs = [subprocess.Popen([sys.executable, "-m", "broker", "--bind", self.url, "--metrics-port", "0",
-                                        *quiet], cwd=REPO, stdout=log, stderr=log)]
+                                        *placement, *quiet], cwd=REPO, stdout=log, stderr=log)]
         self.metrics, self.workers = [], []
         for _ in range(WORKERS):
             port = free_port()
@@ -150,8 +151,9 @@ def load(port: int, plan: list[tuple[int, int]], tables: list[np.ndarray], concu
     return results[0], results[1]
 
 
-def run(pool: Path, budget: int, tables: list[np.ndarray], requests: int, concurrency: int, logs: Path) -> dict:
-    cluster = Cluster(pool, budget, logs)
+def run(pool: Path, budget: int, tables: list[np.ndarray], requests: int, concurrency: int, logs: Path,
+        placement: list[str]) -> dict:
+    cluster = Cluster(pool, budget, logs, placement)
     try:
         rng = random.Random(1)
         rows = len(tables[0])
@@ -195,7 +197,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="HTTP connections in flight")
     parser.add_argument("--budget-bytes", type=int, default=BUDGET_BYTES)
     parser.add_argument("--model-bytes", type=int, default=MODEL_BYTES)
+    parser.add_argument("--placement-wait-s", type=float, default=0.5, help="the broker's placement_wait_s")
+    parser.add_argument("--no-placement", action="store_true", help="least-recently-used routing instead")
     args = parser.parse_args()
+    placement = (["--no-placement"] if args.no_placement
+                 else ["--placement", "--placement-wait-s", str(args.placement_wait_s)])
     with tempfile.TemporaryDirectory() as tmp:
         pool, logs = Path(tmp) / "pool", Path(tmp)
         pool.mkdir()
@@ -204,10 +210,11 @@ def main() -> None:
             (pool / f"m{seed}.onnx").write_bytes(sized_model(args.model_bytes, seed))
         size = (pool / "m0.onnx").stat().st_size
         print(f"{WORKERS} workers, {MODELS} models of {size:,} bytes, {args.requests} requests after "
-              f"{2 * WORKERS * MODELS} of warm-up, {args.concurrency} in flight, mixed uniformly over the models")
+              f"{2 * WORKERS * MODELS} of warm-up, {args.concurrency} in flight, mixed uniformly over the models; "
+              f"broker {' '.join(placement)}")
         results = {}
         for label, budget in (("budget", args.budget_bytes), ("no budget", 0)):
-            results[label] = r = run(pool, budget, tables, args.requests, args.concurrency, logs)
+            results[label] = r = run(pool, budget, tables, args.requests, args.concurrency, logs, placement)
             print(f"\n{label} ({'memory_budget_bytes ' + format(budget, ',') if budget else 'unlimited'}):")
             print(f"  answers correct: {r['correct']} of {r['correct'] + r['wrong']}"
                   f"{'  (ALL CORRECT)' if not r['wrong'] else '  (WRONG ANSWERS)'}; {r['rps']:.0f} req/s")
@@ -222,10 +229,8 @@ def main() -> None:
         b, n = results["budget"], results["no budget"]
         print(f"\ntotal worker RSS with the budget / without: {mb(b['rss_total'])} / {mb(n['rss_total'])} "
               f"= {b['rss_total'] / n['rss_total']:.2f}x")
-        held = sum(b["models_per_worker"]) / len(b["models_per_worker"])
-        print(f"The broker still sends each request to any idle worker (routing by residency is branch admission's), "
-              f"so a worker holding {held:.0f} of {MODELS} models lacks the one asked for about "
-              f"{1 - held / MODELS:.0%} of the time: the cold loads above are that thrashing.")
+        print(f"cold loads after warm-up with the budget: {b['cold']:.0f} of {args.requests} "
+              f"({b['cold'] / args.requests:.1%}), {b['rps']:.0f} req/s against {n['rps']:.0f} without a budget")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import zmq
@@ -52,8 +53,14 @@ class BrokerSettings:
     reserve_workers: int = setting(0, "while a model's requests wait, it holds at most (workers - this, at least 1) "
                                       "workers at once, so a flood on one model leaves that many free for "
                                       "the others' next requests; 0: every worker takes whatever waits")
-    placement: bool = setting(False, "send a request to an idle worker that holds its model, else the least "
-                                     "loaded one (docs/protocol.md, Placement); off: the least recently used")
+    placement: bool = setting(False, "send a request to an idle worker that holds its model; while only busy "
+                                     "workers hold it, wait for one (up to placement_wait_s); else the least "
+                                     "loaded idle worker (docs/protocol.md, Placement); off: the least recently "
+                                     "used idle worker")
+    placement_wait_s: float = setting(0.5, "with placement: how long a model's oldest queued request waits for a "
+                                           "busy worker that holds the model before the least loaded idle "
+                                           "worker takes it and loads the model (about a cold load's cost); "
+                                           "0: never wait")
     queue_timeout_s: float = setting(30.0, "seconds a request may wait for a worker before 'Timeout'")
     max_message_bytes: int = setting(1 << 30, "largest message accepted from any peer")
     majortomo_busy_timeout_s: float = setting(
@@ -77,8 +84,8 @@ class BrokerSettings:
             raise ValueError("max_queue, max_queue_per_model and reserve_workers must be >= 0")
         if self.queue_timeout_s <= 0 or self.status_interval_s <= 0:
             raise ValueError("queue_timeout_s and status_interval_s must be > 0")
-        if self.startup_grace_s < 0:
-            raise ValueError("startup_grace_s must be >= 0")
+        if self.startup_grace_s < 0 or self.placement_wait_s < 0:
+            raise ValueError("startup_grace_s and placement_wait_s must be >= 0")
 
 
 class Request:
@@ -226,6 +233,8 @@ class Broker:
         serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry, "broker")
         sock = self._socket
         tick_s = min(self.settings.heartbeat_interval_s, 0.1)
+        if self.settings.placement and self.settings.placement_wait_s > 0:  # a wait ends within half of it
+            tick_s = min(tick_s, self.settings.placement_wait_s / 2)
         next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
         next_tick = time.monotonic() + tick_s
         try:
@@ -237,6 +246,8 @@ class Broker:
                     next_tick = now + tick_s
                     self._purge_workers(now)
                     self._expire_requests(now)
+                    if self.settings.placement:
+                        self._place_waiting(now)
                     if self._grace_until and now >= self._grace_until:
                         self._end_grace()
                     self._poll_status(now)
@@ -321,8 +332,8 @@ class Broker:
         elif deadline_ms == 0:
             self._reply_error(request, Timeout("the request's deadline had passed when it reached the broker"),
                               Rejection.DEADLINE)
-        elif service.idle and self._may_run(service, model):
-            self._dispatch(self._idle_worker(service, model), request, now)
+        elif service.idle and self._may_run(service, model) and (worker := self._placed(service, model, now)):
+            self._dispatch(worker, request, now)
         elif len(service.requests) >= self.settings.max_queue:  # NOTE: messages: a pack takes one place
             self._reply_error(request, QueueFull(
                 f"{len(service.requests)} messages ({service.queued} requests) already queued for this service; "
@@ -412,7 +423,11 @@ class Broker:
         if service.requests:
             now = time.monotonic()
             while service.requests:  # NOTE: round-robin over models (broker/queues.py)
-                if self.settings.reserve_workers:
+                if self.settings.placement:
+                    request = service.requests.pop_eligible(partial(self._may_take, worker, now))
+                    if request is None:
+                        break  # what waits waits for its holders (placement_wait_s): see _place_waiting
+                elif self.settings.reserve_workers:
                     request = service.requests.pop_eligible(lambda model: self._may_run(service, model))
                     if request is None:
                         break  # every waiting model holds its share: this worker stays free for others
@@ -424,19 +439,58 @@ class Broker:
                 self._expired(request, now)
         service.idle.append(worker)
 
-    def _idle_worker(self, service: Service, model: bytes) -> Worker:
-        """Take the idle worker a request for `model` goes to: with `placement` (docs/protocol.md,
-        "Placement") one that holds the model, else the least loaded; the least recently used without
-        it, when the model is b"" or when only one worker is idle, which costs nothing more."""
+    def _placed(self, service: Service, model: bytes, now: float) -> Worker | None:
+        """Take the idle worker a new request for `model` goes to, or None when it must queue. Without
+        `placement`, or without a model, the least recently used. With it (docs/protocol.md, "Placement"):
+        an idle worker that holds the model; while only busy ones hold it, none (the request queues
+        behind the model's others and waits for a holder, up to placement_wait_s: _place_waiting);
+        when no worker holds it, the least loaded idle one at once."""
         idle = service.idle
-        if not model or len(idle) == 1 or not self.settings.placement:
+        if not model or not self.settings.placement:
             return idle.popleft()
+        if self.settings.placement_wait_s > 0 and service.requests.queued_for(model):
+            return None  # NOTE: first in, first out within a model: the oldest go first
         index = self._board.pick(idle, model)
-        if index == 0:
-            return idle.popleft()
         worker = idle[index]
+        if not self._board.holds(worker.identity, model) and self._waits_for_holder(service, model, now):
+            return None
         del idle[index]
         return worker
+
+    def _waits_for_holder(self, service: Service, model: bytes, now: float) -> bool:
+        """Placement: whether a request for `model` that no idle worker holds waits for a busy holder:
+        some worker holds it, and its oldest queued request has waited less than placement_wait_s."""
+        wait_s = self.settings.placement_wait_s
+        if wait_s <= 0 or not model or not self._board.held(model):
+            return False
+        oldest = service.requests.oldest(model)
+        return oldest is None or now - oldest.received_at < wait_s
+
+    def _may_take(self, worker: Worker, now: float, model: bytes) -> bool:
+        """Placement: whether `worker`, just idle, takes the next queued request for `model`."""
+        service = worker.service
+        return self._may_run(service, model) and (
+            self._board.holds(worker.identity, model) or not self._waits_for_holder(service, model, now))
+
+    def _may_spread(self, service: Service, now: float, model: bytes) -> bool:
+        """Placement: whether any idle worker may take `model`'s oldest request (its wait is over)."""
+        return self._may_run(service, model) and not self._waits_for_holder(service, model, now)
+
+    def _place_waiting(self, now: float) -> None:
+        """Placement: a request that waited placement_wait_s for a busy holder of its model, or whose
+        holders left, goes to the least loaded idle worker, which loads the model."""
+        for service in self._services.values():
+            while service.idle and service.requests:
+                request = service.requests.pop_eligible(partial(self._may_spread, service, now))
+                if request is None:
+                    break
+                if request.expires_at <= now:
+                    self._expired(request, now)
+                    continue
+                index = self._board.pick(service.idle, request.model)
+                worker = service.idle[index]
+                del service.idle[index]
+                self._dispatch(worker, request, now)
 
     def _may_run(self, service: Service, model: bytes) -> bool:
         """Whether `model` may take one more worker (BrokerSettings.reserve_workers)."""
@@ -456,6 +510,8 @@ class Broker:
         self._send_worker(worker, MDPW.REQUEST, request.client, b"", *body)
         service = worker.service  # NOTE: metrics after the send: they are off the request's path
         service.started(request.model)
+        if self.settings.placement and request.model:
+            self._board.loading(worker.identity, request.model)  # it holds the model from now on
         service.m_dispatched.inc(request.count)
         series = service.model_series(request.model, self._board.resident)
         if series is not None:
@@ -505,8 +561,8 @@ class Broker:
         now = time.monotonic()
         if request.expires_at <= now:
             self._expired(request, now)
-        elif service.idle:
-            self._dispatch(self._idle_worker(service, request.model), request, now)
+        elif service.idle and (worker := self._placed(service, request.model, now)):
+            self._dispatch(worker, request, now)
         else:
             service.enqueue(request, first=True)
 

@@ -52,6 +52,11 @@ class FairQueue(Generic[R]):
         found = self._models.get(model)
         return found.queued if found is not None else 0
 
+    def oldest(self, model: bytes) -> R | None:
+        """The request that has waited longest for `model` (a re-dispatch counts as oldest), or None."""
+        found = self._models.get(model)
+        return found.requests[0] if found is not None else None
+
     def models(self) -> dict[bytes, int]:
         """User requests waiting, by model (for status pages)."""
         return {name: q.queued for name, q in self._models.items()}

@@ -29,7 +29,10 @@ class StatusBoard:
         self._status: dict[bytes, tuple[float, dict]] = {}   # identity -> (when, worker's status)
         # identity -> (the models it holds, as the routing header names them; its load), for placement
         self._placement: dict[bytes, tuple[frozenset[bytes], float]] = {}
-        self.resident: frozenset[bytes] = frozenset()  # every model some worker last reported resident
+        self._held_by: dict[bytes, set[bytes]] = {}  # model -> identities holding it, for placement's wait
+        # identity -> the models its last status reported resident; their union, for per-model metrics
+        self._reported: dict[bytes, frozenset[bytes]] = {}
+        self.resident: frozenset[bytes] = frozenset()
 
     def due(self, identity: bytes, now: float) -> bool:
         entry = self._status.get(identity)
@@ -60,13 +63,43 @@ class StatusBoard:
             # NOTE: READY carries no name; this line ties the routing id in the broker's log to the node id.
             log.info("worker %s is node %s (pid %s)", identity.hex(), status["node"], status.get("pid"))
         self._status[identity] = (now, status)
-        self._placement[identity] = _placement(status)
-        self.resident = frozenset().union(*(held for held, _ in self._placement.values()))
+        entry = _placement(status)
+        self._set_placement(identity, entry)
+        self._reported[identity] = entry[0]
+        self.resident = frozenset().union(*self._reported.values())
 
     def forget(self, identity: bytes) -> None:
         self._status.pop(identity, None)
-        self._placement.pop(identity, None)
-        self.resident = frozenset().union(*(held for held, _ in self._placement.values()))
+        self._set_placement(identity, None)
+        if self._reported.pop(identity, None):
+            self.resident = frozenset().union(*self._reported.values())
+
+    def loading(self, identity: bytes, model: bytes) -> None:
+        """Note that `model` was sent to this worker, which holds it once it answers: placement counts
+        it as a holder at once, not only at the next status poll (polls wait while requests queue)."""
+        held, load = self._placement.get(identity, (frozenset(), 0.0))
+        if model not in held:
+            self._set_placement(identity, (held | {model}, load))
+
+    def holds(self, identity: bytes, model: bytes) -> bool:
+        entry = self._placement.get(identity)
+        return entry is not None and model in entry[0]
+
+    def held(self, model: bytes) -> bool:
+        """Whether any worker (idle or busy) holds `model`, by its last status or what it was sent."""
+        return bool(self._held_by.get(model))
+
+    def _set_placement(self, identity: bytes, entry: tuple[frozenset[bytes], float] | None) -> None:
+        old = self._placement.pop(identity, None)
+        for model in old[0] if old else ():
+            holders = self._held_by[model]
+            holders.discard(identity)
+            if not holders:
+                del self._held_by[model]
+        if entry is not None:
+            self._placement[identity] = entry
+            for model in entry[0]:
+                self._held_by.setdefault(model, set()).add(identity)
 
     def pick(self, idle: Iterable[Any], model: bytes) -> int:
         """The index in `idle` (workers, least recently used first) of the worker a request for `model`

@@ -1,5 +1,6 @@
 """The multi-host lab: namespaces as hosts, a worker host's link cut and restored under load, a third
-host added. Needs root (network namespaces); skipped with the reason otherwise."""
+host added (it takes load once the others are busy past the broker's placement_wait_s). Needs root (network
+namespaces); skipped with the reason otherwise."""
 from __future__ import annotations
 
 import os
@@ -38,8 +39,15 @@ def test_cut_restore_and_scale_out_under_steady_load(tmp_path):
     assert result["cut_to_declared_dead_s"] <= result["liveness_window_s"] + 0.1 + seen  # (0.1 s: the broker's tick)
     # A worker retries at most every reconnect_max_s, then registers within a heartbeat.
     assert result["restore_to_reregistered_s"] <= result["reconnect_max_s"] + result["heartbeat_s"] + seen
-    assert result["reregistered_to_first_request_s"] <= result["heartbeat_s"] + seen
-    assert result["third_host_registered_to_first_request_s"] <= result["heartbeat_s"] + seen
+    # Placement keeps iris on the worker that holds it, so the re-registered w1 and the new w3 are shown
+    # taking load by concurrent heavy calls (compute.onnx, about 0.4 s each, 12 at once): each
+    # serves one of those calls, seen before the calls ended, allowing for what a poll adds.
+    assert not result["rejoin_errors"] and not result["burst_errors"], result
+    assert result["rejoin_first_request_after_calls_ended_s"] <= seen, result
+    # A new worker holds nothing: under light load the holders take (almost) everything, so no model is
+    # loaded a third time; once 12 calls keep both holders busy past placement_wait_s, it takes load.
+    assert result["third_host_served_under_light_load"] <= result["light_load_requests"] // 10, result
+    assert result["burst_first_request_after_calls_ended_s"] <= seen, result
     assert lab.namespaces() == []  # torn down
 
 

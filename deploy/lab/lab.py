@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILY = "frlab"                      # every lab namespace starts with it (`clean` removes them all)
@@ -28,6 +29,7 @@ NET = f"{PREFIX}-net"
 SUBNET = "10.77.0"
 ADDRESSES = {"broker": 1, "front": 2, "broker2": 3, "w1": 11, "w2": 12, "w3": 13}
 HEARTBEAT_S, LIVENESS = 0.5, 3
+STATUS_INTERVAL_S = 0.5  # the broker learns what a (re)registered worker holds one interval after READY
 RECONNECT_MAX_S = 1.0
 BROKER_URL = f"tcp://{SUBNET}.1:5555"
 BROKER2_URL = f"tcp://{SUBNET}.3:5555"  # the second broker of the failover scenario, on host "broker2"
@@ -124,7 +126,8 @@ class Lab:
         self.add_host(host)
         self.run(host, host, [sys.executable, "-m", "broker", "--bind", f"tcp://{SUBNET}.{ADDRESSES[host]}:5555",
                                       "--heartbeat-interval-s", str(HEARTBEAT_S), "--heartbeat-liveness",
-                                      str(LIVENESS), "--status-interval-s", "0.5", "--metrics-port", "0"])
+                                      str(LIVENESS), "--status-interval-s", str(STATUS_INTERVAL_S),
+                                      "--metrics-port", "0", "--placement"])
 
     def start_worker(self, host: str, cpu: int | None = None, brokers: str = BROKER_URL) -> None:
         if f"{PREFIX}-{host}" not in namespaces():
@@ -177,6 +180,11 @@ def live_workers(lab: Lab) -> int:
     return lab.status().get("broker", {}).get("services", {}).get("modelhost", {}).get("workers", 0)
 
 
+def holders(lab: Lab, model: str) -> int:
+    """Workers whose last status says they hold `model`."""
+    return sum(model in (w.get("models_resident") or []) for w in lab.status().get("workers", []))
+
+
 def identities(lab: Lab) -> dict[str, int]:
     """Broker-side worker identity -> requests served (a re-registered worker gets a new identity)."""
     return {w["identity"]: w["requests_served"] for w in lab.status().get("workers", [])}
@@ -192,14 +200,67 @@ def new_worker_takes_load(lab: Lab, before: set[str], timeout_s: float, what: st
     return t_registered, t_first
 
 
+HEAVY = """
+import json, sys, threading, time
+import numpy as np
+from broker.client import Client
+url, calls, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+x = np.full((rows, 256), 1 / 256, np.float32)
+clients = [Client(url, timeout_s=60) for _ in range(calls)]
+errors, took = [], []
+def call(client):
+    started = time.monotonic()
+    try:
+        client.predict("compute.onnx", {"x": x})
+    except Exception as exc:
+        errors.append(repr(exc))
+    took.append(time.monotonic() - started)
+threads = [threading.Thread(target=call, args=(c,)) for c in clients]
+started_at = time.monotonic()
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"started_at": started_at, "ended_at": time.monotonic(), "longest_s": max(took),
+                  "errors": errors[:3]}))
+"""
+HEAVY_ROWS = 4096  # with HEAVY_LAYERS, about 0.4 s per call on this 2-core machine: far past placement_wait_s
+HEAVY_LAYERS = 128  # for twelve calls, one worker computes for seconds
+
+
+def heavy(lab: Lab, calls: int, name: str) -> Callable[[], dict]:
+    """`calls` concurrent compute.onnx calls from the front host, each on a client socket of its own (the
+    AsyncClient would pack them into one message, which one worker takes). Starts them and returns a
+    function that waits for the end: {"started_at", "ended_at" (time.monotonic(), machine-wide),
+    "longest_s", "errors"}."""
+    proc = lab.run("front", name, [sys.executable, "-c", HEAVY, BROKER_URL, str(calls), str(HEAVY_ROWS)])
+
+    def done() -> dict:
+        proc.wait(timeout=120)
+        out = (lab.workdir / f"{name}.log").read_text()
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise RuntimeError(f"{name} failed: {out[-2000:]}") from None
+    return done
+
+
 def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
-    """Steady load; cut w1's link, restore it, add w3; returns the timings and the failures."""
+    """Steady load; cut w1's link, restore it, add w3, which takes load once a burst keeps the others busy
+    (the broker's placement: docs/protocol.md); returns the timings and the failures."""
     with Lab(workdir) as lab:
+        (lab.model_dir / "compute.onnx").write_bytes(compute_model(layers=HEAVY_LAYERS))
         lab.start_broker()
         lab.start_worker("w1")
         lab.start_worker("w2")
         lab.start_frontend()
         wait_until(lambda: live_workers(lab) == 2, 30, "two workers")
+        # Twelve calls at once: one worker loads compute.onnx, the other loads it once the queued calls have
+        # waited placement_wait_s for the first: both hold it, as a model under load would be.
+        warm = heavy(lab, 12, "warm")()
+        if warm["errors"]:
+            raise RuntimeError(f"the compute.onnx warm-up failed: {warm}")
+        wait_until(lambda: holders(lab, "compute.onnx") == 2, 10, "w1 and w2 to hold compute.onnx")
         out = workdir / "load.jsonl"
         load = lab.run("front", "load", [sys.executable, str(REPO / "deploy" / "lab" / "load.py"),
                                          f"{FRONT_URL}/api/v1/models/iris.onnx/prediction", "--rate", str(rate),
@@ -213,11 +274,32 @@ def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
         before = set(identities(lab))
         lab.restore("w1")
         t_restore = time.monotonic()
-        t_back, t_w1_load = new_worker_takes_load(lab, before, 15, "w1 after the link came back")
+        # w1 may hold no iris (one worker serves 40 calls a second; placement keeps them on one holder):
+        # twelve heavy calls at once show it back in use, as the holder of compute.onnx (once its first status
+        # poll says so) or as the idle worker past placement_wait_s.
+        t_back = wait_until(lambda: bool(set(identities(lab)) - before), 15,
+                            "w1 to register after the link came back", 0.02)
+        rejoin_done = heavy(lab, 12, "rejoin")
+        t_w1_load = wait_until(lambda: any(v > 0 for i, v in identities(lab).items() if i not in before),
+                               15, "w1 to take requests after the link came back", 0.02)
+        rejoin = rejoin_done()
         time.sleep(2)
         before = set(identities(lab))
         lab.start_worker("w3")
-        t_w3_reg, t_w3_load = new_worker_takes_load(lab, before, 20, "a third worker host")
+        wait_until(lambda: len(identities(lab)) > len(before), 20, "a third worker host to register", 0.02)
+        # Light load (40 iris calls a second, well within one worker): w1 and w2 hold iris and are idle
+        # most of the time, so placement gives w3 nothing to load; a busy moment past placement_wait_s
+        # on both at once may hand it a call.
+        time.sleep(2)
+        light_w3 = sum(v for i, v in identities(lab).items() if i not in before)
+        light_requests = 2 * rate
+        # Above two workers' capacity: 12 heavy calls at once keep w1 and w2 busy for 6 of their calls
+        # (1.5 s or more), the queued ones wait placement_wait_s (0.5 s), then w3 takes them (and iris
+        # calls queued behind busy holders).
+        burst_done = heavy(lab, 12, "burst")
+        t_w3_load = wait_until(lambda: any(v > light_w3 for i, v in identities(lab).items() if i not in before),
+                               20, "the third worker host to take load under the burst", 0.02)
+        burst = burst_done()
         load.wait(timeout=duration_s + 30)
         rows = [json.loads(line) for line in out.read_text().splitlines()]
     failures = [r for r in rows if r["status"] != 200]
@@ -226,8 +308,13 @@ def scenario(workdir: Path, rate: float = 40, duration_s: float = 26) -> dict:
         "liveness_window_s": HEARTBEAT_S * LIVENESS,
         "cut_to_declared_dead_s": round(t_dead - t_cut, 3),
         "restore_to_reregistered_s": round(t_back - t_restore, 3),
-        "reregistered_to_first_request_s": round(t_w1_load - t_back, 3),
-        "third_host_registered_to_first_request_s": round(t_w3_load - t_w3_reg, 3),
+        "rejoin_calls_to_first_request_s": round(t_w1_load - rejoin["started_at"], 3),
+        "rejoin_first_request_after_calls_ended_s": round(t_w1_load - rejoin["ended_at"], 3),
+        "rejoin_longest_call_s": round(rejoin["longest_s"], 3), "rejoin_errors": rejoin["errors"],
+        "third_host_served_under_light_load": light_w3, "light_load_requests": light_requests,
+        "burst_to_third_host_first_request_s": round(t_w3_load - burst["started_at"], 3),
+        "burst_first_request_after_calls_ended_s": round(t_w3_load - burst["ended_at"], 3),
+        "burst_longest_call_s": round(burst["longest_s"], 3), "burst_errors": burst["errors"],
         "heartbeat_s": HEARTBEAT_S, "reconnect_max_s": RECONNECT_MAX_S, "cut_at_s": round(t_cut - t0, 2),
         "slowest_poll_s": round(lab.slowest_poll_s, 3),
     }
