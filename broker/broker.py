@@ -20,6 +20,7 @@ from .protocol import MDPC, MDPW, Dialect
 from .queues import FairQueue
 from .rejections import Rejection
 from .settings import (
+    check_heartbeat,
     curve_secret_key_setting,
     heartbeat_interval_setting,
     heartbeat_liveness_setting,
@@ -78,8 +79,7 @@ class BrokerSettings:
     log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
-        if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
-            raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
+        check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         if self.max_queue < 0 or self.max_queue_per_model < 0 or self.reserve_workers < 0:
             raise ValueError("max_queue, max_queue_per_model and reserve_workers must be >= 0")
         if self.queue_timeout_s <= 0 or self.status_interval_s <= 0:

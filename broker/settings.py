@@ -127,6 +127,12 @@ def heartbeat_interval_setting(peer: str) -> Any:
     return setting(2.5, f"seconds between heartbeats to {peer}")
 
 
+def check_heartbeat(interval_s: float, liveness: int) -> None:
+    """The one rule of every heartbeat_interval_s / heartbeat_liveness pair (its settings' __post_init__)."""
+    if interval_s <= 0 or liveness < 1:
+        raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
+
+
 def heartbeat_liveness_setting(then: str) -> Any:
     """`heartbeat_liveness`: missed heartbeats before `then` happens (default 3)."""
     return setting(3, f"missed heartbeats before {then}")

@@ -215,7 +215,10 @@ def test_statistics_rise_by_exactly_the_inferences_made(server, client):
 
     def stats() -> dict:
         return client.get_inference_statistics("iris_stats.onnx")["model_stats"][0]
-    wait_for(lambda: stats()["inference_count"] == 5, 20, "the statistics of 5 inferences")
+    # NOTE: statistics come from each worker's status poll: the failure may have been another worker's,
+    # whose status arrives at its own next poll
+    wait_for(lambda: stats()["inference_count"] == 5 and stats()["inference_stats"]["fail"]["count"] == 1, 20,
+             "the statistics of 5 inferences and 1 failure")
     got = stats()
     assert got["name"] == "iris_stats.onnx" and got["version"] == "1" and got["execution_count"] == 3
     assert got["inference_stats"]["success"]["count"] == 3 and got["inference_stats"]["fail"]["count"] == 1

@@ -31,6 +31,7 @@ from broker.errors import BadInput, FractalError, InternalError, ProtocolError, 
 from broker.logs import set_node
 from broker.protocol import MDPW, model_file_name
 from broker.settings import (
+    check_heartbeat,
     curve_broker_key_setting,
     curve_secret_key_setting,
     endpoint_list,
@@ -95,8 +96,7 @@ class WorkerSettings:
     tracing: bool = tracing_setting()
 
     def __post_init__(self) -> None:
-        if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
-            raise ValueError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
+        check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         if self.cache_size < 1 or self.threads < 1 or self.connections < 1:
             raise ValueError("cache_size, threads and connections must be >= 1")
         if self.memory_budget_bytes < 0:
