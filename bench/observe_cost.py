@@ -36,11 +36,14 @@ PATH = "/api/v1/models/iris.onnx/prediction"
 
 
 def start_frontend(broker: str, timing: str, metrics: str) -> tuple[subprocess.Popen, int, int]:
-    """(gunicorn master, its one worker's pid, port)."""
+    return start_gunicorn(broker, {"FRACTAL_FRONTEND_SERVER_TIMING": timing, "FRACTAL_FRONTEND_METRICS": metrics})
+
+
+def start_gunicorn(broker: str, env: dict[str, str]) -> tuple[subprocess.Popen, int, int]:
+    """(gunicorn master, its one worker's pid, port): the frontend alone on `broker`, with `env` added."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), FRACTAL_FRONTEND_BROKER=broker,
-               FRACTAL_FRONTEND_SERVER_TIMING=timing, FRACTAL_FRONTEND_METRICS=metrics)
-    proc = subprocess.Popen(gunicorn_argv(f"127.0.0.1:{port}", 1, "warning"), env=env, cwd=REPO,
+    proc = subprocess.Popen(gunicorn_argv(f"127.0.0.1:{port}", 1, "warning"), cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), FRACTAL_FRONTEND_BROKER=broker, **env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     wait_for(lambda: bool(children.read_text().split()), 60, "the gunicorn worker")

@@ -33,10 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.observe_cost import PATH, free_port, one_round, post, wait_for  # noqa: E402
+from bench.observe_cost import PATH, free_port, one_round, start_gunicorn, wait_for  # noqa: E402
 from bench.pipeline import IRIS, Procs, free_url  # noqa: E402
 from broker.client import Client  # noqa: E402
-from fractal.gunicorn_args import gunicorn_argv  # noqa: E402
 
 CONFIGS = {"tracing off": {"FRACTAL_TRACING": "false"},
            "tracing on, 100 %": {"FRACTAL_TRACING": "true", "OTEL_TRACES_SAMPLER": "parentbased_always_on"},
@@ -78,22 +77,7 @@ class Sink:
 
 def start_frontend(broker: str, service: str, env: dict) -> tuple[subprocess.Popen, int, int]:
     """(gunicorn master, its one worker's pid, port)."""
-    port = free_port()
-    proc = subprocess.Popen(gunicorn_argv(f"127.0.0.1:{port}", 1, "warning"), cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), FRACTAL_FRONTEND_BROKER=broker,
-                                     FRACTAL_FRONTEND_SERVICE=service, **env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    wait_for(lambda: bool(children.read_text().split()), 60, "the gunicorn worker")
-    worker = int(children.read_text().split()[0])
-
-    def answers() -> bool:
-        try:
-            return post(http.client.HTTPConnection("127.0.0.1", port, timeout=5)) == 200
-        except OSError:
-            return False
-    wait_for(answers, 60, "the frontend")
-    return proc, worker, port
+    return start_gunicorn(broker, {"FRACTAL_FRONTEND_SERVICE": service, **env})
 
 
 def start_worker(url: str, service: str, model_dir: Path, env: dict) -> subprocess.Popen:
