@@ -23,7 +23,6 @@ import argparse
 import http.client
 import http.server
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.observe_cost import PATH, free_port, one_round, start_gunicorn, wait_for  # noqa: E402
+from bench.observe_cost import PATH, free_port, one_round, print_table, start_gunicorn, wait_for  # noqa: E402
 from bench.pipeline import IRIS, Procs, free_url  # noqa: E402
 from broker.client import Client  # noqa: E402
 
@@ -201,14 +200,7 @@ def main() -> None:
         sink.close()
     print(f"CPU µs per REST prediction (iris, one row, {PATH}), median of {args.rounds} rounds of "
           f"{args.requests}, {time.monotonic() - started:.0f} s; {sink.requests} OTLP exports received\n")
-    print(f"{'configuration':20} {'frontend':>9} {'broker':>8} {'worker':>8} {'total':>8} {'vs off':>8}")
-    medians = {label: {part: statistics.median(r[part] for r in runs) for part in runs[0]}
-               for label, runs in rows.items()}
-    off = sum(medians["tracing off"].values())
-    for label, m in medians.items():
-        total = sum(m.values())
-        print(f"{label:20} {m['frontend']:9.1f} {m['broker']:8.1f} {m['worker']:8.1f} {total:8.1f} "
-              f"{(total / off - 1) * 100:+7.1f}%")
+    off = print_table(rows, "tracing off")
     print(f"\nTracing off, the hooks alone (in process, {HOOKS_PER_REQUEST} checks of tracing.ENABLED): "
           f"{off_us * 1e3:.0f} ns per request, {off_us / off * 100:.3f} % of the path's {off:.0f} µs")
     for label, us in in_process_us().items():
