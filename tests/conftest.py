@@ -16,6 +16,7 @@ from .harness import (
     HEARTBEAT,
     LIVENESS_WINDOW_S,
     REPO,
+    Clock,
     Cluster,
     Processes,
     Served,
@@ -81,3 +82,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The broker module's clock, for in-process broker tests: it moves only when the test says so."""
+    import broker.broker as broker_module
+    c = Clock()
+    monkeypatch.setattr(broker_module, "time", c)
+    return c

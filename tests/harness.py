@@ -348,3 +348,17 @@ def debian_tool(command: str, package: str) -> str:
     if path is None:
         pytest.fail(f"{command} still missing after installing Debian's '{package}'")
     return path
+
+
+class Clock:
+    """time.monotonic for the broker module: moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now

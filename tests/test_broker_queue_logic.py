@@ -11,7 +11,6 @@ import pytest
 import zmq
 from prometheus_client import CollectorRegistry
 
-import broker.broker as broker_module
 from broker import protocol as p
 from broker.broker import Broker, BrokerSettings
 from broker.errors import NoWorkerAvailable, Overloaded, Timeout, WorkerLost
@@ -20,22 +19,10 @@ from broker.rejections import Rejection
 from broker.sockets import wait
 from metrics import BrokerMetrics
 
+from .harness import Clock
+
 SERVICE = b"modelhost"
 _endpoints = itertools.count()
-
-
-class Clock:
-    """time.monotonic for the broker module: moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
 
 
 class Rig:
@@ -78,13 +65,6 @@ class Rig:
             sock.close(linger=0)
         self.broker._socket.close(linger=0)
         self.context.term()
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(broker_module, "time", c)
-    return c
 
 
 @pytest.fixture

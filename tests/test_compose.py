@@ -316,8 +316,9 @@ def test_scaling_to_three_workers_adds_one_that_takes_requests(stack):
     wait_for(tolerant(lambda: nodes() == hosts), 30, "echoes answered by all three workers", interval_s=0.5)
 
 
-def test_a_worker_killed_under_load_loses_no_request(stack):
-    """SIGKILL, no goodbye: the broker notices the silence (heartbeat 2.5 s x 3) and re-sends."""
+def kill_under_load(stack, container: str, settle_s: float) -> tuple[int, int, list]:
+    """Three threads of iris predictions; SIGKILL `container` 2 s in, load on for `settle_s` more.
+    Returns (answered before the kill, answered right in all, what failed)."""
     stop, results, lock = threading.Event(), {"ok": 0, "failed": []}, threading.Lock()
 
     def load() -> None:
@@ -342,15 +343,22 @@ def test_a_worker_killed_under_load_loses_no_request(stack):
         time.sleep(2)
         with lock:
             before_kill = results["ok"]
-        stack.podman("kill", "--signal", "KILL", f"{stack.project}_worker_1")
-        time.sleep(12)  # past the broker's liveness window: the lost worker's request was re-sent
+        stack.podman("kill", "--signal", "KILL", f"{stack.project}_{container}")
+        time.sleep(settle_s)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=60)
-    stack.figures.update(load_requests=results["ok"] + len(results["failed"]), lost_requests=len(results["failed"]))
-    assert results["failed"] == []
-    assert before_kill > 0 and results["ok"] > before_kill
+    return before_kill, results["ok"], results["failed"]
+
+
+def test_a_worker_killed_under_load_loses_no_request(stack):
+    """SIGKILL, no goodbye: the broker notices the silence (heartbeat 2.5 s x 3) and re-sends."""
+    # 12 s: past the broker's liveness window, so the lost worker's request was re-sent
+    before_kill, ok, failed = kill_under_load(stack, "worker_1", 12)
+    stack.figures.update(load_requests=ok + len(failed), lost_requests=len(failed))
+    assert failed == []
+    assert before_kill > 0 and ok > before_kill
 
     def broker_saw_the_death() -> bool:  # the kill really took a registered worker away
         return sum(float(s["value"][1]) for s in query(stack, "fractal_broker_worker_deaths_total")) >= 1
@@ -361,39 +369,10 @@ def test_a_worker_killed_under_load_loses_no_request(stack):
 
 def test_the_first_broker_killed_under_load_loses_no_request(stack):
     """The frontend's current broker SIGKILLed: it fails over to broker2, where the workers are registered."""
-    stop, results, lock = threading.Event(), {"ok": 0, "failed": []}, threading.Lock()
-
-    def load() -> None:
-        for _ in range(5000):  # bounded in count, and in time by `stop`
-            if stop.is_set():
-                return
-            try:
-                outcome = request(stack, "POST", "/api/v1/models/iris.onnx/prediction",
-                                  json.dumps(IRIS_ROW).encode())
-            except OSError as exc:
-                outcome = (0, {"error": repr(exc)})
-            with lock:
-                if outcome[0] == 200 and outcome[1].get("values") == [1]:
-                    results["ok"] += 1
-                else:
-                    results["failed"].append(outcome)
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(2)
-        with lock:
-            before_kill = results["ok"]
-        stack.podman("kill", "--signal", "KILL", f"{stack.project}_broker_1")
-        time.sleep(5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    stack.figures.update(broker_kill_requests=results["ok"] + len(results["failed"]))
-    assert results["failed"] == []
-    assert before_kill > 0 and results["ok"] > before_kill  # answered through broker2 after the kill
+    before_kill, ok, failed = kill_under_load(stack, "broker_1", 5)
+    stack.figures.update(broker_kill_requests=ok + len(failed))
+    assert failed == []
+    assert before_kill > 0 and ok > before_kill  # answered through broker2 after the kill
 
 
 def test_down_removes_every_container_and_volume(stack):

@@ -9,20 +9,13 @@ from typing import Iterator
 import pytest
 import zmq
 
-import broker.broker as broker_module
 from broker import protocol as p
 from broker.protocol import MDPC, MDPW
 
-from .test_broker_queue_logic import SERVICE, Clock, Rig, received
+from .harness import Clock
+from .test_broker_queue_logic import SERVICE, Rig, received
 
 WAIT_S = 0.05
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(broker_module, "time", c)
-    return c
 
 
 @pytest.fixture

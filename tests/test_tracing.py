@@ -345,18 +345,15 @@ async def _packed_calls(url: str, count: int) -> list[_Parent]:
 
 def test_a_sampled_out_caller_leaves_no_spans(traced):
     receiver = traced["receiver"]
-    trace_id = "33333333333333333333333333333333"
-    req = urllib.request.Request(traced["base"] + "/api/v1/models/iris/prediction", data=ROW, method="POST",
-                                 headers={"Content-Type": "application/json",
-                                          "traceparent": f"00-{trace_id}-4444444444444444-00"})
-    with urllib.request.urlopen(req, timeout=20) as resp:
-        resp.read()
+    trace_id, marker = "33333333333333333333333333333333", "55555555555555555555555555555555"
+
+    def predict(traceparent: str) -> None:
+        req = urllib.request.Request(traced["base"] + "/api/v1/models/iris/prediction", data=ROW, method="POST",
+                                     headers={"Content-Type": "application/json", "traceparent": traceparent})
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            resp.read()
+    predict(f"00-{trace_id}-4444444444444444-00")
     # a later, sampled request's spans arrive after the first's would have: then none of those is there
-    marker = "55555555555555555555555555555555"
-    req = urllib.request.Request(traced["base"] + "/api/v1/models/iris/prediction", data=ROW, method="POST",
-                                 headers={"Content-Type": "application/json",
-                                          "traceparent": f"00-{marker}-6666666666666666-01"})
-    with urllib.request.urlopen(req, timeout=20) as resp:
-        resp.read()
+    predict(f"00-{marker}-6666666666666666-01")
     receiver.wait(lambda s: sum(x["trace_id"] == marker for x in s) >= 7, "the marker request's spans")
     assert receiver.trace(trace_id) == []
