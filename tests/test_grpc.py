@@ -306,20 +306,24 @@ def test_calls_are_counted_by_rpc_and_status_code(server, stub):
 
 def test_a_passed_deadline_is_deadline_exceeded_and_the_server_serves_on(server, client):
     upload(server, "slow.onnx", slow_model())
-    before = metric(server, "fractal_grpc_requests_total", rpc="ModelInfer", code="DEADLINE_EXCEEDED")
+    codes = ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
+
+    def counts() -> dict[str, float]:
+        return {c: metric(server, "fractal_grpc_requests_total", rpc="ModelInfer", code=c) for c in codes}
+    before = counts()
     tensor = tg.InferInput("k", [1], "INT64")
     tensor.set_data_from_numpy(slow_input(3.0)["k"])
     with pytest.raises(InferenceServerException) as err:
         client.infer("slow.onnx", [tensor], client_timeout=0.5)
     assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-    # the server saw the deadline too: its call ended DEADLINE_EXCEEDED, not OK some seconds later
-    try:
-        wait_for(lambda: metric(server, "fractal_grpc_requests_total", rpc="ModelInfer",
-                                code="DEADLINE_EXCEEDED") == before + 1, 10, "the server to count the deadline")
-    except AssertionError as exc:  # NOTE: timed out once under load, cause unknown: say what was counted
-        codes = ("OK", "DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE", "INTERNAL")
-        counts = {c: metric(server, "fractal_grpc_requests_total", rpc="ModelInfer", code=c) for c in codes}
-        raise AssertionError(f"{exc}; DEADLINE_EXCEEDED was {before} before; ModelInfer now {counts}") from None
+    # The server gave up too, at the deadline, rather than answering OK seconds later. Which code it counts
+    # depends on who acts first: its own deadline (DEADLINE_EXCEEDED), or the client's, which starts
+    # earlier by the request's transit time and resets the stream (CANCELLED: seen under load).
+    def ended() -> bool:
+        now = counts()
+        return (now["DEADLINE_EXCEEDED"] + now["CANCELLED"] == before["DEADLINE_EXCEEDED"] + before["CANCELLED"] + 1
+                and now["OK"] == before["OK"])
+    wait_for(ended, 10, "the server to count the call as ended at its deadline")
     assert client.infer("iris.onnx", [fp32_input(OK_ROW)]).as_numpy("label").tolist() == [1]
 
 
