@@ -62,7 +62,8 @@ def test_upload_and_delete_inside_a_killed_broker_answer_503_and_predictions_the
     try:
         url, models = served.broker_url, f"{served.base}/api/v1/models"
         assert http("PUT", f"{models}/slow.onnx", slow_model())[0] == 200
-        steps = [slow_steps(1.0) + i for i in range(2)]
+        # NOTE: 3 s: the HTTP upload and delete must reach the broker while both still run, under load too
+        steps = [slow_steps(3.0) + i for i in range(2)]
         answers: dict = {}
         with Client(url, timeout_s=90) as client:
             def predict(i: int) -> None:
