@@ -64,9 +64,10 @@ def _worker(argv: list[str]) -> int:
 def _frontend(argv: list[str]) -> int:
     """exec gunicorn on the app factory; FRACTAL_FRONTEND_* configures the app itself."""
     if argv and argv[0] in ("-h", "--help"):
+        from .gunicorn_args import DEFAULTS
         print("usage: fractal frontend [GUNICORN ARGUMENTS]\n\nRuns the REST frontend under gunicorn; "
-              "arguments go to gunicorn (default: --bind 127.0.0.1:8002 --worker-class "
-              "uvicorn_worker.UvicornWorker --workers 2; the worker class must be an ASGI one). The app "
+              f"arguments go to gunicorn (default: {' '.join(DEFAULTS)}; the worker class must be an ASGI "
+              "one). The app "
               "reads its settings from FRACTAL_FRONTEND_* variables, plus "
               "FRACTAL_ADMIN_TOKEN and FRACTAL_API_TOKEN (README, \"Configuration\").")
         return 0

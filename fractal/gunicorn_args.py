@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 
 APP = "frontend.app:create_app()"
-# NOTE: the app is ASGI, so the worker class must be an ASGI one; this one runs uvicorn with uvloop and
-# httptools (uvicorn's "auto" picks them, and both are dependencies). uvicorn.workers is deprecated.
-WORKER_CLASS = "uvicorn_worker.UvicornWorker"
+# NOTE: the app is ASGI, so the worker class must be an ASGI one; ours is uvicorn_worker's on uvloop and
+# httptools, with the protocol of frontend/http_worker.py (one write per response, cancel on hang-up).
+WORKER_CLASS = "frontend.http_worker.Worker"
 DEFAULTS = ["--bind", "127.0.0.1:8002", "--worker-class", WORKER_CLASS, "--workers", "2"]
 
 

@@ -15,10 +15,11 @@ from typing import Any
 from broker.logs import formatter, setup_logging
 from broker.runner import die_with_parent
 from broker.settings import load
+from fractal.gunicorn_args import WORKER_CLASS
 from frontend.settings import FrontendSettings
 
-# NOTE: the app is ASGI: without a --worker-class flag, gunicorn runs it under uvicorn (uvloop, httptools).
-worker_class = "uvicorn_worker.UvicornWorker"
+# NOTE: the app is ASGI: without a --worker-class flag, gunicorn runs it under the frontend's uvicorn worker.
+worker_class = WORKER_CLASS
 
 _settings = load(FrontendSettings, "frontend")
 _created = not _settings.metrics_dir

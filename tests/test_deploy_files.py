@@ -14,6 +14,7 @@ import yaml
 
 from broker.broker import BrokerSettings
 from broker.settings import field_env, load
+from fractal.gunicorn_args import WORKER_CLASS
 from fractal.serve import ServeSettings
 from frontend.settings import FrontendSettings
 from worker.modelhost import WorkerSettings
@@ -116,6 +117,13 @@ def test_services_ports_and_the_shared_pool_line_up(path):
     assert any(v.split(":")[1] == pool for v in s["worker"]["volumes"])
     assert s["worker"]["deploy"]["replicas"] == 2
     assert "--bind" in s["frontend"]["command"] and "0.0.0.0:8002" in s["frontend"]["command"]
+    assert_frontend_worker(s["frontend"]["command"])
+
+
+def assert_frontend_worker(args: list[str]) -> None:
+    """The frontend's gunicorn runs the worker class its config names (an ASGI one) unless told another."""
+    if "--worker-class" in args:
+        assert args[args.index("--worker-class") + 1] == WORKER_CLASS
 
 
 def test_compose_starts_in_order_with_healthchecks():

@@ -45,10 +45,11 @@ def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def test_a_disconnect_cancels_the_pending_broker_call(cluster):
-    """In-process uvicorn on the real app, so the test can see the client's table of pending calls."""
+    """In-process uvicorn (the frontend's protocol) on the real app, so the test can see the client's pending calls."""
     import uvicorn
 
     from frontend.app import create_app
+    from frontend.http_worker import FrontendProtocol
     from frontend.settings import FrontendSettings
 
     _upload_slow(cluster.url)
@@ -58,7 +59,7 @@ def test_a_disconnect_cancels_the_pending_broker_call(cluster):
         registry = CollectorRegistry()
         client = AsyncClient(cluster.url, timeout_s=60)
         app = create_app(FrontendSettings(broker=cluster.url, timeout_s=60), registry, client)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools",
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=FrontendProtocol,
                                                lifespan="on", log_config=None, access_log=False))
         serving = asyncio.ensure_future(server.serve())
         try:

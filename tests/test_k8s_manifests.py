@@ -18,7 +18,7 @@ from broker.settings import load
 from metrics.definitions import BrokerMetrics
 
 from .harness import REPO
-from .test_deploy_files import COMPONENTS, TRACING, readers
+from .test_deploy_files import COMPONENTS, TRACING, assert_frontend_worker, readers
 
 K8S = REPO / "deploy" / "k8s"
 # The oldest release the manifests promise (HPA autoscaling/v2 and PDB policy/v1 are GA long before)
@@ -140,6 +140,7 @@ def test_ports_services_and_the_pool_line_up():
     assert "ReadWriteMany" in claim["spec"]["accessModes"]  # workers on any node share the pool
 
     bind = frontend["args"][frontend["args"].index("--bind") + 1]
+    assert_frontend_worker(frontend["args"])
     assert int(bind.rsplit(":", 1)[1]) == port(frontend, "http")
     health = ["fractal", "health", "frontend", str(port(frontend, "http"))]
     assert frontend["livenessProbe"]["exec"]["command"] == health

@@ -52,7 +52,7 @@ def test_seed_welcome_and_prediction_then_clean_ctrl_c(served):
         assert resp.headers["Server"] == "uvicorn"  # the ASGI worker class is the default
     table = process_table()
     workers = [pid for pid in ours if pid in table and "gunicorn" in table[pid].cmdline]
-    assert any("uvicorn_worker.UvicornWorker" in table[pid].cmdline for pid in workers)
+    assert any("frontend.http_worker.Worker" in table[pid].cmdline for pid in workers)
     masters = [pid for pid in workers if table[pid].ppid not in workers]
     assert len(masters) == 1
     # by default one HTTP process per two cores, at least one

@@ -140,7 +140,7 @@ class Lab:
     def start_frontend(self, brokers: str = BROKER_URL) -> None:
         self.add_host("front")
         self.run("front", "frontend", [sys.executable, "-m", "fractal", "frontend", "--bind", f"{SUBNET}.2:8002",
-                                       "--workers", "1", "--worker-class", "uvicorn_worker.UvicornWorker"],
+                                       "--workers", "1"],
                  env={"FRACTAL_FRONTEND_BROKER": brokers, "FRACTAL_FRONTEND_LOG_LEVEL": "WARNING",
                       "FRACTAL_FRONTEND_TIMEOUT_S": "10"})
 
