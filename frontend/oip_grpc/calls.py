@@ -52,6 +52,22 @@ def status_code(exc: FractalError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+DEADLINE_SLACK = 0.1  # of the call's whole deadline: a reset this close to it is the client's deadline
+
+
+def cancel_code(remaining_s: float | None, elapsed_s: float) -> grpc.StatusCode:
+    """How a call the client ended is counted: DEADLINE_EXCEEDED when it ended at its deadline.
+
+    The client's deadline clock starts before ours by the request's transit time, so when it fires it
+    resets the stream a little before our deadline, which we would otherwise count as CANCELLED. A reset
+    with less than DEADLINE_SLACK of the whole deadline left (elapsed + remaining) is that deadline."""
+    if remaining_s is None:
+        return grpc.StatusCode.CANCELLED
+    if remaining_s <= DEADLINE_SLACK * (elapsed_s + max(remaining_s, 0.0)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 @dataclass(frozen=True)
 class Call:
     request_id: str
@@ -123,9 +139,7 @@ class Calls:
             code = grpc.StatusCode.UNIMPLEMENTED
             await context.abort(code, str(exc), trailing)
         except asyncio.CancelledError:  # the client went away, or its deadline passed first
-            remaining = context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-                else grpc.StatusCode.CANCELLED
+            code = cancel_code(context.time_remaining(), time.perf_counter() - started)
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
