@@ -1,7 +1,7 @@
 """Issue 13's REST targets in one sitting: the in-process floors, MLServer 1.7.1 and fractal serve.
 
     python bench/compare.py [--duration-s 8] [--connections 1,16,64] [--cpu-requests 20000]
-                            [--baseline REV] [--skip-mlserver] [--log-level INFO]
+                            [--baseline REV] [--skip-mlserver] [--log-level INFO] [--http-workers 0,2]
 
 Every server answers iris, one row, on 127.0.0.1 free ports, driven by wrk (apt-get install wrk):
 
@@ -13,6 +13,7 @@ Every server answers iris, one row, on 127.0.0.1 free ports, driven by wrk (apt-
 - fractal serve (this checkout, defaults): the seed JSON route and the v2 JSON route; then, at 16
   connections, the seed JSON path against the v2 binary path on a 1x3x224x224 FP32 input.
 - with --baseline REV: fractal serve as of git revision REV too (e.g. the WSGI gthread frontend).
+- with --http-workers 0,2: fractal serve once per value of its http_workers (0: the default).
 
 Each server is also given about --cpu-requests requests (16 connections; wrk counts them exactly)
 while the CPU time (utime + stime, /proc) of its HTTP processes is read before and after: CPU per
@@ -209,13 +210,14 @@ def mlserver(work: Path, venv: Path, parallel_workers: int | None, script: Path)
                   port, [Route("V2 JSON", "/v2/models/iris/infer", script)], cwd=root, http_procs="tree")
 
 
-def fractal(label: str, code: Path, work: Path, models: Path, seed: Path, v2: Path, log_level: str) -> Server:
+def fractal(label: str, code: Path, work: Path, models: Path, seed: Path, v2: Path, log_level: str,
+            http_workers: int = 0) -> Server:
     port = free_port()
     run = work / f"run-{label.replace(' ', '_')}"
     run.mkdir()
     return Server(label, [sys.executable, "-m", "fractal", "serve", "--http-port", str(port), "--broker-port",
                           str(free_port()), "--model-dir", str(models), "--log-level", log_level, "--metrics-port",
-                          str(free_ports(3))], port,
+                          str(free_ports(3)), "--http-workers", str(http_workers)], port,
                   [Route("seed JSON", SEED_PATH, seed), Route("v2 JSON", "/v2/models/iris.onnx/infer", v2)],
                   cwd=run, env={"PYTHONPATH": str(code)})
 
@@ -262,7 +264,7 @@ def verdict(ok: bool) -> str:
 
 
 def targets(ours: Server, wsgi: Server, asgi: Server, mlservers: list[Server], conns: list[int]) -> None:
-    print("\nTargets of issue 13 (ours: fractal serve, each route)")
+    print(f"\nTargets of issue 13 (ours: {ours.name}, each route)")
     for route in ours.routes:
         for c in conns:
             cell = route.cells[c]
@@ -283,6 +285,9 @@ def targets(ours: Server, wsgi: Server, asgi: Server, mlservers: list[Server], c
                 print(f"  {route.label} @1: p50 {ratio:5.2f}x the ASGI floor's (<= 3x) {verdict(ratio <= 3)}")
     if ours.transport:
         json_t, binary = ours.transport["1x3x224x224, seed JSON"], ours.transport["1x3x224x224, v2 binary"]
+        if not json_t["rps"]:
+            print("  v2 binary 1x3x224x224 @16: the seed JSON path answered nothing in the cell: use longer cells")
+            return
         ratio = binary["rps"] / json_t["rps"]
         print(f"  v2 binary 1x3x224x224 @16: {binary['rps']:,.0f} req/s = {ratio:.1f}x the seed JSON path's "
               f"{json_t['rps']:,.0f} (>= 20x) {verdict(ratio >= 20)}")
@@ -297,6 +302,8 @@ def main() -> None:
     parser.add_argument("--skip-mlserver", action="store_true")
     parser.add_argument("--rebuild-mlserver", action="store_true", help="make the MLServer virtualenv anew")
     parser.add_argument("--log-level", default="INFO", help="of fractal serve (INFO: a line per request)")
+    parser.add_argument("--http-workers", default="0", help="fractal serve's http_workers, comma-separated: one "
+                        "run of each (0: its default, one process per two cores)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -314,8 +321,10 @@ def main() -> None:
         cases = [c for c in transport_cases(work) if c[0].startswith("1x3x224x224")]
         wsgi, asgi = floors(seed)
         mlservers = [] if venv is None else [mlserver(work, venv, None, v2), mlserver(work, venv, 0, v2)]
-        ours = fractal("fractal serve", REPO, work, models, seed, v2, args.log_level)
-        servers = [wsgi, asgi, *mlservers, ours]
+        ours_all = [fractal("fractal serve" if n == 0 else f"fractal serve, {n} HTTP processes", REPO, work, models,
+                            seed, v2, args.log_level, n) for n in (int(h) for h in args.http_workers.split(","))]
+        ours = ours_all[0]
+        servers = [wsgi, asgi, *mlservers, *ours_all]
         if args.baseline:
             servers.append(fractal(f"fractal serve @ {args.baseline}", baseline_tree(args.baseline, work), work,
                                    models, seed, v2, args.log_level))
@@ -325,7 +334,8 @@ def main() -> None:
         print(f"\nREST, iris one row, wrk {args.duration_s:g} s per cell, {os.cpu_count()} cores; CPU per request "
               f"over {args.cpu_requests:,} requests at 16 connections (frontend: gunicorn workers; MLServer: all)")
         table(servers, conns)
-        targets(ours, wsgi, asgi, mlservers, conns)
+        for each in ours_all:
+            targets(each, wsgi, asgi, mlservers, conns)
         if args.baseline:
             before = servers[-1]
             print(f"\nFrontend CPU per request (gunicorn workers, /proc), {before.name} -> this checkout:")
