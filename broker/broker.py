@@ -373,8 +373,9 @@ class Broker:
             self._disconnect(worker.identity, worker.dialect, worker,
                              "reply without a matching request in flight")
             return
-        if request.answer is None:
-            self._send_client(request.client, request.dialect, request.service, message.body, final)
+        if request.answer is None:  # NOTE: the send inline, before any bookkeeping: the client waits for it
+            send_frames(self._socket, p.client_reply(request.client, request.dialect, request.service, message.body,
+                                                     final))
         now = time.monotonic()
         worker.expires_at = now + self._expiry_s  # NOTE: before _worker_idle, which may dispatch (and extend it)
         if not final:
@@ -484,17 +485,18 @@ class Broker:
         return not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve)
 
     def _dispatch(self, worker: Worker, request: Request, now: float) -> None:
-        request.attempts += 1
-        worker.request = request
-        if worker.dialect is Dialect.MAJORTOMO:
-            worker.expires_at = now + self.settings.majortomo_busy_timeout_s
         body = request.body
         if request.deadline_at != float("inf") and now - request.received_at >= 0.001:
             # NOTE: the worker counts from its own receipt: tell it what is left after the queue (a copy
             # of the first frame only; tensors of 64 KiB and more are frames of their own).
             body = [p.with_deadline(body[0], int((request.deadline_at - now) * 1000)), *body[1:]]
         self._send_worker(worker, MDPW.REQUEST, request.client, body)
-        service = worker.service  # NOTE: metrics after the send: they are off the request's path
+        # NOTE: bookkeeping and metrics after the send: they are off the request's path
+        request.attempts += 1
+        worker.request = request
+        if worker.dialect is Dialect.MAJORTOMO:
+            worker.expires_at = now + self.settings.majortomo_busy_timeout_s
+        service = worker.service
         service.started(request.model)
         if self.settings.placement and request.model:
             self._board.loading(worker.identity, request.model)  # it holds the model from now on
@@ -620,6 +622,7 @@ class Broker:
         self._reply_error(request, Timeout(f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
     def _reply_error(self, request: Request, error: FractalError, reason: Rejection | None) -> None:
+        # NOTE: counted before the reply leaves, so a caller that got its rejection finds it in the metrics
         if reason is not None:
             # NOTE: clients may name any service; only registered ones become label values.
             service = self._services.get(request.service)
