@@ -1,13 +1,17 @@
 """MDP/0.2 frames in both dialects: each direction's builder, its parser, and refusal of malformed messages."""
 from __future__ import annotations
 
+import threading
+
 import pytest
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import protocol as p
 from broker.errors import ProtocolError
 from broker.protocol import MDPC, MDPW, Dialect
+from worker.connection import Connection
 
 SENDER = b"\x00peer"  # the routing id a ROUTER puts first
 CLIENT = b"\x00client"
@@ -156,3 +160,33 @@ def test_any_frames_parse_to_a_record_or_raise_protocol_error(head: list, tail: 
         except ProtocolError:
             pass
     p.worker_sender(frames)
+
+
+def test_a_worker_connection_speaks_what_the_broker_parses() -> None:
+    """worker/connection.py's messages, over a real socket to a ROUTER standing in for the broker."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    endpoint = "inproc://frames-connection"
+    router.bind(endpoint)
+    conn = Connection(context, endpoint, b"modelhost", 1.0, 3.0, 1.0, threading.Event(), 0)
+    try:
+        def next_message() -> p.WorkerCommand:
+            assert router.poll(2000), "nothing came"
+            message = p.parse_at_broker(router.recv_multipart())
+            assert isinstance(message, p.WorkerCommand) and message.dialect is Dialect.RFC
+            return message
+
+        conn.connect()
+        ready = next_message()
+        assert (ready.command, ready.address) == (MDPW.READY, b"modelhost")
+        conn.heartbeat()
+        assert next_message().command == MDPW.HEARTBEAT
+        conn.final(CLIENT, BODY)
+        final = next_message()
+        assert (final.sender, final.command, final.address, final.body) == (ready.sender, MDPW.FINAL, CLIENT, BODY)
+        conn.close()
+        assert next_message().command == MDPW.DISCONNECT
+    finally:
+        router.close(linger=0)
+        context.term()
