@@ -16,7 +16,7 @@ from metrics import BrokerMetrics, new_registry, observe_many, serve_metrics
 from . import protocol as p
 from .curve import BrokerCurve
 from .errors import FractalError, NoWorkerAvailable, ProtocolError, QueueFull, Timeout, WorkerLost
-from .protocol import MDPC, MDPW, Dialect
+from .protocol import MDPW, Dialect
 from .queues import FairQueue
 from .rejections import Rejection
 from .settings import (
@@ -30,7 +30,7 @@ from .settings import (
     metrics_port_setting,
     setting,
 )
-from .sockets import NOBLOCK, readable, recv_frames, send_frames, wait
+from .sockets import drain, send_frames, wait
 from .status import STATUS_BODY, STATUS_CLIENT, StatusBoard
 
 log = logging.getLogger(__name__)
@@ -274,43 +274,31 @@ class Broker:
     # -- receiving -----------------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket) -> None:
-        for i in range(MAX_DRAIN):
-            if i and not readable(sock):  # the poll said the first one is there
-                return
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                self._handle(frames)
-            except ProtocolError as exc:
-                self.metrics.dropped.inc()
-                log.warning("dropped message from %s: %s", frames[0].hex() if frames else "?", exc)
-            except Exception:
-                self.metrics.dropped.inc()
-                log.exception("dropped message from %s after an unexpected error",
-                              frames[0].hex() if frames else "?")
+        """Handle the messages waiting, up to MAX_DRAIN; the caller's poll said the first one is there."""
+        drain(sock, self._handle, MAX_DRAIN, ready=True)
 
     def _handle(self, frames: list) -> None:
-        if len(frames) < 3:
-            raise ProtocolError(f"{len(frames)} frames is too short for MDP")
-        sender = frames[0]
-        dialect, msg = p.split_dialect(frames[1:])
-        if len(msg) < 2:
-            raise ProtocolError("no header and command")
-        header = msg[0]
-        if header == p.CLIENT_HEADER:
-            self._client_message(sender, dialect, msg)
-        elif header == p.WORKER_HEADER:
-            self._worker_message(sender, dialect, msg[1], msg[2:])
-        else:
-            raise ProtocolError(f"unknown header {header[:16]!r}")
+        """Handle one message from a peer; never raises: what breaks MDP is logged, counted and dropped
+        (a worker that sent it is told to DISCONNECT)."""
+        try:
+            message = p.parse_at_broker(frames)
+            if isinstance(message, p.ClientRequest):
+                self._client_message(message)
+            else:
+                self._worker_message(message)
+        except ProtocolError as exc:
+            peer = p.worker_sender(frames)
+            if peer is not None:
+                self._disconnect(peer[0], peer[1], self._workers.get(peer[0]), str(exc))
+                return
+            self.metrics.dropped.inc()
+            log.warning("dropped message from %s: %s", frames[0].hex() if frames else "?", exc)
+        except Exception:
+            self.metrics.dropped.inc()
+            log.exception("dropped message from %s after an unexpected error", frames[0].hex() if frames else "?")
 
-    def _client_message(self, client: bytes, dialect: Dialect, msg: list) -> None:
-        expected = MDPC.REQUEST if dialect is Dialect.RFC else p.MAJORTOMO_CLIENT_REQUEST
-        if msg[1] != expected or len(msg) < 3:
-            raise ProtocolError(f"client command {msg[1][:4]!r} is not REQUEST with a service")
-        service_name, body = msg[2], msg[3:]
+    def _client_message(self, message: p.ClientRequest) -> None:
+        client, dialect, service_name, body = message
         if service_name.startswith(p.MMI_PREFIX):
             self._mmi(client, dialect, service_name, body)
             return
@@ -356,53 +344,52 @@ class Broker:
             reply = b"501"
         self._send_client(client, dialect, service_name, [reply])
 
-    def _worker_message(self, identity: bytes, dialect: Dialect, command: bytes, rest: list) -> None:
+    def _worker_message(self, message: p.WorkerCommand) -> None:
+        identity, dialect, command = message.sender, message.dialect, message.command
         worker = self._workers.get(identity)
         if command == MDPW.READY:
-            if worker is not None or len(rest) != 1 or not rest[0]:
-                # RFC 18: a READY out of sequence is answered with DISCONNECT.
-                self._disconnect(identity, dialect, worker, "READY out of sequence or without service")
+            if worker is not None:  # RFC 18: a READY out of sequence is answered with DISCONNECT.
+                self._disconnect(identity, dialect, worker, "READY out of sequence")
                 return
-            self._register(identity, dialect, rest[0])
+            self._register(identity, dialect, message.address)
             return
         if worker is None:
             # An unknown worker (the broker restarted, or we declared it dead): make it reconnect.
-            send_frames(self._socket, [identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
-            if command not in (MDPW.HEARTBEAT, MDPW.DISCONNECT, MDPW.FINAL, MDPW.PARTIAL):
-                raise ProtocolError(f"unknown worker command {command[:4]!r}")
+            send_frames(self._socket, p.broker_command(identity, dialect, MDPW.DISCONNECT))
             return
-        worker.expires_at = time.monotonic() + self._expiry_s
         if command == MDPW.FINAL or command == MDPW.PARTIAL:
-            self._worker_reply(worker, command == MDPW.FINAL, rest)
-        elif command == MDPW.HEARTBEAT:
-            pass
+            self._worker_reply(worker, command == MDPW.FINAL, message)
         elif command == MDPW.DISCONNECT:
             log.info("worker %s sent DISCONNECT", identity.hex())
             self._remove_worker(worker, redispatch=True)
-        else:
-            self._disconnect(identity, dialect, worker, f"unknown worker command {command[:4]!r}")
+        else:  # HEARTBEAT
+            worker.expires_at = time.monotonic() + self._expiry_s
 
-    def _worker_reply(self, worker: Worker, final: bool, rest: list) -> None:
+    def _worker_reply(self, worker: Worker, final: bool, message: p.WorkerCommand) -> None:
+        """Forward a worker's PARTIAL or FINAL to its client, then do the bookkeeping (the client's wait
+        ends at the send); a FINAL makes the worker idle."""
         request = worker.request
-        if len(rest) < 2 or rest[1] != b"" or request is None or rest[0] != request.client:
+        if request is None or message.address != request.client:
             self._disconnect(worker.identity, worker.dialect, worker,
                              "reply without a matching request in flight")
             return
-        if request.answer is not None:  # the broker's own request (Request.internal): its answer stays here
-            if final:
-                request.answer(worker.identity, rest[2:], time.monotonic())
-                worker.request = None
-                self._worker_idle(worker)
+        if request.answer is None:  # NOTE: the send inline, before any bookkeeping: the client waits for it
+            send_frames(self._socket, p.client_reply(request.client, request.dialect, request.service, message.body,
+                                                     final))
+        now = time.monotonic()
+        worker.expires_at = now + self._expiry_s  # NOTE: before _worker_idle, which may dispatch (and extend it)
+        if not final:
             return
-        self._send_client(request.client, request.dialect, request.service, rest[2:], final)
-        if final:
+        worker.request = None
+        if request.answer is not None:  # the broker's own request (Request.internal): its answer stays here
+            request.answer(worker.identity, message.body, now)
+        else:
             service = worker.service
             service.m_completed.inc(request.count)
-            observe_many(service.m_duration, time.monotonic() - request.received_at, request.count)
+            observe_many(service.m_duration, now - request.received_at, request.count)
             worker.served += request.count
-            worker.request = None
             service.finished(request.model)
-            self._worker_idle(worker)
+        self._worker_idle(worker)
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -498,17 +485,18 @@ class Broker:
         return not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve)
 
     def _dispatch(self, worker: Worker, request: Request, now: float) -> None:
-        request.attempts += 1
-        worker.request = request
-        if worker.dialect is Dialect.MAJORTOMO:
-            worker.expires_at = now + self.settings.majortomo_busy_timeout_s
         body = request.body
         if request.deadline_at != float("inf") and now - request.received_at >= 0.001:
             # NOTE: the worker counts from its own receipt: tell it what is left after the queue (a copy
             # of the first frame only; tensors of 64 KiB and more are frames of their own).
             body = [p.with_deadline(body[0], int((request.deadline_at - now) * 1000)), *body[1:]]
-        self._send_worker(worker, MDPW.REQUEST, request.client, b"", *body)
-        service = worker.service  # NOTE: metrics after the send: they are off the request's path
+        self._send_worker(worker, MDPW.REQUEST, request.client, body)
+        # NOTE: bookkeeping and metrics after the send: they are off the request's path
+        request.attempts += 1
+        worker.request = request
+        if worker.dialect is Dialect.MAJORTOMO:
+            worker.expires_at = now + self.settings.majortomo_busy_timeout_s
+        service = worker.service
         service.started(request.model)
         if self.settings.placement and request.model:
             self._board.loading(worker.identity, request.model)  # it holds the model from now on
@@ -524,7 +512,7 @@ class Broker:
     def _disconnect(self, identity: bytes, dialect: Dialect, worker: Worker | None, why: str) -> None:
         log.warning("disconnecting worker %s: %s", identity.hex(), why)
         self.metrics.dropped.inc()
-        send_frames(self._socket, [identity, *p.worker_message(dialect, MDPW.DISCONNECT)])
+        send_frames(self._socket, p.broker_command(identity, dialect, MDPW.DISCONNECT))
         if worker is not None:
             self._remove_worker(worker, redispatch=True)
 
@@ -592,7 +580,7 @@ class Broker:
         """Hand the broker's own `request` (Request.internal) to an idle `worker`, which is busy until it
         answers; no counter moves."""
         worker.request = request
-        self._send_worker(worker, MDPW.REQUEST, request.client, b"", *request.body)
+        self._send_worker(worker, MDPW.REQUEST, request.client, request.body)
 
     def _end_grace(self) -> None:
         """The start-up grace is over: what waits for a service that still has no worker fails now,
@@ -634,6 +622,7 @@ class Broker:
         self._reply_error(request, Timeout(f"no worker became free within {self.settings.queue_timeout_s:g} s"), None)
 
     def _reply_error(self, request: Request, error: FractalError, reason: Rejection | None) -> None:
+        # NOTE: counted before the reply leaves, so a caller that got its rejection finds it in the metrics
         if reason is not None:
             # NOTE: clients may name any service; only registered ones become label values.
             service = self._services.get(request.service)
@@ -650,7 +639,8 @@ class Broker:
     def _send_client(self, client: bytes, dialect: Dialect, service: bytes, body: list,
                      final: bool = True) -> None:
         # NOTE: ROUTER drops messages to vanished peers instead of blocking (ROUTER_MANDATORY off).
-        send_frames(self._socket, [client, *p.client_reply(dialect, service, body, final)])
+        send_frames(self._socket, p.client_reply(client, dialect, service, body, final))
 
-    def _send_worker(self, worker: Worker, command: bytes, *frames: bytes) -> None:
-        send_frames(self._socket, [worker.identity, *p.worker_message(worker.dialect, command, *frames)])
+    def _send_worker(self, worker: Worker, command: bytes, client: bytes | None = None,
+                     body: list | tuple = ()) -> None:
+        send_frames(self._socket, p.broker_command(worker.identity, worker.dialect, command, client, body))

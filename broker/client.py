@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import zmq
 from zmq.backend import zmq_poll
+from zmq.utils.monitor import parse_monitor_message
 
 from metrics import tracing
 
@@ -38,7 +39,7 @@ from . import protocol as p
 from .curve import PeerKeys
 from .errors import BadInput, BrokerLost, FractalError, NoWorkerAvailable, ProtocolError, Timeout
 from .settings import endpoint_list
-from .sockets import NOBLOCK, POLLIN, POLLOUT, readable, recv_frames, send_frames, wait
+from .sockets import NOBLOCK, POLLIN, POLLOUT, drain, readable, recv_frames, send_frames, wait
 
 DEFAULT_SERVICE = "modelhost"
 CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the broker to come up
@@ -298,8 +299,7 @@ class Client(_Operations):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         rid = next(_ids)
-        frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                  *p.request_body(rid, op, _with_request_id(fields or {}), int(timeout_s * 1000))]
+        frames = _request(self.service, rid, op, fields or {}, timeout_s)
         pending: dict[int, tuple] = {}
         self._send_call(link, pending, op, frames, deadline)
         pending[rid] = (0, op, frames)
@@ -329,9 +329,7 @@ class Client(_Operations):
                     exhausted = True
                     break
                 rid = next(_ids)
-                frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service,
-                          *p.request_body(rid, call[0], _with_request_id(call[1]),
-                                          int((deadline - time.monotonic()) * 1000))]
+                frames = _request(self.service, rid, call[0], call[1], deadline - time.monotonic())
                 self._send_call(link, pending, call[0], frames, deadline)
                 pending[rid] = (len(results), call[0], frames)
                 results.append(None)
@@ -461,7 +459,7 @@ class Client(_Operations):
         link = self._link()
         deadline = time.monotonic() + timeout_s
         self._watch(link, {}, deadline)  # NOTE: consume connection events, so a later call sees only new ones
-        frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body]
+        frames = p.client_request(service, [body])
         try:
             if len(link.socks) == 1:
                 _send(link.sock, frames, deadline, self.endpoint)
@@ -473,15 +471,31 @@ class Client(_Operations):
         while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
             if not wait(sock, remaining_ms):
                 break
-            frames = sock.recv_multipart()
-            if len(frames) == 4 and frames[2] == service:
-                return frames[3]
+            answer = _mmi_answer(recv_frames(sock), service)
+            if answer is not None:
+                return answer
         return None
 
 
+def _request(service: bytes, rid: int, op: str, fields: dict, timeout_s: float) -> list:
+    """The frames of one request `rid` for `service`, with a request id and, in its routing header, the
+    `timeout_s` left of the caller's deadline: the one way a call of Client is built."""
+    return p.client_request(service, p.request_body(rid, op, _with_request_id(fields), int(timeout_s * 1000)))
+
+
+def _mmi_answer(frames: list, service: bytes) -> bytes | None:
+    """The one-frame answer of MMI `service` (RFC 8) when `frames` are that, else None (a late reply to
+    another call, garbage)."""
+    try:
+        reply = p.parse_client_reply(frames)
+    except ProtocolError:
+        return None
+    return reply.body[0] if reply.service == service and len(reply.body) == 1 else None
+
+
 def _event_of(frames: list) -> int:
-    """The event number of a socket monitor message (its first frame: uint16 event, uint32 value)."""
-    return int.from_bytes(frames[0][:2], "little")
+    """The event number of a socket monitor message (pyzmq reads libzmq's layout)."""
+    return parse_monitor_message(frames)["event"]
 
 
 def _broker_lost(op: str, endpoint: str) -> BrokerLost:
@@ -758,7 +772,7 @@ class AsyncClient(_Operations):
         if not calls:
             return None
         pack_id = next(_ids) if len(calls) > 1 else None
-        return [p.CLIENT_HEADER, p.MDPC.REQUEST, self.service, *writer.request(pack_id)], calls, pack_id
+        return p.client_request(self.service, writer.request(pack_id)), calls, pack_id
 
     def _sent(self, calls: list, pack_id: int | None) -> None:
         inflight = self._inflight
@@ -894,21 +908,15 @@ class AsyncClient(_Operations):
         sock = sock or self._socket
         if sock is None or sock.closed:
             return
-        for _ in range(MAX_DRAIN):
-            if not readable(sock):
-                return
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                self._on_reply(frames)
-            except ProtocolError:
-                pass  # not ours, or garbage: nothing to match it to
-        self._loop.call_soon(self._on_readable, sock)  # more waiting: let the callers run first
+        if drain(sock, self._on_reply, MAX_DRAIN):
+            self._loop.call_soon(self._on_readable, sock)  # more waiting: let the callers run first
 
     def _on_reply(self, frames: list) -> None:
-        _command, service, body = p.parse_client_reply(frames)
+        """Settle the call (or MMI question) a reply answers; never raises: what is not ours is dropped."""
+        try:
+            _command, service, body = p.parse_client_reply(frames)
+        except ProtocolError:
+            return  # garbage: nothing to match it to
         if service != self.service:
             waiters = self._mmi_waiters.get(service)
             while waiters:
@@ -917,7 +925,10 @@ class AsyncClient(_Operations):
                     waiter.set_result(body[0] if body else b"")
                     return
             return
-        reply = p.unpack_body(body)
+        try:
+            reply = p.unpack_body(body)
+        except ProtocolError:
+            return
         rid = reply.get("id") if isinstance(reply, dict) else None
         if type(rid) is not int:
             return
@@ -952,7 +963,7 @@ class AsyncClient(_Operations):
             self._open()
         now = self._loop.time()
         deadline, give_up = now + timeout_s, now + min(timeout_s, CONNECT_WAIT_S)
-        frames = [p.CLIENT_HEADER, p.MDPC.REQUEST, service, body]
+        frames = p.client_request(service, [body])
         while True:  # NOTE: a new socket refuses sends (IMMEDIATE) until its connection is up
             if self._socket is None:
                 return None  # closed meanwhile

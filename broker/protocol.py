@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -64,40 +64,142 @@ MAJORTOMO_CLIENT_PARTIAL = b"\x03"
 MAJORTOMO_CLIENT_FINAL = b"\x04"
 
 # ---------------------------------------------------------------------------------------------
-# Frames
+# Frames: each inbound message is parsed once into a record, each outbound one built by one function,
+# one per direction; no other module knows a frame's position. Records are NamedTuples made with
+# tuple.__new__ (a dataclass, or the NamedTuple's own __new__, costs more per message on the hot path).
 
 
-def client_request(service: bytes, *body: bytes) -> list[bytes]:
+class ClientRequest(NamedTuple):
+    """client -> broker: a REQUEST (the only command a client sends), as the broker's ROUTER got it."""
+    sender: bytes     # the client's routing id
+    dialect: Dialect  # how to answer it
+    service: bytes
+    body: list        # the body frames (RFC 18 requires one at least; the broker checks)
+
+
+class WorkerCommand(NamedTuple):
+    """worker -> broker: READY, PARTIAL, FINAL, HEARTBEAT or DISCONNECT, as the broker's ROUTER got it."""
+    sender: bytes     # the worker's routing id
+    dialect: Dialect
+    command: bytes    # an MDPW code (the same in both dialects)
+    address: bytes    # READY: the service; PARTIAL, FINAL: the client's address; else b""
+    body: list        # PARTIAL, FINAL: the reply's body frames; else []
+
+
+class BrokerCommand(NamedTuple):
+    """broker -> worker: REQUEST, HEARTBEAT or DISCONNECT, as a worker's DEALER got it (RFC dialect)."""
+    command: bytes    # an MDPW code
+    client: bytes     # REQUEST: the client's address, to send back with the reply; else b""
+    body: list        # REQUEST: the body frames; [] when its envelope is broken (answer it with an error)
+
+
+class ClientReply(NamedTuple):
+    """broker -> client: PARTIAL or FINAL, as a client's DEALER got it (RFC dialect)."""
+    command: bytes    # MDPC.PARTIAL or MDPC.FINAL
+    service: bytes    # the service the request named (an MMI service for MMI answers)
+    body: list
+
+
+_new = tuple.__new__
+_DIALECT_AT = (None, Dialect.RFC, Dialect.MAJORTOMO)   # by the index of the header frame, after the sender
+_CLIENT_REQUEST_AT = (None, MDPC.REQUEST, MAJORTOMO_CLIENT_REQUEST)
+
+
+def parse_at_broker(frames: list) -> ClientRequest | WorkerCommand:
+    """A message the broker's ROUTER received (its first frame the sender's routing id), in either
+    dialect: a ClientRequest or a WorkerCommand. Raises ProtocolError when it breaks MDP/0.2; for a
+    message with the worker header, `worker_sender` then says whom to answer with DISCONNECT."""
+    count = len(frames)
+    if count < 3:
+        raise ProtocolError(f"{count} frames is too short for MDP")
+    at = 1 if frames[1] else 2  # NOTE: majortomo leads with an empty frame
+    if count < at + 2:
+        raise ProtocolError("no header and command")
+    header, command = frames[at], frames[at + 1]
+    if header == CLIENT_HEADER:
+        if command != _CLIENT_REQUEST_AT[at] or count < at + 3:
+            raise ProtocolError(f"client command {command[:4]!r} is not REQUEST with a service")
+        return _new(ClientRequest, (frames[0], _DIALECT_AT[at], frames[at + 2], frames[at + 3:]))
+    if header != WORKER_HEADER:
+        raise ProtocolError(f"unknown header {header[:16]!r}")
+    if command == MDPW.FINAL or command == MDPW.PARTIAL:
+        if count < at + 4 or frames[at + 3]:
+            raise ProtocolError("a reply without its client address and empty frame")
+        return _new(WorkerCommand, (frames[0], _DIALECT_AT[at], command, frames[at + 2], frames[at + 4:]))
+    if command == MDPW.HEARTBEAT or command == MDPW.DISCONNECT:
+        return _new(WorkerCommand, (frames[0], _DIALECT_AT[at], command, b"", []))
+    if command == MDPW.READY:
+        if count != at + 3 or not frames[at + 2]:
+            raise ProtocolError("READY without a service, or with more")
+        return _new(WorkerCommand, (frames[0], _DIALECT_AT[at], command, frames[at + 2], []))
+    raise ProtocolError(f"unknown worker command {command[:4]!r}")
+
+
+def worker_sender(frames: list) -> tuple[bytes, Dialect] | None:
+    """The sender and dialect of a message parse_at_broker refused that carries the worker header and
+    a command (the broker answers it with DISCONNECT); None for any other message."""
+    if len(frames) < 3:
+        return None
+    at = 1 if frames[1] else 2
+    if len(frames) < at + 2 or frames[at] != WORKER_HEADER:
+        return None
+    return frames[0], _DIALECT_AT[at]  # type: ignore[return-value]  # at is 1 or 2
+
+
+def parse_broker_command(frames: list) -> BrokerCommand:
+    """A message a worker's DEALER received from the broker. Raises ProtocolError when it is not
+    worker traffic or a REQUEST has no client address; a REQUEST whose envelope is broken comes back
+    with no body frames, so the worker answers it with an error instead of leaving it unanswered."""
+    if len(frames) < 2 or frames[0] != WORKER_HEADER:
+        raise ProtocolError(f"not MDP/0.2 worker traffic ({len(frames)} frames)")
+    command = frames[1]
+    if command != MDPW.REQUEST:
+        return _new(BrokerCommand, (command, b"", []))
+    if len(frames) < 3:
+        raise ProtocolError("a REQUEST without a client address")
+    body = frames[4:] if len(frames) > 4 and frames[3] == b"" else []
+    return _new(BrokerCommand, (command, frames[2], body))
+
+
+def parse_client_reply(frames: list) -> ClientReply:
+    """A message a client's DEALER received from the broker (RFC dialect); raises ProtocolError when it
+    is not a PARTIAL or FINAL with a service."""
+    if len(frames) < 3 or frames[0] != CLIENT_HEADER or frames[1] not in (MDPC.PARTIAL, MDPC.FINAL):
+        raise ProtocolError(f"not an MDP/0.2 client reply ({len(frames)} frames)")
+    return _new(ClientReply, (frames[1], frames[2], frames[3:]))
+
+
+def client_request(service: bytes, body: list) -> list:
+    """client -> broker: the frames of a REQUEST for `service` (RFC dialect; a DEALER sends no routing id)."""
     return [CLIENT_HEADER, MDPC.REQUEST, service, *body]
 
 
-def client_reply(dialect: Dialect, service: bytes, body: list, final: bool = True) -> list:
-    """Frames (after the routing id) of a reply to a client, in the dialect that client spoke."""
+def client_reply(client: bytes, dialect: Dialect, service: bytes, body: list, final: bool = True) -> list:
+    """broker -> client: the ROUTER frames of a reply to `client`, in the dialect that client spoke."""
     if dialect is Dialect.RFC:
-        return [CLIENT_HEADER, MDPC.FINAL if final else MDPC.PARTIAL, service, *body]
-    code = MAJORTOMO_CLIENT_FINAL if final else MAJORTOMO_CLIENT_PARTIAL
-    return [b"", CLIENT_HEADER, code, *body]
+        return [client, CLIENT_HEADER, MDPC.FINAL if final else MDPC.PARTIAL, service, *body]
+    return [client, b"", CLIENT_HEADER, MAJORTOMO_CLIENT_FINAL if final else MAJORTOMO_CLIENT_PARTIAL, *body]
 
 
-def worker_message(dialect: Dialect, command: bytes, *frames: bytes) -> list:
-    """Frames (after the routing id) of a broker -> worker or worker -> broker message."""
+def broker_command(worker: bytes, dialect: Dialect, command: bytes, client: bytes | None = None,
+                   body: list | tuple = ()) -> list:
+    """broker -> worker: the ROUTER frames of `command` to `worker` in its dialect; a REQUEST carries the
+    `client`'s address and the body frames, HEARTBEAT and DISCONNECT nothing."""
+    if client is None:
+        return [worker, WORKER_HEADER, command] if dialect is Dialect.RFC else [worker, b"", WORKER_HEADER, command]
     if dialect is Dialect.RFC:
-        return [WORKER_HEADER, command, *frames]
-    return [b"", WORKER_HEADER, command, *frames]
+        return [worker, WORKER_HEADER, command, client, b"", *body]
+    return [worker, b"", WORKER_HEADER, command, client, b"", *body]
 
 
-def split_dialect(frames: list) -> tuple[Dialect, list]:
-    """Strip majortomo's leading empty frame; what remains starts with the protocol header."""
-    if frames and not frames[0]:
-        return Dialect.MAJORTOMO, frames[1:]
-    return Dialect.RFC, frames
-
-
-def parse_client_reply(frames: list) -> tuple[bytes, bytes, list]:
-    """Check an RFC reply to a client; returns (command, service, body frames)."""
-    if len(frames) < 3 or frames[0] != CLIENT_HEADER or frames[1] not in (MDPC.PARTIAL, MDPC.FINAL):
-        raise ProtocolError(f"not an MDP/0.2 client reply ({len(frames)} frames)")
-    return frames[1], frames[2], frames[3:]
+def worker_command(command: bytes, address: bytes | None = None, body: list | tuple = ()) -> list:
+    """worker -> broker: the frames of `command` (RFC dialect; a DEALER sends no routing id). READY
+    carries the service as `address`; PARTIAL and FINAL the client's address and the body frames."""
+    if address is None:
+        return [WORKER_HEADER, command]
+    if command == MDPW.READY:
+        return [WORKER_HEADER, command, address]
+    return [WORKER_HEADER, command, address, b"", *body]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +293,6 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot pack {type(obj).__name__}")
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == TENSOR_EXT:
-        return decode_tensor(data)
-    raise ProtocolError(f"unknown msgpack extension type {code}")
 
 
 def pack(obj: Any) -> bytes:

@@ -62,6 +62,22 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(_GET(sock, EVENTS) & POLLIN)
 
 
+def drain(sock: zmq.Socket, handle: Callable[[list], None], limit: int, ready: bool = False) -> bool:
+    """Receive the messages waiting on `sock` and hand each to `handle` (which must not raise), at most
+    `limit` of them; True when it stopped at the limit, so more may wait. `ready`: a poll just said the
+    first one is there (no readiness check for it). A loop that polls the socket's file descriptor must
+    call it again when it returns True: the descriptor is edge-triggered."""
+    for i in range(limit):
+        if (i or not ready) and not readable(sock):
+            return False
+        try:
+            frames = recv_frames(sock, NOBLOCK)
+        except zmq.Again:
+            return False
+        handle(frames)
+    return True
+
+
 def recv_within(sock: zmq.Socket, timeout_ms: int) -> list:
     """One multipart message, waiting at most `timeout_ms`; raises zmq.Again when none came.
 

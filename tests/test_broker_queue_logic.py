@@ -211,6 +211,21 @@ def test_a_second_ready_is_answered_with_disconnect(rig: Rig) -> None:
     assert received(worker) == [p.WORKER_HEADER, MDPW.DISCONNECT]
 
 
+@pytest.mark.parametrize("broken", [[MDPW.FINAL, b"address only"], [MDPW.PARTIAL, b"x", b"not empty", b"body"],
+                                    [b"\x07"], [MDPW.READY]])
+def test_a_worker_that_breaks_mdp_is_disconnected_and_its_request_goes_to_another(rig: Rig, broken: list) -> None:
+    first, second = rig.worker(), rig.worker()
+    client = sent(rig, 1)
+    take_request(first)
+    first.send_multipart([p.WORKER_HEADER, *broken])
+    rig.step()
+    assert received(first) == [p.WORKER_HEADER, MDPW.DISCONNECT]
+    address, rid = take_request(second)
+    answer(second, address, rid)
+    rig.step()
+    assert reply_of(client) == {"id": 1}
+
+
 def sample(rig: Rig, name: str, **labels: str) -> float | None:
     """A broker metric's sample (None: no such series); the rig's metrics must be on."""
     return rig.broker.registry.get_sample_value(name, {"service": SERVICE.decode(), **labels})

@@ -89,12 +89,6 @@ def test_other_model_names_are_bad_input(name):
         p.check_model_name(name)
 
 
-def test_majortomo_dialect_frames():
-    assert p.split_dialect([b"", b"MDPC02", b"\x02"]) == (p.Dialect.MAJORTOMO, [b"MDPC02", b"\x02"])
-    assert p.client_reply(p.Dialect.MAJORTOMO, b"svc", [b"x"]) == [b"", b"MDPC02", b"\x04", b"x"]
-    assert p.client_reply(p.Dialect.RFC, b"svc", [b"x"], final=False) == [b"MDPC02", b"\x02", b"svc", b"x"]
-
-
 def test_large_tensors_travel_out_of_band_and_come_back_as_views():
     big = np.arange(50_000, dtype=np.float32).reshape(500, 100)  # 200 kB: over the out-of-band minimum
     small = np.arange(4, dtype=np.int64)

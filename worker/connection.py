@@ -53,7 +53,7 @@ class Connection:
         self.held = 0
         self.used = False
         self.generation += 1
-        self.send(MDPW.READY, self._service)
+        self._send(p.worker_command(MDPW.READY, self._service))
         self.broker_expires = time.monotonic() + self._silence_s
         log.info("connection %d to %s sent READY", self.index, self._endpoint)
 
@@ -62,7 +62,7 @@ class Connection:
         # now; a DISCONNECT behind it makes the broker forget that identity at once instead of
         # dispatching to it until it misses its heartbeats.
         try:
-            send_frames(self.socket, [p.WORKER_HEADER, MDPW.DISCONNECT], NOBLOCK)
+            send_frames(self.socket, p.worker_command(MDPW.DISCONNECT), NOBLOCK)
         except zmq.ZMQError:
             pass
         self.socket.close(linger=int(self.interval_s * 1000))
@@ -76,12 +76,24 @@ class Connection:
 
     def close(self) -> None:
         if self.socket is not None:
-            self.send(MDPW.DISCONNECT)
+            self._send(p.worker_command(MDPW.DISCONNECT))
             self.socket.close(linger=200)  # NOTE: long enough for DISCONNECT to leave
             self.socket = None  # type: ignore[assignment]  # closed for good
 
+    def heartbeat(self) -> None:
+        self._send(p.worker_command(MDPW.HEARTBEAT))
+
+    def final(self, client: bytes, body: list) -> None:
+        """Send the FINAL reply to `client`'s request."""
+        self._send(p.worker_command(MDPW.FINAL, client, body))
+
     def send(self, command: bytes, *frames: bytes) -> None:
-        send_frames(self.socket, [p.WORKER_HEADER, command, *frames])
+        """`command` followed by `frames` as they are. NOTE: only for modelhost.py until issue 14's
+        worker rewrite (branch life) calls heartbeat() and final(); it is then to go."""
+        self._send([p.WORKER_HEADER, command, *frames])
+
+    def _send(self, frames: list) -> None:
+        send_frames(self.socket, frames)
         self.last_sent = time.monotonic()
 
     def heard(self) -> None:

@@ -224,31 +224,25 @@ class ModelHost:
 
     def _handle(self, conn: Connection, frames: list) -> None:
         conn.heard()
-        if len(frames) < 2 or frames[0] != p.WORKER_HEADER:
-            log.warning("dropped a message that is not MDP/0.2 worker traffic (%d frames)", len(frames))
+        try:
+            command, client, body = p.parse_broker_command(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a message from the broker: %s", exc)
             return
-        command = frames[1]
         if command == MDPW.REQUEST:
-            if len(frames) < 3:
-                log.warning("dropped a REQUEST without a client address")
-                return
             conn.held += 1
-            if len(frames) < 5 or frames[3] != b"":
-                self._final(conn, frames[2], p.error_body(None, self.node, ProtocolError(
-                    "REQUEST without envelope and body")))
-                return
             received = time.monotonic()  # NOTE: the request's deadline_ms counts from here
             arrived = time.perf_counter()  # NOTE: worker_ms counts from here, batched or not
             traced_at = time.perf_counter_ns() if tracing.ENABLED else 0
-            request = self._decode(frames[4:])
+            request = self._decode(body)
             if isinstance(request, ProtocolError):
-                self._final(conn, frames[2], p.error_body(None, self.node, request))
+                self._final(conn, client, p.error_body(None, self.node, request))
                 return
             if traced_at:
                 tracing.received(request, traced_at)
             if not (self.policy.enabled and request["op"] == "predict"
-                    and self._queued(conn, frames[2], request, received, arrived)):
-                self._final(conn, frames[2], self._run_busy(self.reply_to, request, received, arrived))
+                    and self._queued(conn, client, request, received, arrived)):
+                self._final(conn, client, self._run_busy(self.reply_to, request, received, arrived))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
                 log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
