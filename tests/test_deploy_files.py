@@ -16,7 +16,7 @@ from broker.broker import BrokerSettings
 from broker.settings import field_env, load
 from fractal.serve import ServeSettings
 from frontend.settings import FrontendSettings
-from worker.modelhost import WorkerSettings
+from worker.settings import WorkerSettings
 
 from .harness import BUNDLED, REPO, debian_tool
 
