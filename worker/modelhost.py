@@ -42,6 +42,7 @@ from .memory import rss_bytes
 from .ops import OPS
 from .packs import reply_body, run_pack
 from .pool import ModelPool
+from .runtimes import RunTimes
 from .sessions import LoadedModel, SessionCache, SessionFactory
 from .settings import WorkerSettings
 
@@ -90,6 +91,7 @@ class ModelHost:
             for i, endpoint in enumerate(e for e in endpoints for _ in range(settings.connections))]
         self._queues: dict[str, Queue] = {}
         self._outbox: list[tuple[Job, list]] = []  # replies of a dynamic batch's rows, sent after its run
+        self.run_times = RunTimes()  # what each model's run takes here: a deadline nearer than that is not run
 
     def stop(self) -> None:
         """Ask the loop to end after the current request; safe from a signal handler."""
@@ -291,10 +293,11 @@ class ModelHost:
                     raise ProtocolError("a request must be a map with a string 'op'")
                 raise BadInput(f"unknown op {job.op!r}; known: {', '.join(sorted(OPS))}")
             if job.expires_at != INF:
+                need_s = self.run_times.expected_s(job.model, job.version) if job.op in PREDICT_OPS else 0.0
                 left_s = job.expires_at - time.monotonic()
-                if left_s <= 0:
+                if left_s <= need_s:
                     job.dropped = True
-                    return late(left_s, 0.0)
+                    return late(left_s, need_s)
             inference.LAST_RUN = None
             return op(self.pool, job.fields, self.node)
         except FractalError as exc:
@@ -307,7 +310,8 @@ class ModelHost:
         """The requests of a batch about to run that can still meet their deadline, weighed against the
         batch's expected run time (its rows, worker/runtimes.py); the others are answered Timeout
         without running (deadline drops)."""
-        need_s = 0.0
+        first = batch[0].job
+        need_s = self.run_times.expected_s(first.model, first.version, sum(p.rows for p in batch))
         now = time.monotonic()
         batch, dropped = split_late(batch, now, need_s)
         for pending in dropped:
@@ -376,6 +380,8 @@ class ModelHost:
         if op in PREDICT_OPS:
             self.metrics.model_done(job.model, None if ok else outcome.__class__.__name__,
                                     served_version(job.fields, outcome))
+            if job.ran is not None:
+                self.run_times.observe(job.model, job.version, *job.ran)
         if job.dropped:
             self.metrics.dropped_deadline.inc()
         if tracing.ENABLED and not job.in_pack:
