@@ -106,7 +106,7 @@ def check(role: str, http_port: int | None = None) -> Outcome:
         why = _tcp(endpoint) or "the port is open but no broker answered"
         return Outcome(False, f"MMI mmi.workers at {endpoint}", f"no answer within {TIMEOUT_S:g} s: {why}; {hint}")
     if role == "worker":
-        from worker.modelhost import WorkerSettings
+        from worker.settings import WorkerSettings
         settings = load(WorkerSettings, "worker")
         if settings.metrics_port == 0:  # nothing to ask; the container runtime knows the process is alive
             return Outcome(True, "nothing (FRACTAL_WORKER_METRICS_PORT=0)")

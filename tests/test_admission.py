@@ -171,6 +171,47 @@ def test_the_worker_drops_a_batched_request_whose_deadline_passed_before_its_bat
     assert runs(worker_port, "iris.onnx") == before
 
 
+def test_the_worker_does_not_run_what_cannot_meet_its_deadline_once_it_knows_the_models_time(procs, model_dir):
+    url, broker_port, worker_port = one_worker(procs, model_dir)
+    base = start_frontend(procs, url)
+    with Client(url, timeout_s=60) as client:
+        client.upload("teach.onnx", slow_model())  # a name of its own: one_worker's 10 ms warm-up is slow.onnx's
+        timing: dict = {}
+        client.predict("teach.onnx", slow_input(1.0), timing=timing)  # teaches the worker the model's time
+    run_s = timing["inference_ms"] / 1e3  # at least 1 s; longer on a busy machine
+    short_s = 0.3  # well below what the run takes: no call with it can be answered in time
+    before = runs(worker_port, "teach.onnx")
+    took = []
+    with Client(url) as client:
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(Timeout, match="did not run it"):
+                client.predict("teach.onnx", slow_input(1.0), timeout_s=short_s)
+            took.append(time.monotonic() - started)
+    for _ in range(2):  # over HTTP, its X-Request-Timeout travels to the worker
+        started = time.monotonic()
+        status, _, body = http(base, "/api/v1/models/teach.onnx/prediction", {"values": [int(slow_input(1.0)["k"][0])]},
+                               {"X-Request-Timeout": str(short_s)})
+        took.append(time.monotonic() - started)
+        assert status == 504 and "did not run it" in body["http_status"]["description"], body
+
+    async def packed() -> list:  # one pack: each member is weighed on its own
+        async with AsyncClient(url, timeout_s=60) as client:
+            return await asyncio.gather(*(client.predict("teach.onnx", slow_input(1.0), timeout_s=short_s)
+                                          for _ in range(3)), return_exceptions=True)
+    started = time.monotonic()
+    assert all(isinstance(r, Timeout) for r in asyncio.run(packed()))
+    took.append(time.monotonic() - started)
+    assert max(took) < run_s  # each caller heard 504 sooner than the run it was spared would have taken
+    wait_for(lambda: sample_sum(metrics(worker_port), "fractal_worker_requests_dropped_total",
+                                reason="deadline") == 8, 10, "8 deadline drops counted by the worker")
+    assert runs(worker_port, "teach.onnx") == before  # none of them ran
+    assert sample_sum(metrics(broker_port), "fractal_broker_requests_rejected_total", reason="deadline") == 0
+    with Client(url) as client:  # a deadline the run can meet still runs
+        client.predict("teach.onnx", slow_input(1.0), timeout_s=3 * run_s + 5)
+    assert runs(worker_port, "teach.onnx") == before + 1
+
+
 def test_a_full_model_queue_answers_429_while_another_model_still_answers(procs, model_dir):
     url, broker_port, _worker_port = one_worker(procs, model_dir, broker_flags=("--max-queue-per-model", "2"))
     base = start_frontend(procs, url)

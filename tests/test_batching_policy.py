@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from broker.errors import BadInput, FractalError
-from worker.batching import BatchPolicy, Pending, Queue, batchable, prepare, run_batch
+from worker.batching import BatchPolicy, Pending, Queue, batchable, policy_for, prepare, run_batch, split_late
 from worker.sessions import LoadedModel, SessionFactory
 
 from .onnx_models import constant_model, identity_model
@@ -92,3 +92,24 @@ def test_run_batch_answers_each_request_with_its_own_rows() -> None:
     for i, r in enumerate(rows):
         assert not isinstance(answers[i], FractalError)
         np.testing.assert_array_equal(answers[i]["outputs"]["y"], r)
+
+
+def test_split_late_keeps_the_requests_with_more_time_left_than_the_run_needs() -> None:
+    soon, later, none = pending(1, 0.0), pending(1, 0.0), pending(1, 0.0)
+    soon.expires_at, later.expires_at = 10.05, 10.5  # `none` has no deadline (infinity)
+    batch = [soon, later, none]
+    assert split_late(batch, 10.0, 0.0) == (batch, [])
+    assert split_late(batch, 10.0, 0.1) == ([later, none], [soon])  # 50 ms left, the run needs 100 ms
+    assert split_late(batch, 10.6, 0.0) == ([none], [soon, later])  # both deadlines passed
+    assert split_late(batch, 10.05, 0.0) == ([later, none], [soon])  # no time left at all is late
+
+
+def test_policy_for_says_which_batch_a_models_predicts_join() -> None:
+    on = BatchPolicy(8, 500)
+    assert policy_for(IDENTITY, on, None) is on
+    assert policy_for(IDENTITY, on, {"max_batch_size": 4}) == BatchPolicy(4, 500)
+    assert policy_for(IDENTITY, on, False) is None                           # the sidecar turns it off
+    assert policy_for(IDENTITY, BatchPolicy(0), None) is None                # the worker's batching is off
+    assert policy_for(IDENTITY, BatchPolicy(0), None, on) is on              # ... a pack's rows still batch
+    assert policy_for(IDENTITY, BatchPolicy(0), False, on) is None           # ... unless the sidecar says no
+    assert policy_for(loaded("fixed.onnx", identity_model([2, 3])), on, None) is None  # not batchable

@@ -17,7 +17,7 @@ from broker.settings import field_env, load
 from fractal.gunicorn_args import WORKER_CLASS
 from fractal.serve import ServeSettings
 from frontend.settings import FrontendSettings
-from worker.modelhost import WorkerSettings
+from worker.settings import WorkerSettings
 
 from .harness import BUNDLED, REPO, debian_tool
 

@@ -19,7 +19,8 @@ from broker.broker import Broker, BrokerSettings
 from broker.client import AsyncClient
 from frontend.app import create_app
 from frontend.settings import FrontendSettings
-from worker.modelhost import ModelHost, WorkerSettings
+from worker.modelhost import ModelHost
+from worker.settings import WorkerSettings
 
 from .harness import copy_bundled_models, wait_for
 

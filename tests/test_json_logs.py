@@ -58,7 +58,7 @@ def test_every_component_logs_json_objects_with_request_fields(tmp_path):
         with grpc.insecure_channel(server.grpc_target) as channel:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
                 request, timeout=20, metadata=(("x-request-id", "json-grpc-1"),))
-        # the worker's line is written before its reply leaves, the access lines after the answer
+        # the worker's line and the access lines are both written after the answer left: wait for them
         wait_for(lambda: server.log().count('"json-') >= 5, 20, "the request lines")
     finally:
         assert server.stop() == 0

@@ -13,9 +13,9 @@ from broker.errors import ConfigError, ModelTooLarge, PayloadTooLarge
 from broker.settings import load
 from frontend.oip_grpc.calls import status_code
 from worker.memory import rss_bytes, trim
-from worker.modelhost import WorkerSettings
 from worker.pinning import Replicas, replicas_of, sample_feed, warm
 from worker.sessions import LoadedModel, SessionCache, SessionFactory, TensorSpec
+from worker.settings import WorkerSettings
 
 from .onnx_models import constant_model, sized_model, sized_table, string_identity_model
 

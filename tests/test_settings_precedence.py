@@ -14,7 +14,7 @@ from broker.errors import ConfigError
 from broker.settings import add_arguments, field_env, load, log_format_setting, setting
 from frontend.oip_grpc.settings import GrpcSettings
 from frontend.settings import FrontendSettings
-from worker.modelhost import WorkerSettings
+from worker.settings import WorkerSettings
 
 
 @dataclass(frozen=True)

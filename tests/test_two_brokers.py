@@ -16,7 +16,7 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import BrokerLost, ConfigError
 from broker.settings import endpoint_list, load
-from worker.modelhost import WorkerSettings
+from worker.settings import WorkerSettings
 
 from .harness import LIVENESS_WINDOW_S, Processes, free_port, start_frontend, wait_workers
 

@@ -6,7 +6,8 @@ from typing import Sequence
 
 from broker.runner import run_component
 
-from .modelhost import ModelHost, WorkerSettings
+from .modelhost import ModelHost
+from .settings import WorkerSettings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

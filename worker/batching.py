@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from broker.errors import BadInput, FractalError, InternalError, Timeout
+from broker.errors import BadInput, FractalError, InternalError
 from metrics import tracing
 
 from . import inference
@@ -53,6 +53,17 @@ class BatchPolicy:
             return self
 
 
+def policy_for(model: LoadedModel, default: BatchPolicy, options: Any,
+               unbatched: BatchPolicy | None = None) -> BatchPolicy | None:
+    """The batching `model`'s predicts join: `default` with its sidecar's `options` applied, when that
+    is on and the model is batchable; else `unbatched` (a pack's rows, which need not wait: packs.py),
+    unless the sidecar turns batching off. None: they run alone."""
+    if options is False or not batchable(model):
+        return None
+    policy = default.override(options)
+    return policy if policy.enabled else unbatched
+
+
 def batchable(model: LoadedModel) -> bool:
     """Every input and output has a dynamic first dimension (the batch axis)."""
     return all(spec.shape and spec.shape[0] is None and spec.dtype is not None
@@ -72,6 +83,7 @@ class Pending:
     input_ns: int = 0                              # checking and converting its inputs (statistics)
     queued_ns: int = 0                             # perf_counter_ns() when it joined the queue
     expires_at: float = float("inf")               # monotonic: the caller's deadline (protocol.deadline_of)
+    job: Any = None                                # the worker's job it answers (worker/jobs.py)
 
 
 @dataclass
@@ -125,16 +137,15 @@ def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, no
     return Pending(model, feeds, wanted, rows.pop(), now, reply, signature, queued - started, queued)
 
 
-def drop_expired(batch: list[Pending], now: float) -> list[Pending]:
-    """The requests of `batch` whose caller's deadline has not passed at `now`; the others are answered
-    Timeout here, without running: an abandoned request costs no compute."""
-    live = [pending for pending in batch if pending.expires_at > now]
-    if len(live) < len(batch):
-        for pending in batch:
-            if pending.expires_at <= now:
-                pending.reply(Timeout("the caller's deadline passed before the worker ran this request"))
-                pending.model.stats.failed(time.perf_counter_ns() - pending.queued_ns + pending.input_ns)
-    return live
+def split_late(batch: list[Pending], now: float, need_s: float) -> tuple[list[Pending], list[Pending]]:
+    """(live, late): the requests of `batch` that still have more than `need_s` (the run's expected
+    time) before their caller's deadline at `now`, and those that have not: to be answered Timeout
+    without running, since an abandoned request costs no compute. One pass: a request dropped
+    here is not weighed against the smaller batch its dropping leaves."""
+    live = [pending for pending in batch if pending.expires_at - now > need_s]
+    if len(live) == len(batch):
+        return batch, []
+    return live, [pending for pending in batch if pending.expires_at - now <= need_s]
 
 
 def run_batch(batch: list[Pending]) -> None:
@@ -166,6 +177,7 @@ def run_batch(batch: list[Pending]) -> None:
             _run_alone(pending)
         return
     model.stats.executed()
+    inference.LAST_RUN = (total, ran - started)  # NOTE: its first request takes it: one run, learned once
     batch_span = tracing.batch_span(model, started, ran, total, len(batch)) if tracing.ENABLED else None
     offset = 0
     for pending in batch:

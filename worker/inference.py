@@ -22,6 +22,11 @@ from .sessions import LoadedModel, TensorSpec
 from .stats import rows_of
 
 _NUMERIC = frozenset("biuf")
+
+# (rows, ns) of the last InferenceSession.run, set by run_timed and worker/batching.py, taken (and
+# cleared) by the request it answers: the worker's run-time estimate learns from it (worker/runtimes.py).
+# Workers answer on one thread.
+LAST_RUN: tuple[int, int] | None = None
 _KIND_WORDS = {"b": "true/false values", "i": "integers", "u": "integers", "f": "numbers", "c": "complex numbers",
                "U": "strings", "S": "strings", "O": "values of mixed types", "V": "raw records",
                "M": "dates", "m": "durations"}
@@ -131,13 +136,15 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
         raise BadInput(f"{model.name} rejected the input: {str(exc).strip().splitlines()[-1][:300]}") \
             from None
     ran = time.perf_counter_ns()
+    global LAST_RUN
+    LAST_RUN = (rows := rows_of(feeds), ran - started)
     model.stats.executed()
     if model.timer is not None:
         model.timer.observe((ran - started) / 1e9)
     if model.series is not None:
-        model.series.batch_rows.observe(rows_of(feeds))
+        model.series.batch_rows.observe(rows)
     if tracing.ENABLED:
-        tracing.RUN = (0, started, ran, rows_of(feeds), None)
+        tracing.RUN = (0, started, ran, rows, None)
     outputs = {name: _plain(value) for name, value in zip(names, values, strict=True)}
     return outputs, ran - started, time.perf_counter_ns() - ran
 
@@ -151,6 +158,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def take_run() -> tuple[int, int] | None:
+    """LAST_RUN, cleared: the run a request just took part in (None: it ran none)."""
+    global LAST_RUN
+    run, LAST_RUN = LAST_RUN, None
+    return run
 
 
 def worker_time(outcome: Any, started: float) -> None:

@@ -18,7 +18,6 @@ import secrets
 import socket as socket_module
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -30,82 +29,27 @@ from broker.curve import PeerKeys
 from broker.errors import BadInput, FractalError, InternalError, ProtocolError, Timeout
 from broker.logs import set_node
 from broker.protocol import MDPW, model_file_name
-from broker.settings import (
-    check_heartbeat,
-    curve_broker_key_setting,
-    curve_secret_key_setting,
-    endpoint_list,
-    heartbeat_interval_setting,
-    heartbeat_liveness_setting,
-    log_format_setting,
-    log_level_setting,
-    metrics_host_setting,
-    metrics_port_setting,
-    setting,
-    tracing_setting,
-)
+from broker.settings import endpoint_list
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 
-from . import ops
-from .batching import BatchPolicy, Pending, Queue, batchable, drop_expired, prepare, run_batch
+from . import inference, ops
+from .batching import BatchPolicy, Pending, Queue, policy_for, prepare, run_batch, split_late
 from .connection import Connection
 from .inference import served_version, worker_time
+from .jobs import Job
 from .memory import rss_bytes
 from .ops import OPS
-from .packs import run_pack
+from .packs import reply_body, run_pack
 from .pool import ModelPool
-from .sessions import SessionCache, SessionFactory
+from .runtimes import RunTimes
+from .sessions import LoadedModel, SessionCache, SessionFactory
+from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 PREDICT_OPS = frozenset({"predict", "predict_image"})  # counted per model (metrics.ModelSeries)
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    connect: str = setting("tcp://127.0.0.1:5555", "broker endpoint to connect to; several, comma-separated "
-                                                   "(tcp://a:5555,tcp://b:5555): register with every one")
-    node_name: str = setting("", "start of this worker's node id and its log name (default: the host "
-                                 "name); fractal serve passes worker-1, worker-2, ...")
-    service: str = setting("modelhost", "MDP service name to register for")
-    model_dir: str = setting("./models", "the shared model pool directory")
-    cache_size: int = setting(32, "ONNX Runtime sessions kept loaded (least recently used evicted)")
-    memory_budget_bytes: int = setting(2 << 30, "memory the loaded sessions may hold, measured at load (least "
-                                                "recently used evicted; pinned never); 0 = unlimited")
-    threads: int = setting(1, "ONNX Runtime intra-op threads; 1 suits N workers on N cores")
-    heartbeat_interval_s: float = heartbeat_interval_setting("the broker")
-    heartbeat_liveness: int = heartbeat_liveness_setting("reconnecting to the broker")
-    reconnect_max_s: float = setting(5.0, "longest back-off between reconnect attempts")
-    max_model_bytes: int = setting(512 << 20, "largest model file accepted for upload")
-    poll_s: float = setting(0.0, "repository polling: seconds between scans of the pool for models added, "
-                                 "changed or removed by other means; 0 = off (explicit mode)")
-    max_image_pixels: int = setting(25_000_000, "largest image (width x height) decoded for prediction")
-    log_requests: bool = setting(True, "one INFO line per request with its request id and time")
-    connections: int = setting(1, "MDP connections to the broker: requests this process may hold at "
-                                  "once; more than 1 lets it batch them")
-    batch_max_size: int = setting(0, "dynamic batching: most rows per InferenceSession.run; 0 = off")
-    batch_max_delay_us: int = setting(500, "dynamic batching: longest wait for a fuller batch")
-    batch_preferred_sizes: str = setting("", "dynamic batching: row counts to run at once, e.g. '8,16'")
-    curve_secret_key: str = curve_secret_key_setting("this worker's")
-    curve_broker_key: str = curve_broker_key_setting()
-    metrics_host: str = metrics_host_setting()
-    metrics_port: int = metrics_port_setting(9151)
-    log_level: str = log_level_setting()
-    log_format: str = log_format_setting()
-    tracing: bool = tracing_setting()
-
-    def __post_init__(self) -> None:
-        check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
-        if self.cache_size < 1 or self.threads < 1 or self.connections < 1:
-            raise ValueError("cache_size, threads and connections must be >= 1")
-        if self.memory_budget_bytes < 0:
-            raise ValueError("memory_budget_bytes must be >= 0 (0: unlimited)")
-        if self.poll_s < 0:
-            raise ValueError("poll_s must be >= 0 (0 turns repository polling off)")
-        if self.batch_max_size < 0 or self.batch_max_delay_us < 0:
-            raise ValueError("batch_max_size and batch_max_delay_us must be >= 0")
-        endpoint_list(self.connect)  # raises ConfigError when it names no endpoint
+INF = float("inf")
 
 
 def make_node_id(name: str = "") -> str:
@@ -146,7 +90,8 @@ class ModelHost:
                        self._stopping, i, curve)
             for i, endpoint in enumerate(e for e in endpoints for _ in range(settings.connections))]
         self._queues: dict[str, Queue] = {}
-        self._outbox: list[tuple[Connection, int, bytes, list]] = []  # FINALs computed while busy
+        self._outbox: list[tuple[Job, list]] = []  # replies of a dynamic batch's rows, sent after its run
+        self.run_times = RunTimes()  # what each model's run takes here: a deadline nearer than that is not run
 
     def stop(self) -> None:
         """Ask the loop to end after the current request; safe from a signal handler."""
@@ -240,9 +185,7 @@ class ModelHost:
                 return
             if traced_at:
                 tracing.received(request, traced_at)
-            if not (self.policy.enabled and request["op"] == "predict"
-                    and self._queued(conn, client, request, received, arrived)):
-                self._final(conn, client, self._run_busy(self.reply_to, request, received, arrived))
+            self._take(Job.of(request, client, received, arrived, p.deadline_of(request, received), conn))
         elif command == MDPW.DISCONNECT:
             if not self._stopping.is_set():  # a stopping worker has no reason to come back
                 log.info("broker sent DISCONNECT: reconnecting connection %d", conn.index)
@@ -259,70 +202,50 @@ class ModelHost:
             self.metrics.request_done("unknown", "error", 0.0)
             return exc
 
-    def _queued(self, conn: Connection, client: bytes, request: dict, received: float, arrived: float) -> bool:
-        """Queue a predict for a batchable model (True), or leave the request to reply_to() (False).
-        `received` (monotonic) is where its deadline_ms counts from; `arrived` (perf_counter) is where
-        its worker_ms starts, before any load."""
-        try:
-            # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
-            model = self._run_busy(lambda r: self.pool.load(model_file_name(r.get("model")), r.get("version")),
-                                   request)
-            policy = self.policy.override(self.pool.sidecar(model.name).get("dynamic_batching"))
-        except Exception:
-            return False  # reply_to() answers it, with the same error
-        if not policy.enabled or not batchable(model):
-            return False
-        conn.used = True
-        reply = self._replier(conn, client, request, model.name, arrived)
-        try:
-            pending = prepare(model, request.get("inputs"), request.get("outputs"), reply, time.monotonic())
-        except Exception as exc:
-            model.stats.failed(0)  # NOTE: refused before it was timed; the count is what matters
-            reply(exc if isinstance(exc, FractalError) else BadInput(f"cannot use this request: {exc}"))
-            self._flush()
-            return True
+    def _take(self, job: Job) -> None:
+        """Route one job: a pack runs its members (packs.py), a predict for a model whose batching is on
+        joins that model's queue, anything else runs alone now."""
+        if job.op == "pack":
+            self._pack(job)
+            return
+        # NOTE: under the heartbeat helper: loading a large model must not look like a dead worker.
+        joined = self._run_busy(self._batching, job) if self.policy.enabled and job.op == "predict" else None
+        if joined is None:
+            self.answer(job, self._run_busy(self.run_alone, job))
+            return
+        model, policy = joined
+        assert job.conn is not None  # NOTE: a job alone came on a connection
+        job.conn.used = True
         queue = self._queues.get(model.name)
         if queue is None:
             queue = self._queues[model.name] = Queue(policy)
         queue.policy = policy  # NOTE: a changed sidecar applies from now on; queued requests stay
-        pending.expires_at = p.deadline_of(request, received)
+        self.join(job, model, queue)
+        self._flush()  # a request that could not join is answered at once
+
+    def _batching(self, job: Job) -> tuple[LoadedModel, BatchPolicy] | None:
+        """The model and policy of the dynamic batch a predict joins; None: it runs alone (also when its
+        model does not load: running alone answers it the same error)."""
+        try:
+            model = self.pool.load(model_file_name(job.model), job.version)
+            options = self.pool.sidecar(model.name).get("dynamic_batching")
+        except Exception:
+            return None
+        policy = policy_for(model, self.policy, options)
+        return None if policy is None else (model, policy)
+
+    def join(self, job: Job, model: LoadedModel, queue: Queue) -> None:
+        """Queue a predict for its batch's run; one whose inputs do not fit the model is answered now."""
+        job.batched = True
+        try:
+            pending = prepare(model, job.fields.get("inputs"), job.fields.get("outputs"),
+                              functools.partial(self.answer, job), time.monotonic())
+        except Exception as exc:
+            model.stats.failed(0)  # NOTE: refused before it was timed; the count is what matters
+            self.answer(job, exc if isinstance(exc, FractalError) else BadInput(f"cannot use this request: {exc}"))
+            return
+        pending.expires_at, pending.job = job.expires_at, job
         queue.items.append(pending)
-        return True
-
-    def _replier(self, conn: Connection, client: bytes, request: dict, model: str, arrived: float):
-        """The callback that answers one batched request (queued in the outbox, sent after the run);
-        `arrived` is the perf_counter when the worker took the request up."""
-        rid, trace = request.get("id"), request.get("request_id")
-        generation = conn.generation
-
-        def reply(outcome: dict | FractalError) -> None:
-            ok = not isinstance(outcome, FractalError)
-            if tracing.ENABLED:
-                tracing.answered(request, outcome)
-            if ok:
-                worker_time(outcome, arrived)
-            try:
-                body = (p.error_body(rid, self.node, outcome) if isinstance(outcome, FractalError)
-                        else p.ok_body(rid, self.node, outcome))
-            except Exception:
-                log.exception("request %s: the reply could not be encoded", trace)
-                ok, outcome = False, InternalError(f"unexpected failure on {self.node} (request id {trace})")
-                body = p.error_body(rid, self.node, outcome)
-            self._outbox.append((conn, generation, client, body))
-            if tracing.ENABLED:
-                tracing.finish(request, self.node)
-            self.metrics.request_done("predict", "ok" if ok else "error", time.perf_counter() - arrived)
-            self.metrics.model_done(model, None if ok else outcome.__class__.__name__)
-            if not ok:
-                log.info("request %s: predict failed: %s: %s", trace, outcome.__class__.__name__, outcome,
-                         extra={"request_id": trace, "op": "predict", "model": model,
-                                "error": outcome.__class__.__name__})
-            elif self._log_requests:
-                elapsed_ms = (time.perf_counter() - arrived) * 1e3
-                log.info("request %s: predict %s ok (batched) in %.2f ms", trace, model, elapsed_ms,
-                         extra={"request_id": trace, "op": "predict", "model": model, "batched": True,
-                                "latency_ms": round(elapsed_ms, 3)})
-        return reply
 
     def _run_due_batches(self) -> None:
         now = time.monotonic()
@@ -340,7 +263,7 @@ class ModelHost:
             if not queue.items:
                 del self._queues[name]
 
-    # -- answering -----------------------------------------------------------------------------
+    # -- running --------------------------------------------------------------------------------
 
     def _run_busy(self, fn, *args):
         with self._lock:
@@ -351,19 +274,146 @@ class ModelHost:
             with self._lock:
                 self._busy = False
 
+    def run_alone(self, job: Job) -> Any:
+        """The outcome of running a job alone: its result, or the FractalError to answer; never raises.
+        A predict whose deadline is nearer than its model's expected run time (worker/runtimes.py) is
+        not run: it is answered Timeout (a deadline drop)."""
+        if tracing.ENABLED:
+            tracing.begin()
+        try:
+            op = self._ops.get(job.op) if job.op is not None else None
+            if op is None:
+                if job.op is None:
+                    raise ProtocolError("a request must be a map with a string 'op'")
+                raise BadInput(f"unknown op {job.op!r}; known: {', '.join(sorted(OPS))}")
+            if job.expires_at != INF:
+                need_s = self.run_times.expected_s(job.model, job.version) if job.op in PREDICT_OPS else 0.0
+                left_s = job.expires_at - time.monotonic()
+                if left_s <= need_s:
+                    job.dropped = True
+                    return late(left_s, need_s)
+            inference.LAST_RUN = None
+            return op(self.pool, job.fields, self.node)
+        except FractalError as exc:
+            return exc
+        except Exception:
+            log.exception("request %s: %s failed unexpectedly", job.trace, job.op)
+            return InternalError(f"unexpected failure on {self.node} (request id {job.trace})")
+
+    def live(self, batch: list[Pending]) -> list[Pending]:
+        """The requests of a batch about to run that can still meet their deadline, weighed against the
+        batch's expected run time (its rows, worker/runtimes.py); the others are answered Timeout
+        without running (deadline drops)."""
+        first = batch[0].job
+        need_s = self.run_times.expected_s(first.model, first.version, sum(p.rows for p in batch))
+        now = time.monotonic()
+        batch, dropped = split_late(batch, now, need_s)
+        for pending in dropped:
+            pending.model.stats.failed(time.perf_counter_ns() - pending.queued_ns + pending.input_ns)
+            pending.job.dropped = True
+            self.answer(pending.job, late(pending.expires_at - now, need_s))
+        inference.LAST_RUN = None
+        return batch
+
+    def _pack(self, job: Job) -> None:
+        try:
+            members = self._run_busy(run_pack, self, job)
+        except Exception as exc:  # a malformed pack: one error for all of it, counted once per request
+            self.answer(job, exc if isinstance(exc, FractalError) else InternalError(f"pack failed on {self.node}"))
+            count = job.fields.get("n")
+            for _ in range((count if type(count) is int and 1 <= count <= 0xFFFF else 1) - 1):
+                self.metrics.request_done("unknown", "error", 0.0)
+            return
+        assert job.conn is not None
+        self._final(job.conn, job.client, reply_body(job, members, self.node))
+        if tracing.ENABLED:
+            tracing.pack_done(job.fields, [m.fields for m in members], self.node)
+        for member in members:
+            self._done(member)
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def answer(self, job: Job, outcome: Any) -> None:
+        """Answer a job, however it ran: the one place a reply is made. Stamps its worker_ms, tells the
+        trace its outcome and encodes its reply; a pack member's goes into its pack's reply, a dynamic
+        batch's row waits in the outbox for the run to end (the heartbeat thread may own the sockets
+        meanwhile), anything else is sent at once. The bookkeeping (`_done`) comes after the send, off
+        the caller's critical path. Never raises."""
+        worker_time(outcome, job.arrived)
+        if tracing.ENABLED:
+            tracing.answered(job.fields, outcome)
+        job.outcome = outcome
+        job.ran = inference.take_run()
+        if job.in_pack:  # encoded with the pack's other replies (packs.reply_body)
+            job.elapsed_s = time.perf_counter() - job.arrived
+            return
+        body = self._encode(job)
+        job.elapsed_s = time.perf_counter() - job.arrived
+        if job.batched:
+            self._outbox.append((job, body))
+            return
+        assert job.conn is not None
+        self._final(job.conn, job.client, body)
+        self._done(job)
+
+    def _encode(self, job: Job) -> list:
+        if not isinstance(job.outcome, FractalError):
+            try:
+                return p.ok_body(job.rid, self.node, job.outcome)
+            except Exception:
+                log.exception("request %s: the reply could not be encoded", job.trace)
+                job.outcome = InternalError(f"unexpected failure on {self.node} (request id {job.trace})")
+        return p.error_body(job.rid, self.node, job.outcome)
+
+    def _done(self, job: Job) -> None:
+        """Count, log, trace and learn from an answered job, once its reply has left (a pack member's:
+        tracing.pack_done records its spans)."""
+        outcome, op = job.outcome, job.op
+        ok = not isinstance(outcome, FractalError)
+        self.metrics.request_done(op if op in OPS else "unknown", "ok" if ok else "error", job.elapsed_s)
+        if op in PREDICT_OPS:
+            self.metrics.model_done(job.model, None if ok else outcome.__class__.__name__,
+                                    served_version(job.fields, outcome))
+            if job.ran is not None:
+                self.run_times.observe(job.model, job.version, *job.ran)
+        if job.dropped:
+            self.metrics.dropped_deadline.inc()
+        if tracing.ENABLED and not job.in_pack:
+            tracing.finish(job.fields, self.node)
+        if not ok:
+            fields = {"request_id": job.trace, "op": op, "model": job.model or None,
+                      "error": outcome.__class__.__name__}
+            if isinstance(outcome, ProtocolError):
+                log.warning("request %s: bad body: %s", job.trace, outcome, extra=fields)
+            elif not isinstance(outcome, InternalError):
+                log.info("request %s: %s failed: %s: %s", job.trace, op, outcome.__class__.__name__, outcome,
+                         extra=fields)
+        elif self._log_requests and op != "status":  # the broker asks for status every few s
+            batched = " (batched)" if job.batched else ""
+            log.info("request %s: %s %s ok%s in %.2f ms", job.trace, op, job.model, batched, job.elapsed_s * 1e3,
+                     extra={"request_id": job.trace, "op": op, "model": job.model or None,
+                            "batched": job.batched, "latency_ms": round(job.elapsed_s * 1e3, 3)})
+
     def _flush(self) -> None:
+        """Send the replies of a batch that has run, then do their bookkeeping."""
+        if not self._outbox:
+            return
         outbox, self._outbox = self._outbox, []
-        for conn, generation, client, body in outbox:
-            if generation == conn.generation:
-                self._final(conn, client, body)
+        for job, body in outbox:
+            assert job.conn is not None
+            if job.generation == job.conn.generation:
+                self._final(job.conn, job.client, body)
             else:  # the socket it came on is gone, and the broker has sent the request elsewhere
                 log.info("dropped a reply for a connection that has since reconnected")
+        for job, _body in outbox:
+            self._done(job)
 
     def _final(self, conn: Connection, client: bytes, body: list) -> None:
         conn.send(MDPW.FINAL, client, b"", *body)
         conn.held = max(0, conn.held - 1)
         # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
         conn.heard()
+
 
     def _beat_while_busy(self) -> None:
         while not self._beater_done.wait(self.settings.heartbeat_interval_s / 2):
@@ -374,99 +424,10 @@ class ModelHost:
                         if conn.socket is not None and now - conn.last_sent >= conn.interval_s:
                             conn.send(MDPW.HEARTBEAT)
 
-    def execute(self, data: list) -> list:
-        """Answer one request's body frames with reply body frames; never raises."""
-        request = self._decode(data)
-        if isinstance(request, ProtocolError):
-            return p.error_body(None, self.node, request)
-        return self.reply_to(request)
 
-    def live(self, batch: list[Pending]) -> list[Pending]:
-        """The requests of a batch about to run whose deadline has not passed; the others are answered
-        Timeout and counted (fractal_worker_requests_dropped, reason "deadline")."""
-        live = drop_expired(batch, time.monotonic())
-        if len(live) < len(batch):
-            self.metrics.dropped_deadline.inc(len(batch) - len(live))
-        return live
-
-    def reply_to(self, request: dict, received_at: float | None = None, arrived: float | None = None) -> list:
-        """Reply body frames for a decoded request or pack (worker/packs.py); never raises. With
-        `received_at` (monotonic), a request whose deadline_ms has passed by its turn is not run;
-        `arrived` (perf_counter) is where its worker_ms starts (None: now)."""
-        if request["op"] == "pack":
-            try:
-                return run_pack(self, request, received_at, arrived)
-            except Exception as exc:  # a malformed pack: one error for all of it, counted once per request
-                error = exc if isinstance(exc, FractalError) else InternalError(f"pack failed on {self.node}")
-                log.warning("a pack failed as a whole: %s", error)
-                count = request.get("n")
-                for _ in range(count if type(count) is int and 1 <= count <= 0xFFFF else 1):
-                    self.metrics.request_done("unknown", "error", 0.0)
-                return p.error_body(request.get("id"), self.node, error)
-        expires_at = float("inf") if received_at is None else p.deadline_of(request, received_at)
-        rid, outcome = self.answer(request, expires_at, arrived)
-        body = None
-        if not isinstance(outcome, FractalError):
-            try:
-                body = p.ok_body(rid, self.node, outcome)
-            except Exception:
-                log.exception("request %s: the reply could not be encoded", request.get("request_id"))
-                outcome = InternalError(f"unexpected failure on {self.node} (request id "
-                                        f"{request.get('request_id')})")
-        if body is None:
-            body = p.error_body(rid, self.node, outcome)
-        if tracing.ENABLED:
-            tracing.finish(request, self.node)
-        return body
-
-    def answer(self, request: Any, expires_at: float = float("inf"), arrived: float | None = None) -> tuple[Any, Any]:
-        """(id, result or FractalError) of one decoded request; never raises; counted and logged.
-        Past `expires_at` (monotonic: the caller's deadline) it is answered Timeout without running. Its
-        worker_ms counts from `arrived` (a perf_counter: the request's receipt), else from now."""
-        started = time.perf_counter() if arrived is None else arrived
-        rid = trace = op_name = None
-        if tracing.ENABLED:
-            tracing.begin()
-        try:
-            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-                raise ProtocolError("a request must be a map with a string 'op'")
-            rid, trace, op_name = request.get("id"), request.get("request_id"), request["op"]
-            op = self._ops.get(op_name)
-            if op is None:
-                raise BadInput(f"unknown op {op_name!r}; known: {', '.join(sorted(OPS))}")
-            if expires_at <= time.monotonic():
-                self.metrics.dropped_deadline.inc()
-                raise Timeout("the caller's deadline passed before the worker ran this request")
-            outcome = op(self.pool, request, self.node)
-        except FractalError as exc:
-            outcome = exc
-        except Exception:
-            log.exception("request %s: %s failed unexpectedly", trace, op_name)
-            outcome = InternalError(f"unexpected failure on {self.node} (request id {trace})")
-        worker_time(outcome, started)
-        if tracing.ENABLED:
-            tracing.answered(request, outcome)
-        self.request_done(op_name, trace, request.get("model", "") if isinstance(request, dict) else "",
-                          outcome, started, version=served_version(request, outcome))
-        return rid, outcome
-
-    def request_done(self, op_name: Any, trace: Any, model: Any, outcome: Any, started: float,
-                     batched: bool = False, version: object = None) -> None:
-        """Count and log one answered request (a pack's sub-requests each count once); `version`: the
-        one that served it, if known (else `model` is an entry or the newest version's)."""
-        elapsed = time.perf_counter() - started
-        ok = not isinstance(outcome, FractalError)
-        self.metrics.request_done(op_name if op_name in OPS else "unknown", "ok" if ok else "error", elapsed)
-        if op_name in PREDICT_OPS:
-            self.metrics.model_done(model, None if ok else outcome.__class__.__name__, version)
-        if not ok:
-            fields = {"request_id": trace, "op": op_name, "model": model or None, "error": outcome.__class__.__name__}
-            if isinstance(outcome, ProtocolError):
-                log.warning("request %s: bad body: %s", trace, outcome, extra=fields)
-            elif not isinstance(outcome, InternalError):
-                log.info("request %s: %s failed: %s: %s", trace, op_name, outcome.__class__.__name__, outcome,
-                         extra=fields)
-        elif self._log_requests and op_name != "status":  # the broker asks for status every few s
-            log.info("request %s: %s %s ok%s in %.2f ms", trace, op_name, model, " (batched)" if batched else "",
-                     elapsed * 1e3, extra={"request_id": trace, "op": op_name, "model": model or None,
-                                           "batched": batched, "latency_ms": round(elapsed * 1e3, 3)})
+def late(left_s: float, need_s: float) -> Timeout:
+    """The Timeout of a request not run because its deadline cannot be met."""
+    if left_s <= 0:
+        return Timeout("the caller's deadline passed before the worker ran this request")
+    return Timeout(f"the caller's deadline was {left_s * 1e3:.0f} ms away, and this model's run takes at least "
+                   f"{need_s * 1e3:.0f} ms here: the worker did not run it")
