@@ -1,8 +1,8 @@
 """Bearer tokens: the admin token guards every endpoint that changes models, the API token the rest.
 
-Both are off when empty. Health checks, the welcome, help, OpenAPI and /metrics stay open so probes
-and scrapers work without secrets (keep /metrics on a network you trust). Tokens are compared in
-constant time.
+Both are off when empty. The table's public paths (health checks, the welcome, help, OpenAPI and
+/metrics) stay open so probes and scrapers work without secrets (keep /metrics on a network you trust).
+Tokens are compared in constant time.
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from broker.errors import Forbidden, Unauthorized
 
 from . import api
 
-OPEN = frozenset({"/", "/help", "/openapi.json", "/metrics", "/v2/health/live", "/v2/health/ready"})
-
 
 def _matches(presented: str, token: str) -> bool:
     return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
@@ -25,6 +23,7 @@ class TokenAuth:
     def __init__(self, admin_token: str, api_token: str):
         self.admin_token, self.api_token = admin_token, api_token
         self.admin_routes = {(e.method, e.path) for e in api.ENDPOINTS if e.admin}
+        self.public_routes = frozenset(r.path for r in api.ROUTES if r.public)
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
                                params: dict) -> None:
@@ -33,7 +32,7 @@ class TokenAuth:
             # NOTE: with only an API token set, changing models needs it too: never less than reading.
             if self.admin_token or self.api_token:
                 self._check(req, self.admin_token or self.api_token, "")
-        elif self.api_token and route not in OPEN:
+        elif self.api_token and route not in self.public_routes:
             self._check(req, self.api_token, self.admin_token)
 
     @staticmethod

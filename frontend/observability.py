@@ -6,18 +6,20 @@ from typing import Callable
 
 import falcon
 import falcon.asgi
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.client import AsyncClient
 from metrics import exposition
 
 from .errors import status_body
+from .parts import Parts
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None, flush: Callable[[], None] | None = None):
-        self._registry = registry  # None: multiprocess mode, read every gunicorn worker's files
-        self._flush = flush  # writes this process's updates kept for the loop turn (metrics/tally.py)
+    def __init__(self, parts: Parts):
+        self._registry = parts.registry  # None: multiprocess mode, read every gunicorn worker's files
+        # writes this process's updates kept for the loop turn (metrics/tally.py); None: metrics off
+        self._flush: Callable[[], None] | None = parts.metrics.tally.flush if parts.metrics is not None else None
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         if self._flush is not None:
@@ -61,8 +63,8 @@ def _dict(value: object) -> dict:
 
 
 class StatusJson:
-    def __init__(self, client: AsyncClient):
-        self.client = client
+    def __init__(self, parts: Parts):
+        self.client = parts.client
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         view = await broker_view(self.client)
@@ -124,8 +126,8 @@ def render_page(view: dict) -> str:
 
 
 class StatusPage:
-    def __init__(self, client: AsyncClient):
-        self.client = client
+    def __init__(self, parts: Parts):
+        self.client = parts.client
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = falcon.MEDIA_HTML

@@ -16,6 +16,7 @@ from broker.protocol import model_file_name
 from . import bodies
 from .deadlines import header_timeout_s
 from .errors import status_body
+from .parts import Parts
 from .timing import request_timing, timed
 
 WELCOME = ("Greetings from Fractal - ML Server - Inferrer, the Machine Learning model server. "
@@ -40,7 +41,7 @@ def jsonable(value: Any) -> Any:
 
 
 class Static:
-    """A response built once at start-up: welcome, help, the OpenAPI document."""
+    """A JSON response built once at start-up: welcome, help, the OpenAPI document."""
 
     def __init__(self, data: bytes):
         self._data = data
@@ -50,10 +51,15 @@ class Static:
         resp.data = self._data
 
 
+class Welcome(Static):
+    def __init__(self, parts: Parts):
+        super().__init__(welcome_body())
+
+
 class Resource:
-    def __init__(self, client: AsyncClient, max_body_bytes: int):
-        self.client = client
-        self.max_body_bytes = max_body_bytes
+    def __init__(self, parts: Parts):
+        self.client = parts.client
+        self.max_body_bytes = parts.settings.max_body_bytes
 
 
 class SendToModelhost(Resource):

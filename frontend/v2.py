@@ -12,12 +12,12 @@ import falcon.asgi
 import orjson
 
 from broker import jsonbody
-from broker.client import AsyncClient
 from broker.errors import BadInput, NoWorkerAvailable
 from broker.protocol import model_file_name
 
 from . import bodies, oip
 from .deadlines import header_timeout_s, parameter_timeout_s
+from .parts import Parts
 from .timing import request_timing, timed
 from .v2_tensors import HEADER_LENGTH, datatype_of, decode_request, encode_response
 
@@ -41,10 +41,10 @@ def _tensor_meta(spec: dict) -> dict:
 
 
 class V2Resource:
-    def __init__(self, client: AsyncClient, max_body_bytes: int, version: str = ""):
-        self.client = client
-        self.max_body_bytes = max_body_bytes
-        self.version = version
+    def __init__(self, parts: Parts):
+        self.client = parts.client
+        self.max_body_bytes = parts.settings.max_body_bytes
+        self.version = parts.version
 
 
 class ServerLive(V2Resource):
