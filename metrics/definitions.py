@@ -265,6 +265,41 @@ class WorkerMetrics:
         bound[0].inc()
         bound[1].observe(seconds)
 
+    @staticmethod
+    def disabled(node: str = "") -> NullWorkerMetrics:
+        """The no-op twin, for a worker run with metrics off (metrics_port 0)."""
+        return NullWorkerMetrics(node)
+
+
+class NullWorkerMetrics(WorkerMetrics):
+    """WorkerMetrics with metrics off, so the worker's code has no `if metrics` branches.
+
+    Built by WorkerMetrics' own __init__ from no-op metrics, so it has every metric the real one has (a
+    new one cannot be left out of it); each method that keeps per-model state or label children does
+    nothing instead, so the metrics-off path costs one no-op call. It keeps no state: one instance may
+    serve any number of session caches (tests/test_null_metrics.py checks both promises).
+    """
+
+    def __init__(self, node: str = ""):
+        super().__init__(None, node, enabled=False)
+
+    def model_series(self, entry: str, model: str | None = None, version: str | None = None) -> ModelSeries:
+        """A no-op series with the labels the real one would get; nothing keeps it."""
+        return ModelSeries(self, (self.node, entry if model is None else model, version or VERSION))
+
+    def forget_model(self, entry: str) -> None:
+        """No series were kept."""
+
+    def model_done(self, model: object, reason: str | None, version: object = None) -> None:
+        """Nothing counts."""
+
+    def request_done(self, op: str, outcome: str, seconds: float) -> None:
+        """Nothing counts."""
+
+
+NO_WORKER_METRICS = NullWorkerMetrics()  # a default for callers built without metrics (tests, tools)
+NO_SERIES = NO_WORKER_METRICS.model_series("")  # the series of a session no cache holds
+
 
 class CallerModelMetrics:
     """A frontend's (REST or gRPC) per-model series. A model becomes a series only once it has answered

@@ -132,10 +132,8 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
             from None
     ran = time.perf_counter_ns()
     model.stats.executed()
-    if model.timer is not None:
-        model.timer.observe((ran - started) / 1e9)
-    if model.series is not None:
-        model.series.batch_rows.observe(rows_of(feeds))
+    model.timer.observe((ran - started) / 1e9)
+    model.series.batch_rows.observe(rows_of(feeds))
     if tracing.ENABLED:
         tracing.RUN = (0, started, ran, rows_of(feeds), None)
     outputs = {name: _plain(value) for name, value in zip(names, values, strict=True)}
