@@ -66,7 +66,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
     client = client or AsyncClient(settings.broker, settings.service, settings.timeout_s,
                                    curve=PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key))
     shared = (client, settings.max_body_bytes)
-    metrics = FrontendMetrics(registry) if settings.metrics else None
+    metrics = FrontendMetrics(registry) if settings.metrics else FrontendMetrics.disabled()
     resources = {
         "welcome": Static(welcome_body()),
         "help": Static(_indented(status_body(200, "OK", endpoints=api.help_entries(settings.public_url or api.BASE)))),
@@ -78,7 +78,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         "v2_model_ready": ModelReady(*shared), "v2_infer": Infer(*shared), "v2_index": RepositoryIndex(*shared),
         "v2_load": RepositoryLoad(*shared), "v2_unload": RepositoryUnload(*shared),
         "v2_config": ModelConfig(*shared), "v2_stats": ModelStatistics(*shared),
-        "metrics": Metrics(registry, metrics.tally.flush if metrics is not None else None),
+        "metrics": Metrics(registry, metrics.tally.flush),
         "status": StatusJson(client), "status_page": StatusPage(client),
     }
     # NOTE: here, after gunicorn's fork: the span exporter's thread must be this process's own

@@ -15,13 +15,12 @@ from .errors import status_body
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None, flush: Callable[[], None] | None = None):
+    def __init__(self, registry: CollectorRegistry | None, flush: Callable[[], None]):
         self._registry = registry  # None: multiprocess mode, read every gunicorn worker's files
         self._flush = flush  # writes this process's updates kept for the loop turn (metrics/tally.py)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if self._flush is not None:
-            self._flush()
+        self._flush()
         # NOTE: reads every process's metric files inline; small, and scrapes are rare.
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = exposition(self._registry)

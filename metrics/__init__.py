@@ -10,6 +10,8 @@ from .definitions import (
                           FrontendMetrics,
                           GrpcMetrics,
                           ModelSeries,
+                          NullCallerModelMetrics,
+                          NullFrontendMetrics,
                           NullWorkerMetrics,
                           WorkerMetrics,
                           observe_many,
@@ -17,5 +19,6 @@ from .definitions import (
 from .exporter import exposition, multiprocess, new_registry, serve_metrics
 
 __all__ = ["LATENCY_BUCKETS", "NO_SERIES", "NO_WORKER_METRICS", "BrokerMetrics", "CallerModelMetrics",
-           "FrontendMetrics", "GrpcMetrics", "ModelSeries", "NullWorkerMetrics", "WorkerMetrics", "exposition",
-           "multiprocess", "new_registry", "observe_many", "serve_metrics", "tracing"]
+           "FrontendMetrics", "GrpcMetrics", "ModelSeries", "NullCallerModelMetrics", "NullFrontendMetrics",
+           "NullWorkerMetrics", "WorkerMetrics", "exposition", "multiprocess", "new_registry", "observe_many",
+           "serve_metrics", "tracing"]

@@ -1,11 +1,12 @@
-"""Metrics off is a no-op twin, not a None (metrics/definitions.py): the twin has every metric and method of
-WorkerMetrics, keeps nothing, and a session cache, a pool and dynamic batching built with it behave as with
-real metrics. Real ONNX Runtime sessions of tiny models; no processes, no sockets."""
+"""Metrics off is a no-op twin, not a None (metrics/definitions.py): a twin has every metric and method of
+its real class and keeps nothing, and a session cache, a pool and dynamic batching built with the worker's
+behave as with real metrics (the frontend's: tests/test_frontend_in_process.py). Real ONNX Runtime sessions
+of tiny models; no processes, no sockets."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -13,7 +14,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from broker.errors import FractalError, ModelTooLarge
-from metrics import NO_SERIES, NO_WORKER_METRICS, ModelSeries, NullWorkerMetrics, WorkerMetrics
+from metrics import (
+    NO_SERIES,
+    NO_WORKER_METRICS,
+    CallerModelMetrics,
+    FrontendMetrics,
+    ModelSeries,
+    NullCallerModelMetrics,
+    NullFrontendMetrics,
+    NullWorkerMetrics,
+    WorkerMetrics,
+)
 from worker import inference
 from worker.batching import prepare, run_batch
 from worker.pool import ModelPool
@@ -35,26 +46,38 @@ def _noop(value: object) -> bool:
                                       for m in ("labels", "inc", "dec", "set", "observe", "remove"))
 
 
-def test_the_twin_has_every_metric_of_the_real_one_as_a_no_op() -> None:
-    real, null = WorkerMetrics(CollectorRegistry(), NODE), WorkerMetrics.disabled(NODE)
-    assert isinstance(null, WorkerMetrics) and type(null) is NullWorkerMetrics
+# (the real metrics on a registry, its no-op twin, the twin's class): every component whose code takes a twin
+TWINS: dict[str, tuple[Callable[[CollectorRegistry], Any], Callable[[], Any], type]] = {
+    "worker": (lambda r: WorkerMetrics(r, NODE), lambda: WorkerMetrics.disabled(NODE), NullWorkerMetrics),
+    "frontend": (FrontendMetrics, FrontendMetrics.disabled, NullFrontendMetrics),
+    "caller models": (lambda r: CallerModelMetrics("fractal_x", r), lambda: NullCallerModelMetrics("fractal_x"),
+                      NullCallerModelMetrics),
+}
+
+
+@pytest.mark.parametrize("component", TWINS)
+def test_the_twin_has_every_metric_of_the_real_one_as_a_no_op(component: str) -> None:
+    make_real, make_null, null_class = TWINS[component]
+    real, null = make_real(CollectorRegistry()), make_null()
+    assert type(null) is null_class and isinstance(null, type(real))
     assert vars(null).keys() == vars(real).keys()
     metrics = [name for name, value in vars(real).items() if _metric(value)]
-    assert len(metrics) >= 15, metrics  # the test sees the metrics it guards
+    assert len(metrics) >= 3, metrics  # the test sees the metrics it guards
     for name in metrics:
         assert _noop(getattr(null, name)), name
-    for name in ("node", "_models", "_newest", "_bound"):
-        assert getattr(null, name) == getattr(real, name), name
 
 
-def test_the_twin_overrides_every_method_that_keeps_state_or_counts() -> None:
-    """A method added to WorkerMetrics needs its twin's version (or this list), so metrics off stays one
-    no-op call: inherited, it would keep state or build label children for nothing."""
-    methods = {name for name, value in vars(WorkerMetrics).items()
-               if callable(value) and not name.startswith("_")}
-    assert {"model_series", "forget_model", "model_done", "request_done"} <= methods
-    missing = methods - set(vars(NullWorkerMetrics)) - {"disabled"}
-    assert not missing, f"NullWorkerMetrics lacks {sorted(missing)}"
+@pytest.mark.parametrize("component", TWINS)
+def test_the_twin_overrides_every_method(component: str) -> None:
+    """A method added to the real class needs its twin's version, so metrics off stays one no-op call:
+    inherited, it would keep state or build label children for nothing."""
+    real_class = type(TWINS[component][0](CollectorRegistry()))
+    null_class = TWINS[component][2]
+    methods = {name for name, value in vars(real_class).items()
+               if callable(value) and not name.startswith("_") and name != "disabled"}
+    assert methods, real_class
+    missing = methods - set(vars(null_class))
+    assert not missing, f"{null_class.__name__} lacks {sorted(missing)}"
 
 
 def test_the_twin_counts_nothing_and_keeps_nothing() -> None:
