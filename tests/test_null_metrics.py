@@ -139,7 +139,9 @@ def test_a_session_cache_behaves_the_same_with_metrics_off_and_on(tiny: LoadedMo
     on, _ = _cache_story(tiny, WorkerMetrics(registry, NODE))
     off, _ = _cache_story(tiny, WorkerMetrics.disabled(NODE))
     default, _ = _cache_story(tiny, NO_WORKER_METRICS)
-    assert on == off == default == [True, None, ["b.onnx", "c.onnx"], False, True, (["b.onnx"], {"b.onnx": 40}, 40)]
+    legacy, _ = _cache_story(tiny, WorkerMetrics(None, NODE, enabled=False))  # all no-op metrics, no twin
+    assert on == off == default == legacy
+    assert on == [True, None, ["b.onnx", "c.onnx"], False, True, (["b.onnx"], {"b.onnx": 40}, 40)]
 
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, {"node": NODE, **labels})
@@ -179,7 +181,7 @@ def test_a_pool_answers_the_same_with_metrics_off_and_on(tmp_path: Path) -> None
     registry = CollectorRegistry()
     on = _pool_story(tmp_path, WorkerMetrics(registry, NODE))
     off = _pool_story(tmp_path, WorkerMetrics.disabled(NODE))
-    assert on == off
+    assert on == off == _pool_story(tmp_path, WorkerMetrics(None, NODE, enabled=False))
     assert on[:4] == [["c.onnx", "id.onnx"], True, [[7.0], [7.0]],
                       [[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]]]
 
