@@ -18,6 +18,7 @@ import falcon.testing  # noqa: E402
 
 from broker.logs import formatter  # noqa: E402
 from frontend.observe import ACCESS_FORMAT, Observe, log  # noqa: E402
+from metrics import FrontendMetrics  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     req = falcon.testing.create_asgi_req(method="POST", path="/api/v1/models/iris.onnx/prediction")
     context = req.context
     context.request_id, context.model = "0123456789abcdef0123456789abcdef", "iris.onnx"
-    observe = Observe(server_timing=False, metrics=None)
+    observe = Observe(server_timing=False, metrics=FrontendMetrics.disabled())
 
     def info() -> None:
         log.info(ACCESS_FORMAT, req.method, req.path, "200", 1.234, context.request_id, extra={

@@ -91,8 +91,8 @@ def broker() -> float:
     return per_call_us(one)
 
 
-def worker() -> float:
-    m = WorkerMetrics(CollectorRegistry(), "node-1")
+def worker(m: WorkerMetrics) -> float:
+    """A predict's metric calls; with WorkerMetrics.disabled(), what metrics off costs (no-op calls)."""
     series = m.model_series("iris.onnx")
 
     def one() -> None:
@@ -105,13 +105,28 @@ def worker() -> float:
     return per_call_us(one)
 
 
+def frontend_off() -> float:
+    """The calls Observe makes per request with metrics off: FrontendMetrics' no-op twin."""
+    m = FrontendMetrics.disabled()
+    timing = {"call_ms": 0.5, "worker_ms": 0.1, "inference_ms": 0.05}
+
+    def one() -> None:
+        started = time.perf_counter()
+        m.request_started()
+        m.request_done("/api/v1/models/{name}/prediction", "POST", "200", time.perf_counter() - started)
+        m.models.answered("iris.onnx", timing)
+    return per_call_us(one)
+
+
 def main() -> dict[str, float]:
-    costs = {"frontend": frontend(), "broker": broker(), "worker": worker()}
+    costs = {"frontend": frontend(), "broker": broker(), "worker": worker(WorkerMetrics(CollectorRegistry(), "n"))}
     for tier, us in costs.items():
         print(f"  {tier:9} {us:5.1f} us of metric calls per request")
     for per_turn in (1, 4, 16):
         print(f"  frontend through its Tally, {per_turn:2} requests per loop turn: {frontend_tally(per_turn):5.1f} us")
     print(f"  {'total':9} {sum(costs.values()):5.1f} us")
+    print(f"  metrics off (the no-op twins): frontend {frontend_off():4.2f} us, "
+          f"worker {worker(WorkerMetrics.disabled('n')):4.2f} us per request")
     return costs
 
 

@@ -44,7 +44,7 @@ def create_app(settings: FrontendSettings | None = None, registry: CollectorRegi
         registry = CollectorRegistry()
     client = client or AsyncClient(settings.broker, settings.service, settings.timeout_s,
                                    curve=PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key))
-    metrics = FrontendMetrics(registry) if settings.metrics else None
+    metrics = FrontendMetrics(registry) if settings.metrics else FrontendMetrics.disabled()
     parts = Parts(client, settings, registry, metrics, _version())
     # NOTE: one instance per class, as entries of several paths share theirs (v2 versions, statistics)
     resources = {handler: handler(parts) for handler in dict.fromkeys(r.handler for r in api.ROUTES)}

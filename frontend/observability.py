@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-from typing import Callable
 
 import falcon
 import falcon.asgi
@@ -18,12 +17,11 @@ from .parts import Parts
 class Metrics:
     def __init__(self, parts: Parts):
         self._registry = parts.registry  # None: multiprocess mode, read every gunicorn worker's files
-        # writes this process's updates kept for the loop turn (metrics/tally.py); None: metrics off
-        self._flush: Callable[[], None] | None = parts.metrics.tally.flush if parts.metrics is not None else None
+        # writes this process's updates kept for the loop turn (metrics/tally.py)
+        self._flush = parts.metrics.tally.flush
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if self._flush is not None:
-            self._flush()
+        self._flush()
         # NOTE: reads every process's metric files inline; small, and scrapes are rare.
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = exposition(self._registry)

@@ -22,7 +22,6 @@ from .timing import HEADER, count, server_timing
 log = logging.getLogger("frontend.access")
 ACCESS_FORMAT = "%s %s %s %.2fms %s"
 
-METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 # NOTE: a made-up request id is 32 hex digits, as a uuid4's: 16 random per process, then a counter,
 # so ids stay unique across processes without an os.urandom call per request.
 _ID_PREFIX = secrets.token_hex(8)
@@ -37,19 +36,18 @@ class Observe:
     """Middleware, first in the chain so that the times it reports span every other middleware's work:
 
     - X-Request-ID in (or made) and out, and one access log line per request;
-    - with `metrics`: requests by route template, method and status, latency, requests in flight, and
-      each prediction in its model's series;
+    - to `metrics` (metrics off: its no-op twin, FrontendMetrics.disabled()): requests by route template,
+      method and status, latency, requests in flight, and each prediction in its model's series;
     - with `server_timing`: a Server-Timing header on a prediction that got its answer.
 
     A client that leaves before its answer is logged and counted once, as status 499 (process_cancel).
     """
 
-    def __init__(self, server_timing: bool, metrics: FrontendMetrics | None):
+    def __init__(self, server_timing: bool, metrics: FrontendMetrics):
         self.header = server_timing
         self.metrics = metrics
-        self.models = metrics.models if metrics is not None else None
-        self.timed = server_timing or metrics is not None  # does a prediction fill a timing map?
-        self._bound: dict[tuple, tuple] = {}  # (route, method, status) -> label children, made once
+        self.models = metrics.models
+        self.timed = server_timing or metrics.timed  # does a prediction fill a timing map?
         self._record, self._log_start = _record_template()
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
@@ -57,8 +55,7 @@ class Observe:
         context.request_id = (req.get_header("X-Request-ID") or new_request_id())[:128]
         context.timing = {} if self.timed else None
         req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
-        if self.metrics is not None:
-            self.metrics.tally.inc(self.metrics.in_flight)
+        self.metrics.request_started()
         context.started = time.perf_counter()
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
@@ -89,8 +86,7 @@ class Observe:
             return  # not started, or already logged and counted (a client that left during the send)
         context.started = None
         elapsed_s = time.perf_counter() - started
-        if self.metrics is not None:
-            self._count(self.metrics, req, status, elapsed_s)
+        self.metrics.request_done(req.uri_template, req.method, status, elapsed_s)
         if log.isEnabledFor(logging.INFO):
             self._log(req, context, status, elapsed_s * 1e3)
 
@@ -115,17 +111,6 @@ class Observe:
         fields["status"], fields["latency_ms"] = int(status), round(latency_ms, 3)
         fields["model"] = getattr(context, "model", None)
         log.handle(record)
-
-    def _count(self, metrics: FrontendMetrics, req: falcon.asgi.Request, status: str, elapsed_s: float) -> None:
-        tally = metrics.tally
-        tally.inc(metrics.in_flight, -1.0)
-        method = req.method if req.method in METHODS else "OTHER"  # clients choose methods: bound them
-        key = (req.uri_template or "unmatched", method, status)
-        bound = self._bound.get(key)
-        if bound is None:
-            bound = self._bound[key] = (metrics.requests.labels(*key), metrics.duration.labels(*key[:2]))
-        tally.inc(bound[0])
-        tally.observe(bound[1], elapsed_s)
 
 
 _new_record = object.__new__

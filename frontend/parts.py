@@ -19,5 +19,5 @@ class Parts:
     client: AsyncClient               # the process's one broker client: every request in flight
     settings: FrontendSettings
     registry: CollectorRegistry | None  # None: prometheus-client's multiprocess files (gunicorn)
-    metrics: FrontendMetrics | None     # None: metrics off
+    metrics: FrontendMetrics            # metrics off: its no-op twin (FrontendMetrics.disabled())
     version: str                        # this package's version, for GET /v2 and /openapi.json

@@ -69,10 +69,8 @@ def request_timing(req: falcon.asgi.Request) -> dict | None:
     return getattr(req.context, "timing", None)
 
 
-def count(models: CallerModelMetrics | None, timing: dict) -> None:
+def count(models: CallerModelMetrics, timing: dict) -> None:
     """A prediction's per-model series, from the map `timed` filled (nothing for other calls)."""
-    if models is None:
-        return
     if "call_ms" in timing:
         models.answered(timing["model"], timing)
     elif "error" in timing:

@@ -265,6 +265,41 @@ class WorkerMetrics:
         bound[0].inc()
         bound[1].observe(seconds)
 
+    @staticmethod
+    def disabled(node: str = "") -> NullWorkerMetrics:
+        """The no-op twin, for a worker run with metrics off (metrics_port 0)."""
+        return NullWorkerMetrics(node)
+
+
+class NullWorkerMetrics(WorkerMetrics):
+    """WorkerMetrics with metrics off, so the worker's code has no `if metrics` branches.
+
+    Built by WorkerMetrics' own __init__ from no-op metrics, so it has every metric the real one has (a
+    new one cannot be left out of it); each method that keeps per-model state or label children does
+    nothing instead, so the metrics-off path costs one no-op call. It keeps no state: one instance may
+    serve any number of session caches (tests/test_null_metrics.py checks both promises).
+    """
+
+    def __init__(self, node: str = ""):
+        super().__init__(None, node, enabled=False)
+
+    def model_series(self, entry: str, model: str | None = None, version: str | None = None) -> ModelSeries:
+        """A no-op series with the labels the real one would get; nothing keeps it."""
+        return ModelSeries(self, (self.node, entry if model is None else model, version or VERSION))
+
+    def forget_model(self, entry: str) -> None:
+        """No series were kept."""
+
+    def model_done(self, model: object, reason: str | None, version: object = None) -> None:
+        """Nothing counts."""
+
+    def request_done(self, op: str, outcome: str, seconds: float) -> None:
+        """Nothing counts."""
+
+
+NO_WORKER_METRICS = NullWorkerMetrics()  # a default for callers built without metrics (tests, tools)
+NO_SERIES = NO_WORKER_METRICS.model_series("")  # the series of a session no cache holds
+
 
 class CallerModelMetrics:
     """A frontend's (REST or gRPC) per-model series. A model becomes a series only once it has answered
@@ -320,11 +355,30 @@ class CallerModelMetrics:
         self.tally.inc(self.failures.labels(model, version, reason))
 
 
+class NullCallerModelMetrics(CallerModelMetrics):
+    """CallerModelMetrics with metrics off: the same attributes, as no-op metrics; nothing counts."""
+
+    def __init__(self, prefix: str):
+        super().__init__(prefix, None, enabled=False)
+
+    def answered(self, model: str, timing: dict) -> None:
+        """Nothing counts."""
+
+    def failed(self, model: str, reason: str) -> None:
+        """Nothing counts."""
+
+
+# HTTP methods a request is counted under; any other is OTHER (clients choose methods: bound the label).
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+
+
 class FrontendMetrics:
     """Under gunicorn these live in prometheus-client's multiprocess mode (frontend/gunicorn_conf.py).
 
     Per-request updates go through `tally`, written once per event-loop turn (metrics/tally.py).
     """
+
+    timed = True  # a prediction's timing map feeds its model's series (frontend/timing.py)
 
     def __init__(self, registry: CollectorRegistry | None, enabled: bool = True):
         counter, gauge, histogram = _kinds(enabled)
@@ -337,6 +391,45 @@ class FrontendMetrics:
         self.in_flight = gauge("fractal_frontend_requests_in_flight", "HTTP requests being handled.",
                                registry=r, multiprocess_mode="livesum")
         self.models = CallerModelMetrics("fractal_frontend", registry, enabled, self.tally)
+        self._bound: dict[tuple, tuple] = {}  # (route, method, status) -> label children, made once
+
+    def request_started(self) -> None:
+        """A request came in: one more in flight until its request_done."""
+        self.tally.inc(self.in_flight)
+
+    def request_done(self, route: str | None, method: str, status: str, elapsed_s: float) -> None:
+        """Count a request by its route template (None: no route matched), method and status."""
+        tally = self.tally
+        tally.inc(self.in_flight, -1.0)
+        key = (route or "unmatched", method if method in METHODS else "OTHER", status)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = (self.requests.labels(*key), self.duration.labels(*key[:2]))
+        tally.inc(bound[0])
+        tally.observe(bound[1], elapsed_s)
+
+    @staticmethod
+    def disabled() -> NullFrontendMetrics:
+        """The no-op twin, for a frontend run with metrics off (FRACTAL_FRONTEND_METRICS=false)."""
+        return NullFrontendMetrics()
+
+
+class NullFrontendMetrics(FrontendMetrics):
+    """FrontendMetrics with metrics off, so the frontend's code has no `if metrics` branches: built by
+    FrontendMetrics' own __init__ from no-op metrics (a new metric cannot be left out of it); its methods
+    do nothing, and a prediction needs no timing map for it."""
+
+    timed = False
+
+    def __init__(self) -> None:
+        super().__init__(None, enabled=False)
+        self.models = NullCallerModelMetrics("fractal_frontend")
+
+    def request_started(self) -> None:
+        """Nothing counts."""
+
+    def request_done(self, route: str | None, method: str, status: str, elapsed_s: float) -> None:
+        """Nothing counts."""
 
 
 class GrpcMetrics:

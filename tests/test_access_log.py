@@ -9,6 +9,7 @@ import pytest
 
 from broker.logs import formatter
 from frontend.observe import ACCESS_FORMAT, Observe, log
+from metrics import FrontendMetrics
 
 TIME_FIELDS = ("created", "msecs", "relativeCreated")
 
@@ -55,7 +56,7 @@ def test_the_template_record_is_the_info_record(kept, model):
     if model is not None:
         req.context.model = model
     info_record(req, "200", 1.23456)
-    Observe(server_timing=False, metrics=None)._log(req, req.context, "200", 1.23456)
+    Observe(server_timing=False, metrics=FrontendMetrics.disabled())._log(req, req.context, "200", 1.23456)
     old, new = kept
     for name in TIME_FIELDS:
         setattr(new, name, getattr(old, name))
@@ -71,7 +72,7 @@ def test_the_logger_filters_still_apply(kept):
     req.context.request_id = "access-2"
     log.addFilter(drop := lambda record: False)
     try:
-        Observe(server_timing=False, metrics=None)._log(req, req.context, "200", 0.5)
+        Observe(server_timing=False, metrics=FrontendMetrics.disabled())._log(req, req.context, "200", 0.5)
     finally:
         log.removeFilter(drop)
     assert kept == []

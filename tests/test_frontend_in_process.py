@@ -238,3 +238,33 @@ def test_a_table_that_contradicts_itself_does_not_build() -> None:
     with pytest.raises(ValueError, match="no OpenAPI schema"):
         dataclasses.replace(welcome, requests=("image/png",))
     assert [r.path for r in api.routes()] == list(dict.fromkeys(e.path for e in api.ENDPOINTS))
+def test_metrics_off_answers_as_metrics_on_and_counts_nothing(stack: Stack) -> None:
+    """Metrics off is FrontendMetrics' no-op twin: the same answers and Server-Timing; /metrics has no series."""
+    seen: dict[bool, list] = {}
+
+    def story(metrics: bool) -> Callable[[falcon.testing.ASGIConductor], Awaitable[None]]:
+        async def test(c: falcon.testing.ASGIConductor) -> None:
+            calls = [c.simulate_post("/api/v1/models/iris.onnx/prediction", json={"values": [2, 5, 1, 4]}),
+                     c.simulate_post("/api/v1/models/iris.onnx/prediction", json={"values": [2, 5, 1]}),
+                     c.simulate_post("/v2/models/iris.onnx/infer", json={"inputs": [
+                         {"name": "float_input", "shape": [1, 4], "datatype": "FP32", "data": [2, 5, 1, 4]}]}),
+                     c.simulate_request("BREW", "/api/v1/models")]
+            answers = [await call for call in calls]
+            seen[metrics] = [(r.status_code, r.json, "Server-Timing" in r.headers) for r in answers]
+            text = (await c.simulate_get("/metrics")).text
+            predicted = ('fractal_frontend_requests_total{method="POST",route="/api/v1/models/{name}/prediction",'
+                         'status="200"} 1.0')
+            if metrics:
+                assert predicted in text and 'method="OTHER"' in text
+                assert 'fractal_frontend_model_requests_total{model="iris.onnx",version="1"} 3.0' in text
+                assert 'fractal_frontend_model_failures_total{model="iris.onnx",reason="BadInput",version="1"} 1.0' \
+                    in text
+            else:
+                assert "fractal_frontend" not in text, text
+        return test
+
+    for metrics in (True, False):
+        with_app(stack, story(metrics), metrics=metrics, server_timing=True)
+    assert seen[True] == seen[False]
+    assert [s[0] for s in seen[True]] == [200, 400, 200, 400] and [s[2] for s in seen[True]] == [
+        True, False, True, False]

@@ -166,12 +166,11 @@ def run_batch(batch: list[Pending]) -> None:
         return
     ran = time.perf_counter_ns()
     total = sum(p.rows for p in batch)
-    if model.timer is not None:
-        model.timer.observe((ran - started) / 1e9)
-    if model.series is not None:
-        model.series.batch_rows.observe(total)
-        for pending in batch:
-            model.series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
+    model.timer.observe((ran - started) / 1e9)
+    series = model.series
+    series.batch_rows.observe(total)
+    for pending in batch:
+        series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
     if any(not isinstance(v, np.ndarray) or v.ndim == 0 or v.shape[0] != total for v in values):
         for pending in batch:  # an output that is not per row: the model is not batchable after all
             _run_alone(pending)
@@ -198,8 +197,7 @@ def run_batch(batch: list[Pending]) -> None:
 
 def _run_alone(pending: Pending) -> None:
     run_start = time.perf_counter_ns()
-    if pending.model.series is not None:
-        pending.model.series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
+    pending.model.series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
     infer_ns = output_ns = 0
     try:
         outputs, infer_ns, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)

@@ -139,10 +139,8 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
     global LAST_RUN
     LAST_RUN = (rows := rows_of(feeds), ran - started)
     model.stats.executed()
-    if model.timer is not None:
-        model.timer.observe((ran - started) / 1e9)
-    if model.series is not None:
-        model.series.batch_rows.observe(rows)
+    model.timer.observe((ran - started) / 1e9)
+    model.series.batch_rows.observe(rows)
     if tracing.ENABLED:
         tracing.RUN = (0, started, ran, rows, None)
     outputs = {name: _plain(value) for name, value in zip(names, values, strict=True)}

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from broker.errors import BadInput, ModelTooLarge
+from metrics import NO_SERIES, NO_WORKER_METRICS, ModelSeries, WorkerMetrics
 
 from .memory import measured, trim
 from .stats import Counters, ModelStats
@@ -59,8 +60,9 @@ class LoadedModel:
     outputs: list[TensorSpec]
     size_bytes: int
     mtime: float
-    timer: Any = None          # histogram child observing InferenceSession.run, set by the pool
-    series: Any = None         # metrics.ModelSeries: the model's label children, set by the cache
+    # NOTE: never None: a session no cache holds has the no-op series; metrics off, the cache sets one too
+    timer: Any = NO_SERIES.inference  # histogram child observing InferenceSession.run: series.inference
+    series: ModelSeries = NO_SERIES   # the model's label children, set by the cache
     stats: Counters = field(default_factory=Counters)  # the name's counters, set by the cache
     version: str | None = None  # a version directory's number (worker/versions.py); None: a flat file
     cost_bytes: int = 0        # memory the session holds, measured at load: what the budget counts
@@ -87,8 +89,9 @@ def _specs(args: list) -> list[TensorSpec]:
 class SessionFactory:
     """Builds sessions with the worker's options (threads, optimisation), created once."""
 
-    def __init__(self, intra_op_threads: int, metrics: Any = None, external_data_dir: str | None = None):
-        self._metrics = metrics  # metrics.WorkerMetrics, or None
+    def __init__(self, intra_op_threads: int, metrics: WorkerMetrics = NO_WORKER_METRICS,
+                 external_data_dir: str | None = None):
+        self._metrics = metrics  # metrics off: the no-op twin (metrics.NullWorkerMetrics)
         options = ort.SessionOptions()
         if external_data_dir:
             # NOTE: sessions are built from bytes; this anchors a model's external-data files in the
@@ -138,9 +141,8 @@ class SessionFactory:
             raise BadInput(f"{name} is not a model ONNX Runtime can load: {_first_line(exc)}") from None
         elapsed = time.perf_counter() - started
         log.info("loaded %s (%d bytes, %d resident) in %.1f ms", name, st.st_size, cost, elapsed * 1e3)
-        if self._metrics:
-            self._metrics.model_loads.inc()
-            self._metrics.model_load_seconds.observe(elapsed)
+        self._metrics.model_loads.inc()
+        self._metrics.model_load_seconds.observe(elapsed)
         return LoadedModel(name, file_key(st), session, _specs(session.get_inputs()),
                            _specs(session.get_outputs()), st.st_size, st.st_mtime, cost_bytes=cost)
 
@@ -155,26 +157,23 @@ class SessionCache:
     `capacity` sessions; pinned names are never evicted. An entry is only valid while its file key
     still matches."""
 
-    def __init__(self, capacity: int, metrics: Any = None, budget_bytes: int = 0):
+    def __init__(self, capacity: int, metrics: WorkerMetrics = NO_WORKER_METRICS, budget_bytes: int = 0):
         self.capacity = capacity
         self.budget_bytes = budget_bytes
         self.resident_bytes = 0    # sum of the entries' cost_bytes
         self.pinned: set[str] = set()
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._metrics = metrics  # metrics.WorkerMetrics, or None
+        self._metrics = metrics  # metrics off: the no-op twin (metrics.NullWorkerMetrics)
         self.stats = ModelStats()  # NOTE: by name, beside the entries: an eviction keeps the counts
-        if metrics:
-            metrics.memory_budget.set(budget_bytes)
+        metrics.memory_budget.set(budget_bytes)
 
     def get(self, name: str, key: tuple) -> LoadedModel | None:
         entry = self._entries.get(name)
         if entry is None or entry.key != key:
-            if self._metrics:
-                self._metrics.cache_misses.inc()
+            self._metrics.cache_misses.inc()
             return None
         self._entries.move_to_end(name)
-        if self._metrics:
-            self._metrics.cache_hits.inc()
+        self._metrics.cache_hits.inc()
         return entry
 
     def peek(self, name: str) -> LoadedModel | None:
@@ -200,7 +199,7 @@ class SessionCache:
         is waiting for this load (counted as a cold load)."""
         self.admit(model.name, model.cost_bytes)
         self._insert(model)
-        if cold and self._metrics:
+        if cold:
             self._metrics.cold_loads.inc()
         evicted = False
         while len(self._entries) > self.capacity or (self.budget_bytes and self.resident_bytes > self.budget_bytes):
@@ -211,8 +210,7 @@ class SessionCache:
             evicted = True
             log.info("evicted %s from the session cache (%d of %d bytes resident)", victim,
                      self.resident_bytes, self.budget_bytes)
-            if self._metrics:
-                self._metrics.cache_evictions.inc()
+            self._metrics.cache_evictions.inc()
         if evicted:
             trim()  # NOTE: the evicted session's pages go back to the OS, so the budget bounds RSS
         self._resident_changed()
@@ -253,23 +251,20 @@ class SessionCache:
         old = self._entries.pop(model.name, None)
         if old is not None:
             self.resident_bytes -= old.cost_bytes
-        if self._metrics:
-            model.series = self._metrics.model_series(model.name, split(model.name)[0], model.version)
-            model.timer = model.series.inference
-            model.series.resident_bytes.set(model.cost_bytes)
+        model.series = self._metrics.model_series(model.name, split(model.name)[0], model.version)
+        model.timer = model.series.inference
+        model.series.resident_bytes.set(model.cost_bytes)
         self._entries[model.name] = model
         self.resident_bytes += model.cost_bytes
 
     def _remove(self, name: str) -> None:
         self.resident_bytes -= self._entries.pop(name).cost_bytes
         # NOTE: users name models; a model's series leave with its session, so names cannot pile up.
-        if self._metrics:
-            self._metrics.forget_model(name)
+        self._metrics.forget_model(name)
 
     def _resident_changed(self) -> None:
-        if self._metrics:
-            self._metrics.models_resident.set(len(self._entries))
-            self._metrics.resident_bytes.set(self.resident_bytes)
+        self._metrics.models_resident.set(len(self._entries))
+        self._metrics.resident_bytes.set(self.resident_bytes)
 
     def names(self) -> list[str]:
         return list(self._entries)
