@@ -66,7 +66,8 @@ class ModelHost:
         self.node = make_node_id(settings.node_name)
         set_node(self.node)  # JSON log records name the node id, as replies and metrics do
         self.registry = registry if registry is not None else new_registry("fractal_worker")
-        self.metrics = WorkerMetrics(self.registry, self.node) if settings.metrics_port else WorkerMetrics.disabled(self.node)
+        self.metrics = (WorkerMetrics(self.registry, self.node) if settings.metrics_port
+                        else WorkerMetrics.disabled(self.node))
         self.pool = ModelPool(settings.model_dir, SessionFactory(settings.threads, self.metrics, settings.model_dir),
                               SessionCache(settings.cache_size, self.metrics, settings.memory_budget_bytes),
                               settings.max_model_bytes,
