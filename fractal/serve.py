@@ -32,9 +32,6 @@ log = logging.getLogger("fractal.serve")
 
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5555  # also the defaults of the client commands (fractal predict)
 CHECK_INTERVAL_S = 0.1  # how often the supervisor looks for dead children: a dead broker stalls every call
-# NOTE: a restarted broker knows no worker until each sends its next heartbeat (then READY): meanwhile
-# requests wait for them rather than fail. Covers the workers' default heartbeat with room to spare.
-BROKER_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,16 +48,21 @@ class ServeSettings:
                                  "for models copied in, changed or removed by other means; 0 = off")
     http_workers: int = setting(0, "gunicorn worker processes, each an event loop with any number of requests; "
                                    "0 = one per two cores (fewer processes pack more calls per broker message)")
-    http_worker_class: str = setting(WORKER_CLASS, "gunicorn worker class; an ASGI one (uvicorn_worker."
-                                                   "UvicornWorker, or UvicornH11Worker without uvloop)")
+    http_worker_class: str = setting(WORKER_CLASS, "gunicorn worker class; an ASGI one (the default sends a "
+                                                   "response in one write and cancels a request whose client "
+                                                   "hangs up; uvicorn_worker.UvicornWorker does neither)")
+    # NOTE: a restarted broker knows no worker until each sends its next heartbeat (then READY), and a worker
+    # busy with a long run sends READY when the run ends: meanwhile requests wait for them rather than fail.
+    broker_grace_s: float = setting(10.0, "how long a (re)started broker holds requests while no worker has "
+                                          "registered yet (workers busy with a long run register when it ends)")
     metrics_port: int = setting(9150, "broker /metrics port; workers take the next ones; 0: no metrics at all")
     ready_timeout_s: float = setting(60.0, "how long to wait for every part to come up")
     log_level: str = setting("INFO", "logging level of every part")
     log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.http_workers < 0 or self.threads < 0 or self.poll_s < 0:
-            raise ValueError("workers must be >= 1; http_workers, threads and poll_s >= 0")
+        if self.workers < 1 or min(self.http_workers, self.threads, self.poll_s, self.broker_grace_s) < 0:
+            raise ValueError("workers must be >= 1; http_workers, threads, poll_s and broker_grace_s >= 0")
         if not 0 <= self.grpc_port < 65536:
             raise ValueError("grpc_port must be a TCP port number, or 0 for no gRPC frontend")
 
@@ -154,7 +156,7 @@ def _children(s: ServeSettings) -> list[Child]:
     common = ["--log-level", s.log_level, "--log-format", s.log_format]
     children = [Child("broker", [sys.executable, "-m", "broker", "--bind", broker_url, *common,
                                  "--metrics-port", str(s.metrics_port),
-                                 "--startup-grace-s", str(BROKER_GRACE_S)], env)]
+                                 "--startup-grace-s", str(s.broker_grace_s)], env)]
     for i in range(s.workers):
         children.append(Child(f"worker-{i + 1}", [
             sys.executable, "-m", "worker", "--connect", connect_url, "--model-dir", s.model_dir,

@@ -58,7 +58,9 @@ def queued(url: str) -> int:
 
 
 def test_upload_and_delete_inside_a_killed_broker_answer_503_and_predictions_their_result(tmp_path: Path) -> None:
-    served = Served(tmp_path, FAST_HEARTBEATS, "--grpc-port", "0")
+    # NOTE: the workers register with the new broker only once their 3 s runs end, which under CPU
+    # contention takes several times longer: the new broker holds the re-sent predictions until then.
+    served = Served(tmp_path, {**FAST_HEARTBEATS, "FRACTAL_SERVE_BROKER_GRACE_S": "120"}, "--grpc-port", "0")
     try:
         url, models = served.broker_url, f"{served.base}/api/v1/models"
         assert http("PUT", f"{models}/slow.onnx", slow_model())[0] == 200
