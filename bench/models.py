@@ -7,14 +7,19 @@ convnet.onnx ResNet-style: 1x3x224x224 -> stem conv 7x7/2 + pool, three stages o
              (3x3 convs, 64 -> 128 -> 256 channels, stride 2 between stages), global pool, FC to 1000
              classes, softmax. Batch dimension dynamic, so the worker can batch it.
 mlp.onnx     8 dense layers of 256 (per row ~1 MFLOP): where a run's fixed cost dominates one row.
+
+matmul_chain() (not in the set: bench/hot_model.py sizes it to this machine) is compute-bound with tiny
+input and output: a 1 x width vector spreads into a width x width matrix that a chain of products runs.
 """
 from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +94,57 @@ def mlp(layers: int = 8, width: int = 256) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+CHAIN_WIDTH = 512  # one product is 2 x 512^3 = 268 MFLOP: compute-bound, its 1 MiB weight stays in L2/L3
+
+
+def _chain_weights(layers: int, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The spread matrix and `layers` orthogonal matrices (so any product of them stays bounded)."""
+    rng = np.random.default_rng(0)
+    spread = (rng.standard_normal((width, width)) / width ** 0.5).astype(np.float32)
+    return spread, [np.linalg.qr(rng.standard_normal((width, width)))[0].astype(np.float32) for _ in range(layers)]
+
+
+def matmul_chain(layers: int, width: int = CHAIN_WIDTH) -> bytes:
+    """y = sum over rows of ((x * S) @ Q1 @ ... @ Q_layers): x [1, width] -> y [1, width] (fixed batch of 1,
+    so a worker never batches it). Each layer is one width^3 matrix product with its own weight."""
+    spread, chain = _chain_weights(layers, width)
+    nodes = [helper.make_node("Mul", ["x", "spread"], ["h0"])]
+    inits = [numpy_helper.from_array(spread, "spread"), numpy_helper.from_array(np.array([0], np.int64), "axes")]
+    for i, q in enumerate(chain, 1):
+        inits.append(numpy_helper.from_array(q, f"q{i}"))
+        nodes.append(helper.make_node("MatMul", [f"h{i - 1}", f"q{i}"], [f"h{i}"]))
+    nodes.append(helper.make_node("ReduceSum", [f"h{layers}", "axes"], ["y"], keepdims=1))
+    vector = [1, width]
+    graph = helper.make_graph(nodes, "matmul_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, vector)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, vector)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def matmul_chain_expected(layers: int, x: np.ndarray, width: int = CHAIN_WIDTH) -> np.ndarray:
+    """What matmul_chain(layers, width) answers for x, computed in float64 without ONNX Runtime."""
+    spread, chain = _chain_weights(layers, width)
+    h = x.astype(np.float64) * spread
+    for q in chain:
+        h = h @ q
+    return h.sum(axis=0, keepdims=True)
+
+
+def run_cpu_s(model: bytes, feed: dict, runs: int = 5) -> float:
+    """The fewest CPU seconds one run of `model` took in a one-thread session (the thread's CPU time:
+    other load on the machine can make a run slower than this, never faster)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    best = float("inf")
+    for _ in range(runs):
+        started = time.thread_time()
+        session.run(None, feed)
+        best = min(best, time.thread_time() - started)
+    return best
 
 
 def write(out: Path) -> None:

@@ -125,6 +125,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
+def sched_s(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of thread `tid` (default: the process's
+    main thread) so far, from /proc/PID/task/TID/schedstat: the wait is what other load cost it."""
+    on_cpu_ns, waiting_ns, _slices = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    return int(on_cpu_ns) / 1e9, int(waiting_ns) / 1e9
+
+
 def process_table() -> dict[int, ProcInfo]:
     """Every process visible now; one that exits during the walk is left out."""
     table = {}
