@@ -90,7 +90,8 @@ class Connection:
     def send(self, command: bytes, *frames: bytes) -> None:
         """`command` followed by `frames` as they are. NOTE: only for modelhost.py until issue 14's
         worker rewrite (branch life) calls heartbeat() and final(); it is then to go."""
-        self._send([p.WORKER_HEADER, command, *frames])
+        send_frames(self.socket, [p.WORKER_HEADER, command, *frames])  # NOTE: inline: every reply comes here
+        self.last_sent = time.monotonic()
 
     def _send(self, frames: list) -> None:
         send_frames(self.socket, frames)
