@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from broker.client import Client
-from broker.errors import ModelNotFound, ModelNotReady
+from broker.errors import BadInput, ModelNotFound, ModelNotReady
 from broker.settings import load
 from fractal.serve import ServeSettings, _children
 
@@ -189,6 +189,20 @@ def test_explicit_mode_serves_a_copied_file_at_the_next_request(cluster, client)
     assert _values(client) == {2.0}
     os.remove(pool / NAME)
     assert _values(client) == {"ModelNotFound"}
+
+
+def test_explicit_mode_index_tells_a_file_that_failed_to_load_on_every_worker(cluster, client):
+    """Poll off: a file is judged when a request first loads it; the worker that finds it corrupt
+    records why in the pool, so the index says so whichever worker answers, holder or not."""
+    _atomic_copy(cluster.model_dir / NAME, b"this is not an onnx model" * 10)
+    assert _index_everywhere(client)[NAME] == ("READY", "")  # not judged yet: no request loaded it
+    with pytest.raises(BadInput, match="not a model ONNX Runtime can load"):
+        client.predict(NAME, {"x": np.zeros((1, 1), np.float32)})
+    state, reason = _index_everywhere(client)[NAME]
+    assert state == "UNAVAILABLE" and "failed to load" in reason
+    _atomic_copy(cluster.model_dir / NAME, A)  # a new file: judged afresh
+    assert _values(client) == {1.0}
+    assert _index_everywhere(client)[NAME] == ("READY", "")
 
 
 def test_poll_s_is_a_setting_fractal_serve_passes_on():

@@ -135,7 +135,11 @@ class ModelPool:
             raise self._not_found(split(name)[0]) from None
         if self._watch is not None and file_key(st) != key and not self._ledger.vouched(name, file_key(st)):
             return self._previous(name, file_key(st))  # NOTE: it changed again between stat and open
-        model = self._factory.build(name, data, st)
+        try:
+            model = self._factory.build(name, data, st)
+        except BadInput as exc:  # NOTE: recorded for the index, which every worker reads alike
+            self._ledger.record_failure(name, file_key(st), str(exc))
+            raise
         del data  # NOTE: before the put, which may evict and trim: the file's bytes need not stay
         self._cache.put(model, cold)
         return model
@@ -263,11 +267,15 @@ class ModelPool:
                     state, reason = "UNAVAILABLE", "not served by the model's version_policy"
                 elif os.path.exists(self._marker(entry)):
                     state, reason = "UNAVAILABLE", "unloaded"
-                elif self._watch is not None:
+                else:
                     try:
-                        state, reason = self._watch.state(entry, file_key(os.stat(path_of(self._prefix, entry))))
+                        key = file_key(os.stat(path_of(self._prefix, entry)))
                     except FileNotFoundError:
                         continue
+                    if self._watch is not None:
+                        state, reason = self._watch.state(entry, key)
+                    elif (failed := self._ledger.failure(entry, key)) is not None:
+                        state, reason = "UNAVAILABLE", f"the file failed to load: {failed}"
                 found.append({"name": n, "version": str(v), "state": state, "reason": reason})
         return found
 
