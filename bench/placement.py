@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--no-placement", action="store_true", help="least-recently-used routing instead")
     args = parser.parse_args()
     placement = (["--no-placement"] if args.no_placement
-                 else ["--placement", "--placement-wait-s", str(args.placement_wait_s)])
+                 else ["--placement-wait-s", str(args.placement_wait_s)])  # placement: the default
     with tempfile.TemporaryDirectory() as tmp:
         pool, logs = Path(tmp) / "pool", Path(tmp)
         pool.mkdir()

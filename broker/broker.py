@@ -54,7 +54,7 @@ class BrokerSettings:
     reserve_workers: int = setting(0, "while a model's requests wait, it holds at most (workers - this, at least 1) "
                                       "workers at once, so a flood on one model leaves that many free for "
                                       "the others' next requests; 0: every worker takes whatever waits")
-    placement: bool = setting(False, "send a request to an idle worker that holds its model; while only busy "
+    placement: bool = setting(True, "send a request to an idle worker that holds its model; while only busy "
                                      "workers hold it, wait for one (up to placement_wait_s); else the least "
                                      "loaded idle worker (docs/protocol.md, Placement); off: the least recently "
                                      "used idle worker")

@@ -274,7 +274,7 @@ def test_reserve_workers_keeps_a_worker_free_for_the_next_model(procs, model_dir
 
 def test_a_request_goes_to_an_idle_worker_that_holds_its_model(procs, model_dir):
     url = f"tcp://127.0.0.1:{free_port()}"
-    procs.broker(url, "--status-interval-s", "0.5", "--placement")
+    procs.broker(url, "--status-interval-s", "0.5")  # NOTE: placement is the default
     ports = [free_port(), free_port()]
     for port in ports:
         procs.worker(url, model_dir, "--metrics-port", str(port))

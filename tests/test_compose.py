@@ -32,7 +32,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from .harness import BUNDLED, REPO, free_port, wait_for
+from .harness import REPO, free_port, wait_for
+from .onnx_models import SLOW_ATOL, slow_expected, slow_model, slow_steps
 
 # NOTE: a cold build (Debian packages, base image) takes minutes
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -285,14 +286,29 @@ def test_prometheus_in_the_stack_scrapes_every_component(stack):
 
 
 def test_a_model_uploaded_through_the_frontend_is_served_by_every_worker(stack):
-    name = "uploaded-iris.onnx"
-    status, body = request(stack, "PUT", f"/api/v1/models/{name}", (BUNDLED / "iris.onnx").read_bytes(),
+    """The pool is one shared volume: a model uploaded through one worker is served by the other too.
+    With the broker's placement the worker that stored it holds it and takes its calls while idle;
+    two calls at once, each longer than placement_wait_s, make the other one load it from the volume."""
+    name = "uploaded-slow.onnx"
+    status, body = request(stack, "PUT", f"/api/v1/models/{name}", slow_model(),
                            content_type="application/octet-stream")
     assert status in (200, 201), body
-    for _ in range(20):  # the broker hands requests to the least recently used idle worker: both get some
-        assert request(stack, "POST", f"/api/v1/models/{name}/prediction",
-                       json.dumps(IRIS_ROW).encode()) == (200, {"http_status": {
-                           "code": 200, "description": "Prediction successful", "name": "OK"}, "values": [1]})
+    steps = [slow_steps(0.6) + i for i in range(2)]  # NOTE: past placement_wait_s (0.5 s), well within 30 s
+    answers: dict = {}
+
+    def predict(k: int) -> None:
+        started = time.monotonic()
+        answers[k] = request(stack, "POST", f"/api/v1/models/{name}/prediction", json.dumps({"values": [k]}).encode())
+        answers[k] = (*answers[k], round(time.monotonic() - started, 2))
+    calls = [threading.Thread(target=predict, args=(k,)) for k in steps]
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join(timeout=60)
+    for k in steps:
+        status, body, took_s = answers[k]
+        assert status == 200, (body, took_s, steps)
+        np.testing.assert_allclose(np.ravel(body["values"]), [slow_expected(k)], atol=SLOW_ATOL)
 
     def every_worker_ran_it() -> bool:
         series = query(stack, f'fractal_worker_inference_seconds_count{{model="{name}"}}')

@@ -4,6 +4,7 @@ oldest request has waited placement_wait_s, then the least loaded idle worker ta
 all, the least loaded idle worker takes it at once."""
 from __future__ import annotations
 
+import argparse
 from typing import Iterator
 
 import pytest
@@ -145,3 +146,16 @@ def test_placement_wait_zero_spreads_at_once(clock: Clock) -> None:
 
 def first_identity(rig: Rig, index: int) -> bytes:
     return list(rig.broker._workers)[index]
+
+
+def test_placement_is_on_by_default_and_off_by_flag_or_env():
+    from broker.broker import BrokerSettings
+    from broker.settings import add_arguments, load
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, BrokerSettings, "broker")
+    assert load(BrokerSettings, "broker", parser.parse_args([]), env={}).placement is True
+    assert load(BrokerSettings, "broker", parser.parse_args(["--no-placement"]), env={}).placement is False
+    off = {"FRACTAL_BROKER_PLACEMENT": "0"}
+    assert load(BrokerSettings, "broker", parser.parse_args([]), env=off).placement is False
+    assert load(BrokerSettings, "broker", parser.parse_args(["--placement"]), env=off).placement is True  # flag wins

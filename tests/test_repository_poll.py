@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from broker.client import Client
-from broker.errors import ModelNotFound, ModelNotReady
+from broker.errors import BadInput, ModelNotFound, ModelNotReady
 from broker.settings import load
 from fractal.serve import ServeSettings, _children
 
@@ -38,6 +38,16 @@ def _values(client: Client, name: str = NAME) -> set:
 
 def _index(client: Client) -> dict:
     return {m["name"]: (m["state"], m["reason"]) for m in client.repository()}
+
+
+def _index_everywhere(client: Client) -> dict:
+    """The index as every worker answers it, checked to be the same: twice WORKERS calls, WORKERS at a
+    time (a model-less call goes to an idle worker, so each of a batch goes to another one). With the
+    broker's placement a worker never loads what another holds: the answer must not depend on it."""
+    answers = [{m["name"]: (m["state"], m["reason"]) for m in outcome["models"]}
+               for _ in range(2) for outcome in client.call_many([("repository", {})] * WORKERS)]
+    assert all(a == answers[0] for a in answers), answers
+    return answers[0]
 
 
 def _atomic_copy(path: Path, data: bytes) -> None:
@@ -82,8 +92,8 @@ def test_a_slow_copy_is_never_served_half_written(polled):
     try:
         # the half file stays put long enough to be "stable": ONNX Runtime refuses it, the old model answers
         wait_for(lambda: "failed to load" in _index(client)[NAME][1], 30, "the half file to be judged")
-        assert _index(client)[NAME][0] == "READY"
-        assert "serving the previous version" in _index(client)[NAME][1]
+        assert _index_everywhere(client)[NAME][0] == "READY"
+        assert "serving the previous version" in _index_everywhere(client)[NAME][1]
         go_on.set()
         while not written.is_set():
             seen.extend(_values(client))
@@ -92,7 +102,7 @@ def test_a_slow_copy_is_never_served_half_written(polled):
         go_on.set()
         thread.join(60)
     wait_for(lambda: _values(client) == {2.0}, 30, "the whole new file to be served")
-    assert _index(client)[NAME] == ("READY", "")
+    assert _index_everywhere(client)[NAME] == ("READY", "")
     assert _log(polled).count(f"new file for {NAME} not served") >= 1
 
 
@@ -104,7 +114,7 @@ def test_an_atomic_copy_is_served_within_a_few_polls(polled):
     wait_for(lambda: _values(client) == {2.0} and _values(client, "new.onnx") == {2.0}, 30,
              "the copied files to be served")
     waited = time.monotonic() - started
-    assert _index(client)["new.onnx"] == ("READY", "")
+    assert _index_everywhere(client)["new.onnx"] == ("READY", "")
     # NOTE: served only once two scans, POLL_S apart, saw the same file; the upper bound is
     # wait_for's (150 intervals), wide because a loaded machine stretches every interval.
     assert waited >= POLL_S
@@ -116,8 +126,14 @@ def test_a_corrupt_file_never_breaks_the_running_model(polled, procs):
     base = start_frontend(procs, polled["url"])
     _atomic_copy(pool / NAME, b"this is not an onnx model" * 10)
     _atomic_copy(pool / "broken.onnx", b"\x08\x07 nor is this")
-    wait_for(lambda: all("failed to load" in _index(client)[n][1] for _ in range(WORKERS) for n in
-                         (NAME, "broken.onnx")), 30, "the corrupt files to be judged by both workers")
+    # the first worker to judge a file records why it failed in the pool: the others read it and load
+    # it no more, but each logs it once
+    wait_for(lambda: _log(polled).count(f"new file for {NAME} not served") == WORKERS and
+             _log(polled).count("new file for broken.onnx not served") == WORKERS, 30,
+             "the corrupt files to be judged by both workers")
+    index = _index_everywhere(client)
+    assert index[NAME][0] == "READY" and "serving the previous version" in index[NAME][1]
+    assert index["broken.onnx"][0] == "UNAVAILABLE" and "failed to load" in index["broken.onnx"][1]
     assert _values(client) == {1.0}  # the old session answers although the file under it is garbage
     assert _values(client, "broken.onnx") == {"ModelNotReady"}
     with pytest.raises(ModelNotReady, match="failed to load"):
@@ -135,13 +151,19 @@ def test_a_corrupt_file_never_breaks_the_running_model(polled, procs):
     # a good file over the corrupt one is served
     _atomic_copy(pool / "broken.onnx", B)
     wait_for(lambda: _values(client, "broken.onnx") == {2.0}, 30, "the repaired file to be served")
+    assert _index_everywhere(client)["broken.onnx"] == ("READY", "")
 
 
 def test_a_removed_file_stops_being_served(polled):
     client, pool = polled["client"], polled["pool"]
     os.remove(pool / NAME)
     assert _values(client) == {"ModelNotFound"}
-    assert NAME not in _index(client)
+    assert NAME not in _index_everywhere(client)
+    # copied in again: a new file, judged again (the removed one's record is forgotten, not reused)
+    wait_for(lambda: not (pool / ".validated" / NAME).exists(), 30, "the removed file's record to go")
+    _atomic_copy(pool / NAME, b"garbage" * 20)
+    wait_for(lambda: "failed to load" in _index(client)[NAME][1], 30, "the new file to be judged")
+    assert _index_everywhere(client)[NAME][0] == "UNAVAILABLE"
 
 
 def test_api_uploads_and_deletes_take_effect_at_once(polled):
@@ -167,6 +189,20 @@ def test_explicit_mode_serves_a_copied_file_at_the_next_request(cluster, client)
     assert _values(client) == {2.0}
     os.remove(pool / NAME)
     assert _values(client) == {"ModelNotFound"}
+
+
+def test_explicit_mode_index_tells_a_file_that_failed_to_load_on_every_worker(cluster, client):
+    """Poll off: a file is judged when a request first loads it; the worker that finds it corrupt
+    records why in the pool, so the index says so whichever worker answers, holder or not."""
+    _atomic_copy(cluster.model_dir / NAME, b"this is not an onnx model" * 10)
+    assert _index_everywhere(client)[NAME] == ("READY", "")  # not judged yet: no request loaded it
+    with pytest.raises(BadInput, match="not a model ONNX Runtime can load"):
+        client.predict(NAME, {"x": np.zeros((1, 1), np.float32)})
+    state, reason = _index_everywhere(client)[NAME]
+    assert state == "UNAVAILABLE" and "failed to load" in reason
+    _atomic_copy(cluster.model_dir / NAME, A)  # a new file: judged afresh
+    assert _values(client) == {1.0}
+    assert _index_everywhere(client)[NAME] == ("READY", "")
 
 
 def test_poll_s_is_a_setting_fractal_serve_passes_on():

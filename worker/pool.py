@@ -7,7 +7,9 @@ that changed it returned. Mutations take an flock so concurrent describe/upload/
 worker serialize on the same directory.
 
 With repository polling on (worker/watch.py), a changed file is served only once a ledger entry
-(`.validated/NAME`) vouches for its exact identity; until then the previous session keeps answering.
+(`.validated/NAME`, worker/ledger.py) vouches for its exact identity; until then the previous session
+keeps answering. The repository index is read from the ledger and the markers, never from this
+worker's sessions, so every worker gives the same answer (docs/protocol.md, Repository index).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from broker import jsonbody
 from broker.errors import BadInput, FractalError, ModelNotFound, ModelNotReady, ModelUnloaded, PayloadTooLarge
 from broker.protocol import check_model_name
 
+from .ledger import Ledger
 from .pinning import Replicas, replicas_of, warm
 from .sessions import LoadedModel, SessionCache, SessionFactory, file_key
 from .versions import on_disk, parse_version, path_of, served, split
@@ -36,7 +39,6 @@ log = logging.getLogger(__name__)
 SIDECAR = ".json"      # iris.onnx -> iris.onnx.json, holding {"description": ...}
 LOCK_FILE = ".fractal.lock"
 UNLOADED_DIR = ".unloaded"  # an empty file per unloaded model: every worker sees it with one stat
-LEDGER_DIR = ".validated"   # per model, the identity of the file version last validated (poll mode)
 
 
 class ModelPool:
@@ -51,10 +53,10 @@ class ModelPool:
         self.max_model_bytes = max_model_bytes
         self.max_image_pixels = max_image_pixels
         self._sidecars: dict[str, tuple[tuple, dict]] = {}  # name -> (file key, parsed JSON)
-        self._ledger_prefix = os.path.join(str(self.directory), LEDGER_DIR, "")
+        self._ledger = Ledger(str(self.directory), self._locked)
         self._pin_failures: dict[str, str] = {}  # name -> why pinning failed, logged once per reason
         self._replicas: dict[str, dict] = {}      # name -> its sidecar's replicas, as of the last pin()
-        self._watch = Watch(self._prefix, factory, cache, self._vouched, self._vouch,
+        self._watch = Watch(self._prefix, factory, cache, self._ledger,
                             lambda name: os.path.exists(self._marker(name))) if poll else None
 
     # -- reads ---------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ class ModelPool:
         cached = self._cache.get(name, key)
         if cached is not None:
             return cached
-        if self._watch is not None and not self._vouched(name, key):
+        if self._watch is not None and not self._ledger.vouched(name, key):
             return self._previous(name, key)
         self._cache.admit(name, st.st_size)
         try:
@@ -131,9 +133,13 @@ class ModelPool:
                 data = f.read()
         except FileNotFoundError:
             raise self._not_found(split(name)[0]) from None
-        if self._watch is not None and file_key(st) != key and not self._vouched(name, file_key(st)):
+        if self._watch is not None and file_key(st) != key and not self._ledger.vouched(name, file_key(st)):
             return self._previous(name, file_key(st))  # NOTE: it changed again between stat and open
-        model = self._factory.build(name, data, st)
+        try:
+            model = self._factory.build(name, data, st)
+        except BadInput as exc:  # NOTE: recorded for the index, which every worker reads alike
+            self._ledger.record_failure(name, file_key(st), str(exc))
+            raise
         del data  # NOTE: before the put, which may evict and trim: the file's bytes need not stay
         self._cache.put(model, cold)
         return model
@@ -143,7 +149,7 @@ class ModelPool:
         previous = self._cache.peek(name)
         if previous is not None:
             return previous
-        why = self._watch.state(name, key)[1] if self._watch is not None else "not vouched for"
+        why = self._watch.why(name, key) if self._watch is not None else "not vouched for"
         raise ModelNotReady(f"model {name} is not ready: {why} (repository "
                             f"polling validates a file before serving it)")
 
@@ -248,7 +254,9 @@ class ModelPool:
 
     def states(self) -> list[dict]:
         """The repository index: every version of every model, READY or UNAVAILABLE and why
-        (README, Repository polling; versions the policy does not serve are UNAVAILABLE)."""
+        (docs/protocol.md, Repository index). Read from the pool directory alone (files, sidecars,
+        `.unloaded` markers, the ledger), never from this worker's sessions: every worker answers
+        the same, whichever models it holds."""
         found = []
         for n in self.names():
             versions = on_disk(self._prefix, n)
@@ -259,11 +267,15 @@ class ModelPool:
                     state, reason = "UNAVAILABLE", "not served by the model's version_policy"
                 elif os.path.exists(self._marker(entry)):
                     state, reason = "UNAVAILABLE", "unloaded"
-                elif self._watch is not None:
+                else:
                     try:
-                        state, reason = self._watch.state(entry, file_key(os.stat(path_of(self._prefix, entry))))
+                        key = file_key(os.stat(path_of(self._prefix, entry)))
                     except FileNotFoundError:
                         continue
+                    if self._watch is not None:
+                        state, reason = self._watch.state(entry, key)
+                    elif (failed := self._ledger.failure(entry, key)) is not None:
+                        state, reason = "UNAVAILABLE", f"the file failed to load: {failed}"
                 found.append({"name": n, "version": str(v), "state": state, "reason": reason})
         return found
 
@@ -301,7 +313,7 @@ class ModelPool:
             with self._locked():
                 # NOTE: vouched before the rename (which keeps the key): no worker polling the pool
                 # ever sees this file unvouched and keeps serving the old one after we return.
-                self._write_ledger(entry, file_key(st))
+                self._ledger.write_vouched(entry, file_key(st))
                 target = path_of(self._prefix, entry)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.replace(tmp, target)
@@ -373,9 +385,9 @@ class ModelPool:
                     with contextlib.suppress(OSError):
                         os.rmdir(os.path.dirname(path))
                         os.rmdir(os.path.dirname(os.path.dirname(path)))
-                for other in (self._marker(entry), self._ledger_prefix + entry):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(other)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._marker(entry))
+                self._ledger.drop(entry)
             if not on_disk(self._prefix, name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(name + SIDECAR))
@@ -401,25 +413,6 @@ class ModelPool:
 
     def _marker(self, name: str) -> Path:
         return self.directory / UNLOADED_DIR / name
-
-    def _vouched(self, name: str, key: tuple) -> bool:
-        """True when the ledger says this exact file version was validated (by an upload or a poll)."""
-        try:
-            with open(self._ledger_prefix + name, "rb") as f:
-                return f.read() == _key_text(key)
-        except FileNotFoundError:
-            return False
-
-    def _vouch(self, name: str, key: tuple) -> None:
-        with self._locked():
-            self._write_ledger(name, key)
-
-    def _write_ledger(self, name: str, key: tuple) -> None:
-        os.makedirs(self._ledger_prefix, exist_ok=True)
-        tmp = f"{self._ledger_prefix}.{name}.{secrets.token_hex(6)}.tmp"
-        with open(tmp, "xb") as f:
-            f.write(_key_text(key))
-        os.replace(tmp, self._ledger_prefix + name)
 
     def _write_temp(self, name: str, data: bytes) -> Path:
         tmp = self.directory / f".{name}.{secrets.token_hex(6)}.tmp"
@@ -450,10 +443,6 @@ class ModelPool:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _key_text(key: tuple) -> bytes:
-    return " ".join(map(str, key)).encode()
 
 
 def _plain(name: str) -> bool:
