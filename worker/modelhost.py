@@ -303,7 +303,6 @@ class ModelHost:
                 if left_s <= need_s:
                     job.dropped = True
                     return late(left_s, need_s)
-            inference.LAST_RUN = None
             return op(self.pool, job.fields, self.node)
         except FractalError as exc:
             return exc
@@ -323,7 +322,6 @@ class ModelHost:
             pending.model.stats.failed(time.perf_counter_ns() - pending.queued_ns + pending.input_ns)
             pending.job.dropped = True
             self.answer(pending.job, late(pending.expires_at - now, need_s))
-        inference.LAST_RUN = None
         return batch
 
     def _pack(self, job: Job) -> None:
