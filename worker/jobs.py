@@ -20,6 +20,7 @@ class Job:
     rid: Any               # the request's id, echoed in its reply
     op: str | None         # None: the request is not a map with a string op (answered ProtocolError)
     model: Any             # the request's `model` as sent (None for ops without one)
+    version: Any           # the request's `version` as sent (None: the newest)
     fields: dict           # the decoded request map ({} when it is not a map)
     expires_at: float      # monotonic: the caller's deadline (protocol.deadline_of); inf: none
     trace: Any             # the caller's request_id, for logs
@@ -41,10 +42,6 @@ class Job:
         """The job of one decoded request (any value for a pack member, which may be no map at all)."""
         fields = request if isinstance(request, dict) else {}
         op = fields.get("op")
-        return cls(client, fields.get("id"), op if isinstance(op, str) else None, fields.get("model"), fields,
-                   expires_at, fields.get("request_id"), received, arrived, conn,
+        return cls(client, fields.get("id"), op if isinstance(op, str) else None, fields.get("model"),
+                   fields.get("version"), fields, expires_at, fields.get("request_id"), received, arrived, conn,
                    conn.generation if conn is not None else 0)
-
-    @property
-    def version(self) -> Any:
-        return self.fields.get("version")

@@ -8,6 +8,11 @@ between threads), and only while the main thread is busy computing and not touch
 With `connections` > 1 the process is that many workers to the broker, so it may hold several
 requests at once; with batching on, the predicts among them for one model run as one batch
 (worker/batching.py, docs/batching.md).
+
+One lifecycle for every request: decoded once into a Job (worker/jobs.py), routed by `_take` (a pack,
+a dynamic batch's queue, or a run alone), weighed against its deadline before it runs (`run_alone`,
+`live`: worker/runtimes.py), and answered by `answer`, which sends the reply first; the bookkeeping
+(metrics, logs, trace spans, the run-time estimate) follows in `_done`, off the caller's path.
 """
 from __future__ import annotations
 
@@ -293,7 +298,6 @@ class ModelHost:
                 if left_s <= need_s:
                     job.dropped = True
                     return late(left_s, need_s)
-            inference.LAST_RUN = None
             return op(self.pool, job.fields, self.node)
         except FractalError as exc:
             return exc
@@ -313,7 +317,6 @@ class ModelHost:
             pending.model.stats.failed(time.perf_counter_ns() - pending.queued_ns + pending.input_ns)
             pending.job.dropped = True
             self.answer(pending.job, late(pending.expires_at - now, need_s))
-        inference.LAST_RUN = None
         return batch
 
     def _pack(self, job: Job) -> None:

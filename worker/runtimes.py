@@ -44,6 +44,7 @@ class RunTimes:
         if rows < 1 or ns < 0:
             return
         key = (model, version)
+        per_row_s = ns / 1e9 / rows
         try:
             runs = self._runs.get(key)
         except TypeError:
@@ -52,6 +53,13 @@ class RunTimes:
             if len(self._runs) >= self._max_models:
                 oldest = next(iter(self._runs))
                 del self._runs[oldest], self._per_row_s[oldest]
-            runs = self._runs[key] = deque(maxlen=self._window)
-        runs.append(ns / 1e9 / rows)
-        self._per_row_s[key] = min(runs)
+            self._runs[key] = deque((per_row_s,), maxlen=self._window)
+            self._per_row_s[key] = per_row_s
+            return
+        leaving = runs[0] if len(runs) == self._window else None
+        runs.append(per_row_s)
+        smallest = self._per_row_s[key]
+        if per_row_s <= smallest:
+            self._per_row_s[key] = per_row_s
+        elif leaving is not None and leaving <= smallest:  # NOTE: the smallest may just have left the window
+            self._per_row_s[key] = min(runs)
