@@ -84,13 +84,8 @@ class Connection:
         self._send(p.worker_command(MDPW.HEARTBEAT))
 
     def final(self, client: bytes, body: list) -> None:
-        """Send the FINAL reply to `client`'s request."""
-        self._send(p.worker_command(MDPW.FINAL, client, body))
-
-    def send(self, command: bytes, *frames: bytes) -> None:
-        """`command` followed by `frames` as they are. NOTE: only for modelhost.py until issue 14's
-        worker rewrite (branch life) calls heartbeat() and final(); it is then to go."""
-        send_frames(self.socket, [p.WORKER_HEADER, command, *frames])  # NOTE: inline: every reply comes here
+        """Send the FINAL reply to `client`'s request (inline: every reply comes here)."""
+        send_frames(self.socket, p.worker_command(MDPW.FINAL, client, body))
         self.last_sent = time.monotonic()
 
     def _send(self, frames: list) -> None:

@@ -127,7 +127,7 @@ class ModelHost:
                 now = time.monotonic()
                 for conn in self._connections:
                     if now >= conn.last_sent + conn.interval_s:
-                        conn.send(MDPW.HEARTBEAT)
+                        conn.heartbeat()
                     if now >= conn.broker_expires and not wait(conn.socket, 0) and not conn.held:
                         log.warning("broker silent: reconnecting connection %d", conn.index)
                         conn.reconnect()
@@ -413,7 +413,7 @@ class ModelHost:
             self._done(job)
 
     def _final(self, conn: Connection, client: bytes, body: list) -> None:
-        conn.send(MDPW.FINAL, client, b"", *body)
+        conn.final(client, body)
         conn.held = max(0, conn.held - 1)
         # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
         conn.heard()
@@ -426,7 +426,7 @@ class ModelHost:
                     now = time.monotonic()
                     for conn in self._connections:
                         if conn.socket is not None and now - conn.last_sent >= conn.interval_s:
-                            conn.send(MDPW.HEARTBEAT)
+                            conn.heartbeat()
 
 
 def late(left_s: float, need_s: float) -> Timeout:
