@@ -459,9 +459,14 @@ class Broker:
 
     def _waits_for_holder(self, service: Service, model: bytes, now: float) -> bool:
         """Placement: whether a request for `model` that no idle worker holds waits for a busy holder:
-        some worker holds it, and its oldest queued request has waited less than placement_wait_s."""
+        `max` replicas of it are held (model_replicas, status.StatusBoard.full), or some worker holds it
+        and its oldest queued request has waited less than placement_wait_s."""
         wait_s = self.settings.placement_wait_s
-        if wait_s <= 0 or not model or not self._board.held(model):
+        if not model:
+            return False
+        if self._board.full(model):
+            return True  # NOTE: `max` replicas hold it: only they take it, however long it waits
+        if wait_s <= 0 or not self._board.held(model):
             return False
         oldest = service.requests.oldest(model)
         return oldest is None or now - oldest.received_at < wait_s
