@@ -566,8 +566,10 @@ class Broker:
         reserve = self.settings.reserve_workers
         if not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve):
             return True
-        return (model not in service.slow or not service.others_active(model, time.monotonic() if now is None else now,
-                                             self.settings.reserve_active_s))
+        if model not in service.slow:
+            return True
+        return not service.others_active(model, time.monotonic() if now is None else now,
+                                         self.settings.reserve_active_s)
 
     def _late(self, service: Service, request: Request, now: float) -> str | None:
         """bound_by_deadline: why `request`, about to queue, would wait past its deadline, or None. Its
@@ -578,8 +580,13 @@ class Broker:
         request whose deadline is shorter than one run: no queue is to blame, and it hears 504 as before."""
         model = request.model
         run_s = service.run_s.get(model)
+        if run_s is None or not self.settings.bound_by_deadline or not model:
+            return None
+        oldest = service.requests.oldest(model)
+        if oldest is not None and oldest.expires_at <= now:  # NOTE: what will not run is no wait: answer it first
+            self._expire_requests(now)
         waiting = service.requests.queued_for(model)
-        if run_s is None or not self.settings.bound_by_deadline or not model or (not waiting and request.count == 1):
+        if not waiting and request.count == 1:
             return None
         usable_s = DEADLINE_USE * (request.expires_at - now)
         running = service.busy.get(model, 0)

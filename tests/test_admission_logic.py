@@ -197,3 +197,15 @@ def test_a_model_stays_slow_until_its_runs_fall_under_half_the_line(rig: Rig, cl
     assert b"slow.onnx" not in service.slow
     timed(rig, clock, worker, client, "", 0.5)  # ops without a model have no one run time
     assert b"" not in service.run_s
+
+
+def test_requests_whose_deadline_passed_in_the_queue_count_for_no_wait(rig: Rig, clock: Clock) -> None:
+    worker, client = rig.worker(), rig.peer()
+    timed(rig, clock, worker, client, "slow.onnx", 0.5)
+    ask(rig, client, 2, "slow.onnx")
+    ask(rig, client, 3, "slow.onnx", 1000)
+    clock.advance(1.01)  # 3's deadline passed; the broker's 0.1 s tick has not swept it yet
+    ask(rig, client, 4, "slow.onnx", 2500)  # it finds 3 dead, not waiting (else 1.5 s > 1.25 s: 429)
+    with pytest.raises(Timeout):
+        reply_of(client)
+    assert received(client) is None and rig.broker._services[SERVICE].queued == 1
