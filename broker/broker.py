@@ -571,10 +571,21 @@ class Broker:
         return not service.others_active(model, time.monotonic() if now is None else now,
                                          self.settings.reserve_active_s)
 
+    def _share(self, service: Service, model: bytes, now: float) -> int:
+        """The workers `model` may run on at once: all of them, less reserve_workers while the reserve
+        applies to it (_may_run), at most its `max` replicas with placement; at least one."""
+        share = service.workers
+        if (self.settings.reserve_workers and model in service.slow
+                and service.others_active(model, now, self.settings.reserve_active_s)):
+            share -= self.settings.reserve_workers
+        if self.settings.placement and (limit := self._board.limit(model)):
+            share = min(share, limit)
+        return max(1, share)
+
     def _late(self, service: Service, request: Request, now: float) -> str | None:
         """bound_by_deadline: why `request`, about to queue, would wait past its deadline, or None. Its
         model's running requests (up to one run each) end first, then what waits before it, then its own
-        requests, on the workers running the model now (at least one), at the model's measured time per
+        requests, on the workers the model may run on (_share), at the model's measured time per
         request; that may fill DEADLINE_USE of the time left (run times are averages). Not bounded: a
         lone request into an empty queue (as with max_queue_per_model), a model not timed yet, and a
         request whose deadline is shorter than one run: no queue is to blame, and it hears 504 as before."""
@@ -589,14 +600,14 @@ class Broker:
         if not waiting and request.count == 1:
             return None
         usable_s = DEADLINE_USE * (request.expires_at - now)
-        running = service.busy.get(model, 0)
-        wait_s = (running + waiting + request.count) * run_s / max(1, running)
+        share = self._share(service, model, now)
+        wait_s = (service.busy.get(model, 0) + waiting + request.count) * run_s / share
         if wait_s <= usable_s or run_s >= usable_s:
             return None
         return (f"{waiting} requests already queued for model {model.decode(errors='replace')!r}: at "
-                f"{run_s * 1000:.0f} ms each on {max(1, running)} worker(s), about {wait_s:.1f} s before this "
-                f"one's end, more than {DEADLINE_USE:.0%} of the {request.expires_at - now:.1f} s left of its "
-                f"deadline; retry later")
+                f"{run_s * 1000:.0f} ms each on {share} worker(s), about {wait_s:.1f} s before this one's end, "
+                f"more than {DEADLINE_USE:.0%} of the {request.expires_at - now:.1f} s left of its deadline; "
+                f"retry later")
 
     def _dispatch(self, worker: Worker, request: Request, now: float) -> None:
         request.attempts += 1

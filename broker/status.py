@@ -93,6 +93,10 @@ class StatusBoard:
                 merged[model] = min(limit, merged.get(model, limit))
         self._max = merged
 
+    def limit(self, model: bytes) -> int:
+        """`model`'s `max` replicas as workers advertise it; 0: no limit."""
+        return self._max.get(model, 0)
+
     def full(self, model: bytes) -> bool:
         """Whether `model` has its sidecar's `max` replicas held already (placement places it on no further
         worker): workers holding it by their last status or by what they were sent since (`loading`)."""

@@ -209,3 +209,28 @@ def test_requests_whose_deadline_passed_in_the_queue_count_for_no_wait(rig: Rig,
     with pytest.raises(Timeout):
         reply_of(client)
     assert received(client) is None and rig.broker._services[SERVICE].queued == 1
+
+
+@pytest.mark.parametrize("other_active, admitted", [(False, 7), (True, 3)])
+def test_the_bound_counts_the_workers_the_model_may_run_on(clock: Clock, other_active: bool, admitted: int) -> None:
+    rig = Rig(clock, reserve_active_s=60.0)
+    try:
+        first, second = rig.worker(), rig.worker()
+        client = rig.peer()
+        timed(rig, clock, first, client, "slow.onnx", 0.5)
+        if other_active:  # the reserve applies: the slow model may run on one worker of two
+            timed(rig, clock, second, client, "iris.onnx", 0.001)
+        else:
+            clock.advance(61)
+        ask(rig, client, 2, "slow.onnx", 4500)
+        ask(rig, client, 3, "slow.onnx", 4500)
+        for rid in range(4, 20):  # 0.5 s of work each, shared by the workers it may use: up to 50 % of 4.5 s
+            ask(rig, client, rid, "slow.onnx", 4500)
+        refused = 0
+        while received(client) is not None:
+            refused += 1
+        running = 1 if other_active else 2
+        queued = rig.broker._services[SERVICE].queued
+        assert queued == 18 - running - refused and queued == admitted, (queued, refused)
+    finally:
+        rig.close()
