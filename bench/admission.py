@@ -13,8 +13,8 @@ call (needs the test extra: `pip install -e '.[test]'`). Then, over HTTP:
 2. Fairness: model B (iris) at a steady 20 req/s, alone and then while model A (the 200 ms model)
    is flooded at 10x A's capacity for --flood-s, each A call with a 2 s deadline. Prints B's p99
    against its unloaded p99 (target <= 2x) and A's outcomes (200 / 429 / 504), once with the
-   broker's defaults and once with admission set for the load: max_queue_per_model = A's capacity x
-   half its deadline (what can still be served in time, with room to spare) and reserve_workers = 1.
+   broker's defaults (reserve_workers 1 for slow models, bound_by_deadline: docs/protocol.md,
+   "Admission") and once with both off, as the defaults were before them.
 Everything on 127.0.0.1; bounded in time.
 """
 from __future__ import annotations
@@ -186,8 +186,14 @@ def fairness(stack: Stack, k: int, seconds: float, a_rate: float) -> dict:
             open_loop(stack.http_port, "/api/v1/models/iris.onnx/prediction", IRIS, B_RATE, seconds),
             open_loop(stack.http_port, "/api/v1/models/slow.onnx/prediction", a_body, a_rate, seconds, A_DEADLINE_S))
         return alone, b, a
+    drops = [stack.metric("fractal_broker_requests_rejected_total", [stack.broker_metrics], reason="deadline"),
+             stack.metric("fractal_worker_requests_dropped_total", stack.worker_metrics, reason="deadline")]
     alone, b, a = asyncio.run(run())
-    return {"b_alone_p99": p99_ms(alone), "b_p99": p99_ms(b), "b_failed": sum(s != 200 for s, _t in b),
+    time.sleep(A_DEADLINE_S)  # let what was dispatched end before counting
+    drops[0] = stack.metric("fractal_broker_requests_rejected_total", [stack.broker_metrics],
+                            reason="deadline") - drops[0]
+    drops[1] = stack.metric("fractal_worker_requests_dropped_total", stack.worker_metrics, reason="deadline") - drops[1]
+    return {"drops": drops, "b_alone_p99": p99_ms(alone), "b_p99": p99_ms(b), "b_failed": sum(s != 200 for s, _t in b),
             "b_alone_p50": pct_ms(alone, 0.5), "b_p50": pct_ms(b, 0.5),
             "a": {s: sum(1 for r in a if r[0] == s) for s in sorted({r[0] for r in a})}, "a_sent": len(a)}
 
@@ -212,25 +218,23 @@ def main() -> None:
         default = fairness(stack, k, args.flood_s, 10 * args.workers / MODEL_S)
     finally:
         stack.stop()
-    a_workers = max(1, args.workers - 1)
-    bound = int(a_workers / MODEL_S * A_DEADLINE_S / 2)  # NOTE: half the deadline: room for the run and jitter
-    tuned_flags = ["--max-queue-per-model", str(bound), "--reserve-workers", "1"]
-    stack = Stack(workdir, args.workers, tuned_flags)
+    old_flags = ["--reserve-workers", "0", "--no-bound-by-deadline"]
+    stack = Stack(workdir, args.workers, old_flags)
     try:
         calibrated_k(stack.url)
-        tuned = fairness(stack, k, args.flood_s, 10 * a_workers / MODEL_S)
+        old = fairness(stack, k, args.flood_s, 10 * args.workers / MODEL_S)
     finally:
         stack.stop()
     print(f"\n2. B (iris) at {B_RATE:g} req/s; A ({MODEL_S * 1e3:.0f} ms) flooded at 10x its capacity for "
           f"{args.flood_s:g} s, {A_DEADLINE_S:g} s deadline")
     print(f"   {'broker':44} {'B p50/p99 alone':>16} {'B p50/p99 flood':>16} {'p99 ratio':>9} {'B failed':>9}"
-          f"  A: sent, by status")
-    for name, row in [("defaults (round-robin between models)", default),
-                      (" ".join(tuned_flags), tuned)]:
+          f"  A: sent, by status; 504s dropped unrun by broker / workers")
+    for name, row in [("defaults", default), (" ".join(old_flags), old)]:
         ratio = row["b_p99"] / row["b_alone_p99"]
         alone = f"{row['b_alone_p50']:.1f}/{row['b_alone_p99']:.1f}ms"
         flood = f"{row['b_p50']:.1f}/{row['b_p99']:.1f}ms"
-        print(f"   {name:44} {alone:>16} {flood:>16} {ratio:8.2f}x {row['b_failed']:9d}  {row['a_sent']}, {row['a']}")
+        print(f"   {name:44} {alone:>16} {flood:>16} {ratio:8.2f}x {row['b_failed']:9d}  {row['a_sent']}, {row['a']}; "
+              f"{row['drops'][0]:.0f} / {row['drops'][1]:.0f}")
     print("   target: B's p99 under the flood <= 2x its p99 alone; A's overflow answered 429, not 504")
 
 

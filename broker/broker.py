@@ -39,6 +39,10 @@ Answer = Callable[[bytes, list, float], None]  # where an internal request's FIN
 
 NODE = "broker"
 MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
+RUN_WEIGHT = 0.25  # weight of the newest run in a model's moving average of run times (Service.ran)
+MAX_TIMED_MODELS = 4096  # models whose run times a service keeps (clients may name any model)
+DEADLINE_USE = 0.5  # bound_by_deadline: the share of its time left a request's expected end may fill: run
+                    # times are averages, and a machine under load runs slower than it measured
 
 
 @dataclass(frozen=True)
@@ -51,13 +55,24 @@ class BrokerSettings:
     max_queue_per_model: int = setting(4096, "queued requests per model before 'QueueFull' (429) replies (a pack "
                                             "counts its requests; one message is always taken into an empty "
                                             "queue)")
-    reserve_workers: int = setting(0, "while a model's requests wait, it holds at most (workers - this, at least 1) "
-                                      "workers at once, so a flood on one model leaves that many free for "
-                                      "the others' next requests; 0: every worker takes whatever waits")
+    reserve_workers: int = setting(1, "a slow model (runs of reserve_above_s and more) holds at most (workers - "
+                                      "this, at least 1) workers while another model is active (has requests "
+                                      "queued or had one in the last reserve_active_s), so a flood on it leaves "
+                                      "that many free for the others' next requests; 0: every worker takes "
+                                      "whatever waits")
+    reserve_above_s: float = setting(0.1, "reserve_workers applies to models whose requests run this long or "
+                                          "longer each (the broker's moving average, dispatch to reply), until "
+                                          "they are back under half of it; a faster model may take every "
+                                          "worker: the others wait for one of its runs at most")
+    reserve_active_s: float = setting(2.0, "reserve_workers: how long after its latest request another model "
+                                           "still counts as active")
+    bound_by_deadline: bool = setting(True, "a model's queue is also full (429) when the requests before a new "
+                                            "one, at the model's measured run time, would keep it waiting past "
+                                            "its deadline: the caller hears 429 at once, not 504 later")
     placement: bool = setting(True, "send a request to an idle worker that holds its model; while only busy "
-                                     "workers hold it, wait for one (up to placement_wait_s); else the least "
-                                     "loaded idle worker (docs/protocol.md, Placement); off: the least recently "
-                                     "used idle worker")
+                                    "workers hold it, wait for one (up to placement_wait_s); else the least "
+                                    "loaded idle worker (docs/protocol.md, Placement); off: the least recently "
+                                    "used idle worker")
     placement_wait_s: float = setting(0.5, "with placement: how long a model's oldest queued request waits for a "
                                            "busy worker that holds the model before the least loaded idle "
                                            "worker takes it and loads the model (about a cold load's cost); "
@@ -82,8 +97,10 @@ class BrokerSettings:
         check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         if self.max_queue < 0 or self.max_queue_per_model < 0 or self.reserve_workers < 0:
             raise ValueError("max_queue, max_queue_per_model and reserve_workers must be >= 0")
-        if self.queue_timeout_s <= 0 or self.status_interval_s <= 0:
-            raise ValueError("queue_timeout_s and status_interval_s must be > 0")
+        if (self.queue_timeout_s <= 0 or self.status_interval_s <= 0 or self.reserve_above_s < 0
+                or self.reserve_active_s < 0):
+            raise ValueError("queue_timeout_s and status_interval_s must be > 0, reserve_above_s and "
+                             "reserve_active_s >= 0")
         if self.startup_grace_s < 0 or self.placement_wait_s < 0:
             raise ValueError("startup_grace_s and placement_wait_s must be >= 0")
 
@@ -124,7 +141,7 @@ class Request:
 
 
 class Worker:
-    __slots__ = ("identity", "service", "dialect", "expires_at", "request", "served")
+    __slots__ = ("identity", "service", "dialect", "expires_at", "request", "served", "since")
 
     def __init__(self, identity: bytes, service: "Service", dialect: Dialect, expires_at: float):
         self.identity = identity
@@ -133,12 +150,14 @@ class Worker:
         self.expires_at = expires_at
         self.request: Request | None = None
         self.served = 0
+        self.since = 0.0  # when it was handed its request (_dispatch), for the model's run time
 
 
 class Service:
     """A service's workers and queue, with its metric children bound once."""
     __slots__ = ("name", "idle", "requests", "workers", "busy", "m_dispatched", "m_completed", "m_duration",
-                 "m_queue_wait", "models", "_metrics", "_label")
+                 "m_queue_wait", "models", "_metrics", "_label", "run_s", "slow", "_last_model", "_last_at",
+                 "_other_at")
 
     def __init__(self, name: bytes, metrics: BrokerMetrics):
         self.name = name
@@ -153,6 +172,10 @@ class Service:
         self.m_queue_wait = metrics.queue_wait.labels(label)
         self.models: dict[bytes, tuple] = {}  # model -> (dispatched, queue wait) children, bound once
         self._metrics, self._label = metrics, label
+        self.run_s: dict[bytes, float] = {}  # model -> seconds per request, moving average (ran)
+        self.slow: set[bytes] = set()  # models whose run_s reached reserve_above_s, not yet back under half
+        # the named model of the latest request, its time, and the time of the latest for any other model
+        self._last_model, self._last_at, self._other_at = b"", float("-inf"), float("-inf")
 
     def model_series(self, model: bytes, resident: frozenset[bytes]) -> tuple | None:
         """`model`'s metric children, or None for a model no worker has reported resident: clients name
@@ -174,6 +197,41 @@ class Service:
 
     def enqueue(self, request: "Request", first: bool = False) -> None:
         self.requests.push(request, first)
+        self.seen(request.model, request.received_at)
+
+    def seen(self, model: bytes, now: float) -> None:
+        """Note a request for `model` (named models only: `""` is management, not a model's traffic)."""
+        if model:
+            if model != self._last_model:
+                self._other_at, self._last_model = self._last_at, model
+            self._last_at = now
+
+    def others_active(self, model: bytes, now: float, recent_s: float) -> bool:
+        """Whether a named model other than `model` has requests queued or had one in the last `recent_s`."""
+        if self.requests.others_waiting(model):
+            return True
+        return now - (self._last_at if model != self._last_model else self._other_at) < recent_s
+
+    def ran(self, model: bytes, seconds: float, count: int, slow_s: float) -> None:
+        """Fold a message's run (dispatch to FINAL, `count` requests) into `model`'s time per request;
+        the model is slow from when that reaches `slow_s` until it falls under half of it (hysteresis:
+        a run time near the line, which varies with the machine's load, must not flip it every call)."""
+        if not count or not model:  # NOTE: `""` is every op that names no model: no one run time
+            return
+        each, runs = seconds / count, self.run_s
+        old = runs.get(model)
+        if old is None:
+            if len(runs) >= MAX_TIMED_MODELS:
+                gone = next(iter(runs))  # NOTE: the longest known; bounded whatever clients name
+                del runs[gone]
+                self.slow.discard(gone)
+            runs[model] = new = each
+        else:
+            runs[model] = new = old + RUN_WEIGHT * (each - old)
+        if new >= slow_s:
+            self.slow.add(model)
+        elif new < slow_s / 2:
+            self.slow.discard(model)
 
     def started(self, model: bytes) -> None:
         self.busy[model] = self.busy.get(model, 0) + 1
@@ -330,6 +388,8 @@ class Broker:
             self._reply_error(request, QueueFull(
                 f"{waiting} requests already queued for model {model.decode(errors='replace')!r} "
                 f"(max_queue_per_model {self.settings.max_queue_per_model}); retry later"), Rejection.QUEUE_FULL)
+        elif (late := self._late(service, request, now)) is not None:
+            self._reply_error(request, QueueFull(late), Rejection.QUEUE_FULL)
         else:
             service.enqueue(request)
 
@@ -389,6 +449,7 @@ class Broker:
             observe_many(service.m_duration, now - request.received_at, request.count)
             worker.served += request.count
             service.finished(request.model)
+            service.ran(request.model, now - worker.since, request.count, self.settings.reserve_above_s)
         self._worker_idle(worker)
 
     # -- workers -------------------------------------------------------------------------------
@@ -415,7 +476,7 @@ class Broker:
                     if request is None:
                         break  # what waits waits for its holders (placement_wait_s): see _place_waiting
                 elif self.settings.reserve_workers:
-                    request = service.requests.pop_eligible(lambda model: self._may_run(service, model))
+                    request = service.requests.pop_eligible(lambda model: self._may_run(service, model, now))
                     if request is None:
                         break  # every waiting model holds its share: this worker stays free for others
                 else:
@@ -446,9 +507,14 @@ class Broker:
 
     def _waits_for_holder(self, service: Service, model: bytes, now: float) -> bool:
         """Placement: whether a request for `model` that no idle worker holds waits for a busy holder:
-        some worker holds it, and its oldest queued request has waited less than placement_wait_s."""
+        `max` replicas of it are held (model_replicas, status.StatusBoard.full), or some worker holds it
+        and its oldest queued request has waited less than placement_wait_s."""
         wait_s = self.settings.placement_wait_s
-        if wait_s <= 0 or not model or not self._board.held(model):
+        if not model:
+            return False
+        if self._board.full(model):
+            return True  # NOTE: `max` replicas hold it: only they take it, however long it waits
+        if wait_s <= 0 or not self._board.held(model):
             return False
         oldest = service.requests.oldest(model)
         return oldest is None or now - oldest.received_at < wait_s
@@ -456,12 +522,12 @@ class Broker:
     def _may_take(self, worker: Worker, now: float, model: bytes) -> bool:
         """Placement: whether `worker`, just idle, takes the next queued request for `model`."""
         service = worker.service
-        return self._may_run(service, model) and (
+        return self._may_run(service, model, now) and (
             self._board.holds(worker.identity, model) or not self._waits_for_holder(service, model, now))
 
     def _may_spread(self, service: Service, now: float, model: bytes) -> bool:
         """Placement: whether any idle worker may take `model`'s oldest request (its wait is over)."""
-        return self._may_run(service, model) and not self._waits_for_holder(service, model, now)
+        return self._may_run(service, model, now) and not self._waits_for_holder(service, model, now)
 
     def _place_waiting(self, now: float) -> None:
         """Placement: a request that waited placement_wait_s for a busy holder of its model, or whose
@@ -479,10 +545,55 @@ class Broker:
                 del service.idle[index]
                 self._dispatch(worker, request, now)
 
-    def _may_run(self, service: Service, model: bytes) -> bool:
-        """Whether `model` may take one more worker (BrokerSettings.reserve_workers)."""
+    def _may_run(self, service: Service, model: bytes, now: float | None = None) -> bool:
+        """Whether `model` may take one more worker (BrokerSettings.reserve_workers): yes below its share
+        of max(1, workers - reserve); past it only when its runs are short (reserve_above_s) or no other
+        model is active, so a flood of slow requests leaves `reserve` workers free for the others."""
         reserve = self.settings.reserve_workers
-        return not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve)
+        if not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve):
+            return True
+        if model not in service.slow:
+            return True
+        return not service.others_active(model, time.monotonic() if now is None else now,
+                                         self.settings.reserve_active_s)
+
+    def _share(self, service: Service, model: bytes, now: float) -> int:
+        """The workers `model` may run on at once: all of them, less reserve_workers while the reserve
+        applies to it (_may_run), at most its `max` replicas with placement; at least one."""
+        share = service.workers
+        if (self.settings.reserve_workers and model in service.slow
+                and service.others_active(model, now, self.settings.reserve_active_s)):
+            share -= self.settings.reserve_workers
+        if self.settings.placement and (limit := self._board.limit(model)):
+            share = min(share, limit)
+        return max(1, share)
+
+    def _late(self, service: Service, request: Request, now: float) -> str | None:
+        """bound_by_deadline: why `request`, about to queue, would wait past its deadline, or None. Its
+        model's running requests (up to one run each) end first, then what waits before it, then its own
+        requests, on the workers the model may run on (_share), at the model's measured time per
+        request; that may fill DEADLINE_USE of the time left (run times are averages). Not bounded: a
+        lone request into an empty queue (as with max_queue_per_model), a model not timed yet, and a
+        request whose deadline is shorter than one run: no queue is to blame, and it hears 504 as before."""
+        model = request.model
+        run_s = service.run_s.get(model)
+        if run_s is None or not self.settings.bound_by_deadline or not model:
+            return None
+        oldest = service.requests.oldest(model)
+        if oldest is not None and oldest.expires_at <= now:  # NOTE: what will not run is no wait: answer it first
+            self._expire_requests(now)
+        waiting = service.requests.queued_for(model)
+        if not waiting and request.count == 1:
+            return None
+        usable_s = DEADLINE_USE * (request.expires_at - now)
+        share = self._share(service, model, now)
+        wait_s = (service.busy.get(model, 0) + waiting + request.count) * run_s / share
+        if wait_s <= usable_s or run_s >= usable_s:
+            return None
+        return (f"{waiting} requests already queued for model {model.decode(errors='replace')!r}: at "
+                f"{run_s * 1000:.0f} ms each on {share} worker(s), about {wait_s:.1f} s before this one's end, "
+                f"more than {DEADLINE_USE:.0%} of the {request.expires_at - now:.1f} s left of its deadline; "
+                f"retry later")
 
     def _dispatch(self, worker: Worker, request: Request, now: float) -> None:
         body = request.body
@@ -494,10 +605,12 @@ class Broker:
         # NOTE: bookkeeping and metrics after the send: they are off the request's path
         request.attempts += 1
         worker.request = request
+        worker.since = now
         if worker.dialect is Dialect.MAJORTOMO:
             worker.expires_at = now + self.settings.majortomo_busy_timeout_s
         service = worker.service
         service.started(request.model)
+        service.seen(request.model, now)
         if self.settings.placement and request.model:
             self._board.loading(worker.identity, request.model)  # it holds the model from now on
         service.m_dispatched.inc(request.count)

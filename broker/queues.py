@@ -52,6 +52,13 @@ class FairQueue(Generic[R]):
         found = self._models.get(model)
         return found.queued if found is not None else 0
 
+    def others_waiting(self, model: bytes) -> bool:
+        """Whether a named model (not `""`) other than `model` has messages waiting; O(1)."""
+        models = self._models
+        if len(models) > 2:  # NOTE: at most one of them is `model` and one is ""
+            return True
+        return any(name and name != model for name in models)
+
     def oldest(self, model: bytes) -> R | None:
         """The request that has waited longest for `model` (a re-dispatch counts as oldest), or None."""
         found = self._models.get(model)

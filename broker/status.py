@@ -33,6 +33,9 @@ class StatusBoard:
         # identity -> the models its last status reported resident; their union, for per-model metrics
         self._reported: dict[bytes, frozenset[bytes]] = {}
         self.resident: frozenset[bytes] = frozenset()
+        # identity -> {model: max replicas} its last status advertised (model_replicas); merged, for placement
+        self._limits: dict[bytes, dict[bytes, int]] = {}
+        self._max: dict[bytes, int] = {}
 
     def due(self, identity: bytes, now: float) -> bool:
         entry = self._status.get(identity)
@@ -67,12 +70,38 @@ class StatusBoard:
         self._set_placement(identity, entry)
         self._reported[identity] = entry[0]
         self.resident = frozenset().union(*self._reported.values())
+        limits = _limits(status)
+        if limits or self._limits.pop(identity, {}):
+            if limits:
+                self._limits[identity] = limits
+            self._merge_limits()
 
     def forget(self, identity: bytes) -> None:
         self._status.pop(identity, None)
         self._set_placement(identity, None)
         if self._reported.pop(identity, None):
             self.resident = frozenset().union(*self._reported.values())
+        if self._limits.pop(identity, {}):
+            self._merge_limits()
+
+    def _merge_limits(self) -> None:
+        """Each model's `max` replicas: the smallest any worker advertises (they read one pool's sidecars;
+        the smallest is the safe reading while a changed sidecar reaches them one scan at a time)."""
+        merged: dict[bytes, int] = {}
+        for limits in self._limits.values():
+            for model, limit in limits.items():
+                merged[model] = min(limit, merged.get(model, limit))
+        self._max = merged
+
+    def limit(self, model: bytes) -> int:
+        """`model`'s `max` replicas as workers advertise it; 0: no limit."""
+        return self._max.get(model, 0)
+
+    def full(self, model: bytes) -> bool:
+        """Whether `model` has its sidecar's `max` replicas held already (placement places it on no further
+        worker): workers holding it by their last status or by what they were sent since (`loading`)."""
+        limit = self._max.get(model)
+        return limit is not None and len(self._held_by.get(model, ())) >= limit
 
     def loading(self, identity: bytes, model: bytes) -> None:
         """Note that `model` was sent to this worker, which holds it once it answers: placement counts
@@ -137,6 +166,18 @@ class StatusBoard:
                                "workers": s.workers, "idle": len(s.idle), "queued": s.queued}
                                for s in services.values()}},
                 "workers": rows}
+
+
+def _limits(status: dict) -> dict[bytes, int]:
+    """{model: max replicas} from a worker's `model_replicas` (max 0: no limit, left out); garbage is none."""
+    found: dict[bytes, int] = {}
+    replicas = status.get("model_replicas")
+    if isinstance(replicas, dict):
+        for name, policy in replicas.items():
+            limit = policy.get("max") if isinstance(policy, dict) else None
+            if isinstance(name, str) and type(limit) is int and limit > 0:
+                found[name.encode("utf-8", "replace")] = limit
+    return found
 
 
 def _placement(status: dict) -> tuple[frozenset[bytes], float]:

@@ -4,9 +4,11 @@ it while its wait is under `placement_wait_s`, and goes to an idle worker (which
 a worker SIGKILLed under mixed load loses no request."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from broker.client import Client
 
 from .harness import Processes, free_port, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model, slow_steps
-from .test_admission import Background, runs
+from .test_admission import Background, metrics, runs
+from .test_metrics import sample_sum
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -110,3 +113,53 @@ def test_a_sigkilled_worker_under_mixed_placement_load_loses_nothing(procs: Proc
             assert value == 1  # the seed's label for [2, 5, 1, 4]
         else:
             assert value == pytest.approx(expected_diabetes, rel=1e-5)
+
+
+@pytest.mark.parametrize("most", [1, 2])
+def test_a_model_at_max_replicas_is_loaded_by_no_further_worker(procs: Processes, model_dir: Path, most: int) -> None:
+    """Sidecar `replicas: {min: 0, max: 1}`: under concurrent load with two workers, only one ever loads
+    the model (max 2: both may, and do: the test's control), and every answer is right."""
+    (model_dir / "slow.onnx").write_bytes(slow_model())
+    (model_dir / "slow.onnx.json").write_text(json.dumps({"replicas": {"min": 0, "max": most}}))
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url, "--placement", "--placement-wait-s", "0.05", "--status-interval-s", "0.3")
+    ports = [free_port(), free_port()]
+    for port in ports:
+        procs.worker(url, model_dir, "--metrics-port", str(port))
+    wait_workers(url, 2)
+
+    def workers() -> list[dict]:
+        with Client(url, timeout_s=10) as client:
+            return (client.broker_status(timeout_s=5) or {"workers": []})["workers"]
+    wait_for(lambda: [w["model_replicas"] for w in workers()] == [{"slow.onnx": {"min": 0, "max": most}}] * 2,
+             20, "the broker to learn the replicas policy from both workers")
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        with Client(url, timeout_s=60) as client:
+            for _ in range(4):
+                try:
+                    outcome: object = client.predict("slow.onnx", slow_input(0.1))
+                except Exception as exc:  # checked below
+                    outcome = exc
+                with lock:
+                    outcomes.append(outcome)
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(outcomes) == 16
+    for outcome in outcomes:
+        check(outcome, 0.1)
+    ended = time.monotonic()
+    loads = [sample_sum(metrics(port), "fractal_worker_cold_loads_total") for port in ports]  # only slow is asked
+    ran = [runs(port, "slow.onnx") for port in ports]
+    wait_for(lambda: all(w["status_age_s"] is not None and w["status_age_s"] < time.monotonic() - ended
+                         for w in workers()), 20, "status from both workers given after the load")
+    holders = [w for w in workers() if "slow.onnx" in (w["models_resident"] or [])]
+    if most == 1:
+        assert sorted(loads) == [0, 1] and sorted(ran) == [0, 16] and len(holders) == 1, (loads, ran, holders)
+    else:  # the control: with room for two, the wait of 0.05 s spreads the load to both workers
+        assert loads == [1, 1] and min(ran) > 0 and len(holders) == 2, (loads, ran, holders)

@@ -159,3 +159,72 @@ def test_placement_is_on_by_default_and_off_by_flag_or_env():
     off = {"FRACTAL_BROKER_PLACEMENT": "0"}
     assert load(BrokerSettings, "broker", parser.parse_args([]), env=off).placement is False
     assert load(BrokerSettings, "broker", parser.parse_args(["--placement"]), env=off).placement is True  # flag wins
+
+
+def limit(rig: Rig, clock: Clock, model: str, most: int) -> None:
+    """Every worker answers a status poll advertising `model`'s sidecar `max` (model_replicas); what
+    each holds stays as the broker knew it."""
+    board = rig.broker._board
+    for identity in rig.broker._workers:
+        held = [m.decode() for m in board._placement.get(identity, (frozenset(), 0.0))[0]]
+        board.answered(identity, p.ok_body(0, "node", {"models_resident": held, "model_replicas": {
+            model: {"min": 0, "max": most}}}), clock.now)
+
+
+def test_a_model_at_its_max_replicas_waits_for_a_holder_however_long(rig: Rig, clock: Clock) -> None:
+    first, second, client = loaded_a(rig)
+    limit(rig, clock, "a.onnx", 1)
+    ask(rig, client, 2, "a.onnx")
+    busy = taken(first)
+    ask(rig, client, 3, "a.onnx")  # second is idle, but A has its one replica
+    for _ in range(5):
+        tick(rig, clock, WAIT_S)  # far past placement_wait_s
+    assert taken(second) is None
+    answer(rig, first, busy)
+    assert taken(first) is not None and taken(second) is None
+    ask(rig, client, 4, "b.onnx")  # other models still go anywhere
+    assert taken(second) is not None
+
+
+def test_max_replicas_counts_the_workers_a_model_was_sent_to(rig: Rig, clock: Clock) -> None:
+    first, second, client = loaded_a(rig)
+    third = rig.worker()
+    limit(rig, clock, "a.onnx", 2)
+    ask(rig, client, 2, "a.onnx")
+    ask(rig, client, 3, "a.onnx")  # first busy: waits, then spreads to a second replica
+    tick(rig, clock, 2 * WAIT_S)
+    jobs = [taken(first), taken(second), taken(third)]
+    assert sum(job is not None for job in jobs) == 2, jobs
+    ask(rig, client, 4, "a.onnx")  # two workers hold A now (one only by what it was sent): no third
+    tick(rig, clock, 5 * WAIT_S)
+    assert taken(first) is None and taken(second) is None and taken(third) is None
+
+
+def test_max_replicas_hold_with_placement_wait_zero_and_free_up_when_a_holder_leaves(clock: Clock) -> None:
+    rig = Rig(clock, placement=True, placement_wait_s=0.0)
+    try:
+        first, second, client = loaded_a(rig)
+        limit(rig, clock, "a.onnx", 1)
+        ask(rig, client, 2, "a.onnx")
+        taken(first)
+        ask(rig, client, 3, "a.onnx")
+        assert taken(second) is None  # no wait to spread after, yet it does not spread
+        first.send_multipart([p.WORKER_HEADER, MDPW.DISCONNECT])  # the holder leaves: 2 goes again, to second
+        rig.step()
+        job = taken(second)
+        assert job is not None and job[1] == 2
+    finally:
+        rig.close()
+
+
+def test_a_model_without_max_and_garbage_replicas_spread_as_before(rig: Rig, clock: Clock) -> None:
+    first, second, client = loaded_a(rig)
+    board = rig.broker._board
+    for identity in rig.broker._workers:
+        board.answered(identity, p.ok_body(0, "node", {"models_resident": [], "model_replicas": {
+            "a.onnx": {"min": 0, "max": 0}, "b.onnx": {"max": "1"}, "c.onnx": 3}}), clock.now)
+    assert not board.full(b"a.onnx") and not board.full(b"b.onnx") and not board.full(b"c.onnx")
+    ask(rig, client, 2, "a.onnx")
+    ask(rig, client, 3, "a.onnx")  # no max: past placement_wait_s it spreads to a second replica
+    tick(rig, clock, 2 * WAIT_S)
+    assert taken(first) is not None and taken(second) is not None
