@@ -17,9 +17,14 @@ from .harness import Clock
 from .test_broker_queue_logic import SERVICE, Rig, received, reply_of
 
 
-@pytest.fixture
-def rig(clock: Clock) -> Iterator[Rig]:
-    r = Rig(clock)  # the defaults under test: reserve_workers 1, reserve_above_s 0.1, bound_by_deadline on
+# NOTE: the admission rules with and without placement; with it, placement_wait_s 0 lets a model's
+# requests spread at once, as they do without it, so that each test sees the admission rule alone.
+PLACEMENT = [{"placement": False}, {"placement": True, "placement_wait_s": 0.0}]
+
+
+@pytest.fixture(params=PLACEMENT, ids=["lru", "placement"])
+def rig(clock: Clock, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    r = Rig(clock, **request.param)  # the defaults under test: reserve_workers 1, reserve_above_s 0.1, bound on
     yield r
     r.close()
 
@@ -98,9 +103,10 @@ def test_a_fast_model_takes_every_worker_even_while_another_is_active(rig: Rig, 
     assert taken(first) is not None and taken(second) is not None
 
 
+@pytest.mark.parametrize("placement", PLACEMENT, ids=["lru", "placement"])
 @pytest.mark.parametrize("settings", [{"reserve_workers": 0}, {"reserve_above_s": 1.0}])
-def test_the_reserve_can_be_turned_off_or_raised(clock: Clock, settings: dict) -> None:
-    rig = Rig(clock, **settings)
+def test_the_reserve_can_be_turned_off_or_raised(clock: Clock, settings: dict, placement: dict) -> None:
+    rig = Rig(clock, **settings, **placement)
     try:
         first, second, _client = flooded(rig, clock, 0.5, 0.1)
         assert taken(first) is not None and taken(second) is not None
@@ -211,9 +217,11 @@ def test_requests_whose_deadline_passed_in_the_queue_count_for_no_wait(rig: Rig,
     assert received(client) is None and rig.broker._services[SERVICE].queued == 1
 
 
+@pytest.mark.parametrize("placement", PLACEMENT, ids=["lru", "placement"])
 @pytest.mark.parametrize("other_active, admitted", [(False, 7), (True, 3)])
-def test_the_bound_counts_the_workers_the_model_may_run_on(clock: Clock, other_active: bool, admitted: int) -> None:
-    rig = Rig(clock, reserve_active_s=60.0)
+def test_the_bound_counts_the_workers_the_model_may_run_on(clock: Clock, other_active: bool, admitted: int,
+                                                           placement: dict) -> None:
+    rig = Rig(clock, reserve_active_s=60.0, **placement)
     try:
         first, second = rig.worker(), rig.worker()
         client = rig.peer()
