@@ -16,7 +16,6 @@ from broker.protocol import MDPC, MDPW
 from .harness import Clock
 from .test_broker_queue_logic import SERVICE, Rig, received, reply_of
 
-
 # NOTE: the admission rules with and without placement; with it, placement_wait_s 0 lets a model's
 # requests spread at once, as they do without it, so that each test sees the admission rule alone.
 PLACEMENT = [{"placement": False}, {"placement": True, "placement_wait_s": 0.0}]
