@@ -46,6 +46,10 @@ CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the brok
 SEND_RETRY_S = 0.005  # AsyncClient: how often a send the broker's connection refused is tried again
 MAX_DRAIN = 256       # AsyncClient: replies handled per wake-up before other callbacks get a turn
 PACK_LOOKAHEAD = 4 * 64  # AsyncClient: calls looked at for one pack's model (bounds the work per message)
+# AsyncClient: a model whose last predict ran this long (its reply's inference_ms) is sent one call per
+# message: a pack goes to one worker, so it would keep a slow model's other replicas idle, while what a
+# pack saves (~50 µs of messaging per call) is nothing beside such a run. Back to packs under half of it.
+SOLO_ABOVE_MS = 1.0
 RECONNECT_WAIT_S = 15.0  # after the broker connection drops, how long repeatable calls wait for it
 SWEEP_GAP_S = 0.005  # AsyncClient: least time between two deadline sweeps (a timeout fires this late at most)
 LINK_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -587,6 +591,7 @@ class AsyncClient(_Operations):
         self._sweep: asyncio.TimerHandle | None = None  # the one timer that expires calls past their deadline
         self._sweep_at = 0.0
         self._packs: dict[int, tuple[list[int], float]] = {}  # pack id -> (its calls' ids, latest deadline)
+        self._solo: set[Any] = set()  # models sent one call per message (SOLO_ABOVE_MS)
         self._outbox: deque[tuple[int, str, dict, asyncio.Future, float]] = deque()
         self._flushing = False  # a flush is scheduled or a send is waiting for the broker
         self._sender: asyncio.Task | None = None
@@ -657,11 +662,26 @@ class AsyncClient(_Operations):
         if self._sweep is None or deadline < self._sweep_at:
             self._arm_sweep(deadline)
         try:
-            return await future
+            result = await future
         finally:
             self._pending.pop(rid, None)
             self._deadlines.pop(rid, None)
             self._inflight.pop(rid, None)
+        if op == "predict" or op == "predict_image":
+            self._learn(fields, result)
+        return result
+
+    def _learn(self, fields: dict | None, result: Any) -> None:
+        """Whether calls of this predict's model leave in packs from now on (SOLO_ABOVE_MS)."""
+        timing = result.get("timing") if isinstance(result, dict) else None
+        ran_ms = timing.get("inference_ms") if isinstance(timing, dict) else None
+        if not isinstance(ran_ms, (int, float)):
+            return
+        model = (fields or {}).get("model", "")
+        if ran_ms >= SOLO_ABOVE_MS:
+            self._solo.add(model)
+        elif ran_ms < SOLO_ABOVE_MS / 2 and self._solo:
+            self._solo.discard(model)
 
     def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -747,8 +767,8 @@ class AsyncClient(_Operations):
         outbox, writer = self._outbox, p.PackWriter()
         calls: list = []
         skipped: list = []
-        now, model, looked = self._loop.time(), None, 0
-        while outbox and len(calls) < p.PACK_MAX_REQUESTS and looked < PACK_LOOKAHEAD:
+        now, model, looked, most = self._loop.time(), None, 0, p.PACK_MAX_REQUESTS
+        while outbox and len(calls) < most and looked < PACK_LOOKAHEAD:
             looked += 1
             call = outbox.popleft()
             rid, op, fields, future, deadline = call
@@ -756,6 +776,8 @@ class AsyncClient(_Operations):
                 continue
             if model is None:
                 model = fields.get("model", "")
+                if model in self._solo:
+                    most = 1
             elif fields.get("model", "") != model:
                 skipped.append(call)
                 continue

@@ -21,7 +21,7 @@ from broker import protocol as p
 from broker.client import AsyncClient, Client
 from broker.errors import BadInput, ModelNotFound, NoWorkerAvailable, Overloaded, ProtocolError, Timeout
 
-from .harness import BUNDLED, dealer, free_port, nodes_answering, wait_for, wait_workers
+from .harness import BUNDLED, dealer, free_port, nodes_answering, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model
 from .test_metrics import sample_sum
 
@@ -94,6 +94,28 @@ def test_a_pack_carries_large_tensors_out_of_band(cluster):
     np.testing.assert_array_equal(echoed["data"], big)
     assert iris["label"].tolist() == [1] and small["data"] == {"small": 1}
     np.testing.assert_array_equal(part["data"], big[:7])
+
+
+def test_calls_of_a_slow_model_leave_one_per_message_and_run_on_every_worker(cluster):
+    """Once a reply says a model runs a millisecond or more, the AsyncClient stops packing its calls: a
+    pack goes to one worker, which would leave the other replicas idle (client.SOLO_ABOVE_MS)."""
+    with Client(cluster.url, timeout_s=60) as sync:
+        sync.upload("slow.onnx", slow_model())
+    steps = [int(slow_input(0.5)["k"][0]) + i for i in range(3)]
+
+    async def main() -> list:
+        client = AsyncClient(cluster.url, timeout_s=120)
+        try:
+            await client.predict("slow.onnx", {"k": np.array([steps[0]], np.int64)})  # it learns the run time
+            calls = [asyncio.ensure_future(client.predict("slow.onnx", {"k": np.array([k], np.int64)}))
+                     for k in steps[1:]]
+            # NOTE: made in one loop turn: as a pack both would go to one worker
+            await asyncio.get_running_loop().run_in_executor(None, wait_busy, cluster.url, 2)
+            return await asyncio.gather(*calls)
+        finally:
+            await client.aclose()
+    for k, answer in zip(steps[1:], asyncio.run(main()), strict=True):
+        np.testing.assert_allclose(answer["y"], [[slow_expected(k)]], atol=SLOW_ATOL)
 
 
 def test_a_raw_pack_is_one_mdp_request_answered_by_one_final(cluster):
