@@ -97,7 +97,7 @@ def test_a_sigkilled_worker_under_mixed_placement_load_loses_nothing(procs: Proc
     threads = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(6)]
     for thread in threads:
         thread.start()
-    wait_busy(url, 3)
+    wait_busy(url, 2)  # NOTE: not 3: the slow model leaves one worker to the others (reserve_workers 1)
     busy = [w["pid"] for w in status() if w["state"] == "busy"]
     assert busy, "no busy worker"
     os.kill(busy[0], signal.SIGKILL)  # a worker with a request in flight
