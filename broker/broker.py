@@ -514,10 +514,21 @@ class Broker:
             return False
         if self._board.full(model):
             return True  # NOTE: `max` replicas hold it: only they take it, however long it waits
-        if wait_s <= 0 or not self._board.held(model):
+        if wait_s <= 0 or not self._board.held(model) or self._holders_run_slow_others(service, model):
             return False
         oldest = service.requests.oldest(model)
         return oldest is None or now - oldest.received_at < wait_s
+
+    def _holders_run_slow_others(self, service: Service, model: bytes) -> bool:
+        """Every holder of `model` is running another model's request, and that model is slow (its runs
+        take reserve_above_s or more): a holder frees up only after such a run, so waiting for one would
+        cost `model`'s caller a slow run (a flood on a slow model would cost a fast model's callers
+        placement_wait_s each time its holders are taken). Loading it elsewhere is cheaper."""
+        if not service.slow:
+            return False
+        running = [w.request.model for w in map(self._workers.get, self._board.holders(model))
+                   if w is not None and w.request is not None]
+        return bool(running) and all(m != model and m in service.slow for m in running)
 
     def _may_take(self, worker: Worker, now: float, model: bytes) -> bool:
         """Placement: whether `worker`, just idle, takes the next queued request for `model`."""

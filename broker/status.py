@@ -118,6 +118,10 @@ class StatusBoard:
         """Whether any worker (idle or busy) holds `model`, by its last status or what it was sent."""
         return bool(self._held_by.get(model))
 
+    def holders(self, model: bytes) -> Iterable[bytes]:
+        """The identities of the workers that hold `model` (as held() counts them)."""
+        return self._held_by.get(model, ())
+
     def _set_placement(self, identity: bytes, entry: tuple[frozenset[bytes], float] | None) -> None:
         old = self._placement.pop(identity, None)
         for model in old[0] if old else ():

@@ -241,3 +241,29 @@ def test_the_bound_counts_the_workers_the_model_may_run_on(clock: Clock, other_a
         assert queued == 18 - running - refused and queued == admitted, (queued, refused)
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("busy_with, run_s, waits", [("slow.onnx", 0.5, False), ("fast.onnx", 0.001, True)])
+def test_a_model_does_not_wait_for_holders_busy_with_another_slow_model(clock: Clock, busy_with: str, run_s: float,
+                                                                         waits: bool) -> None:
+    """Placement waits placement_wait_s for a busy holder, unless every holder runs another model's slow
+    request: then the idle worker loads the model at once (a flood on a slow model would otherwise cost
+    each of a fast model's callers that wait)."""
+    rig = Rig(clock, placement=True, reserve_workers=0)
+    try:
+        first, second = rig.worker(), rig.worker()
+        client = rig.peer()
+        timed(rig, clock, first, client, busy_with, run_s)  # first holds it; the broker knows its run time
+        ask(rig, client, 2, busy_with)
+        assert taken(first) is not None  # first is busy with it
+        rig.broker._board.loading(list(rig.broker._workers)[0], b"iris.onnx")  # and holds iris too
+        ask(rig, client, 3, "iris.onnx")
+        job = taken(second)
+        assert (job is None) == waits, job
+        if waits:  # a fast run frees the holder soon: iris waits, up to placement_wait_s, then spreads
+            clock.advance(0.6)
+            rig.broker._place_waiting(clock.now)
+            job = taken(second)
+            assert job is not None and job[1] == 3
+    finally:
+        rig.close()
