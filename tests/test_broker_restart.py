@@ -127,7 +127,9 @@ def test_client_call_many_survives_a_broker_restart(procs: Processes, restartabl
 
 def test_async_client_calls_in_flight_survive_a_broker_restart(procs: Processes, restartable: dict) -> None:
     url = restartable["url"]
-    steps = ks(6)
+    # NOTE: the first call runs ~4 s: its worker must stay busy while the pack waits placement_wait_s for
+    # the model's holder, the other worker loads it, and the next calls queue (under load too)
+    steps = [slow_steps(4.0), *ks(5)]
 
     async def scenario() -> None:
         async with AsyncClient(url, timeout_s=60) as client:
