@@ -274,10 +274,20 @@ def _responses(e: Endpoint) -> dict:
     return responses
 
 
+def operation_id(e: Endpoint) -> str:
+    """The entry's OpenAPI operationId, unique as the spec requires: entries that share an operation
+    (one resource on several paths: v2's per-version routes, statistics of all models) are told apart
+    by their path's parameters."""
+    base = f"{e.method.lower()}_{e.operation}"
+    if sum(o.method == e.method and o.operation == e.operation for o in ENDPOINTS) == 1:
+        return base
+    return base + ("_version" if "{version}" in e.path else "" if "{name}" in e.path else "_all")
+
+
 def openapi(version: str) -> dict:
     paths: dict = {}
     for e in ENDPOINTS:
-        operation: dict[str, Any] = {"summary": e.summary, "operationId": f"{e.method.lower()}_{e.operation}",
+        operation: dict[str, Any] = {"summary": e.summary, "operationId": operation_id(e),
                      "responses": _responses(e)}
         if "{name}" in e.path:
             operation["parameters"] = [{"name": "name", "in": "path", "required": True,

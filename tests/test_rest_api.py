@@ -181,6 +181,8 @@ def test_openapi_document_covers_every_endpoint(server):
     assert status == 200 and doc["openapi"].startswith("3.")
     for e in api.ENDPOINTS:
         assert "200" in doc["paths"][e.path][e.method.lower()]["responses"]
+    ids = [operation["operationId"] for path in doc["paths"].values() for operation in path.values()]
+    assert len(ids) == len(set(ids)) == len(api.ENDPOINTS)  # OpenAPI: operationIds are unique
 
 
 # -- errors: the seed's shape, the right code -----------------------------------------------------
