@@ -338,6 +338,15 @@ def wait_workers(url: str, n: int, timeout_s: float = 60) -> None:
         wait_for(lambda: len(nodes_answering(client, 2 * n)) >= n, timeout_s, f"{n} workers to register")
 
 
+def metered_workers(procs: "Processes", url: str, model_dir: Path, n: int) -> list[int]:
+    """n workers on `url`, each exporting metrics on a port of its own; their ports, once all registered."""
+    ports = [free_port() for _ in range(n)]
+    for port in ports:
+        procs.worker(url, model_dir, "--metrics-port", str(port))
+    wait_workers(url, n)
+    return ports
+
+
 def debian_tool(command: str, package: str) -> str:
     """Path of `command`, installing Debian's `package` when it is missing (root only).
 

@@ -17,7 +17,7 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import QueueFull, Timeout
 
-from .harness import free_port, start_frontend, wait_busy, wait_for, wait_workers
+from .harness import free_port, metered_workers, start_frontend, wait_busy, wait_for, wait_workers
 from .onnx_models import slow_input, slow_model
 from .test_metrics import sample_sum
 
@@ -347,10 +347,7 @@ def test_under_a_flood_of_a_slow_model_iris_stays_fast_and_the_overflow_hears_42
 def test_a_request_goes_to_an_idle_worker_that_holds_its_model(procs, model_dir):
     url = f"tcp://127.0.0.1:{free_port()}"
     procs.broker(url, "--status-interval-s", "0.5")  # NOTE: placement is the default
-    ports = [free_port(), free_port()]
-    for port in ports:
-        procs.worker(url, model_dir, "--metrics-port", str(port))
-    wait_workers(url, 2)
+    ports = metered_workers(procs, url, model_dir, 2)
 
     def holders() -> list[str]:
         with Client(url, timeout_s=5) as client:

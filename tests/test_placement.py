@@ -16,7 +16,7 @@ import pytest
 
 from broker.client import Client
 
-from .harness import Processes, free_port, wait_busy, wait_for, wait_workers
+from .harness import Processes, free_port, metered_workers, wait_busy, wait_for, wait_workers
 from .onnx_models import SLOW_ATOL, slow_expected, slow_input, slow_model, slow_steps
 from .test_admission import Background, metrics, runs
 from .test_metrics import sample_sum
@@ -28,10 +28,7 @@ def two_workers(procs: Processes, model_dir: Path, wait_s: float) -> tuple[str, 
     (model_dir / "slow.onnx").write_bytes(slow_model())
     url = f"tcp://127.0.0.1:{free_port()}"
     procs.broker(url, "--placement", "--placement-wait-s", str(wait_s))
-    ports = [free_port(), free_port()]
-    for port in ports:
-        procs.worker(url, model_dir, "--metrics-port", str(port))
-    wait_workers(url, 2)
+    ports = metered_workers(procs, url, model_dir, 2)
     return url, ports
 
 
@@ -123,10 +120,7 @@ def test_a_model_at_max_replicas_is_loaded_by_no_further_worker(procs: Processes
     (model_dir / "slow.onnx.json").write_text(json.dumps({"replicas": {"min": 0, "max": most}}))
     url = f"tcp://127.0.0.1:{free_port()}"
     procs.broker(url, "--placement", "--placement-wait-s", "0.05", "--status-interval-s", "0.3")
-    ports = [free_port(), free_port()]
-    for port in ports:
-        procs.worker(url, model_dir, "--metrics-port", str(port))
-    wait_workers(url, 2)
+    ports = metered_workers(procs, url, model_dir, 2)
 
     def workers() -> list[dict]:
         with Client(url, timeout_s=10) as client:
