@@ -38,6 +38,7 @@ from metrics import tracing
 from . import protocol as p
 from .curve import PeerKeys
 from .errors import BadInput, BrokerLost, FractalError, NoWorkerAvailable, ProtocolError, Timeout
+from .pacing import Pacing
 from .settings import endpoint_list
 from .sockets import NOBLOCK, POLLIN, POLLOUT, drain, readable, recv_frames, send_frames, wait
 
@@ -46,10 +47,6 @@ CONNECT_WAIT_S = 1.0  # how long a call waits for the TCP connection to the brok
 SEND_RETRY_S = 0.005  # AsyncClient: how often a send the broker's connection refused is tried again
 MAX_DRAIN = 256       # AsyncClient: replies handled per wake-up before other callbacks get a turn
 PACK_LOOKAHEAD = 4 * 64  # AsyncClient: calls looked at for one pack's model (bounds the work per message)
-# AsyncClient: a model whose last predict ran this long (its reply's inference_ms) is sent one call per
-# message: a pack goes to one worker, so it would keep a slow model's other replicas idle, while what a
-# pack saves (~50 µs of messaging per call) is nothing beside such a run. Back to packs under half of it.
-SOLO_ABOVE_MS = 1.0
 RECONNECT_WAIT_S = 15.0  # after the broker connection drops, how long repeatable calls wait for it
 SWEEP_GAP_S = 0.005  # AsyncClient: least time between two deadline sweeps (a timeout fires this late at most)
 LINK_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -591,7 +588,7 @@ class AsyncClient(_Operations):
         self._sweep: asyncio.TimerHandle | None = None  # the one timer that expires calls past their deadline
         self._sweep_at = 0.0
         self._packs: dict[int, tuple[list[int], float]] = {}  # pack id -> (its calls' ids, latest deadline)
-        self._solo: set[Any] = set()  # models sent one call per message (SOLO_ABOVE_MS)
+        self._pacing = Pacing()  # per model: one call per message, packs, or packs behind a window
         self._outbox: deque[tuple[int, str, dict, asyncio.Future, float]] = deque()
         self._flushing = False  # a flush is scheduled or a send is waiting for the broker
         self._sender: asyncio.Task | None = None
@@ -634,6 +631,7 @@ class AsyncClient(_Operations):
             self._sweep.cancel()
             self._sweep = None
         self._packs.clear()
+        self._pacing.clear()
         self._outbox.clear()
         self._mmi_waiters.clear()
         self._flushing = False
@@ -655,8 +653,10 @@ class AsyncClient(_Operations):
         deadline = loop.time() + timeout_s
         self._pending[rid] = future
         self._deadlines[rid] = (deadline, timeout_s)
-        self._outbox.append((rid, op, _with_request_id(fields or {}), future, deadline))
-        if not self._flushing:
+        fields = _with_request_id(fields or {})
+        self._outbox.append((rid, op, fields, future, deadline))
+        # NOTE: a call whose model's window is full leaves when a place frees (_window_opened flushes)
+        if not self._flushing and not self._pacing.held(fields.get("model", "")):
             self._flushing = True
             loop.call_soon(self._flush)
         if self._sweep is None or deadline < self._sweep_at:
@@ -672,16 +672,11 @@ class AsyncClient(_Operations):
         return result
 
     def _learn(self, fields: dict | None, result: Any) -> None:
-        """Whether calls of this predict's model leave in packs from now on (SOLO_ABOVE_MS)."""
+        """How calls of this predict's model leave from now on (broker/pacing.py)."""
         timing = result.get("timing") if isinstance(result, dict) else None
         ran_ms = timing.get("inference_ms") if isinstance(timing, dict) else None
-        if not isinstance(ran_ms, (int, float)):
-            return
-        model = (fields or {}).get("model", "")
-        if ran_ms >= SOLO_ABOVE_MS:
-            self._solo.add(model)
-        elif ran_ms < SOLO_ABOVE_MS / 2 and self._solo:
-            self._solo.discard(model)
+        if isinstance(ran_ms, (int, float)):
+            self._pacing.learn((fields or {}).get("model", ""), ran_ms)
 
     def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -730,6 +725,8 @@ class AsyncClient(_Operations):
             if packs[pack_id][1] > now:
                 break
             del packs[pack_id]
+        if self._pacing.expire(now):
+            self._window_opened()
         if earliest is not None:
             self._arm_sweep(max(earliest, now + SWEEP_GAP_S))
 
@@ -742,9 +739,13 @@ class AsyncClient(_Operations):
         if self._lost_at is not None:  # the broker is away: _on_link_event flushes once it is back
             self._flushing = False
             return
-        while self._outbox:
+        outbox = self._outbox
+        while outbox:
+            before = len(outbox)
             message = self._next_message()
             if message is None:
+                if len(outbox) == before:  # every call looked at waits for its model's window
+                    break
                 continue
             try:
                 send_frames(self._socket, message[0], NOBLOCK)
@@ -763,10 +764,12 @@ class AsyncClient(_Operations):
 
         A pack holds calls for one model (the broker queues it as that model's: docs/protocol.md,
         "Routing header"): calls for other models met on the way stay in the outbox, in their order,
-        looking at most PACK_LOOKAHEAD calls ahead. Each carries what is left of its deadline now."""
+        looking at most PACK_LOOKAHEAD calls ahead, and so do the calls of a model whose window is full
+        (broker/pacing.py). Each carries what is left of its deadline now."""
         outbox, writer = self._outbox, p.PackWriter()
         calls: list = []
         skipped: list = []
+        pacing = self._pacing
         now, model, looked, most = self._loop.time(), None, 0, p.PACK_MAX_REQUESTS
         while outbox and len(calls) < most and looked < PACK_LOOKAHEAD:
             looked += 1
@@ -775,8 +778,11 @@ class AsyncClient(_Operations):
             if future.done():  # timed out or cancelled before it could leave
                 continue
             if model is None:
+                if pacing.held(fields.get("model", "")):
+                    skipped.append(call)
+                    continue
                 model = fields.get("model", "")
-                if model in self._solo:
+                if model in pacing.solo:
                     most = 1
             elif fields.get("model", "") != model:
                 skipped.append(call)
@@ -800,8 +806,16 @@ class AsyncClient(_Operations):
         inflight = self._inflight
         for call in calls:
             inflight[call[0]] = call
+        latest = max(c[4] for c in calls)
         if pack_id is not None:
-            self._packs[pack_id] = ([c[0] for c in calls], max(c[4] for c in calls))
+            self._packs[pack_id] = ([c[0] for c in calls], latest)
+        self._pacing.sent(calls[0][2].get("model", ""), calls[0][0] if pack_id is None else pack_id, latest)
+
+    def _window_opened(self) -> None:
+        """A model's window has a free place again: the calls waiting for it may leave."""
+        if self._outbox and not self._flushing and self._lost_at is None:
+            self._flushing = True
+            self._loop.call_soon(self._flush)
 
     async def _send_when_possible(self, frames: list, calls: list, pack_id: int | None) -> None:
         give_up = self._loop.time() + CONNECT_WAIT_S
@@ -876,6 +890,7 @@ class AsyncClient(_Operations):
         loop = self._loop
         self._lost_at = loop.time()
         self._packs.clear()
+        self._pacing.clear()
         lost = self.endpoints[self._current]
         held = []
         for call in self._inflight.values():
@@ -954,6 +969,8 @@ class AsyncClient(_Operations):
         rid = reply.get("id") if isinstance(reply, dict) else None
         if type(rid) is not int:
             return
+        if self._pacing.answered(rid):
+            self._window_opened()
         pack = self._packs.pop(rid, None)
         if pack is None:
             future = self._pending.get(rid)

@@ -433,3 +433,49 @@ def test_each_call_times_out_at_its_own_deadline_whatever_order_they_came_in(pro
     assert short_s <= first_s < second_s < third_s, ends  # each at its own deadline, in deadline order
     assert second_s >= 2 * short_s and third_s >= 3 * short_s, ends
     assert still_waiting
+
+
+def test_a_tiny_models_calls_wait_behind_a_window_of_two_messages_and_then_leave_together(procs, model_dir):
+    """Once replies say a model runs in well under 0.1 ms, at most two messages of it are in flight
+    (broker/pacing.py): calls made meanwhile wait in the client and leave as one pack when a place
+    frees, instead of one small message per loop turn. Seen from the broker: with its one worker busy,
+    only the first two calls queue there."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url, "--reserve-workers", "0")
+    procs.worker(url, model_dir)
+    wait_workers(url, 1)
+    with Client(url, timeout_s=60) as sync:
+        sync.upload("slow.onnx", slow_model())
+    rows = RNG.random((12, 1, 4), dtype=np.float32) * 8
+
+    async def main() -> tuple[int, list]:
+        client = AsyncClient(url, timeout_s=60)
+        try:
+            for _ in range(200):  # until a reply's run time makes iris tiny (one usually does)
+                await client.predict("iris.onnx", [[2, 5, 1, 4]])
+                if "iris.onnx" in client._pacing.tiny:
+                    break
+            assert "iris.onnx" in client._pacing.tiny
+            loop = asyncio.get_running_loop()
+            with Client(url, timeout_s=60) as blocker:  # the one worker runs a slow call meanwhile
+                slow = loop.run_in_executor(None, blocker.predict, "slow.onnx", slow_input(1.0))
+                await loop.run_in_executor(None, wait_busy, url, 1)
+                calls = []
+                for wave in (rows[:1], rows[1:2], rows[2:]):  # three loop turns: three messages without the window
+                    calls += [asyncio.ensure_future(client.predict("iris.onnx", {"float_input": r})) for r in wave]
+                    await asyncio.sleep(0.05)
+                status = await client.broker_status(timeout_s=10)
+                assert status is not None
+                queued = status["broker"]["services"]["modelhost"]["queued"]
+                results = await asyncio.gather(*calls)
+                await slow
+            return queued, results
+        finally:
+            await client.aclose()
+    queued, results = asyncio.run(main())
+    assert queued == 2, f"{queued} calls queued at the broker: the window did not hold the third message"
+    iris = session("iris.onnx")
+    for row, result in zip(rows, results, strict=True):
+        label, probabilities = iris.run(None, {"float_input": row})
+        assert result["label"].tolist() == label.tolist()
+        np.testing.assert_allclose(result["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
