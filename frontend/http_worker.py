@@ -8,6 +8,7 @@
 - A client that hangs up cancels its request here, where the connection is lost. uvicorn only tells the
   app through a later receive(), which needed a watcher task per request (about 6 µs of a ~90 µs request);
   frontend/disconnect.py explains what the app does with the cancellation.
+- The garbage collector is tuned for serving once the app is built (frontend/heap.py).
 - uvicorn's ProxyHeadersMiddleware (X-Forwarded-For and -Proto from `--forwarded-allow-ips` peers into the
   scope's client and scheme) runs only when gunicorn writes an access log (`--access-logfile`), the one
   reader of the client's address: the app reads neither, and it cost a middleware call per request.
@@ -20,6 +21,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn_worker import UvicornWorker
 
+from frontend import heap
 from frontend.disconnect import CLIENT_GONE
 
 
@@ -92,3 +94,7 @@ class Worker(UvicornWorker):
         # NOTE: read when the server loads the app, after this: the access log's client address is the
         # only user of the forwarded headers (issue 13: one middleware call less per request without it).
         self.config.proxy_headers = bool(self.cfg.accesslog)
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()  # builds the app (frontend.app:create_app()), after the fork
+        heap.settle()
