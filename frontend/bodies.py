@@ -31,9 +31,11 @@ async def raw(req: falcon.asgi.Request, max_bytes: int) -> bytes:
     return data
 
 
-async def json_body(req: falcon.asgi.Request, max_bytes: int, example: str) -> Any:
-    if media_type(req) not in JSON_TYPES:
-        raise UnsupportedMediaType(f"send JSON (Content-Type: application/json), not {media_type(req)}")
+async def json_body(req: falcon.asgi.Request, max_bytes: int, example: str, kind: str | None = None) -> Any:
+    """The JSON body, strictly read; `kind`: its media_type, when the caller has it already."""
+    kind = media_type(req) if kind is None else kind
+    if kind not in JSON_TYPES:
+        raise UnsupportedMediaType(f"send JSON (Content-Type: application/json), not {kind}")
     data = await raw(req, max_bytes)
     if not data.strip():
         raise BadInput(f"empty body; send JSON such as {example}")

@@ -13,13 +13,16 @@ import falcon.asgi
 
 from broker.errors import BadInput
 
+from .headers import header
+
 HEADER = "X-Request-Timeout"
+_NAME = HEADER.lower().encode()
 
 
 def header_timeout_s(req: falcon.asgi.Request, default_s: float) -> float:
     """`X-Request-Timeout` in seconds (a decimal number > 0), capped at `default_s`; `default_s` without
     the header. Raises BadInput for any other value."""
-    text = req.get_header(HEADER)
+    text = header(req, _NAME)
     if text is None:
         return default_s
     try:

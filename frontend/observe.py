@@ -17,6 +17,7 @@ import falcon.asgi
 from metrics import FrontendMetrics
 
 from .disconnect import REQUEST_KEY
+from .headers import header
 from .timing import HEADER, count, server_timing
 
 log = logging.getLogger("frontend.access")
@@ -52,7 +53,7 @@ class Observe:
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         context = req.context
-        context.request_id = (req.get_header("X-Request-ID") or new_request_id())[:128]
+        context.request_id = (header(req, b"x-request-id") or new_request_id())[:128]
         context.timing = {} if self.timed else None
         req.scope[REQUEST_KEY] = req  # for process_cancel, if the client goes away
         self.metrics.request_started()

@@ -117,7 +117,7 @@ class Model(Resource):
 
 def _version(req: falcon.asgi.Request) -> str | None:
     """The `?version=V` of a seed route (README, Model versions); None: the newest served."""
-    return req.get_param("version") or None
+    return (req.get_param("version") or None) if req.query_string else None  # NOTE: no parsing without a query
 
 
 class Prediction(Resource):
@@ -137,7 +137,7 @@ class Prediction(Resource):
             await self._image(req, resp, name, await bodies.raw(req, self.max_body_bytes),
                               _form_outputs(req.get_param_as_list("outputs")))
         else:
-            await self._json(req, resp, name, await bodies.json_body(req, self.max_body_bytes, PREDICT_EXAMPLE))
+            await self._json(req, resp, name, await bodies.json_body(req, self.max_body_bytes, PREDICT_EXAMPLE, kind))
 
     on_post = on_get
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
+import urllib.request
 
 import pytest
 
 from frontend.http_worker import _TurnWrites
 
-from .harness import start_frontend
+from .harness import free_port, start_frontend, wait_for
 
 PREDICT = b'{"values": [2, 5, 1, 4]}'
 
@@ -113,3 +115,42 @@ def test_pipelined_head_and_close_requests_are_answered_in_order(procs, cluster)
             data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200") and "iris.onnx" in json.loads(body)["model_list"]
+
+
+def _predict(base: str, headers: dict[str, str]) -> dict:
+    request = urllib.request.Request(base + "/api/v1/models/iris.onnx/prediction", data=PREDICT, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow  # starts a broker, workers and gunicorn
+def test_gunicorns_access_log_names_the_forwarded_client_and_answers_stay_the_same_without_it(
+        procs, cluster, tmp_path):
+    # NOTE: uvicorn's proxy headers run only for gunicorn's access log (its one reader); with and without
+    # it a forwarded request gets the same answer.
+    forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    bare = start_frontend(procs, cluster.url)
+    assert _predict(bare, forwarded)["values"] == [1]
+
+    access = tmp_path / "access.log"
+    port = free_port()
+    procs.start("frontend-access", [sys.executable, "-m", "fractal", "frontend", "--bind", f"127.0.0.1:{port}",
+                                    "--workers", "1", "--access-logfile", str(access)],
+                env={"FRACTAL_FRONTEND_BROKER": cluster.url})
+    logged = f"http://127.0.0.1:{port}"
+    wait_for(lambda: access.exists() and _answers(logged), 60, "gunicorn with an access log")
+    assert _predict(logged, forwarded)["values"] == [1]
+    assert _predict(logged, {})["values"] == [1]
+    wait_for(lambda: access.read_text().count("/api/v1/models/iris.onnx/prediction") >= 2, 10, "access lines")
+    lines = [line for line in access.read_text().splitlines() if "/prediction" in line]
+    assert lines[0].startswith("203.0.113.7:") and " 200" in lines[0], lines
+    assert lines[1].startswith("127.0.0.1:") and " 200" in lines[1], lines
+
+
+def _answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/", timeout=1):
+            return True
+    except OSError:
+        return False
