@@ -40,6 +40,10 @@ Answer = Callable[[bytes, list, float], None]  # where an internal request's FIN
 NODE = "broker"
 MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
 RUN_WEIGHT = 0.25  # weight of the newest run in a model's moving average of run times (Service.ran)
+# Replies timed as runs of their model: ours with status 200, and a body whose status we cannot read (another
+# implementation's). An error is no run: a request the worker dropped unrun for its deadline answers in well
+# under a millisecond, and timing such answers made a flooded slow model look fast (Service.ran).
+RUN_STATUSES = (200, None)
 MAX_TIMED_MODELS = 4096  # models whose run times a service keeps (clients may name any model)
 DEADLINE_USE = 0.5  # bound_by_deadline: the share of its time left a request's expected end may fill: run
                     # times are averages, and a machine under load runs slower than it measured
@@ -449,7 +453,8 @@ class Broker:
             observe_many(service.m_duration, now - request.received_at, request.count)
             worker.served += request.count
             service.finished(request.model)
-            service.ran(request.model, now - worker.since, request.count, self.settings.reserve_above_s)
+            if p.reply_status(message.body[0] if message.body else b"") in RUN_STATUSES:
+                service.ran(request.model, now - worker.since, request.count, self.settings.reserve_above_s)
         self._worker_idle(worker)
 
     # -- workers -------------------------------------------------------------------------------

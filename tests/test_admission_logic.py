@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from broker import protocol as p
-from broker.errors import QueueFull, Timeout
+from broker.errors import BadInput, FractalError, QueueFull, Timeout
 from broker.protocol import MDPC, MDPW
 
 from .harness import Clock
@@ -54,6 +54,14 @@ def taken(worker: zmq.Socket) -> tuple[bytes, int] | None:
 def answer(rig: Rig, worker: zmq.Socket, job: tuple[bytes, int] | None) -> None:
     assert job is not None
     worker.send_multipart([p.WORKER_HEADER, MDPW.FINAL, job[0], b"", *p.ok_body(job[1], "node", {"id": job[1]})])
+    rig.step()
+
+
+def fail(rig: Rig, worker: zmq.Socket, job: tuple[bytes, int] | None, error: FractalError,
+         body: list | None = None) -> None:
+    """Answer `job` with `error` in our reply's shape (or with `body`, another implementation's)."""
+    assert job is not None
+    worker.send_multipart([p.WORKER_HEADER, MDPW.FINAL, job[0], b"", *(body or p.error_body(job[1], "node", error))])
     rig.step()
 
 
@@ -267,3 +275,52 @@ def test_a_model_does_not_wait_for_holders_busy_with_another_slow_model(clock: C
             assert job is not None and job[1] == 3
     finally:
         rig.close()
+
+
+
+def take_any(*workers: zmq.Socket) -> tuple[zmq.Socket, tuple[bytes, int]]:
+    """The worker that was handed a REQUEST, and the request's (client, id)."""
+    for worker in workers:
+        job = taken(worker)
+        if job is not None:
+            return worker, job
+    raise AssertionError("no worker was handed the request")
+
+
+@pytest.mark.parametrize("error", [Timeout("dropped unrun: its deadline is shorter than the model's run"),
+                                   BadInput("not an input of this model")])
+def test_an_error_reply_is_no_run_so_drops_do_not_make_a_slow_model_look_fast(rig: Rig, clock: Clock,
+                                                                            error: FractalError) -> None:
+    """A worker answers a request it drops unrun (its deadline is shorter than the model's run) within a
+    millisecond. Timed as runs, a flood's drops pulled a slow model's average under reserve_above_s:
+    the reserve let it take every worker and the other models' calls waited for its runs."""
+    first, second = rig.worker(), rig.worker()
+    client = rig.peer()
+    timed(rig, clock, first, client, "slow.onnx", 0.5)
+    for rid in range(2, 22):
+        ask(rig, client, rid, "slow.onnx", 300)
+        worker, job = take_any(first, second)
+        clock.advance(0.0005)
+        fail(rig, worker, job, error)
+        with pytest.raises(type(error)):
+            reply_of(client)
+    service = rig.broker._services[SERVICE]
+    assert service.run_s[b"slow.onnx"] == pytest.approx(0.5) and b"slow.onnx" in service.slow
+    ask(rig, client, 30, "iris.onnx")  # iris is active: the slow model keeps to one worker of two
+    answer(rig, *take_any(first, second))
+    reply_of(client)
+    for rid in (31, 32):
+        ask(rig, client, rid, "slow.onnx")
+    assert (taken(first) is None) != (taken(second) is None)
+
+
+def test_a_reply_whose_status_cannot_be_read_is_timed_as_before(rig: Rig, clock: Clock) -> None:
+    """Another implementation's worker may answer in a body of its own: the broker times it as a run."""
+    worker, client = rig.worker(), rig.peer()
+    timed(rig, clock, worker, client, "slow.onnx", 0.5)
+    ask(rig, client, 2, "slow.onnx")
+    job = taken(worker)
+    clock.advance(0.1)
+    fail(rig, worker, job, Timeout("unused"), body=[b"a body in a format of its own"])
+    assert received(client) is not None  # forwarded as it came
+    assert rig.broker._services[SERVICE].run_s[b"slow.onnx"] == pytest.approx(0.5 + 0.25 * (0.1 - 0.5))
