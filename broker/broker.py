@@ -40,6 +40,10 @@ Answer = Callable[[bytes, list, float], None]  # where an internal request's FIN
 NODE = "broker"
 MAX_DRAIN = 256  # messages handled per wake-up before timers get a look
 RUN_WEIGHT = 0.25  # weight of the newest run in a model's moving average of run times (Service.ran)
+# Replies timed as runs of their model: ours with status 200, and a body whose status we cannot read (another
+# implementation's). An error is no run: a request the worker dropped unrun for its deadline answers in well
+# under a millisecond, and timing such answers made a flooded slow model look fast (Service.ran).
+RUN_STATUSES = (200, None)
 MAX_TIMED_MODELS = 4096  # models whose run times a service keeps (clients may name any model)
 DEADLINE_USE = 0.5  # bound_by_deadline: the share of its time left a request's expected end may fill: run
                     # times are averages, and a machine under load runs slower than it measured
@@ -61,9 +65,10 @@ class BrokerSettings:
                                       "that many free for the others' next requests; 0: every worker takes "
                                       "whatever waits")
     reserve_above_s: float = setting(0.1, "reserve_workers applies to models whose requests run this long or "
-                                          "longer each (the broker's moving average, dispatch to reply), until "
-                                          "they are back under half of it; a faster model may take every "
-                                          "worker: the others wait for one of its runs at most")
+                                          "longer each (the broker's moving average, dispatch to reply, or a "
+                                          "message running that long per request now), until they are back "
+                                          "under half of it, and to a model not timed yet; a faster model may "
+                                          "take every worker: the others wait for one of its runs at most")
     reserve_active_s: float = setting(2.0, "reserve_workers: how long after its latest request another model "
                                            "still counts as active")
     bound_by_deadline: bool = setting(True, "a model's queue is also full (429) when the requests before a new "
@@ -304,6 +309,7 @@ class Broker:
                     next_tick = now + tick_s
                     self._purge_workers(now)
                     self._expire_requests(now)
+                    self._note_long_runs(now)
                     if self.settings.placement:
                         self._place_waiting(now)
                     if self._grace_until and now >= self._grace_until:
@@ -449,7 +455,8 @@ class Broker:
             observe_many(service.m_duration, now - request.received_at, request.count)
             worker.served += request.count
             service.finished(request.model)
-            service.ran(request.model, now - worker.since, request.count, self.settings.reserve_above_s)
+            if p.reply_status(message.body[0] if message.body else b"") in RUN_STATUSES:
+                service.ran(request.model, now - worker.since, request.count, self.settings.reserve_above_s)
         self._worker_idle(worker)
 
     # -- workers -------------------------------------------------------------------------------
@@ -530,6 +537,19 @@ class Broker:
                    if w is not None and w.request is not None]
         return bool(running) and all(m != model and m in service.slow for m in running)
 
+    def _note_long_runs(self, now: float) -> None:
+        """A model whose message has been running reserve_above_s or more per request is slow from now on,
+        whatever its moving average says (Service.slow; its FINAL is timed as usual, hysteresis and all).
+        The average learns only when runs end: a model timed by fast answers that were no runs of it (an
+        upload, a readiness check) would take every worker, and leave the others' calls waiting for its
+        holders, until its first long run ended."""
+        slow_s = self.settings.reserve_above_s
+        for worker in self._workers.values():
+            request = worker.request
+            if (request is not None and request.answer is None and request.model
+                    and now - worker.since >= slow_s * request.count):
+                worker.service.slow.add(request.model)
+
     def _may_take(self, worker: Worker, now: float, model: bytes) -> bool:
         """Placement: whether `worker`, just idle, takes the next queued request for `model`."""
         service = worker.service
@@ -559,11 +579,13 @@ class Broker:
     def _may_run(self, service: Service, model: bytes, now: float | None = None) -> bool:
         """Whether `model` may take one more worker (BrokerSettings.reserve_workers): yes below its share
         of max(1, workers - reserve); past it only when its runs are short (reserve_above_s) or no other
-        model is active, so a flood of slow requests leaves `reserve` workers free for the others."""
+        model is active, so a flood of slow requests leaves `reserve` workers free for the others. A
+        model not timed yet counts as slow: until its first reply nothing says its runs are short, and
+        a flood's first calls would take every worker (a fast model pays one of its own runs)."""
         reserve = self.settings.reserve_workers
         if not reserve or service.busy.get(model, 0) < max(1, service.workers - reserve):
             return True
-        if model not in service.slow:
+        if not model or (model not in service.slow and model in service.run_s):
             return True
         return not service.others_active(model, time.monotonic() if now is None else now,
                                          self.settings.reserve_active_s)

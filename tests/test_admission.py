@@ -17,7 +17,7 @@ import pytest
 from broker.client import AsyncClient, Client
 from broker.errors import QueueFull, Timeout
 
-from .harness import free_port, metered_workers, start_frontend, wait_busy, wait_for, wait_workers
+from .harness import busy_workers, free_port, metered_workers, start_frontend, wait_busy, wait_for, wait_workers
 from .onnx_models import slow_input, slow_model
 from .test_metrics import sample_sum
 
@@ -365,3 +365,84 @@ def test_a_request_goes_to_an_idle_worker_that_holds_its_model(procs, model_dir)
     gained = sorted(a - b for a, b in zip(after, served, strict=True))
     # NOTE: a status poll takes an idle worker out for a moment; a call then may go to the other one
     assert gained[1] >= 9 and gained[0] <= 1, gained
+
+
+def test_calls_a_worker_drops_unrun_do_not_make_a_slow_model_look_fast(procs, model_dir):
+    """bench/admission.py's flood: the workers drop the slow model's calls that cannot meet their
+    deadline, each within a millisecond. The broker timed those answers as runs, so the slow model
+    looked fast: it took both workers and iris waited for one of its runs. An error is no run now."""
+    url, _broker_port, _worker_port = one_worker(procs, model_dir, broker_flags=("--reserve-active-s", "60"))
+    procs.worker(url, model_dir, "--metrics-port", "0")
+    wait_for(lambda: registered(url) == 2, 60, "the second worker to register")
+    run_s = 0.5
+    with Client(url, timeout_s=60) as client:
+        client.upload("teach.onnx", slow_model())
+    # both workers load it and learn its run time: placement spreads the second call after
+    # placement_wait_s (0.5 s), well before the first call's 1 s run ends
+    teach = [Background(url, "teach.onnx", slow_input(2 * run_s)) for _ in range(2)]
+    for call in teach:
+        assert not isinstance(call.join(), Exception), call.outcome
+    with Client(url, timeout_s=0.2) as client:  # a deadline shorter than one run: dropped unrun
+        for _ in range(20):
+            with pytest.raises(Timeout, match="did not run it"):
+                client.predict("teach.onnx", slow_input(run_s))
+    row = {"float_input": np.array([[2, 5, 1, 4]], np.float32)}
+    with Client(url, timeout_s=60) as client:
+        client.predict("iris.onnx", row)  # iris is active
+    flood = [Background(url, "teach.onnx", slow_input(run_s)) for _ in range(3)]
+    wait_for(lambda: busy_workers(url) + queued(url) == 3, 20, "the 3 slow calls at the broker")
+    iris = Background(url, "iris.onnx", row)
+    assert not isinstance(iris.join(), Exception), iris.outcome
+    for call in flood:
+        assert not isinstance(call.join(), Exception), call.outcome
+    # a worker was kept free for iris: it did not wait for a slow run (without the fix both ran one)
+    assert iris.ended < min(call.ended for call in flood), (iris.ended, [c.ended for c in flood])
+
+
+def test_a_flood_on_a_model_the_broker_never_timed_leaves_a_worker_free(procs, model_dir):
+    """The flood's first calls: until a reply of the slow model comes back, the broker has no run time
+    for it, yet the reserve keeps it to one worker of two while iris is active (without placement,
+    where its second call would otherwise take the other worker at once)."""
+    (model_dir / "fresh.onnx").write_bytes(slow_model())  # in the pool from the start: never uploaded, never run
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url, "--no-placement", "--reserve-active-s", "60")
+    metered_workers(procs, url, model_dir, 2)
+    row = {"float_input": np.array([[2, 5, 1, 4]], np.float32)}
+    with Client(url, timeout_s=60) as client:
+        client.predict("iris.onnx", row)  # iris is active
+    flood = [Background(url, "fresh.onnx", slow_input(0.5)) for _ in range(3)]
+    wait_for(lambda: busy_workers(url) + queued(url) == 3, 20, "the 3 slow calls at the broker")
+    iris = Background(url, "iris.onnx", row)
+    assert not isinstance(iris.join(), Exception), iris.outcome
+    for call in flood:
+        assert not isinstance(call.join(), Exception), call.outcome
+    assert iris.ended < min(call.ended for call in flood), (iris.ended, [c.ended for c in flood])
+
+
+def test_a_slow_model_timed_fast_by_other_ops_is_slow_once_a_call_runs_long(procs, model_dir):
+    """Model info calls name their model, so the broker times their answers (milliseconds) as the
+    model's runs. With placement (the default) the flood's next calls wait placement_wait_s for the busy
+    holder, then would take the other worker; once a call has run reserve_above_s the model counts as
+    slow and the reserve keeps that worker free while the first call runs, and after it for iris."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs.broker(url, "--reserve-active-s", "60")
+    metered_workers(procs, url, model_dir, 2)
+    row = {"float_input": np.array([[2, 5, 1, 4]], np.float32)}
+    with Client(url, timeout_s=60) as client:
+        client.upload("teach.onnx", slow_model())
+        for _ in range(16):  # the average, whatever the upload's answer took, ends far under the line
+            client.model_info("teach.onnx")
+        client.predict("iris.onnx", row)  # iris is active
+    flood = [Background(url, "teach.onnx", slow_input(1.0)) for _ in range(3)]  # each runs 1.5 s or more
+    wait_busy(url)
+    busy, until = [], time.monotonic() + 60
+    while not any(call.ended for call in flood) and time.monotonic() < until:  # past placement_wait_s (0.5 s)
+        busy.append(busy_workers(url))
+        time.sleep(0.05)
+    iris = Background(url, "iris.onnx", row)
+    assert not isinstance(iris.join(), Exception), iris.outcome
+    for call in flood:
+        assert not isinstance(call.join(), Exception), call.outcome
+    assert len(busy) >= 10 and max(busy) == 1, busy  # without the rule the second worker took a call at 0.5 s
+    ends = sorted(call.ended for call in flood)
+    assert iris.ended < ends[1], (iris.ended, ends)  # not behind a second slow call on the other worker

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from broker import protocol as p
-from broker.errors import QueueFull, Timeout
+from broker.errors import BadInput, FractalError, QueueFull, Timeout
 from broker.protocol import MDPC, MDPW
 
 from .harness import Clock
@@ -54,6 +54,14 @@ def taken(worker: zmq.Socket) -> tuple[bytes, int] | None:
 def answer(rig: Rig, worker: zmq.Socket, job: tuple[bytes, int] | None) -> None:
     assert job is not None
     worker.send_multipart([p.WORKER_HEADER, MDPW.FINAL, job[0], b"", *p.ok_body(job[1], "node", {"id": job[1]})])
+    rig.step()
+
+
+def fail(rig: Rig, worker: zmq.Socket, job: tuple[bytes, int] | None, error: FractalError,
+         body: list | None = None) -> None:
+    """Answer `job` with `error` in our reply's shape (or with `body`, another implementation's)."""
+    assert job is not None
+    worker.send_multipart([p.WORKER_HEADER, MDPW.FINAL, job[0], b"", *(body or p.error_body(job[1], "node", error))])
     rig.step()
 
 
@@ -267,3 +275,105 @@ def test_a_model_does_not_wait_for_holders_busy_with_another_slow_model(clock: C
             assert job is not None and job[1] == 3
     finally:
         rig.close()
+
+
+
+def take_any(*workers: zmq.Socket) -> tuple[zmq.Socket, tuple[bytes, int]]:
+    """The worker that was handed a REQUEST, and the request's (client, id)."""
+    for worker in workers:
+        job = taken(worker)
+        if job is not None:
+            return worker, job
+    raise AssertionError("no worker was handed the request")
+
+
+@pytest.mark.parametrize("error", [Timeout("dropped unrun: its deadline is shorter than the model's run"),
+                                   BadInput("not an input of this model")])
+def test_an_error_reply_is_no_run_so_drops_do_not_make_a_slow_model_look_fast(rig: Rig, clock: Clock,
+                                                                            error: FractalError) -> None:
+    """A worker answers a request it drops unrun (its deadline is shorter than the model's run) within a
+    millisecond. Timed as runs, a flood's drops pulled a slow model's average under reserve_above_s:
+    the reserve let it take every worker and the other models' calls waited for its runs."""
+    first, second = rig.worker(), rig.worker()
+    client = rig.peer()
+    timed(rig, clock, first, client, "slow.onnx", 0.5)
+    for rid in range(2, 22):
+        ask(rig, client, rid, "slow.onnx", 300)
+        worker, job = take_any(first, second)
+        clock.advance(0.0005)
+        fail(rig, worker, job, error)
+        with pytest.raises(type(error)):
+            reply_of(client)
+    service = rig.broker._services[SERVICE]
+    assert service.run_s[b"slow.onnx"] == pytest.approx(0.5) and b"slow.onnx" in service.slow
+    ask(rig, client, 30, "iris.onnx")  # iris is active: the slow model keeps to one worker of two
+    answer(rig, *take_any(first, second))
+    reply_of(client)
+    for rid in (31, 32):
+        ask(rig, client, rid, "slow.onnx")
+    assert (taken(first) is None) != (taken(second) is None)
+
+
+def test_a_reply_whose_status_cannot_be_read_is_timed_as_before(rig: Rig, clock: Clock) -> None:
+    """Another implementation's worker may answer in a body of its own: the broker times it as a run."""
+    worker, client = rig.worker(), rig.peer()
+    timed(rig, clock, worker, client, "slow.onnx", 0.5)
+    ask(rig, client, 2, "slow.onnx")
+    job = taken(worker)
+    clock.advance(0.1)
+    fail(rig, worker, job, Timeout("unused"), body=[b"a body in a format of its own"])
+    assert received(client) is not None  # forwarded as it came
+    assert rig.broker._services[SERVICE].run_s[b"slow.onnx"] == pytest.approx(0.5 + 0.25 * (0.1 - 0.5))
+
+
+def test_a_model_not_timed_yet_counts_as_slow_until_its_first_reply(rig: Rig, clock: Clock) -> None:
+    """A flood on a model the broker has not timed: its first calls would take every worker, and the
+    other models' calls would wait for their runs. Its first reply tells: here it is fast, and may
+    take every worker again."""
+    first, second = rig.worker(), rig.worker()
+    client = rig.peer()
+    ask(rig, client, 1, "iris.onnx")  # iris is active
+    answer(rig, *take_any(first, second))
+    assert reply_of(client) == {"id": 1}
+    for rid in (2, 3, 4):
+        ask(rig, client, rid, "new.onnx")
+    running = [taken(first), taken(second)]
+    assert sum(job is not None for job in running) == 1, running  # a worker stays free for iris
+    busy, idle = (first, second) if running[0] is not None else (second, first)
+    ask(rig, client, 5, "iris.onnx")
+    job = taken(idle)
+    assert job is not None and job[1] == 5
+    answer(rig, idle, job)
+    clock.advance(0.002)
+    answer(rig, busy, running[0] or running[1])  # new.onnx's first reply: 2 ms a call
+    assert taken(busy) is not None  # its next call
+    ask(rig, client, 6, "new.onnx")
+    assert taken(idle) is not None  # fast: it may take the other worker too
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_message_running_past_the_line_makes_its_model_slow(rig: Rig, clock: Clock, count: int) -> None:
+    """A model timed fast by answers that were no runs of it (an upload, say) whose message has been
+    running reserve_above_s per request is slow from then on, before its run ends; its reply is timed
+    as usual, so a model that is fast on average is back to fast once the long run is over."""
+    first, second = rig.worker(), rig.worker()
+    client = rig.peer()
+    timed(rig, clock, first, client, "slow.onnx", 0.01)
+    timed(rig, clock, second, client, "iris.onnx", 0.001)  # iris is active
+    service = rig.broker._services[SERVICE]
+    if count == 1:
+        ask(rig, client, 2, "slow.onnx")
+    else:
+        ask_pack(rig, client, 2, "slow.onnx", count, 60_000)
+    worker, job = take_any(first, second)
+    clock.advance(0.09 * count)
+    rig.broker._note_long_runs(clock.now)
+    assert b"slow.onnx" not in service.slow  # not yet reserve_above_s (0.1 s) per request
+    clock.advance(0.02 * count)
+    rig.broker._note_long_runs(clock.now)
+    assert b"slow.onnx" in service.slow
+    other = second if worker is first else first
+    ask(rig, client, 3, "slow.onnx")
+    assert taken(other) is None  # the reserve holds it to one worker of two
+    answer(rig, worker, job)  # 0.11 s per request: the average, 0.01 + 0.25 x 0.1, is under half the line
+    assert b"slow.onnx" not in service.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker import protocol as p
-from broker.errors import BadInput, ModelNotFound, ProtocolError
+from broker.errors import BadInput, ModelNotFound, ProtocolError, Timeout
 
 ORT_INPUT_DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                     "float16", "float32", "float64"]
@@ -108,3 +108,22 @@ def test_out_of_band_references_to_missing_frames_are_refused(index):
     frames = [msgpack.packb(msgpack.ExtType(p.TENSOR_FRAME_EXT, header)), b"\0" * 16]
     with pytest.raises(ProtocolError):
         p.unpack_body(frames)
+
+
+@pytest.mark.parametrize("rid", [None, 0, 127, 128, 300, 70_000, 2**40, -1, -200, "", "abc", "x" * 40, "é" * 100,
+                                 True, 1.5])
+def test_a_replys_status_is_read_without_decoding_it(rid):
+    assert p.reply_status(p.ok_body(rid, "node-1", {"values": [1]})[0]) == 200
+    assert p.reply_status(p.error_body(rid, "node-1", Timeout("dropped unrun"))[0]) == 504
+    assert p.reply_status(p.error_body(rid, "node-1", BadInput("no"))[0]) == 400
+    writer = p.PackWriter()  # a pack's reply is 200 whatever its members' outcomes
+    writer.add_reply(1, "node-1", Timeout("dropped unrun"))
+    assert p.reply_status(writer.reply(rid, "node-1")[0]) == 200
+
+
+@pytest.mark.parametrize("body", [b"", b"\x84", b"\x84\xa2id", b"\x84\xa2id\xd9", b"\x84\xa2id\xd9\xff", b"200",
+                                  b"\x84\xa2id\x01\xa6status", b"\x84\xa2id\x01\xa6status\xcd\x01",
+                                  b"\x84\xa2id\x91\x01\xa6status\xcc\xc8",  # an id that is a list
+                                  msgpack.packb({"status": 504, "id": 1}), msgpack.packb([1, 504]), b"\xff" * 20])
+def test_a_body_whose_status_cannot_be_read_at_its_place_has_none(body):
+    assert p.reply_status(body) is None  # e.g. another implementation's worker: the broker times it as before
