@@ -1,9 +1,11 @@
-"""Processes the pipeline benchmark measures against: a bare REP echo, majortomo's broker and worker.
+"""Processes the pipeline benchmark measures against: a bare REP echo, majortomo's broker and worker,
+and the floor's minimal hand-written broker and worker.
 
     python -m bench.peers rep URL
     python -m bench.peers majortomo-broker URL
     python -m bench.peers majortomo-worker URL MODEL_PATH
     python -m bench.peers minimal-broker URL
+    python -m bench.peers minimal-worker URL MODEL_PATH
 """
 from __future__ import annotations
 
@@ -72,7 +74,34 @@ def majortomo_worker(url: str, model_path: str) -> None:
         requests.send_reply_final(p.ok_body(body["id"], "majortomo", {"outputs": outputs}))
 
 
+def minimal_worker(url: str, model_path: str) -> None:
+    """The floor's worker: one DEALER loop in the majortomo dialect doing our worker's work (unpack the
+    msgpack predict body, one ORT run, pack the reply, send), with nothing else: no heartbeats, no
+    validation, no metrics, no deadlines. Paired with minimal-broker and a raw DEALER client it is what
+    any Python client -> broker -> worker path over ZeroMQ costs at least."""
+    import onnxruntime as ort
+
+    from broker import protocol as p
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(url)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    sock.send_multipart([b"", b"MDPW02", b"\x01", b"modelhost"])  # READY
+    while True:
+        frames = sock.recv_multipart()  # "", MDPW02, REQUEST, client, "", body...
+        if frames[2] != b"\x02":  # a HEARTBEAT (our broker sends them; the minimal broker does not)
+            continue
+        body = p.unpack_body(frames[5:])
+        values = session.run(names, body["inputs"])
+        reply = p.ok_body(body["id"], "minimal", {"outputs": dict(zip(names, values, strict=True))})
+        sock.send_multipart([b"", b"MDPW02", b"\x04", frames[3], b"", *reply])  # FINAL
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     {"rep": rep, "majortomo-broker": majortomo_broker, "majortomo-worker": majortomo_worker,
-     "minimal-broker": minimal_broker}[role](*args)
+     "minimal-broker": minimal_broker, "minimal-worker": minimal_worker}[role](*args)

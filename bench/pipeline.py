@@ -5,9 +5,12 @@
 Issue 13's targets compare whole paths: our Client -> broker -> worker against majortomo's (a raw
 majortomo-dialect client, majortomo's broker and majortomo's Worker doing the same ORT work):
 sync p50 at most 0.8x majortomo's, and with 64 requests in flight and one worker at least 3x its
-req/s (ours: the AsyncClient with 64 concurrent calls, which packs them). Both stacks run side by
-side and are measured in alternating rounds, the medians compared, so the load of a shared machine
-hits both alike.
+req/s (ours: the AsyncClient with 64 concurrent calls, which packs them). A third whole path is the
+floor: the same raw client, a minimal hand-written broker and a minimal hand-written worker (a DEALER
+loop: receive, unpack, one ORT run, pack, send; bench/peers.py), nothing but forwarding and the
+work, i.e. what any Python client -> broker -> worker over ZeroMQ costs at least. The three stacks
+run side by side and are measured in alternating rounds, the medians compared, so the load of a
+shared machine hits them alike; our ratio to the floor and the floor's to majortomo are printed.
 
 Also printed: bare InferenceSession.run; a bare ZeroMQ REQ/REP hop; our sync Client pipelining 64
 (no packs) and the AsyncClient with 2 workers; and issue 3's broker comparison: one raw client and
@@ -160,14 +163,21 @@ def _rate(run, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-class MajortomoDialect:
-    """A raw majortomo-dialect client (one DEALER) and majortomo's Worker through the given broker."""
+MAJORTOMO_WORKER = ["-m", "bench.peers", "majortomo-worker", "URL", str(IRIS)]
+MINIMAL_WORKER = ["-m", "bench.peers", "minimal-worker", "URL", str(IRIS)]
+MAJORTOMO_BROKER = ["-m", "bench.peers", "majortomo-broker", "URL"]
+MINIMAL_BROKER = ["-m", "bench.peers", "minimal-broker", "URL"]
 
-    def __init__(self, broker_argv: list[str], procs: Procs):
+
+class MajortomoDialect:
+    """A raw majortomo-dialect client (one DEALER) and a worker (majortomo's Worker unless told) through
+    the given broker."""
+
+    def __init__(self, broker_argv: list[str], procs: Procs, worker_argv: list[str] = MAJORTOMO_WORKER):
         url = free_url()
         procs.start(*[a.replace("URL", url) for a in broker_argv])
         time.sleep(0.5)
-        procs.start("-m", "bench.peers", "majortomo-worker", url, str(IRIS))
+        procs.start(*[a.replace("URL", url) for a in worker_argv])
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.connect(url)
@@ -227,12 +237,13 @@ def majortomo_dialect(broker_argv: list[str], sync_n: int, flight_n: int, procs:
     return out
 
 
-def whole_paths(sync_n: int, flight_n: int, procs: Procs, model_dir: Path) -> tuple[dict, dict]:
-    """Ours and majortomo's whole path, side by side, in ROUNDS alternating rounds; medians."""
+def whole_paths(sync_n: int, flight_n: int, procs: Procs, model_dir: Path) -> tuple[dict, dict, dict]:
+    """Ours, majortomo's and the floor's whole path, side by side, in ROUNDS alternating rounds; medians."""
     url = start_ours(procs, model_dir)
-    theirs = MajortomoDialect(["-m", "bench.peers", "majortomo-broker", "URL"], procs)
+    theirs = MajortomoDialect(MAJORTOMO_BROKER, procs)
+    floor = MajortomoDialect(MINIMAL_BROKER, procs, MINIMAL_WORKER)
     rows: dict[str, list] = {k: [] for k in ("our_p50", "our_p99", "our_rps", "our_pipelined_rps",
-                                             "mt_p50", "mt_p99", "mt_rps")}
+                                             "mt_p50", "mt_p99", "mt_rps", "floor_p50", "floor_p99", "floor_rps")}
     with Client(url, timeout_s=30) as client:
         sync_p50(client, 300)  # warm-up
         calls = [("predict", {"model": "iris.onnx", "inputs": {"float_input": ROW}})] * flight_n
@@ -241,16 +252,21 @@ def whole_paths(sync_n: int, flight_n: int, procs: Procs, model_dir: Path) -> tu
                 rows[key].append(value)
             for key, value in zip(("mt_p50", "mt_p99"), theirs.sync_p50(sync_n), strict=True):
                 rows[key].append(value)
+            for key, value in zip(("floor_p50", "floor_p99"), floor.sync_p50(sync_n), strict=True):
+                rows[key].append(value)
             rows["our_rps"].append(async_rate(url, flight_n))
             rows["mt_rps"].append(theirs.rate(flight_n))
+            rows["floor_rps"].append(floor.rate(flight_n))
             rows["our_pipelined_rps"].append(_rate(lambda: client.call_many(calls, window=IN_FLIGHT), flight_n))
     theirs.close()
+    floor.close()
     ours = {k[4:]: statistics.median(v) for k, v in rows.items() if k.startswith("our_")}
     procs.start("-m", "worker", "--connect", url, "--model-dir", str(model_dir), "--log-level", "WARNING")
     wait_ready(url, 2)
     ours["rps_2w"] = async_rate(url, flight_n)
     procs.stop()
-    return ours, {k[3:]: statistics.median(v) for k, v in rows.items() if k.startswith("mt_")}
+    return (ours, {k[3:]: statistics.median(v) for k, v in rows.items() if k.startswith("mt_")},
+            {k[6:]: statistics.median(v) for k, v in rows.items() if k.startswith("floor_")})
 
 
 def verdict(ratio: float, target: float, at_least: bool) -> str:
@@ -270,10 +286,10 @@ def main() -> None:
     try:
         ort_row = bare_ort(20000)
         hop = bare_zmq(sync_n, procs)
-        our, mt = whole_paths(sync_n, flight_n, procs, model_dir)
+        our, mt, floor = whole_paths(sync_n, flight_n, procs, model_dir)
         mt_ours = majortomo_dialect(["-m", "broker", "--bind", "URL", "--log-level", "WARNING"],
                                     sync_n, flight_n, procs)
-        mt_floor = majortomo_dialect(["-m", "bench.peers", "minimal-broker", "URL"], sync_n, flight_n, procs)
+        mt_floor = majortomo_dialect(MINIMAL_BROKER, sync_n, flight_n, procs)
     finally:
         procs.stop()
     print(f"\nFRACTAL pipeline benchmark, iris one row, {os.cpu_count()} cores, {IN_FLIGHT} in flight, "
@@ -288,6 +304,8 @@ def main() -> None:
     print(f"{'ours: AsyncClient, 2 workers':62} {'':8} {'':8} {our['rps_2w']:9.0f}")
     print(f"{'majortomo whole path: raw client, its broker, its worker':62} {mt['p50']:8.1f} {mt['p99']:8.1f} "
           f"{mt['rps']:9.0f}")
+    print(f"{'minimal client + minimal broker + minimal worker (floor)':62} {floor['p50']:8.1f} "
+          f"{floor['p99']:8.1f} {floor['rps']:9.0f}")
     print(f"{'majortomo dialect via our broker, 1 worker':62} {mt_ours['p50_us']:8.1f} "
           f"{mt_ours['p99_us']:8.1f} {mt_ours['rps_1w']:9.0f}")
     print(f"{'majortomo dialect via a minimal hand-written broker (floor)':62} {mt_floor['p50_us']:8.1f} "
@@ -295,6 +313,10 @@ def main() -> None:
     print("\nissue 13 targets, our whole path / majortomo's whole path:")
     print(f"  sync p50:                      {verdict(our['p50'] / mt['p50'], 0.8, at_least=False)}")
     print(f"  req/s, 64 in flight, 1 worker: {verdict(our['rps'] / mt['rps'], 3.0, at_least=True)}")
+    print("the floor (minimal client, broker and worker; what any Python path over ZeroMQ costs at least):")
+    print(f"  sync p50, ours / floor:        {our['p50'] / floor['p50']:.2f}x")
+    print(f"  sync p50, floor / majortomo's: {floor['p50'] / mt['p50']:.2f}x (the least our ratio to majortomo's "
+          f"can be)")
     print("issue 3, the brokers alone (raw client and majortomo's worker through each):")
     print(f"  our broker / majortomo's, req/s: {mt_ours['rps_1w'] / mt['rps']:.2f}x, "
           f"p50: {mt_ours['p50_us'] / mt['p50']:.2f}x; / minimal floor, req/s: "

