@@ -83,7 +83,7 @@ class Pending:
     input_ns: int = 0                              # checking and converting its inputs (statistics)
     queued_ns: int = 0                             # perf_counter_ns() when it joined the queue
     expires_at: float = float("inf")               # monotonic: the caller's deadline (protocol.deadline_of)
-    job: Any = None                                # the worker's job it answers (worker/jobs.py)
+    job: Any = None                                # the worker's job it answers (worker/jobs.py): it carries the run
 
 
 @dataclass
@@ -176,7 +176,8 @@ def run_batch(batch: list[Pending]) -> None:
             _run_alone(pending)
         return
     model.stats.executed()
-    inference.LAST_RUN = (total, ran - started)  # NOTE: its first request takes it: one run, learned once
+    if batch[0].job is not None:  # NOTE: its first request carries the run: one run, learned once
+        batch[0].job.ran = inference.Run(model.name, total, ran - started)
     batch_span = tracing.batch_span(model, started, ran, total, len(batch)) if tracing.ENABLED else None
     offset = 0
     for pending in batch:
@@ -200,7 +201,10 @@ def _run_alone(pending: Pending) -> None:
     pending.model.series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
     infer_ns = output_ns = 0
     try:
-        outputs, infer_ns, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
+        outputs, ran, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
+        infer_ns = ran.ns
+        if pending.job is not None:
+            pending.job.ran = ran
         outcome: dict | FractalError = inference.result(pending.model, outputs, infer_ns / 1e6)
     except FractalError as exc:
         outcome = exc

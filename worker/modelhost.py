@@ -38,7 +38,7 @@ from broker.settings import endpoint_list
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 
-from . import inference, ops
+from . import ops
 from .batching import BatchPolicy, Pending, Queue, policy_for, prepare, run_batch, split_late
 from .connection import Connection
 from .inference import served_version, worker_time
@@ -292,12 +292,13 @@ class ModelHost:
                 if job.op is None:
                     raise ProtocolError("a request must be a map with a string 'op'")
                 raise BadInput(f"unknown op {job.op!r}; known: {', '.join(sorted(OPS))}")
-            if job.expires_at != INF:
-                need_s = self.run_times.expected_s(job.model, job.version) if job.op in PREDICT_OPS else 0.0
-                left_s = job.expires_at - time.monotonic()
-                if left_s <= need_s:
-                    job.dropped = True
-                    return late(left_s, need_s)
+            if job.expires_at != INF and (left_s := job.expires_at - time.monotonic()) <= 0:
+                job.dropped = True
+                return late(left_s, 0.0)
+            if job.op in PREDICT_OPS:
+                result, job.ran = op(self.pool, job.fields, self.node,
+                                     None if job.expires_at == INF else functools.partial(self._in_time, job))
+                return result
             return op(self.pool, job.fields, self.node)
         except FractalError as exc:
             return exc
@@ -305,12 +306,20 @@ class ModelHost:
             log.exception("request %s: %s failed unexpectedly", job.trace, job.op)
             return InternalError(f"unexpected failure on {self.node} (request id {job.trace})")
 
+    def _in_time(self, job: Job, model: LoadedModel) -> None:
+        """Raise the Timeout of a job (a deadline drop) whose deadline is nearer than the expected run of
+        `model`, the version its request resolved to (worker/runtimes.py)."""
+        need_s = self.run_times.expected_s(model.name)
+        left_s = job.expires_at - time.monotonic()
+        if left_s <= need_s:
+            job.dropped = True
+            raise late(left_s, need_s)
+
     def live(self, batch: list[Pending]) -> list[Pending]:
         """The requests of a batch about to run that can still meet their deadline, weighed against the
         batch's expected run time (its rows, worker/runtimes.py); the others are answered Timeout
         without running (deadline drops)."""
-        first = batch[0].job
-        need_s = self.run_times.expected_s(first.model, first.version, sum(p.rows for p in batch))
+        need_s = self.run_times.expected_s(batch[0].model.name, sum(p.rows for p in batch))
         now = time.monotonic()
         batch, dropped = split_late(batch, now, need_s)
         for pending in dropped:
@@ -347,7 +356,6 @@ class ModelHost:
         if tracing.ENABLED:
             tracing.answered(job.fields, outcome)
         job.outcome = outcome
-        job.ran = inference.take_run()
         if job.in_pack:  # encoded with the pack's other replies (packs.reply_body)
             job.elapsed_s = time.perf_counter() - job.arrived
             return
@@ -379,7 +387,7 @@ class ModelHost:
             self.metrics.model_done(job.model, None if ok else outcome.__class__.__name__,
                                     served_version(job.fields, outcome))
             if job.ran is not None:
-                self.run_times.observe(job.model, job.version, *job.ran)
+                self.run_times.observe(*job.ran)
         if job.dropped:
             self.metrics.dropped_deadline.inc()
         if tracing.ENABLED and not job.in_pack:
