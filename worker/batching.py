@@ -159,7 +159,7 @@ def run_batch(batch: list[Pending]) -> None:
     try:
         feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
         started = time.perf_counter_ns()
-        values = model.session.run(names, feeds)
+        values = model.run(names, feeds, None)
     except Exception:
         for pending in batch:
             _run_alone(pending)
@@ -176,8 +176,10 @@ def run_batch(batch: list[Pending]) -> None:
             _run_alone(pending)
         return
     model.stats.executed()
-    if batch[0].job is not None:  # NOTE: its first request carries the run: one run, learned once
-        batch[0].job.ran = inference.Run(model.name, total, ran - started)
+    run = inference.Run(model.name, total, ran - started)  # NOTE: one object, shared: learned once
+    for pending in batch:
+        if pending.job is not None:
+            pending.job.ran = run
     batch_span = tracing.batch_span(model, started, ran, total, len(batch)) if tracing.ENABLED else None
     offset = 0
     for pending in batch:

@@ -134,7 +134,7 @@ def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
     names = check_outputs(model, wanted)
     started = time.perf_counter_ns()
     try:
-        values = model.session.run(names, feeds)
+        values = model.run(names, feeds, None)
     except Exception as exc:  # ORT reports bad values (e.g. wrong dims inside the graph) this way
         raise BadInput(f"{model.name} rejected the input: {str(exc).strip().splitlines()[-1][:300]}") \
             from None
@@ -160,13 +160,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def worker_time(outcome: Any, started: float) -> None:
+def worker_time(outcome: Any, started: float) -> float:
     """Add the worker's own time (ms since `started`, a perf_counter) to a result that carries a
-    timing map (docs/protocol.md, "Timing"); only durations cross the wire, never clock readings."""
+    timing map (docs/protocol.md, "Timing"), and return it in seconds; only durations cross the wire,
+    never clock readings."""
+    elapsed_s = time.perf_counter() - started
     if type(outcome) is dict:
         timing = outcome.get("timing")
         if type(timing) is dict:
-            timing["worker_ms"] = (time.perf_counter() - started) * 1e3
+            timing["worker_ms"] = elapsed_s * 1e3
+    return elapsed_s
 
 
 def result(model: LoadedModel, outputs: dict, inference_ms: float) -> dict:
