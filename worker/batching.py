@@ -128,13 +128,19 @@ def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, no
     if wanted is not None and not (isinstance(wanted, list) and all(isinstance(w, str) for w in wanted)):
         raise BadInput("'outputs' must be a list of output names")
     feeds = inference.feeds_for(model, inputs)
-    rows = {a.shape[0] for a in feeds.values()}
-    if len(rows) != 1:
-        raise BadInput(f"inputs of {model.name} disagree on the number of rows: {sorted(rows)}")
-    inference.check_outputs(model, wanted)
-    signature = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(feeds.items()))
+    signature: tuple
+    if len(feeds) == 1:  # NOTE: the usual case, without the set and the sort
+        ((name, array),) = feeds.items()
+        count, signature = array.shape[0], ((name, array.shape[1:], array.dtype.str),)
+    else:
+        rows = {a.shape[0] for a in feeds.values()}
+        if len(rows) != 1:
+            raise BadInput(f"inputs of {model.name} disagree on the number of rows: {sorted(rows)}")
+        count, signature = rows.pop(), tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(feeds.items()))
+    if wanted is not None:
+        inference.check_outputs(model, wanted)
     queued = time.perf_counter_ns()
-    return Pending(model, feeds, wanted, rows.pop(), now, reply, signature, queued - started, queued)
+    return Pending(model, feeds, wanted, count, now, reply, signature, queued - started, queued)
 
 
 def split_late(batch: list[Pending], now: float, need_s: float) -> tuple[list[Pending], list[Pending]]:

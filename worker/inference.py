@@ -61,8 +61,14 @@ def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
         array = cast(array, spec.dtype, spec.name)
     if len(spec.shape) and array.ndim == len(spec.shape) - 1:
         array = array[np.newaxis]
-    if array.ndim != len(spec.shape) or any(
-            want is not None and want != have for want, have in zip(spec.shape, array.shape, strict=True)):
+    shape = array.shape
+    fits = array.ndim == len(spec.shape)
+    if fits:
+        for axis, size in spec.fixed:  # NOTE: a loop, not any(<generator>): this runs for every input
+            if shape[axis] != size:
+                fits = False
+                break
+    if not fits:
         raise BadInput(f"input {spec.name!r} expects shape {_shape_text(spec)}, "
                        f"got {list(array.shape)}")
     return array

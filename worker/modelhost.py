@@ -155,15 +155,18 @@ class ModelHost:
     # -- receiving -----------------------------------------------------------------------------
 
     def _poll_once(self) -> None:
-        deadline = min(min(c.next_due() for c in self._connections),
-                       min((q.deadline() for q in self._queues.values()), default=float("inf")))
+        connections = self._connections
+        deadline = min(c.next_due() for c in connections)
+        if self._queues:
+            deadline = min(deadline, min(q.deadline() for q in self._queues.values()))
         timeout_ms = max(0, min(int((deadline - time.monotonic()) * 1000), 100))
-        ready = zmq_poll([(c.socket, POLLIN) for c in self._connections], timeout_ms)
+        ready = zmq_poll([(c.socket, POLLIN) for c in connections], timeout_ms)
         if not ready:
             return
-        by_socket: dict[Any, Connection] = {c.socket: c for c in self._connections}
+        # NOTE: one connection (the default): no map from socket to connection per message
+        by_socket: dict[Any, Connection] = {c.socket: c for c in connections} if len(connections) > 1 else {}
         for sock, _ in ready:
-            conn = by_socket[sock]
+            conn = by_socket[sock] if by_socket else connections[0]
             # drain: every request waiting now can join the same batch
             first = True  # the poll said it is there
             while conn.socket is sock and (first or readable(sock)):

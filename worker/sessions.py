@@ -45,6 +45,10 @@ class TensorSpec:
     type: str                  # ONNX Runtime's, e.g. "tensor(float)"
     dtype: np.dtype | None     # None for non-tensor (sequence, map) values
     shape: tuple               # ints for fixed dims, None for dynamic ones
+    fixed: tuple = field(init=False, compare=False, repr=False)  # (axis, size) of each fixed dim: checked per request
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fixed", tuple((i, d) for i, d in enumerate(self.shape) if d is not None))
 
     def describe(self) -> dict:
         return {"name": self.name, "dtype": self.dtype.name if self.dtype is not None else self.type,
