@@ -87,6 +87,8 @@ class ModelHost:
         self._lock = threading.Lock()
         self._busy = False
         self._log_requests = settings.log_requests
+        # NOTE: a request's log fields (extra=) are read by the JSON format alone; the text one leaves them out
+        self._log_fields = settings.log_format == "json"
         curve = PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key)
         endpoints = endpoint_list(settings.connect)
         self._several_brokers = len(endpoints) > 1
@@ -437,7 +439,8 @@ class ModelHost:
             batched = " (batched)" if job.batched else ""
             log.info("request %s: %s %s ok%s in %.2f ms", job.trace, op, job.model, batched, job.elapsed_s * 1e3,
                      extra={"request_id": job.trace, "op": op, "model": job.model or None,
-                            "batched": job.batched, "latency_ms": round(job.elapsed_s * 1e3, 3)})
+                            "batched": job.batched, "latency_ms": round(job.elapsed_s * 1e3, 3)}
+                     if self._log_fields else None)
 
     def _learn(self, members: list[Job]) -> None:
         """Teach the run-time estimate each run a pack's members took part in, once (a batch's rows share one)."""
