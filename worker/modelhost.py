@@ -123,10 +123,12 @@ class ModelHost:
             conn.connect()
         next_evict = time.monotonic() + self.settings.heartbeat_interval_s
         next_scan = time.monotonic()  # NOTE: poll mode scans at once: the first sight of every file
+        poll_s = self.settings.poll_s
         try:
             while not self._stopping.is_set():
                 self._poll_once()
-                self._run_due_batches()
+                if self._queues:
+                    self._run_due_batches()
                 now = time.monotonic()
                 for conn in self._connections:
                     if now >= conn.last_sent + conn.interval_s:
@@ -138,9 +140,9 @@ class ModelHost:
                     next_evict = now + self.settings.heartbeat_interval_s
                     self.pool.evict_unloaded()
                     self.metrics.memory_rss.set(rss_bytes())
-                if self.settings.poll_s and now >= next_scan:  # off the request path, like the tick above
+                if poll_s and now >= next_scan:  # off the request path, like the tick above
                     self._scan()
-                    next_scan = time.monotonic() + self.settings.poll_s
+                    next_scan = time.monotonic() + poll_s
         finally:
             self._beater_done.set()
             for conn in self._connections:
@@ -158,7 +160,7 @@ class ModelHost:
 
     def _poll_once(self) -> None:
         connections = self._connections
-        deadline = min(c.next_due() for c in connections)
+        deadline = connections[0].next_due() if len(connections) == 1 else min(c.next_due() for c in connections)
         if self._queues:
             deadline = min(deadline, min(q.deadline() for q in self._queues.values()))
         timeout_ms = max(0, min(int((deadline - time.monotonic()) * 1000), 100))
