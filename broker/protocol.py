@@ -221,6 +221,7 @@ _HEADS: dict[np.dtype, bytes] = {}   # dtype -> its header prefix (length byte +
 _DTYPES: dict[bytes, np.dtype] = {}  # dtype string on the wire -> checked dtype
 _CACHE_MAX = 256                     # both caches: text dtypes vary in width, peers choose strings
 _NDIM_DIMS = [struct.Struct(f"<B{n}q") for n in range(MAX_NDIM + 1)]
+_new_tuple = tuple.__new__
 
 
 def encode_tensor(array: np.ndarray) -> msgpack.ExtType:
@@ -229,8 +230,10 @@ def encode_tensor(array: np.ndarray) -> msgpack.ExtType:
     if array.dtype.kind not in _KINDS or array.ndim > MAX_NDIM:
         raise ProtocolError(f"cannot send a tensor of dtype {array.dtype} with {array.ndim} dims")
     # NOTE: tobytes() is C order whatever the layout, and for the small tensors sent inline a copy
-    # costs less than building a memoryview over the array.
-    return msgpack.ExtType(TENSOR_EXT, _header(array) + array.tobytes())
+    # costs less than building a memoryview over the array. The ExtType is made without its Python
+    # __new__, whose checks (an int code in 0..127, bytes data) hold here by construction: 0.45 us less
+    # per tensor, two per iris reply.
+    return _new_tuple(msgpack.ExtType, (TENSOR_EXT, _header(array) + array.tobytes()))
 
 
 def _header(array: np.ndarray) -> bytes:

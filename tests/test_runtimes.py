@@ -26,38 +26,37 @@ MS = 1_000_000  # ns
 
 def test_no_run_yet_means_no_estimate() -> None:
     times = RunTimes()
-    assert times.expected_s("m.onnx", None) == 0.0 and times.expected_s("m.onnx", None, 64) == 0.0
-    assert times.expected_s(["not", "a", "key"], None) == 0.0  # what a wire map may hold is no key
+    assert times.expected_s("m.onnx") == 0.0 and times.expected_s("m.onnx", 64) == 0.0
 
 
 def test_the_estimate_is_the_smallest_recent_time_per_row_times_the_rows() -> None:
     times = RunTimes()
-    times.observe("m.onnx", None, 1, 200 * MS)
-    assert times.expected_s("m.onnx", None) == pytest.approx(0.2)
-    times.observe("m.onnx", None, 1, 500 * MS)  # a run slowed by a busy machine does not raise it
-    assert times.expected_s("m.onnx", None) == pytest.approx(0.2)
-    times.observe("m.onnx", None, 8, 800 * MS)  # a batch: 100 ms a row
-    assert times.expected_s("m.onnx", None) == pytest.approx(0.1)
-    assert times.expected_s("m.onnx", None, 4) == pytest.approx(0.4)
-    assert times.expected_s("m.onnx", "2") == 0.0  # versions learn apart
-    times.observe("m.onnx", None, 0, 5 * MS)  # no rows, no lesson
-    assert times.expected_s("m.onnx", None) == pytest.approx(0.1)
+    times.observe("m.onnx", 1, 200 * MS)
+    assert times.expected_s("m.onnx") == pytest.approx(0.2)
+    times.observe("m.onnx", 1, 500 * MS)  # a run slowed by a busy machine does not raise it
+    assert times.expected_s("m.onnx") == pytest.approx(0.2)
+    times.observe("m.onnx", 8, 800 * MS)  # a batch: 100 ms a row
+    assert times.expected_s("m.onnx") == pytest.approx(0.1)
+    assert times.expected_s("m.onnx", 4) == pytest.approx(0.4)
+    assert times.expected_s("m.onnx@2") == 0.0  # versions learn apart
+    times.observe("m.onnx", 0, 5 * MS)  # no rows, no lesson
+    assert times.expected_s("m.onnx") == pytest.approx(0.1)
 
 
 def test_the_estimate_follows_the_last_window_of_runs() -> None:
     times = RunTimes(window=3)
-    times.observe("m.onnx", None, 1, 10 * MS)  # e.g. the model before it was replaced by a slower one
+    times.observe("m.onnx", 1, 10 * MS)  # e.g. the model before it was replaced by a slower one
     for _ in range(3):
-        times.observe("m.onnx", None, 1, 300 * MS)
-    assert times.expected_s("m.onnx", None) == pytest.approx(0.3)
+        times.observe("m.onnx", 1, 300 * MS)
+    assert times.expected_s("m.onnx") == pytest.approx(0.3)
 
 
 def test_models_remembered_are_bounded() -> None:
     times = RunTimes(max_models=2)
     for name in ("a", "b", "c"):
-        times.observe(name, None, 1, 100 * MS)
-    assert times.expected_s("a", None) == 0.0  # the oldest went
-    assert times.expected_s("b", None) == times.expected_s("c", None) == pytest.approx(0.1)
+        times.observe(name, 1, 100 * MS)
+    assert times.expected_s("a") == 0.0  # the oldest went
+    assert times.expected_s("b") == times.expected_s("c") == pytest.approx(0.1)
 
 
 @pytest.fixture
@@ -68,8 +67,8 @@ def host(tmp_path: Path) -> Iterator[ModelHost]:
     context.destroy(linger=0)
 
 
-def job(expires_in_s: float, rows: int = 1) -> Job:
-    request = {"op": "predict", "model": "id.onnx", "inputs": {"x": np.zeros((rows, 3), np.float32)}}
+def job(expires_in_s: float, rows: int = 1, model: str = "id.onnx", **fields: object) -> Job:
+    request = {"op": "predict", "model": model, "inputs": {"x": np.zeros((rows, 3), np.float32)}, **fields}
     made = Job.of(request, b"client", time.monotonic(), time.perf_counter(), time.monotonic() + expires_in_s)
     made.in_pack = True  # answered into a pack's reply: nothing is sent
     return made
@@ -78,10 +77,10 @@ def job(expires_in_s: float, rows: int = 1) -> Job:
 def test_a_request_alone_runs_unless_its_deadline_is_nearer_than_the_models_run(host: ModelHost) -> None:
     first = job(0.05)
     outcome = host.run_alone(first)  # no estimate yet: it runs
-    assert not isinstance(outcome, Exception) and first.ran is None
+    assert not isinstance(outcome, Exception)
+    assert first.ran is not None and first.ran.entry == "id.onnx" and first.ran.rows == 1  # the run it took part in
     host.answer(first, outcome)
-    assert first.ran is not None and first.ran[0] == 1  # the run it took part in: 1 row
-    host.run_times.observe("id.onnx", None, 1, 100 * MS)  # as if its runs took 100 ms
+    host.run_times.observe("id.onnx", 1, 100 * MS)  # as if its runs took 100 ms
     runs = host.pool.load("id.onnx").stats.execution_count
     short = job(0.05)
     outcome = host.run_alone(short)
@@ -98,7 +97,7 @@ def test_a_request_alone_runs_unless_its_deadline_is_nearer_than_the_models_run(
 
 def test_a_batch_keeps_the_requests_that_can_wait_for_its_rows(host: ModelHost) -> None:
     model = host.pool.load("id.onnx")
-    host.run_times.observe("id.onnx", None, 1, 100 * MS)  # 100 ms a row: 3 rows take about 300 ms
+    host.run_times.observe("id.onnx", 1, 100 * MS)  # 100 ms a row: 3 rows take about 300 ms
     jobs = [job(0.2), job(1.0, rows=2), job(float("inf"))]
     batch = []
     for each in jobs:
@@ -110,3 +109,17 @@ def test_a_batch_keeps_the_requests_that_can_wait_for_its_rows(host: ModelHost) 
     assert [p.job for p in live] == jobs[1:]
     assert jobs[0].dropped and isinstance(jobs[0].outcome, Timeout) and model.stats.counts[1] == failed + 1
     assert not jobs[1].dropped and jobs[1].outcome is None
+
+
+def test_every_way_of_naming_a_model_version_learns_one_estimate(host: ModelHost) -> None:
+    """A request naming no version, version "1" or version 1 of a flat file means one model version
+    (entry "id.onnx"): what runs under one name teach weighs the requests under every other."""
+    ran = job(5.0, version="1")
+    assert not isinstance(host.run_alone(ran), Exception)
+    assert ran.ran is not None and ran.ran.entry == "id.onnx"  # what the estimate learns under, once answered
+    host.run_times.observe(*ran.ran._replace(ns=100 * MS))  # as if its run took 100 ms
+    for fields in ({}, {"version": "1"}, {"version": 1}):
+        short = job(0.05, **fields)
+        outcome = host.run_alone(short)
+        assert isinstance(outcome, Timeout) and short.dropped, fields
+        assert short.ran is None  # not run

@@ -83,7 +83,7 @@ class Pending:
     input_ns: int = 0                              # checking and converting its inputs (statistics)
     queued_ns: int = 0                             # perf_counter_ns() when it joined the queue
     expires_at: float = float("inf")               # monotonic: the caller's deadline (protocol.deadline_of)
-    job: Any = None                                # the worker's job it answers (worker/jobs.py)
+    job: Any = None                                # the worker's job it answers (worker/jobs.py): it carries the run
 
 
 @dataclass
@@ -128,13 +128,19 @@ def prepare(model: LoadedModel, inputs: Any, wanted: list[str] | None, reply, no
     if wanted is not None and not (isinstance(wanted, list) and all(isinstance(w, str) for w in wanted)):
         raise BadInput("'outputs' must be a list of output names")
     feeds = inference.feeds_for(model, inputs)
-    rows = {a.shape[0] for a in feeds.values()}
-    if len(rows) != 1:
-        raise BadInput(f"inputs of {model.name} disagree on the number of rows: {sorted(rows)}")
-    inference.check_outputs(model, wanted)
-    signature = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(feeds.items()))
+    signature: tuple
+    if len(feeds) == 1:  # NOTE: the usual case, without the set and the sort
+        ((name, array),) = feeds.items()
+        count, signature = array.shape[0], ((name, array.shape[1:], array.dtype.str),)
+    else:
+        rows = {a.shape[0] for a in feeds.values()}
+        if len(rows) != 1:
+            raise BadInput(f"inputs of {model.name} disagree on the number of rows: {sorted(rows)}")
+        count, signature = rows.pop(), tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(feeds.items()))
+    if wanted is not None:
+        inference.check_outputs(model, wanted)
     queued = time.perf_counter_ns()
-    return Pending(model, feeds, wanted, rows.pop(), now, reply, signature, queued - started, queued)
+    return Pending(model, feeds, wanted, count, now, reply, signature, queued - started, queued)
 
 
 def split_late(batch: list[Pending], now: float, need_s: float) -> tuple[list[Pending], list[Pending]]:
@@ -159,7 +165,7 @@ def run_batch(batch: list[Pending]) -> None:
     try:
         feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
         started = time.perf_counter_ns()
-        values = model.session.run(names, feeds)
+        values = model.run(names, feeds, None)
     except Exception:
         for pending in batch:
             _run_alone(pending)
@@ -176,7 +182,10 @@ def run_batch(batch: list[Pending]) -> None:
             _run_alone(pending)
         return
     model.stats.executed()
-    inference.LAST_RUN = (total, ran - started)  # NOTE: its first request takes it: one run, learned once
+    run = inference.Run(model.name, total, ran - started)  # NOTE: one object, shared: learned once
+    for pending in batch:
+        if pending.job is not None:
+            pending.job.ran = run
     batch_span = tracing.batch_span(model, started, ran, total, len(batch)) if tracing.ENABLED else None
     offset = 0
     for pending in batch:
@@ -200,7 +209,10 @@ def _run_alone(pending: Pending) -> None:
     pending.model.series.queue_wait.observe((run_start - pending.queued_ns) / 1e9)
     infer_ns = output_ns = 0
     try:
-        outputs, infer_ns, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
+        outputs, ran, output_ns = inference.run_timed(pending.model, pending.feeds, pending.wanted)
+        infer_ns = ran.ns
+        if pending.job is not None:
+            pending.job.ran = ran
         outcome: dict | FractalError = inference.result(pending.model, outputs, infer_ns / 1e6)
     except FractalError as exc:
         outcome = exc

@@ -83,17 +83,19 @@ class Connection:
     def heartbeat(self) -> None:
         self._send(p.worker_command(MDPW.HEARTBEAT))
 
-    def final(self, client: bytes, body: list) -> None:
-        """Send the FINAL reply to `client`'s request (inline: every reply comes here)."""
+    def final(self, client: bytes, body: list) -> float:
+        """Send the FINAL reply to `client`'s request (inline: every reply comes here); returns when."""
         send_frames(self.socket, p.worker_command(MDPW.FINAL, client, body))
-        self.last_sent = time.monotonic()
+        self.last_sent = now = time.monotonic()
+        return now
 
     def _send(self, frames: list) -> None:
         send_frames(self.socket, frames)
         self.last_sent = time.monotonic()
 
-    def heard(self) -> None:
-        self.broker_expires = time.monotonic() + self._silence_s
+    def heard(self, now: float | None = None) -> None:
+        """The broker was heard from (at monotonic `now`; None: now)."""
+        self.broker_expires = (time.monotonic() if now is None else now) + self._silence_s
         self.backoff_s = 0.0
 
     def next_due(self) -> float:

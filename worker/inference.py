@@ -10,7 +10,7 @@ Anything else is a BadInput whose message names what the model expects.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,10 +23,14 @@ from .stats import rows_of
 
 _NUMERIC = frozenset("biuf")
 
-# (rows, ns) of the last InferenceSession.run, set by run_timed and worker/batching.py, taken (and
-# cleared) by the request it answers: the worker's run-time estimate learns from it (worker/runtimes.py).
-# Workers answer on one thread.
-LAST_RUN: tuple[int, int] | None = None
+
+class Run(NamedTuple):
+    """One InferenceSession.run a request took part in, returned with its outputs: the worker's run-time
+    estimate learns from it once the request is answered (worker/runtimes.py)."""
+    entry: str  # the model version that ran: its entry, NAME or NAME@VERSION (worker/versions.py)
+    rows: int   # rows of the whole run (a batch's, for each of its requests)
+    ns: int     # nanoseconds of InferenceSession.run
+
 _KIND_WORDS = {"b": "true/false values", "i": "integers", "u": "integers", "f": "numbers", "c": "complex numbers",
                "U": "strings", "S": "strings", "O": "values of mixed types", "V": "raw records",
                "M": "dates", "m": "durations"}
@@ -57,8 +61,14 @@ def _as_array(value: Any, spec: TensorSpec) -> np.ndarray:
         array = cast(array, spec.dtype, spec.name)
     if len(spec.shape) and array.ndim == len(spec.shape) - 1:
         array = array[np.newaxis]
-    if array.ndim != len(spec.shape) or any(
-            want is not None and want != have for want, have in zip(spec.shape, array.shape, strict=True)):
+    shape = array.shape
+    fits = array.ndim == len(spec.shape)
+    if fits:
+        for axis, size in spec.fixed:  # NOTE: a loop, not any(<generator>): this runs for every input
+            if shape[axis] != size:
+                fits = False
+                break
+    if not fits:
         raise BadInput(f"input {spec.name!r} expects shape {_shape_text(spec)}, "
                        f"got {list(array.shape)}")
     return array
@@ -101,9 +111,9 @@ def check_outputs(model: LoadedModel, wanted: list[str] | None) -> list[str]:
     return names
 
 
-def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> tuple[dict[str, Any], int]:
+def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> tuple[dict[str, Any], Run]:
     """Run the model; returns {output name: value} in the model's output order (or `wanted`'s), and
-    the nanoseconds InferenceSession.run took (the reply's timing, docs/protocol.md).
+    the run (its ns are the reply's timing, docs/protocol.md).
 
     Counts the request, failed or not, in the model's statistics (worker/stats.py).
     """
@@ -111,13 +121,12 @@ def run(model: LoadedModel, inputs: Any, wanted: list[str] | None) -> tuple[dict
     try:
         feeds = feeds_for(model, inputs)
         converted = time.perf_counter_ns()
-        outputs, infer_ns, output_ns = run_timed(model, feeds, wanted)
+        outputs, ran, output_ns = run_timed(model, feeds, wanted)
     except Exception:
         model.stats.failed(time.perf_counter_ns() - started)
         raise
-    model.stats.succeeded(rows_of(feeds), time.perf_counter_ns() - started, 0, converted - started, infer_ns,
-                          output_ns)
-    return outputs, infer_ns
+    model.stats.succeeded(ran.rows, time.perf_counter_ns() - started, 0, converted - started, ran.ns, output_ns)
+    return outputs, ran
 
 
 def run_feeds(model: LoadedModel, feeds: dict[str, np.ndarray], wanted: list[str] | None) -> dict[str, Any]:
@@ -126,25 +135,24 @@ def run_feeds(model: LoadedModel, feeds: dict[str, np.ndarray], wanted: list[str
 
 
 def run_timed(model: LoadedModel, feeds: dict[str, np.ndarray],
-              wanted: list[str] | None) -> tuple[dict[str, Any], int, int]:
-    """run_feeds, also returning the nanoseconds of InferenceSession.run and of collecting outputs."""
+              wanted: list[str] | None) -> tuple[dict[str, Any], Run, int]:
+    """run_feeds, also returning the run and the nanoseconds of collecting outputs."""
     names = check_outputs(model, wanted)
     started = time.perf_counter_ns()
     try:
-        values = model.session.run(names, feeds)
+        values = model.run(names, feeds, None)
     except Exception as exc:  # ORT reports bad values (e.g. wrong dims inside the graph) this way
         raise BadInput(f"{model.name} rejected the input: {str(exc).strip().splitlines()[-1][:300]}") \
             from None
     ran = time.perf_counter_ns()
-    global LAST_RUN
-    LAST_RUN = (rows := rows_of(feeds), ran - started)
+    rows = rows_of(feeds)
     model.stats.executed()
     model.timer.observe((ran - started) / 1e9)
     model.series.batch_rows.observe(rows)
     if tracing.ENABLED:
         tracing.RUN = (0, started, ran, rows, None)
     outputs = {name: _plain(value) for name, value in zip(names, values, strict=True)}
-    return outputs, ran - started, time.perf_counter_ns() - ran
+    return outputs, Run(model.name, rows, ran - started), time.perf_counter_ns() - ran
 
 
 def _plain(value: Any) -> Any:
@@ -158,20 +166,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def take_run() -> tuple[int, int] | None:
-    """LAST_RUN, cleared: the run a request just took part in (None: it ran none)."""
-    global LAST_RUN
-    run, LAST_RUN = LAST_RUN, None
-    return run
-
-
-def worker_time(outcome: Any, started: float) -> None:
+def worker_time(outcome: Any, started: float) -> float:
     """Add the worker's own time (ms since `started`, a perf_counter) to a result that carries a
-    timing map (docs/protocol.md, "Timing"); only durations cross the wire, never clock readings."""
+    timing map (docs/protocol.md, "Timing"), and return it in seconds; only durations cross the wire,
+    never clock readings."""
+    elapsed_s = time.perf_counter() - started
     if type(outcome) is dict:
         timing = outcome.get("timing")
         if type(timing) is dict:
-            timing["worker_ms"] = (time.perf_counter() - started) * 1e3
+            timing["worker_ms"] = elapsed_s * 1e3
+    return elapsed_s
 
 
 def result(model: LoadedModel, outputs: dict, inference_ms: float) -> dict:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .inference import Run
 
 
 @dataclass(slots=True, eq=False)
@@ -33,7 +34,7 @@ class Job:
     # Learned on the way, for the bookkeeping done once the reply has left:
     outcome: Any = None    # its result map, or the FractalError it is answered with
     elapsed_s: float = 0.0  # from `arrived` to its encoded reply
-    ran: tuple[int, int] | None = None  # (rows, ns) of the InferenceSession.run it took part in
+    ran: Run | None = None  # the InferenceSession.run it took part in (None: it ran none)
     dropped: bool = False  # answered Timeout without running: its deadline could not be met
 
     @classmethod

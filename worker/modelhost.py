@@ -38,10 +38,10 @@ from broker.settings import endpoint_list
 from broker.sockets import NOBLOCK, POLLIN, readable, recv_frames, wait
 from metrics import WorkerMetrics, new_registry, serve_metrics, tracing
 
-from . import inference, ops
+from . import ops
 from .batching import BatchPolicy, Pending, Queue, policy_for, prepare, run_batch, split_late
 from .connection import Connection
-from .inference import served_version, worker_time
+from .inference import Run, served_version, worker_time
 from .jobs import Job
 from .memory import rss_bytes
 from .ops import OPS
@@ -87,6 +87,8 @@ class ModelHost:
         self._lock = threading.Lock()
         self._busy = False
         self._log_requests = settings.log_requests
+        # NOTE: a request's log fields (extra=) are read by the JSON format alone; the text one leaves them out
+        self._log_fields = settings.log_format == "json"
         curve = PeerKeys.from_files(settings.curve_secret_key, settings.curve_broker_key)
         endpoints = endpoint_list(settings.connect)
         self._several_brokers = len(endpoints) > 1
@@ -98,6 +100,7 @@ class ModelHost:
         self._queues: dict[str, Queue] = {}
         self._outbox: list[tuple[Job, list]] = []  # replies of a dynamic batch's rows, sent after its run
         self.run_times = RunTimes()  # what each model's run takes here: a deadline nearer than that is not run
+        self._learned: Run | None = None  # the run the estimate learned from last
 
     def stop(self) -> None:
         """Ask the loop to end after the current request; safe from a signal handler."""
@@ -120,10 +123,12 @@ class ModelHost:
             conn.connect()
         next_evict = time.monotonic() + self.settings.heartbeat_interval_s
         next_scan = time.monotonic()  # NOTE: poll mode scans at once: the first sight of every file
+        poll_s = self.settings.poll_s
         try:
             while not self._stopping.is_set():
                 self._poll_once()
-                self._run_due_batches()
+                if self._queues:
+                    self._run_due_batches()
                 now = time.monotonic()
                 for conn in self._connections:
                     if now >= conn.last_sent + conn.interval_s:
@@ -135,9 +140,9 @@ class ModelHost:
                     next_evict = now + self.settings.heartbeat_interval_s
                     self.pool.evict_unloaded()
                     self.metrics.memory_rss.set(rss_bytes())
-                if self.settings.poll_s and now >= next_scan:  # off the request path, like the tick above
+                if poll_s and now >= next_scan:  # off the request path, like the tick above
                     self._scan()
-                    next_scan = time.monotonic() + self.settings.poll_s
+                    next_scan = time.monotonic() + poll_s
         finally:
             self._beater_done.set()
             for conn in self._connections:
@@ -154,15 +159,18 @@ class ModelHost:
     # -- receiving -----------------------------------------------------------------------------
 
     def _poll_once(self) -> None:
-        deadline = min(min(c.next_due() for c in self._connections),
-                       min((q.deadline() for q in self._queues.values()), default=float("inf")))
+        connections = self._connections
+        deadline = connections[0].next_due() if len(connections) == 1 else min(c.next_due() for c in connections)
+        if self._queues:
+            deadline = min(deadline, min(q.deadline() for q in self._queues.values()))
         timeout_ms = max(0, min(int((deadline - time.monotonic()) * 1000), 100))
-        ready = zmq_poll([(c.socket, POLLIN) for c in self._connections], timeout_ms)
+        ready = zmq_poll([(c.socket, POLLIN) for c in connections], timeout_ms)
         if not ready:
             return
-        by_socket: dict[Any, Connection] = {c.socket: c for c in self._connections}
+        # NOTE: one connection (the default): no map from socket to connection per message
+        by_socket: dict[Any, Connection] = {c.socket: c for c in connections} if len(connections) > 1 else {}
         for sock, _ in ready:
-            conn = by_socket[sock]
+            conn = by_socket[sock] if by_socket else connections[0]
             # drain: every request waiting now can join the same batch
             first = True  # the poll said it is there
             while conn.socket is sock and (first or readable(sock)):
@@ -174,7 +182,8 @@ class ModelHost:
                 self._handle(conn, frames)
 
     def _handle(self, conn: Connection, frames: list) -> None:
-        conn.heard()
+        received = time.monotonic()  # NOTE: a request's deadline_ms counts from here
+        conn.heard(received)
         try:
             command, client, body = p.parse_broker_command(frames)
         except ProtocolError as exc:
@@ -182,7 +191,6 @@ class ModelHost:
             return
         if command == MDPW.REQUEST:
             conn.held += 1
-            received = time.monotonic()  # NOTE: the request's deadline_ms counts from here
             arrived = time.perf_counter()  # NOTE: worker_ms counts from here, batched or not
             traced_at = time.perf_counter_ns() if tracing.ENABLED else 0
             request = self._decode(body)
@@ -292,12 +300,13 @@ class ModelHost:
                 if job.op is None:
                     raise ProtocolError("a request must be a map with a string 'op'")
                 raise BadInput(f"unknown op {job.op!r}; known: {', '.join(sorted(OPS))}")
-            if job.expires_at != INF:
-                need_s = self.run_times.expected_s(job.model, job.version) if job.op in PREDICT_OPS else 0.0
-                left_s = job.expires_at - time.monotonic()
-                if left_s <= need_s:
-                    job.dropped = True
-                    return late(left_s, need_s)
+            if job.expires_at != INF and (left_s := job.expires_at - time.monotonic()) <= 0:
+                job.dropped = True
+                return late(left_s, 0.0)
+            if job.op in PREDICT_OPS:
+                result, job.ran = op(self.pool, job.fields, self.node,
+                                     None if job.expires_at == INF else functools.partial(self._in_time, job))
+                return result
             return op(self.pool, job.fields, self.node)
         except FractalError as exc:
             return exc
@@ -305,12 +314,20 @@ class ModelHost:
             log.exception("request %s: %s failed unexpectedly", job.trace, job.op)
             return InternalError(f"unexpected failure on {self.node} (request id {job.trace})")
 
+    def _in_time(self, job: Job, model: LoadedModel) -> None:
+        """Raise the Timeout of a job (a deadline drop) whose deadline is nearer than the expected run of
+        `model`, the version its request resolved to (worker/runtimes.py)."""
+        need_s = self.run_times.expected_s(model.name)
+        left_s = job.expires_at - time.monotonic()
+        if left_s <= need_s:
+            job.dropped = True
+            raise late(left_s, need_s)
+
     def live(self, batch: list[Pending]) -> list[Pending]:
         """The requests of a batch about to run that can still meet their deadline, weighed against the
         batch's expected run time (its rows, worker/runtimes.py); the others are answered Timeout
         without running (deadline drops)."""
-        first = batch[0].job
-        need_s = self.run_times.expected_s(first.model, first.version, sum(p.rows for p in batch))
+        need_s = self.run_times.expected_s(batch[0].model.name, sum(p.rows for p in batch))
         now = time.monotonic()
         batch, dropped = split_late(batch, now, need_s)
         for pending in dropped:
@@ -332,8 +349,8 @@ class ModelHost:
         self._final(job.conn, job.client, reply_body(job, members, self.node))
         if tracing.ENABLED:
             tracing.pack_done(job.fields, [m.fields for m in members], self.node)
-        for member in members:
-            self._done(member)
+        self._done_all(members)
+        self._learn(members)
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -343,13 +360,11 @@ class ModelHost:
         batch's row waits in the outbox for the run to end (the heartbeat thread may own the sockets
         meanwhile), anything else is sent at once. The bookkeeping (`_done`) comes after the send, off
         the caller's critical path. Never raises."""
-        worker_time(outcome, job.arrived)
+        job.elapsed_s = worker_time(outcome, job.arrived)
         if tracing.ENABLED:
             tracing.answered(job.fields, outcome)
         job.outcome = outcome
-        job.ran = inference.take_run()
         if job.in_pack:  # encoded with the pack's other replies (packs.reply_body)
-            job.elapsed_s = time.perf_counter() - job.arrived
             return
         body = self._encode(job)
         job.elapsed_s = time.perf_counter() - job.arrived
@@ -369,17 +384,47 @@ class ModelHost:
                 job.outcome = InternalError(f"unexpected failure on {self.node} (request id {job.trace})")
         return p.error_body(job.rid, self.node, job.outcome)
 
-    def _done(self, job: Job) -> None:
+    def _done_all(self, jobs: list[Job]) -> None:
+        """_done of jobs answered together (a pack's members, a dynamic batch's rows), whose request and
+        model counters and histograms are written once per series, not once per job."""
+        seconds: dict[tuple[str, str], list[float]] = {}
+        served: dict[str, int] = {}
+        for job in jobs:
+            self._done(job, seconds, served)
+        for (op, outcome), values in seconds.items():
+            self.metrics.requests_done(op, outcome, values)
+        for entry, count in served.items():
+            self.metrics.model_done(entry, None, count=count)
+
+    def _done(self, job: Job, seconds: dict[tuple[str, str], list[float]] | None = None,
+              served: dict[str, int] | None = None) -> None:
         """Count, log, trace and learn from an answered job, once its reply has left (a pack member's:
-        tracing.pack_done records its spans)."""
+        tracing.pack_done records its spans). With `seconds` and `served` (from _done_all) its request
+        time and its count on the model version that ran are added there instead."""
         outcome, op = job.outcome, job.op
         ok = not isinstance(outcome, FractalError)
-        self.metrics.request_done(op if op in OPS else "unknown", "ok" if ok else "error", job.elapsed_s)
+        if seconds is None:
+            self.metrics.request_done(op if op in OPS else "unknown", "ok" if ok else "error", job.elapsed_s)
+        else:
+            key = (op if op in OPS else "unknown", "ok" if ok else "error")
+            values = seconds.get(key)
+            if values is None:
+                seconds[key] = [job.elapsed_s]
+            else:
+                values.append(job.elapsed_s)
         if op in PREDICT_OPS:
-            self.metrics.model_done(job.model, None if ok else outcome.__class__.__name__,
-                                    served_version(job.fields, outcome))
-            if job.ran is not None:
-                self.run_times.observe(job.model, job.version, *job.ran)
+            ran = job.ran
+            if ok and ran is not None:  # counted on the version that ran: its entry names its series
+                if served is None:
+                    self.metrics.model_done(ran.entry, None)
+                else:
+                    served[ran.entry] = served.get(ran.entry, 0) + 1
+            else:
+                self.metrics.model_done(job.model, None if ok else outcome.__class__.__name__,
+                                        served_version(job.fields, outcome))
+            if ran is not None and ran is not self._learned and not job.in_pack:  # a pack's: in _pack
+                self._learned = ran  # NOTE: a dynamic batch's rows share one run, answered in a row: learned once
+                self.run_times.observe(*ran)
         if job.dropped:
             self.metrics.dropped_deadline.inc()
         if tracing.ENABLED and not job.in_pack:
@@ -392,11 +437,21 @@ class ModelHost:
             elif not isinstance(outcome, InternalError):
                 log.info("request %s: %s failed: %s: %s", job.trace, op, outcome.__class__.__name__, outcome,
                          extra=fields)
-        elif self._log_requests and op != "status":  # the broker asks for status every few s
+        elif self._log_requests and op != "status" and log.isEnabledFor(logging.INFO):  # status: every few s
             batched = " (batched)" if job.batched else ""
             log.info("request %s: %s %s ok%s in %.2f ms", job.trace, op, job.model, batched, job.elapsed_s * 1e3,
                      extra={"request_id": job.trace, "op": op, "model": job.model or None,
-                            "batched": job.batched, "latency_ms": round(job.elapsed_s * 1e3, 3)})
+                            "batched": job.batched, "latency_ms": round(job.elapsed_s * 1e3, 3)}
+                     if self._log_fields else None)
+
+    def _learn(self, members: list[Job]) -> None:
+        """Teach the run-time estimate each run a pack's members took part in, once (a batch's rows share one)."""
+        learned: set[int] = set()
+        for member in members:
+            ran = member.ran
+            if ran is not None and id(ran) not in learned:
+                learned.add(id(ran))
+                self.run_times.observe(*ran)
 
     def _flush(self) -> None:
         """Send the replies of a batch that has run, then do their bookkeeping."""
@@ -409,14 +464,13 @@ class ModelHost:
                 self._final(job.conn, job.client, body)
             else:  # the socket it came on is gone, and the broker has sent the request elsewhere
                 log.info("dropped a reply for a connection that has since reconnected")
-        for job, _body in outbox:
-            self._done(job)
+        self._done_all([job for job, _body in outbox])
 
     def _final(self, conn: Connection, client: bytes, body: list) -> None:
-        conn.final(client, body)
+        now = conn.final(client, body)
         conn.held = max(0, conn.held - 1)
         # Heartbeats the broker sent while we computed are still queued, unread: it was not silent.
-        conn.heard()
+        conn.heard(now)
 
 
     def _beat_while_busy(self) -> None:

@@ -11,6 +11,7 @@ from . import images, inference
 from .batching import BatchPolicy, batchable
 from .memory import rss_bytes
 from .pool import ModelPool
+from .sessions import LoadedModel
 from .versions import policy_of, split
 
 
@@ -32,29 +33,37 @@ def _wanted(body: dict) -> list[str] | None:
     return wanted
 
 
-def predict(pool: ModelPool, body: dict, node: str) -> dict:
+Check = Callable[[LoadedModel], None]  # called with a predict's model before its run; raises to refuse it
+
+
+def predict(pool: ModelPool, body: dict, node: str, check: Check | None = None) -> tuple[dict, inference.Run]:
+    """A predict's result and the run it took (for the worker's run-time estimate, worker/runtimes.py)."""
     wanted = _wanted(body)
     if "inputs" not in body:
         raise BadInput("'inputs' is missing")
     model = pool.load(body.get("model"), body.get("version"))  # load() checks the name
-    outputs, infer_ns = inference.run(model, body["inputs"], wanted)
-    return inference.result(model, outputs, infer_ns / 1e6)
+    if check is not None:
+        check(model)
+    outputs, ran = inference.run(model, body["inputs"], wanted)
+    return inference.result(model, outputs, ran.ns / 1e6), ran
 
 
-def predict_image(pool: ModelPool, body: dict, node: str) -> dict:
+def predict_image(pool: ModelPool, body: dict, node: str, check: Check | None = None) -> tuple[dict, inference.Run]:
     image, wanted = body.get("image"), _wanted(body)
     if not isinstance(image, (bytes, bytearray)):
         raise BadInput("'image' must be the image file's bytes")
     name = _model(body)
     model = pool.load(name, body.get("version"))
+    if check is not None:
+        check(model)
     if len(model.inputs) != 1:
         raise BadInput(f"{name} takes {len(model.inputs)} inputs; an image fills a model with one")
     images.check_image_model(name, model.inputs[0])
     options = pool.sidecar(name).get("image") or {}
     tensor = images.to_tensor(images.decode(bytes(image), pool.max_image_pixels), model.inputs[0],
                               options if isinstance(options, dict) else {})
-    outputs, infer_ns = inference.run(model, {model.inputs[0].name: tensor}, wanted)
-    return inference.result(model, outputs, infer_ns / 1e6)
+    outputs, ran = inference.run(model, {model.inputs[0].name: tensor}, wanted)
+    return inference.result(model, outputs, ran.ns / 1e6), ran
 
 
 def models(pool: ModelPool, body: dict, node: str) -> dict:
@@ -133,7 +142,7 @@ def echo(pool: ModelPool, body: dict, node: str) -> dict:
     return {"data": body.get("data"), "node": node}
 
 
-Op = Callable[[ModelPool, dict, str], Any]  # (pool, request body, node id) -> result
+Op = Callable[..., Any]  # (pool, request body, node id) -> result; a predict's: (result, run), see predict
 
 OPS: dict[str, Op] = {
     "predict": predict, "predict_image": predict_image, "models": models, "information": information, "info": info,

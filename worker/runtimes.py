@@ -11,13 +11,13 @@ below what n rows take. A request alone is checked as one row: its rows are know
 inputs are converted, inside its run. Only the run itself is counted (not converting inputs, encoding
 or the trip back): lower again. A model with no run yet has no estimate, and its requests run.
 
-Models are keyed as requests name them, (model, version) as sent: "iris" and "iris.onnx" learn apart,
-which costs a run each and keeps the lookup a single dict get on the request path. Keys are bounded.
+Keys are the model versions that ran, as the pool resolves them (entries, worker/versions.py: NAME.onnx
+or NAME.onnx@VERSION): "iris", "iris.onnx" and "iris.onnx" at version 1 (a flat file) share one
+estimate, and each version of a model has its own. Keys are bounded.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
 
 WINDOW = 16         # runs remembered per model
 MAX_MODELS = 1024   # keys remembered; the oldest is forgotten past this
@@ -29,37 +29,31 @@ class RunTimes:
     def __init__(self, window: int = WINDOW, max_models: int = MAX_MODELS):
         self._window = window
         self._max_models = max_models
-        self._runs: dict[tuple, deque[float]] = {}   # seconds per row of the last `window` runs
-        self._per_row_s: dict[tuple, float] = {}     # their minimum, kept so that expected_s is one lookup
+        self._runs: dict[str, deque[float]] = {}   # seconds per row of the last `window` runs, by entry
+        self._per_row_s: dict[str, float] = {}     # their minimum, kept so that expected_s is one lookup
 
-    def expected_s(self, model: Any, version: Any, rows: int = 1) -> float:
-        """Seconds `rows` rows of `model` are expected to take at least; 0.0 when it has not run here."""
-        try:
-            return self._per_row_s.get((model, version), 0.0) * rows
-        except TypeError:  # a model or version that is no key (a list from the wire) never ran
-            return 0.0
+    def expected_s(self, entry: str, rows: int = 1) -> float:
+        """Seconds `rows` rows of the model version `entry` are expected to take at least; 0.0 when it has
+        not run here."""
+        return self._per_row_s.get(entry, 0.0) * rows
 
-    def observe(self, model: Any, version: Any, rows: int, ns: int) -> None:
-        """Learn from one run of `rows` rows that took `ns` nanoseconds."""
+    def observe(self, entry: str, rows: int, ns: int) -> None:
+        """Learn from one run of the model version `entry` of `rows` rows that took `ns` nanoseconds."""
         if rows < 1 or ns < 0:
             return
-        key = (model, version)
         per_row_s = ns / 1e9 / rows
-        try:
-            runs = self._runs.get(key)
-        except TypeError:
-            return
+        runs = self._runs.get(entry)
         if runs is None:
             if len(self._runs) >= self._max_models:
                 oldest = next(iter(self._runs))
                 del self._runs[oldest], self._per_row_s[oldest]
-            self._runs[key] = deque((per_row_s,), maxlen=self._window)
-            self._per_row_s[key] = per_row_s
+            self._runs[entry] = deque((per_row_s,), maxlen=self._window)
+            self._per_row_s[entry] = per_row_s
             return
         leaving = runs[0] if len(runs) == self._window else None
         runs.append(per_row_s)
-        smallest = self._per_row_s[key]
+        smallest = self._per_row_s[entry]
         if per_row_s <= smallest:
-            self._per_row_s[key] = per_row_s
+            self._per_row_s[entry] = per_row_s
         elif leaving is not None and leaving <= smallest:  # NOTE: the smallest may just have left the window
-            self._per_row_s[key] = min(runs)
+            self._per_row_s[entry] = min(runs)
