@@ -8,7 +8,7 @@
 - A client that hangs up cancels its request here, where the connection is lost. uvicorn only tells the
   app through a later receive(), which needed a watcher task per request (about 6 µs of a ~90 µs request);
   frontend/disconnect.py explains what the app does with the cancellation.
-- The garbage collector is tuned for serving once the app is built (frontend/heap.py).
+- The garbage collector is tuned for serving once the app is built (broker/heap.py).
 - uvicorn's ProxyHeadersMiddleware (X-Forwarded-For and -Proto from `--forwarded-allow-ips` peers into the
   scope's client and scheme) runs only when gunicorn writes an access log (`--access-logfile`), the one
   reader of the client's address: the app reads neither, and it cost a middleware call per request.
@@ -21,7 +21,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn_worker import UvicornWorker
 
-from frontend import heap
+from broker import heap
 from frontend.disconnect import CLIENT_GONE
 
 

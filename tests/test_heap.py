@@ -1,4 +1,4 @@
-"""frontend/heap.py: the serving process's start-up heap is frozen, young passes are rarer, and reference
+"""broker/heap.py: the serving process's start-up heap is frozen, young passes are rarer, and reference
 cycles made while serving are still collected without anyone calling gc.collect()."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 SCRIPT = """
 import gc, weakref
-from frontend import heap
+from broker import heap
 
 class Node:
     pass
