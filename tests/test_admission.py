@@ -386,16 +386,22 @@ def test_calls_a_worker_drops_unrun_do_not_make_a_slow_model_look_fast(procs, mo
         for _ in range(20):
             with pytest.raises(Timeout, match="did not run it"):
                 client.predict("teach.onnx", slow_input(run_s))
+    # a worker is kept free for iris: it does not wait for a slow run (without the fix both ran one)
+    assert_iris_beats_a_flood(url, "teach.onnx", slow_input(run_s))
+
+
+def assert_iris_beats_a_flood(url: str, model: str, inputs: dict) -> None:
+    """With iris active, 3 calls of the slow `model` reach the broker (2 workers), then one iris call:
+    it must end before any of the slow calls, i.e. not wait for a slow run."""
     row = {"float_input": np.array([[2, 5, 1, 4]], np.float32)}
     with Client(url, timeout_s=60) as client:
         client.predict("iris.onnx", row)  # iris is active
-    flood = [Background(url, "teach.onnx", slow_input(run_s)) for _ in range(3)]
+    flood = [Background(url, model, inputs) for _ in range(3)]
     wait_for(lambda: busy_workers(url) + queued(url) == 3, 20, "the 3 slow calls at the broker")
     iris = Background(url, "iris.onnx", row)
     assert not isinstance(iris.join(), Exception), iris.outcome
     for call in flood:
         assert not isinstance(call.join(), Exception), call.outcome
-    # a worker was kept free for iris: it did not wait for a slow run (without the fix both ran one)
     assert iris.ended < min(call.ended for call in flood), (iris.ended, [c.ended for c in flood])
 
 
@@ -407,16 +413,7 @@ def test_a_flood_on_a_model_the_broker_never_timed_leaves_a_worker_free(procs, m
     url = f"tcp://127.0.0.1:{free_port()}"
     procs.broker(url, "--no-placement", "--reserve-active-s", "60")
     metered_workers(procs, url, model_dir, 2)
-    row = {"float_input": np.array([[2, 5, 1, 4]], np.float32)}
-    with Client(url, timeout_s=60) as client:
-        client.predict("iris.onnx", row)  # iris is active
-    flood = [Background(url, "fresh.onnx", slow_input(0.5)) for _ in range(3)]
-    wait_for(lambda: busy_workers(url) + queued(url) == 3, 20, "the 3 slow calls at the broker")
-    iris = Background(url, "iris.onnx", row)
-    assert not isinstance(iris.join(), Exception), iris.outcome
-    for call in flood:
-        assert not isinstance(call.join(), Exception), call.outcome
-    assert iris.ended < min(call.ended for call in flood), (iris.ended, [c.ended for c in flood])
+    assert_iris_beats_a_flood(url, "fresh.onnx", slow_input(0.5))
 
 
 def test_a_slow_model_timed_fast_by_other_ops_is_slow_once_a_call_runs_long(procs, model_dir):
