@@ -704,9 +704,11 @@ class AsyncClient(_Operations):
     def _learn(self, fields: dict | None, result: Any) -> None:
         """How calls of this predict's model leave from now on (broker/pacing.py)."""
         timing = result.get("timing") if isinstance(result, dict) else None
-        ran_ms = timing.get("inference_ms") if isinstance(timing, dict) else None
-        if isinstance(ran_ms, (int, float)):
-            self._pacing.learn((fields or {}).get("model", ""), ran_ms)
+        if not isinstance(timing, dict):
+            return
+        ran_ms, share = timing.get("inference_ms"), timing.get("share", 1.0)  # share: a batch member's part
+        if isinstance(ran_ms, (int, float)) and isinstance(share, (int, float)):
+            self._pacing.learn((fields or {}).get("model", ""), ran_ms * share)
 
     def _open(self) -> None:
         self._loop = asyncio.get_running_loop()

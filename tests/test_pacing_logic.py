@@ -81,3 +81,14 @@ def test_a_dropped_connection_empties_every_window():
     pacing.clear()
     assert not pacing.held("iris") and not pacing.answered(0)
     assert "iris" in pacing.tiny  # what was learned stays
+
+
+def test_a_batch_members_run_counts_as_its_share_of_the_run():
+    """A dynamically batched reply's inference_ms is the whole run's; the client paces by its part."""
+    from broker.client import AsyncClient
+    client = AsyncClient("tcp://127.0.0.1:9")  # never opened: _learn needs no socket
+    client._learn({"model": "m"}, {"timing": {"inference_ms": 0.5, "share": 1 / 64}})
+    client._learn({"model": "alone"}, {"timing": {"inference_ms": 0.5}})
+    assert "m" in client._pacing.tiny and "alone" not in client._pacing.tiny
+    client._learn({"model": "m"}, {"timing": {"inference_ms": 64.0, "share": 1 / 64}})  # 1 ms each
+    assert "m" in client._pacing.solo

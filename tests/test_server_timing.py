@@ -116,8 +116,14 @@ def test_each_call_of_a_pack_gets_its_own_worker_timing(cluster):
             return [*timings, alone]
     timings = asyncio.run(main())
     for timing in timings:
-        assert set(timing) == {"worker_ms", "inference_ms"}, timing
+        assert set(timing) - {"share"} == {"worker_ms", "inference_ms"}, timing
         assert 0 < timing["inference_ms"] <= timing["worker_ms"], timing
+    assert "share" not in timings[-1]  # alone: the whole run was its own
+    for timing in timings[:-1]:  # one row each: 1/n of a run of n rows (n >= 2), when the pack ran batched
+        if "share" in timing:
+            runs_rows = 1 / timing["share"]
+            assert runs_rows >= 2 and abs(runs_rows - round(runs_rows)) < 1e-9, timing
+    assert any("share" in timing for timing in timings[:-1]), timings  # the pack's rows ran together
 
 
 def test_server_timing_can_be_turned_off(procs, cluster):

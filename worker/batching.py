@@ -196,7 +196,7 @@ def run_batch(batch: list[Pending]) -> None:
         outputs = {n: v[offset:end] for n, v in zip(names, values, strict=True)}
         pending.reply(inference.result(pending.model, outputs if pending.wanted is None
                                        else {n: outputs[n] for n in pending.wanted},
-                                       (ran - started) / 1e6))  # the batch's run, shared
+                                       (ran - started) / 1e6, pending.rows / total))  # the batch's run, shared
         done = time.perf_counter_ns()
         pending.model.stats.succeeded(pending.rows, done - pending.queued_ns + pending.input_ns,
                                       run_start - pending.queued_ns, pending.input_ns + started - run_start,

@@ -178,10 +178,12 @@ def worker_time(outcome: Any, started: float) -> float:
     return elapsed_s
 
 
-def result(model: LoadedModel, outputs: dict, inference_ms: float) -> dict:
+def result(model: LoadedModel, outputs: dict, inference_ms: float, share: float = 1.0) -> dict:
     """A predict's result: its outputs, its timing map (docs/protocol.md, "Timing"), and the version
-    that ran it when that is a version directory's."""
-    answer: dict[str, Any] = {"outputs": outputs, "timing": {"inference_ms": inference_ms}}
+    that ran it when that is a version directory's. `share`: this request's part of the run's rows,
+    when the run was a batch's."""
+    timing = {"inference_ms": inference_ms} if share == 1.0 else {"inference_ms": inference_ms, "share": share}
+    answer: dict[str, Any] = {"outputs": outputs, "timing": timing}
     if model.version is not None:
         answer["version"] = model.version
     return answer
