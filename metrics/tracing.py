@@ -249,12 +249,13 @@ def _error_status(span: "Span", outcome: str) -> None:
 
 class Record:
     """What a worker knows of one request's trip: its parent context and its phases' times."""
-    __slots__ = ("parent", "received", "run", "answered", "outcome", "pack", "version")
+    __slots__ = ("parent", "received", "run", "answered", "encoded", "outcome", "pack", "version")
 
     def __init__(self, parent: Any, received: int):
         self.parent, self.received = parent, received
         self.run: tuple[int, int, int, int, Any] | None = None
         self.answered = 0
+        self.encoded = 0  # when its reply was encoded: the span's end, taken before the send
         self.outcome = "ok"
         self.pack: Any = None  # the span context of the pack it came in
         self.version: str | None = None  # the version that served it (a predict's result says)
@@ -309,6 +310,14 @@ def answered(request: Any, outcome: Any) -> None:
         record.version = str(outcome.get("version", "1"))
 
 
+def encoded(request: Any) -> None:
+    """The request's reply is encoded and about to leave. Stamped before the send, since finish() runs
+    after it (off the caller's path): the worker's span must end before the caller can have its reply."""
+    record = request.get(RECORD) if isinstance(request, dict) else None
+    if isinstance(record, Record):
+        record.encoded = time.perf_counter_ns()
+
+
 def finish(request: Any, node: str) -> None:
     """The request's reply is encoded: record its spans."""
     record = request.get(RECORD) if isinstance(request, dict) else None
@@ -316,7 +325,7 @@ def finish(request: Any, node: str) -> None:
         return
     link, set_span_in_context = _trace.Link, _trace.set_span_in_context
     offset = time.time_ns() - time.perf_counter_ns()  # NOTE: span times are wall clock, ours monotonic
-    encoded = time.perf_counter_ns()
+    encoded = record.encoded or time.perf_counter_ns()
     run = record.run
     op = str(request.get("op"))
     attributes: dict[str, str | int] = {OP: op, NODE: node, OUTCOME: record.outcome,

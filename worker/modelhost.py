@@ -346,7 +346,11 @@ class ModelHost:
                 self.metrics.request_done("unknown", "error", 0.0)
             return
         assert job.conn is not None
-        self._final(job.conn, job.client, reply_body(job, members, self.node))
+        body = reply_body(job, members, self.node)
+        if tracing.ENABLED:
+            for member in members:
+                tracing.encoded(member.fields)
+        self._final(job.conn, job.client, body)
         if tracing.ENABLED:
             tracing.pack_done(job.fields, [m.fields for m in members], self.node)
         self._done_all(members)
@@ -368,6 +372,8 @@ class ModelHost:
             return
         body = self._encode(job)
         job.elapsed_s = time.perf_counter() - job.arrived
+        if tracing.ENABLED:
+            tracing.encoded(job.fields)
         if job.batched:
             self._outbox.append((job, body))
             return
